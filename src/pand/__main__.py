@@ -1,0 +1,5 @@
+import sys
+
+from pand.cli import main
+
+sys.exit(main())

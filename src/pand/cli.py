@@ -1,0 +1,80 @@
+"""The ``pand`` command line.
+
+    pand train [overrides...]            distil (Hydra overrides: data=cub method=vl2lite trainer.devices=4 ...)
+    pand eval ckpt_path=PATH [overrides] evaluate a student checkpoint on val and test
+    pand config [overrides...]           print the composed training config
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from pand.errors import PandError
+
+USAGE = __doc__
+
+
+def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
+    """``pand eval`` options (ckpt_path, splits, out) vs overrides of the checkpoint's config."""
+    from omegaconf import OmegaConf
+
+    from pand.config import compose
+
+    own_keys = ("ckpt_path=", "splits=", "out=")
+    own = compose("eval", [a for a in args if a.startswith(own_keys)])
+    overrides = OmegaConf.to_container(OmegaConf.from_dotlist([a for a in args if not a.startswith(own_keys)]))
+    return OmegaConf.to_container(own), overrides
+
+
+def cmd_train(args: Sequence[str]) -> int:
+    from pand.config import compose, to_plain
+    from pand.engine.run import train
+
+    summary = train(to_plain(compose("train", args)))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: Sequence[str]) -> int:
+    from pand.engine.run import evaluate
+
+    own, overrides = _split_eval_args(args)
+    results = evaluate(own["ckpt_path"], overrides, splits=tuple(own["splits"]), out=own.get("out"))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_config(args: Sequence[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from pand.config import compose
+
+    print(OmegaConf.to_yaml(compose("train", args)))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "config": cmd_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"pand: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[command](args)
+    except PandError as err:
+        print(f"pand {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The dataset type every pand dataset returns, plus the helpers the per-dataset loaders share.
+
+A :class:`ClassificationDataset` is an indexable list of ``(image, label)`` pairs with a cleaned, label-ordered class
+list and a content :meth:`~ClassificationDataset.fingerprint`. Two concrete kinds exist: :class:`FileDataset` (images
+on disk, addressed by a path relative to the dataset folder) and :class:`ArrayDataset` (greyscale images held in a
+uint8 array, e.g. Fashion-MNIST). :func:`subset` restricts any of them to some indices without copying the images.
+
+Constructing a dataset never opens an image; images are decoded in :meth:`~ClassificationDataset.load_image`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+from PIL import Image, UnidentifiedImageError
+
+from pand.errors import ConfigError, CorruptImageError, DatasetNotFoundError, PandError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+DOWNLOAD_HINT = "pass download=True (config: data.download=true) to download it"
+
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    """An image-classification split: ``dataset[i] -> (image, label)``.
+
+    Attributes:
+        name: dataset name (``"cub"``, ``"aircraft"``, ...).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        classes: human-readable class names in label order.
+        targets: the 0-based label of every item.
+        transform: callable applied to the RGB PIL image in ``__getitem__`` (``None``: return the PIL image).
+        root: the dataset folder the items live in (for messages; not part of the fingerprint).
+    """
+
+    name: str
+    split: str
+    classes: list[str]
+    targets: list[int]
+    transform: Callable[[Image.Image], Any] | None
+    root: Path | None
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        classes: Sequence[str],
+        targets: Iterable[int],
+        transform: Callable[[Image.Image], Any] | None = None,
+        root: str | os.PathLike | None = None,
+    ) -> None:
+        self.name = name
+        self.split = split
+        self.classes = list(classes)
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+        self.root = Path(root) if root is not None else None
+        self._fingerprint: str | None = None
+        n = len(self.classes)
+        bad = [t for t in self.targets if not 0 <= t < n]
+        if bad:
+            raise PandError(f"{name}/{split}: label {bad[0]} is outside 0..{n - 1} ({n} classes) in {self.root}")
+
+    # -- to implement ---------------------------------------------------------------------------------------------
+    def load_image(self, i: int) -> Image.Image:
+        """The ``i``-th image as an RGB PIL image."""
+        raise NotImplementedError
+
+    def sample_id(self, i: int) -> str:
+        """A stable identifier of the ``i``-th sample (relative path, or ``"<official split>/<index>"``)."""
+        raise NotImplementedError
+
+    def _hash_items(self, h: Any, indices: Sequence[int]) -> None:
+        """Feed the identity of the items ``indices`` (path + size + label, or raw bytes + label) into ``h``."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        image = self.load_image(i)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[i]
+
+    def fingerprint(self) -> str:
+        """sha256 hex over name, split, classes and every item's identity; computed once, then cached."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            header = {"name": self.name, "split": self.split, "classes": self.classes, "n": len(self)}
+            h.update(json.dumps(header, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+            self._hash_items(h, range(len(self)))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {self.name}/{self.split} with {n} items")
+        return i
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"classes={len(self.classes)}, root={str(self.root) if self.root else None!r})"
+        )
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` as an RGB PIL image (greyscale, palette and CMYK are converted).
+
+    Raises:
+        DatasetNotFoundError: the file does not exist.
+        CorruptImageError: the file exists but cannot be decoded.
+    """
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise DatasetNotFoundError(f"image file not found: {path}") from e
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise CorruptImageError(f"cannot decode image {path}: {e}") from e
+
+
+class FileDataset(ClassificationDataset):
+    """Images stored as files under ``root``; ``relpaths[i]`` is the i-th file relative to ``root`` (POSIX style)."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        classes: Sequence[str],
+        root: str | os.PathLike,
+        relpaths: Sequence[str],
+        targets: Sequence[int],
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> None:
+        if len(relpaths) != len(targets):
+            raise ValueError(f"{len(relpaths)} paths but {len(targets)} targets")
+        super().__init__(name, split, classes, targets, transform, root)
+        self.relpaths = list(relpaths)
+
+    def path(self, i: int) -> Path:
+        """Absolute path of the i-th image."""
+        return self.root / self.relpaths[self._check_index(i)]
+
+    def load_image(self, i: int) -> Image.Image:
+        return open_rgb(self.path(i))
+
+    def sample_id(self, i: int) -> str:
+        return self.relpaths[self._check_index(i)]
+
+    def _hash_items(self, h: Any, indices: Sequence[int]) -> None:
+        root = self.root
+        for i in indices:
+            rel = self.relpaths[i]
+            try:
+                size = os.stat(root / rel).st_size
+            except FileNotFoundError as e:
+                raise DatasetNotFoundError(f"image file not found: {root / rel}") from e
+            h.update(f"{rel}\0{size}\0{self.targets[i]}\n".encode("utf-8", "surrogateescape"))
+
+
+class ArrayDataset(ClassificationDataset):
+    """Greyscale uint8 images of shape ``(N, H, W)`` held in memory; ``ids[i]`` is the sample id of item i."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        classes: Sequence[str],
+        images: np.ndarray,
+        targets: Sequence[int],
+        ids: Sequence[str] | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        root: str | os.PathLike | None = None,
+    ) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 3:
+            raise ValueError(f"images must be a uint8 array (N, H, W), got {images.dtype} {images.shape}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        super().__init__(name, split, classes, targets, transform, root)
+        self.images = images
+        self.ids = list(ids) if ids is not None else [f"{split}/{i}" for i in range(len(images))]
+
+    def load_image(self, i: int) -> Image.Image:
+        return Image.fromarray(np.ascontiguousarray(self.images[self._check_index(i)]), mode="L").convert("RGB")
+
+    def sample_id(self, i: int) -> str:
+        return self.ids[self._check_index(i)]
+
+    def _hash_items(self, h: Any, indices: Sequence[int]) -> None:
+        idx = np.asarray(list(indices), dtype=np.int64)
+        h.update(str(self.images.shape[1:]).encode())
+        h.update(np.ascontiguousarray(self.images[idx]).tobytes())
+        h.update(np.asarray(self.targets, dtype="<i8")[idx].tobytes())
+
+
+class SubsetDataset(ClassificationDataset):
+    """A view of ``parent`` restricted to ``indices`` (the images are not copied)."""
+
+    def __init__(self, parent: ClassificationDataset, indices: Sequence[int], split: str | None = None) -> None:
+        n = len(parent)
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"subset index {bad[0]} out of range for {parent.name}/{parent.split} with {n} items")
+        super().__init__(
+            parent.name,
+            split or parent.split,
+            parent.classes,
+            [parent.targets[i] for i in idx],
+            parent.transform,
+            parent.root,
+        )
+        self.parent = parent
+        self.indices = idx
+
+    def load_image(self, i: int) -> Image.Image:
+        return self.parent.load_image(self.indices[self._check_index(i)])
+
+    def sample_id(self, i: int) -> str:
+        return self.parent.sample_id(self.indices[self._check_index(i)])
+
+    def _hash_items(self, h: Any, indices: Sequence[int]) -> None:
+        self.parent._hash_items(h, [self.indices[i] for i in indices])
+
+
+def subset(
+    dataset: ClassificationDataset, indices: Iterable[int], *, split: str | None = None
+) -> ClassificationDataset:
+    """``dataset`` restricted to ``indices`` (in the given order): same name, split, classes and transform.
+
+    ``targets``, ``load_image``, ``sample_id`` and ``fingerprint`` refer to the selected items only. ``split``
+    overrides the split name (used to turn a part of the official training split into ``"val"``).
+    """
+    if hasattr(indices, "tolist"):
+        indices = indices.tolist()
+    return SubsetDataset(dataset, list(indices), split=split)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers shared by the loaders
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def clean_name(raw: str, *, strip_prefix: str | None = None) -> str:
+    """Underscores to spaces, whitespace collapsed; ``strip_prefix`` is a regex removed from the start first."""
+    if strip_prefix:
+        raw = re.sub(strip_prefix, "", raw, count=1)
+    return " ".join(raw.replace("_", " ").split())
+
+
+def is_image_file(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def layout_message(title: str, layout: str, *, download: bool) -> str:
+    """The expected-layout block appended to every "not found" error."""
+    text = f"Expected layout of {title}:\n{layout.rstrip()}"
+    if download:
+        text += (
+            f"\nTo fetch it automatically, {DOWNLOAD_HINT}; the official archives are downloaded and extracted into "
+            "the root you gave when the dataset folder is absent there."
+        )
+    else:
+        text += "\nThere is no automatic download for this dataset; create the folders above yourself."
+    return text
+
+
+def not_found(what: str, path: str | os.PathLike, title: str, layout: str, *, download: bool) -> DatasetNotFoundError:
+    """A DatasetNotFoundError naming the missing ``path`` and showing the expected layout."""
+    return DatasetNotFoundError(f"{what}: missing {path}\n{layout_message(title, layout, download=download)}")
+
+
+def find_dataset_dir(root: str | os.PathLike, folder: str, markers: Sequence[str]) -> Path | None:
+    """``root/folder`` or ``root`` itself, whichever contains one of ``markers`` (tried in that order); else None."""
+    root = Path(root).expanduser()
+    for cand in (root / folder, root):
+        if any((cand / m).exists() for m in markers):
+            return cand
+    return None
+
+
+def require(path: Path, title: str, layout: str, *, download: bool) -> Path:
+    """Return ``path`` if it exists, else raise the layout-bearing DatasetNotFoundError."""
+    if not path.exists():
+        raise not_found(f"{title} is incomplete", path, title, layout, download=download)
+    return path
+
+
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, stripped text) of the non-empty, non-comment lines of a text file."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                out.append((no, line))
+    return out
+
+
+def malformed(path: Path, no: int, line: str, expected: str) -> PandError:
+    return PandError(f"malformed line {no} in {path}: {line!r} (expected {expected})")
+
+
+def check_files_exist(dataset_dir: Path, relpaths: Sequence[str], listing: Path | str, title: str) -> None:
+    """Raise DatasetNotFoundError naming the first image that ``listing`` references but that does not exist."""
+    missing = [p for p in relpaths if not os.path.exists(os.path.join(dataset_dir, p))]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DatasetNotFoundError(
+            f"{title}: {listing} references a missing image: {dataset_dir / missing[0]}{more}. "
+            "The image folder is incomplete; re-extract the dataset archive."
+        )
+
+
+def check_split(split: str, valid: Sequence[str]) -> None:
+    if split not in valid:
+        raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(valid)}")

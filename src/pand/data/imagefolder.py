@@ -1,0 +1,121 @@
+"""Any dataset stored as one folder per class: ``root/train/<class>/*``, ``root/test/<class>/*``, optional ``root/val``.
+
+Classes are the sub-folders of ``root/train`` in sorted order; images are files with a known image extension
+(jpg, jpeg, png, bmp, webp, any case), searched recursively inside each class folder. Display names are the folder names
+with underscores turned into spaces (no prefix is stripped), unless a ``class_names_file`` is given: either one name
+per line in sorted-folder order, or ``folder_name<TAB or comma>display name`` lines. When ``root/val`` exists it is
+the validation split; otherwise ``val`` is carved from ``train``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pand.data import base
+from pand.errors import ConfigError, DatasetNotFoundError
+
+TITLE = "an image-folder dataset"
+
+LAYOUT = """\
+  <root>/
+    train/<class_a>/img001.jpg, train/<class_b>/... (one folder per class; jpg jpeg png bmp webp)
+    test/<class_a>/...             (same class folder names as train)
+    val/<class_a>/...              (optional; else val is carved from train)"""
+
+
+def has_official_val(root: str | os.PathLike) -> bool:
+    return (Path(root).expanduser() / "val").is_dir()
+
+
+def _subdirs(d: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+
+
+def _images_under(d: Path) -> list[str]:
+    """Image files under ``d`` (recursive), as sorted POSIX paths relative to ``d``."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        rel = os.path.relpath(dirpath, d)
+        for f in filenames:
+            if base.is_image_file(f):
+                out.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
+    return sorted(out)
+
+
+def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
+    """Display names for ``folders`` from ``path`` (positional list, or ``folder<TAB|,>name`` mapping)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DatasetNotFoundError(f"class_names_file not found: {path}")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    known = set(folders)
+    mapping: dict[str, str] = {}
+    for line in lines:
+        sep = "\t" if "\t" in line else ("," if "," in line else None)
+        if sep is None:
+            break
+        key, name = (s.strip() for s in line.split(sep, 1))
+        if key not in known:
+            break
+        mapping[key] = name
+    else:
+        if lines:  # every line is a "folder<sep>name" mapping
+            missing = [f for f in folders if f not in mapping]
+            if missing:
+                raise ConfigError(f"{path} gives no display name for class folder {missing[0]!r}")
+            return [mapping[f] for f in folders]
+    if len(lines) != len(folders):
+        raise ConfigError(
+            f"{path} has {len(lines)} names but there are {len(folders)} class folders; write one name per line in "
+            "sorted folder order, or 'folder_name<TAB or comma>display name' lines"
+        )
+    return lines
+
+
+def load(
+    root: str | os.PathLike, split: str, *, download: bool = False, class_names_file: str | os.PathLike | None = None
+) -> base.FileDataset:
+    """The ``"train"``, ``"test"`` or (if the folder exists) ``"val"`` split."""
+    base.check_split(split, ("train", "val", "test"))
+    root = Path(root).expanduser()
+    if download:
+        raise ConfigError(
+            "imagefolder datasets cannot be downloaded; set download=False and create the folders:\n" + LAYOUT
+        )
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise base.not_found(f"image-folder dataset not found under {root}", train_dir, TITLE, LAYOUT, download=False)
+    folders = _subdirs(train_dir)
+    if not folders:
+        raise base.not_found(f"no class folders in {train_dir}", train_dir / "<class>", TITLE, LAYOUT, download=False)
+    if class_names_file is not None:
+        classes = read_class_names(class_names_file, folders)
+    else:
+        classes = [base.clean_name(f) for f in folders]
+
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise base.not_found(f"image-folder split {split!r} not found", split_dir, TITLE, LAYOUT, download=False)
+    index = {f: i for i, f in enumerate(folders)}
+    relpaths, targets = [], []
+    for folder in _subdirs(split_dir):
+        if folder not in index:
+            raise ConfigError(
+                f"class folder {split_dir / folder} has no counterpart in {train_dir}; "
+                f"every {split} class must also be a train class"
+            )
+        for f in _images_under(split_dir / folder):
+            relpaths.append(f"{split}/{folder}/{f}")
+            targets.append(index[folder])
+    if not relpaths:
+        raise base.not_found(
+            f"no images ({', '.join(base.IMAGE_EXTENSIONS)}) in {split_dir}",
+            split_dir / "<class>" / "<image>.jpg",
+            TITLE,
+            LAYOUT,
+            download=False,
+        )
+    return base.FileDataset("imagefolder", split, classes, root, relpaths, targets)

@@ -1,0 +1,83 @@
+"""The interface every distillation method implements.
+
+A distiller owns the student and any trainable heads of its method, and turns a batch plus the teacher's outputs for
+that batch into named loss terms. It never calls the teacher: the engine hands it the outputs it declared in
+``requires`` (see :mod:`pand.teachers.source`), live or cached, and the class-level teacher data (text embeddings) at
+construction. The training loss is the sum of the returned terms, each already multiplied by its weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from pand.errors import ConfigError
+from pand.students import Student
+
+
+@dataclass
+class TeacherContext:
+    """Class-level teacher data, computed once per run (never per step)."""
+
+    embed_dim: int
+    logit_scale: float
+    text_embeds: torch.Tensor | None = None  # C x D, L2-normalised
+    identity: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands, for schedules that change loss weights over time."""
+
+    epoch: int
+    max_epochs: int
+
+
+@dataclass
+class DistillerOutput:
+    logits: torch.Tensor  # the student's class logits, for training accuracy
+    losses: dict[str, torch.Tensor]  # weighted terms; the loss is their sum
+    logs: dict[str, float] = field(default_factory=dict)  # extra scalars worth logging (weights, ...)
+
+
+class Distiller(nn.Module):
+    """Base class: the student plus the method's trainable heads.
+
+    Subclasses set ``requires`` (per-sample teacher outputs, e.g. ``{"image_embeds"}``), ``needs_text_embeds`` if
+    they read the teacher's class text embeddings, and implement :meth:`training_losses`.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+    needs_text_embeds: ClassVar[bool] = False
+
+    def __init__(self, student: Student, num_classes: int, context: TeacherContext | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.num_classes = int(num_classes)
+        self.context = context
+        if self.needs_text_embeds:
+            if context is None or context.text_embeds is None:
+                raise ConfigError(f"method {self.name!r} needs the teacher's class text embeddings")
+            if context.text_embeds.shape[0] != num_classes:
+                raise ConfigError(
+                    f"teacher text embeddings have {context.text_embeds.shape[0]} classes, the data has {num_classes}"
+                )
+            # Derived from the frozen teacher: moves with the module, never saved in checkpoints.
+            self.register_buffer("text_embeds", context.text_embeds.detach().float().clone(), persistent=False)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return bool(self.requires) or self.needs_text_embeds
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Student logits; what validation, test and deployment use."""
+        return self.student(images)
+
+    def training_losses(
+        self, batch: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], progress: Progress
+    ) -> DistillerOutput:
+        raise NotImplementedError

@@ -1,0 +1,220 @@
+"""Batches for training and evaluation, as a Lightning data module.
+
+A training item is a dict ``{image, label, index, aug}``: ``aug`` holds the parameters of the random augmentation,
+drawn from a generator seeded by ``(seed, epoch, index)``, so the exact view can be rebuilt later (for the teacher
+cache) and an interrupted run replays the same views after resuming. Evaluation items are ``{image, label, index}``.
+
+pand shards batches across processes itself (``use_distributed_sampler=False``): the training sampler needs the epoch
+to seed the views, and evaluation shards without the padding duplicates a ``DistributedSampler`` adds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pand.data import ClassificationDataset, get_dataset, stratified_split, subset
+from pand.data.transforms import AugmentConfig, ReplayableAugment, eval_transform, view_generator
+from pand.errors import ConfigError
+
+
+class TrainViews(Dataset):
+    """Training items keyed by ``(index, epoch)``: the image under its replayable augmentation."""
+
+    def __init__(self, dataset: ClassificationDataset, augment: ReplayableAugment, seed: int) -> None:
+        self.dataset = dataset
+        self.augment = augment
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, epoch = key
+        image = self.dataset.load_image(index)
+        view, params = self.augment(image, view_generator(self.seed, epoch, index))
+        return {"image": view, "label": self.dataset.targets[index], "index": index, "aug": params}
+
+
+class EvalItems(Dataset):
+    def __init__(self, dataset: ClassificationDataset, transform) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.transform(self.dataset.load_image(index))
+        return {"image": image, "label": self.dataset.targets[index], "index": index}
+
+
+class EpochSampler(Sampler):
+    """Shuffles per epoch (seeded), shards across ranks, and yields ``(index, epoch)`` keys."""
+
+    def __init__(
+        self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, drop_last: bool = True
+    ) -> None:
+        self.size, self.seed, self.shuffle = size, int(seed), shuffle
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.size // self.world_size
+        return math.ceil(self.size / self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        n = len(self)
+        total = n * self.world_size
+        order = order[:total] if self.drop_last else (order + order[: total - len(order)])
+        for index in order[self.rank : total : self.world_size]:
+            yield index, self.epoch
+
+
+class ShardSampler(Sampler):
+    """Evaluation indices of one rank: ``rank, rank + world, ...``; no sample is seen twice."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+
+def per_class_subset(targets: list[int], per_class: int, seed: int) -> list[int]:
+    """Indices of ``per_class`` items of every class (all of a class that has fewer), chosen with ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(targets):
+        by_class.setdefault(y, []).append(i)
+    chosen: list[int] = []
+    for y in sorted(by_class):
+        items = by_class[y]
+        pick = torch.randperm(len(items), generator=g)[:per_class].tolist()
+        chosen.extend(items[j] for j in pick)
+    return sorted(chosen)
+
+
+def augment_config(data: Mapping[str, Any]) -> AugmentConfig:
+    aug = dict(data.get("augment") or {})
+    if "blur_sigma" in aug:
+        aug["blur_sigma"] = tuple(aug["blur_sigma"])
+    return AugmentConfig(
+        image_size=int(data["image_size"]),
+        resize_size=int(data["resize_size"]),
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        **aug,
+    )
+
+
+def load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
+    """The train / val / test datasets a data config describes (few-shot pool included)."""
+    common = dict(
+        download=bool(data.get("download", False)),
+        split_seed=int(data.get("split_seed", 0)),
+        num_classes=data.get("num_classes"),
+        class_names_file=data.get("class_names_file"),
+    )
+    name, root = data["name"], data["root"]
+    k = data.get("samples_per_class")
+    test = get_dataset(name, root, "test", val_fraction=float(data["val_fraction"]), **common)
+    if not k:
+        train = get_dataset(name, root, "train", val_fraction=float(data["val_fraction"]), **common)
+        val = get_dataset(name, root, "val", val_fraction=float(data["val_fraction"]), **common)
+        return {"train": train, "val": val, "test": test}
+    # Few-shot: a labelled pool of k images per class from the official training data; val is carved from the pool
+    # so that model selection uses only labels the run is allowed to see.
+    full = get_dataset(name, root, "train", val_fraction=0.0, **common)
+    pool = subset(full, per_class_subset(full.targets, int(k), int(data.get("split_seed", 0))))
+    keep, held = stratified_split(pool.targets, float(data["val_fraction"]), int(data.get("split_seed", 0)))
+    if not held:
+        raise ConfigError(
+            f"data.samples_per_class={k} with data.val_fraction={data['val_fraction']} leaves no validation images"
+        )
+    return {"train": subset(pool, keep), "val": subset(pool, held, split="val"), "test": test}
+
+
+class PandDataModule(L.LightningDataModule):
+    """Datasets and loaders for one data config (``cfg.data``)."""
+
+    def __init__(self, data: Mapping[str, Any], seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = dict(data)
+        self.seed = int(seed)
+        self.augment = ReplayableAugment(augment_config(self.cfg))
+        self.eval_transform = eval_transform(
+            int(self.cfg["image_size"]), int(self.cfg["resize_size"]), tuple(self.cfg["mean"]), tuple(self.cfg["std"])
+        )
+        self._splits: dict[str, ClassificationDataset] | None = None
+
+    @property
+    def splits(self) -> dict[str, ClassificationDataset]:
+        if self._splits is None:
+            self._splits = load_splits(self.cfg)
+        return self._splits
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.splits["train"].classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.splits  # noqa: B018 - build once, before the loaders are asked for
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool) -> DataLoader:
+        workers = int(self.cfg.get("num_workers", 0))
+        return DataLoader(
+            dataset,
+            batch_size=int(self.cfg["batch_size"]),
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=bool(self.cfg.get("pin_memory", False)) and torch.cuda.is_available(),
+            drop_last=drop_last,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        train = self.splits["train"]
+        batch = int(self.cfg["batch_size"])
+        drop_last = bool(self.cfg.get("drop_last", True)) and len(train) // world >= batch
+        sampler = EpochSampler(len(train), seed=self.seed, rank=rank, world_size=world, drop_last=drop_last)
+        return self._loader(TrainViews(train, self.augment, self.seed), sampler, drop_last)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        rank, world = self._rank_world()
+        items = EvalItems(self.splits[split], self.eval_transform)
+        return self._loader(items, ShardSampler(len(items), rank, world), drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")

@@ -1,0 +1,141 @@
+"""The Lightning module that trains any distiller.
+
+Nothing here knows a method: each step asks the teacher source for the outputs the distiller declared
+(``distiller.requires``) and sums the loss terms the distiller returns. Validation and test measure the student alone,
+so the teacher never runs outside training steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from pand.distillers import Distiller, Progress
+from pand.errors import ConfigError
+
+
+class DistillationModule(L.LightningModule):
+    """Trains ``distiller`` (student + heads) with teacher outputs from ``teacher_source``.
+
+    The teacher source is deliberately not a registered submodule: checkpoints then hold the student and its trainable
+    heads only, and DDP never wraps or synchronises the frozen teacher.
+    """
+
+    def __init__(
+        self,
+        distiller: Distiller,
+        teacher_source: torch.nn.Module | None = None,
+        *,
+        optim: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.distiller = distiller
+        self._teacher_holder = [teacher_source]
+        self.optim_cfg = dict(optim or {})
+        if config is not None:
+            self.save_hyperparameters({"config": dict(config)})
+        if distiller.requires and teacher_source is None:
+            raise ConfigError(f"method {distiller.name!r} needs teacher outputs {sorted(distiller.requires)}")
+        c = distiller.num_classes
+        self.train_acc = MulticlassAccuracy(num_classes=c, average="micro")
+        for split in ("val", "test"):
+            setattr(self, f"{split}_acc1", MulticlassAccuracy(num_classes=c, average="micro"))
+            setattr(self, f"{split}_acc5", MulticlassAccuracy(num_classes=c, top_k=min(5, c), average="micro"))
+
+    @property
+    def teacher_source(self) -> torch.nn.Module | None:
+        return self._teacher_holder[0]
+
+    def _move_teacher(self) -> None:
+        if self.teacher_source is not None:
+            self.teacher_source.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._move_teacher()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.distiller(images)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        requires = self.distiller.requires
+        teacher = self.teacher_source(batch, requires) if requires else {}
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        out = self.distiller.training_losses(batch, teacher, Progress(self.current_epoch, max_epochs))
+        loss = torch.stack([v.float() for v in out.losses.values()]).sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss at epoch {self.current_epoch} step {batch_idx}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
+            )
+        batch_size = batch["label"].shape[0]
+        self.train_acc(out.logits.detach(), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/acc1", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+        for name, value in out.losses.items():
+            self.log(f"train/{name}", value.detach(), batch_size=batch_size)
+        for name, value in out.logs.items():
+            self.log(f"train/{name}", float(value), batch_size=batch_size)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> None:
+        logits = self.distiller(batch["image"]).float()
+        labels = batch["label"]
+        acc1, acc5 = getattr(self, f"{split}_acc1"), getattr(self, f"{split}_acc5")
+        acc1(logits, labels)
+        acc5(logits, labels)
+        n = labels.shape[0]
+        self.log(f"{split}/loss", F.cross_entropy(logits, labels), batch_size=n, sync_dist=True)
+        self.log(f"{split}/acc1", acc1, prog_bar=True, batch_size=n)
+        self.log(f"{split}/acc5", acc5, batch_size=n)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        name = cfg.get("name", "adamw")
+        lr, wd = float(cfg.get("lr", 1e-4)), float(cfg.get("weight_decay", 0.0))
+        if name == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        elif name == "sgd":
+            optimizer = torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.9)))
+        else:
+            raise ConfigError(f"optim.name must be adamw or sgd, got {name!r}")
+        schedule = cfg.get("scheduler", "none")
+        max_epochs = max(1, int(self.trainer.max_epochs or 1))
+        warmup = int(cfg.get("warmup_epochs", 0))
+        if schedule == "step":
+            step_size, gamma = int(cfg.get("step_size", 30)), float(cfg.get("gamma", 0.5))
+
+            def factor(epoch: int) -> float:
+                return gamma ** (epoch // step_size)
+        elif schedule == "cosine":
+
+            def factor(epoch: int) -> float:
+                span = max(1, max_epochs - warmup)
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (epoch - warmup) / span)))
+        elif schedule == "none":
+
+            def factor(epoch: int) -> float:
+                return 1.0
+        else:
+            raise ConfigError(f"optim.scheduler must be step, cosine or none, got {schedule!r}")
+
+        def with_warmup(epoch: int) -> float:
+            if epoch < warmup:
+                return (epoch + 1) / (warmup + 1)
+            return factor(epoch)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, with_warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,31 @@
+"""Exceptions pand raises for bad input.
+
+Every error names the offending file, value or setting and, where it helps, what was expected, so that a user can fix
+the input without reading pand's source.
+"""
+
+from __future__ import annotations
+
+
+class PandError(Exception):
+    """Base class for every error pand raises on purpose."""
+
+
+class DatasetNotFoundError(PandError, FileNotFoundError):
+    """A dataset file or folder is missing; the message names it and the expected layout."""
+
+
+class CorruptImageError(PandError):
+    """An image file exists but cannot be decoded; the message names its path."""
+
+
+class ConfigError(PandError, ValueError):
+    """A configuration value is invalid or disagrees with the data (e.g. a class count)."""
+
+
+class MismatchError(PandError):
+    """A stored artefact (cache, prompt file, checkpoint) was made with another teacher, class list or data."""
+
+
+class WeightsUnavailableError(PandError):
+    """Pretrained weights could not be obtained (offline, missing file); the message says how to supply them."""

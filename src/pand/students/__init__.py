@@ -1,0 +1,5 @@
+"""Student networks: a backbone that yields pooled features and a linear classifier on top."""
+
+from pand.students.factory import Student, build_student, load_weights_file
+
+__all__ = ["Student", "build_student", "load_weights_file"]

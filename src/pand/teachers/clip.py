@@ -1,0 +1,254 @@
+"""A frozen open_clip model used as a teacher.
+
+The teacher is never trained: it stays in eval mode (so drop-path and dropout are off) even when the Lightning module
+around it is put in train mode, and every call runs without gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pand.errors import ConfigError, WeightsUnavailableError
+
+log = logging.getLogger(__name__)
+
+#: Logit scale the VL2Lite and PAND authors fix for the teacher's zero-shot logits (1 / 0.07).
+DEFAULT_LOGIT_SCALE = 1.0 / 0.07
+
+#: Value of ``teacher.pretrained`` that asks for random weights (tests, benchmarks); never the silent default.
+RANDOM_WEIGHTS = "random"
+
+_MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make pand's own open_clip model configs (tiny test teachers) known to open_clip by name."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(_MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A cheap fingerprint of a model's weights that does not depend on where they came from.
+
+    Hashing a 5 GB checkpoint file would cost seconds on every run, and the same weights arrive as a tag, a file or a
+    hub repo; so every tensor contributes its name, shape, dtype and up to 1024 evenly strided values.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step][:1024].to(torch.float32).cpu().contiguous()
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+class ClipTeacher(nn.Module):
+    """A frozen CLIP-like model: normalised image and text embeddings and zero-shot logits.
+
+    Args:
+        model: an open_clip ``CLIP`` or ``CustomTextCLIP``.
+        tokenizer: the open_clip tokenizer that goes with it.
+        image_size, mean, std: the preprocessing the image tower expects.
+        identity: what made the weights (model name, pretrained source, weights digest); stored next to every
+            artefact derived from this teacher so that a mismatch can be refused later.
+        logit_scale: scale of the zero-shot logits; ``None`` uses the model's learned ``logit_scale.exp()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        identity: dict[str, str],
+        logit_scale: float | None = DEFAULT_LOGIT_SCALE,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.identity = dict(identity)
+        if logit_scale is None:
+            logit_scale = float(model.logit_scale.exp().item())
+        self.logit_scale = float(logit_scale)
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> ClipTeacher:
+        # A parent module's .train() must not switch the teacher's dropout / drop-path on.
+        return super().train(False)
+
+    @property
+    def embed_dim(self) -> int:
+        proj = getattr(self.model, "text_projection", None)
+        if isinstance(proj, torch.Tensor):
+            return int(proj.shape[-1])
+        with torch.no_grad():
+            return int(self.encode_texts(["a"]).shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (float32) of images already in the teacher's size and normalisation."""
+        return F.normalize(self.model.encode_image(images).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings (float32)."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    @torch.no_grad()
+    def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """C x D class embeddings: the mean over templates of normalised text embeddings, re-normalised."""
+        if not templates:
+            raise ConfigError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
+        for t in templates:
+            if "{}" not in t:
+                raise ConfigError(f"prompt template {t!r} has no '{{}}' where the class name goes")
+        per_template = torch.stack(
+            [self.encode_texts([t.format(c) for c in classnames]) for t in templates]
+        )  # [n_templates, C, D]
+        return F.normalize(per_template.mean(0), dim=-1)
+
+    def zero_shot_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * image_embeds.float() @ text_embeds.float().t()
+
+    def prepare_images(
+        self, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+    ) -> torch.Tensor:
+        """Convert a batch normalised with ``mean``/``std`` into the teacher's size and normalisation.
+
+        A no-op when the student's data pipeline already matches (the usual case: CLIP statistics, same size).
+        """
+        mean_t, std_t = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if (mean_t, std_t) != (self.mean, self.std):
+            src_m = images.new_tensor(mean_t).view(1, -1, 1, 1)
+            src_s = images.new_tensor(std_t).view(1, -1, 1, 1)
+            dst_m = images.new_tensor(self.mean).view(1, -1, 1, 1)
+            dst_s = images.new_tensor(self.std).view(1, -1, 1, 1)
+            images = ((images * src_s + src_m) - dst_m) / dst_s
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
+            )
+        return images
+
+
+def _describe_pretrained(model_name: str, pretrained: str | None) -> str:
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return model_name
+    if pretrained and os.path.isfile(pretrained):
+        return f"file:{Path(pretrained).resolve()}"
+    return str(pretrained)
+
+
+def load_clip_teacher(
+    model: str,
+    pretrained: str | None,
+    *,
+    logit_scale: float | str | None = DEFAULT_LOGIT_SCALE,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    force_quick_gelu: bool = False,
+) -> ClipTeacher:
+    """Build a frozen open_clip teacher.
+
+    ``model`` is an open_clip model name (``convnext_xxlarge``, ``ViT-B-16``, pand's ``pand-tiny-vit``), or
+    ``hf-hub:org/repo`` / ``local-dir:/path`` (then ``pretrained`` is ignored). ``pretrained`` is a pretrained tag,
+    a local ``.pt/.bin/.safetensors`` file, or ``"random"`` for random weights.
+    """
+    import open_clip
+
+    register_model_configs()
+    has_schema = model.startswith(("hf-hub:", "local-dir:"))
+    if not has_schema and not pretrained:
+        raise ConfigError(
+            f"teacher.pretrained is not set for teacher {model!r}. Give a pretrained tag "
+            f"(one of {open_clip.list_pretrained_tags_by_model(model) or 'none known'}), a local weights file "
+            f"(teacher.pretrained=/path/to/weights.safetensors), or teacher.pretrained={RANDOM_WEIGHTS} for a "
+            "randomly initialised teacher (tests only)."
+        )
+    if not has_schema and model.replace("/", "-") not in open_clip.list_models():
+        raise ConfigError(
+            f"unknown open_clip model {model!r}; see open_clip.list_models() or use hf-hub:org/repo or local-dir:/path"
+        )
+    random_init = pretrained == RANDOM_WEIGHTS and not has_schema
+    weights_file = None
+    if not has_schema and not random_init:
+        looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        if looks_like_path:
+            if not os.path.isfile(pretrained):
+                raise WeightsUnavailableError(
+                    f"teacher weights file {pretrained} does not exist. Point teacher.pretrained at a .pt, .bin or "
+                    f".safetensors file holding the {model} state dict."
+                )
+            weights_file = pretrained
+        elif open_clip.get_pretrained_cfg(model, pretrained) == {}:
+            raise ConfigError(
+                f"{pretrained!r} is neither a file nor a pretrained tag of {model!r}; known tags: "
+                f"{open_clip.list_pretrained_tags_by_model(model)}"
+            )
+    try:
+        clip_model, _, preprocess = open_clip.create_model_and_transforms(
+            model,
+            pretrained=None if random_init else pretrained,
+            cache_dir=cache_dir,
+            device=device,
+            force_quick_gelu=force_quick_gelu,
+            pretrained_image=False,
+            pretrained_text=False,
+            require_pretrained=not random_init,
+        )
+    except (RuntimeError, OSError, ValueError) as err:
+        if weights_file is not None:
+            raise WeightsUnavailableError(
+                f"could not load teacher weights from {weights_file} into {model}: {err}"
+            ) from err
+        raise WeightsUnavailableError(
+            f"could not obtain the weights of teacher {model!r} (pretrained={pretrained!r}): {err}\n"
+            "Without network access, download the weights elsewhere and point pand at them: "
+            f"teacher.model={model} teacher.pretrained=/path/to/open_clip_pytorch_model.bin (or .safetensors), "
+            "or teacher.model=local-dir:/path/to/folder with open_clip_config.json and the weights inside."
+        ) from err
+    pp = clip_model.visual.preprocess_cfg if hasattr(clip_model.visual, "preprocess_cfg") else {}
+    size = pp.get("size", getattr(clip_model.visual, "image_size", 224))
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = pp.get("std", open_clip.OPENAI_DATASET_STD)
+    tokenizer = open_clip.get_tokenizer(model)
+    identity = {
+        "model": model,
+        "pretrained": _describe_pretrained(model, pretrained),
+        "weights": weights_digest(clip_model),
+    }
+    if logit_scale == "learned":
+        logit_scale = None
+    elif isinstance(logit_scale, str):
+        raise ConfigError(f"teacher.logit_scale must be a number or 'learned', got {logit_scale!r}")
+    del preprocess
+    return ClipTeacher(
+        clip_model, tokenizer, image_size=size, mean=mean, std=std, identity=identity, logit_scale=logit_scale
+    )
