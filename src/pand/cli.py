@@ -3,6 +3,8 @@
     pand train [overrides...]            distil (Hydra overrides: data=cub method=vl2lite trainer.devices=4 ...)
     pand eval ckpt_path=PATH [overrides] evaluate a student checkpoint on val and test
     pand config [overrides...]           print the composed training config
+    pand features [overrides...]         PAND stage 1: store the teacher's image embeddings of train/val/test
+    pand prompts [overrides...]          PAND stage 1: learn CoOp prompts on the stored embeddings
 """
 
 from __future__ import annotations
@@ -56,7 +58,38 @@ def cmd_config(args: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "config": cmd_config}
+def cmd_features(args: Sequence[str]) -> int:
+    from pand.config import compose, to_plain
+    from pand.engine.stage1 import run_features
+
+    cfg = to_plain(compose("coop", args))
+    for split, (embeds, _) in run_features(cfg).items():
+        print(f"{split}: {tuple(embeds.shape)} -> {cfg['features']['dir']}/{split}.safetensors")
+    return 0
+
+
+def cmd_prompts(args: Sequence[str]) -> int:
+    from pand.config import compose, to_plain
+    from pand.engine.stage1 import run_prompts
+
+    summary = run_prompts(to_plain(compose("coop", args)))
+    print(
+        f"teacher zero-shot: val {summary['zero_shot_val_acc']:.4f} test {summary['zero_shot_test_acc']:.4f}\n"
+        f"teacher CoOp:      val {summary['coop_val_acc']:.4f} test {summary['coop_test_acc']:.4f} "
+        f"(best epoch {summary['best_epoch']})\n"
+        f"learned text features: {summary['text_features']}\n"
+        f"stage 2: pand train method=pand teacher.text_features={summary['text_features']} ..."
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "config": cmd_config,
+    "features": cmd_features,
+    "prompts": cmd_prompts,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"pand: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pand").setLevel(logging.INFO)
     try:
         return COMMANDS[command](args)
     except PandError as err:

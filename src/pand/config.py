@@ -9,6 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from pand.errors import ConfigError
 
+# Resolvers used by the packaged configs to build file names.
+if not OmegaConf.has_resolver("sanitize"):
+    OmegaConf.register_new_resolver("sanitize", lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s)))
+if not OmegaConf.has_resolver("csc_tag"):
+    OmegaConf.register_new_resolver("csc_tag", lambda csc: "-csc" if csc else "")
+
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``config_name`` (``train``, ``eval``) with Hydra overrides such as ``data=cub trainer.devices=4``."""

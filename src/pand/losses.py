@@ -6,6 +6,8 @@ a scalar, compute in float32 whatever the autocast dtype, and average over the b
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -60,3 +62,48 @@ def vl2lite_weights(epoch: int, max_epochs: int, schedule: str = "code") -> tupl
         raise ValueError(f"unknown VL2Lite weight schedule {schedule!r}; choose one of {WEIGHT_SCHEDULES}")
     w_cls = min(max(w_cls, 0.0), 1.0)
     return w_cls, 1.0 - w_cls
+
+
+def nlrd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int = 3,
+    *,
+    pool_student: torch.Tensor | None = None,
+    pool_teacher: torch.Tensor | None = None,
+    self_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Neighbourhood Logits Relation Distillation (NLRD, the response term of NRKD), as PAND uses it.
+
+    For each sample i, its ``k`` nearest neighbours j are the other samples whose teacher logits have the highest
+    cosine similarity to i's. Relation vectors ``d_s = z_s,i - z_s,j`` and ``d_t = z_t,i - z_t,j`` become
+    distributions ``q = softmax(d_s)``, ``p = softmax(d_t)``, and the loss is their symmetric Jensen-Shannon
+    divergence ``0.5 * (KL(q || m) + KL(p || m))`` with ``m = (p + q) / 2``, averaged over the ``B * k`` pairs.
+
+    Neighbours come from a pool: by default the batch itself; under DDP the logits gathered from every process, with
+    ``self_index[i]`` the position of sample i in the pool so that it is not its own neighbour. ``k`` is clamped to
+    ``pool size - 1``. A pool of one sample has no neighbours: the loss is then 0 (still attached to the graph),
+    which is what a last batch of size 1 gets.
+    """
+    s = student_logits.float()
+    t = teacher_logits.float()
+    ps = s if pool_student is None else pool_student.float()
+    pt = t if pool_teacher is None else pool_teacher.float()
+    if self_index is None:
+        if pool_student is not None or pool_teacher is not None:
+            raise ValueError("self_index is required when a neighbour pool is given")
+        self_index = torch.arange(s.shape[0], device=s.device)
+    k = min(int(k), pt.shape[0] - 1)
+    if k < 1:
+        return s.sum() * 0.0
+    sim = F.normalize(t, dim=-1) @ F.normalize(pt, dim=-1).t()  # [B, P]
+    sim = sim.scatter(1, self_index.view(-1, 1), float("-inf"))
+    nbr = sim.topk(k, dim=1).indices  # [B, k]
+    d_s = s.unsqueeze(1) - ps[nbr]  # [B, k, C]
+    d_t = t.unsqueeze(1) - pt[nbr]
+    log_q = F.log_softmax(d_s, dim=-1)
+    log_p = F.log_softmax(d_t, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+    kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
+    kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
+    return (0.5 * (kl_q + kl_p)).mean()

@@ -56,10 +56,14 @@ def test_round_trip_through_a_weights_file(tmp_path, tiny_teacher, suffix):
     assert loaded.identity["pretrained"].startswith("file:")
 
 
-def test_weights_digest_differs_between_random_teachers(tiny_teacher):
-    torch.manual_seed(123)
-    other = load_clip_teacher("pand-tiny-vit", "random")
+def test_random_teachers_are_seeded_and_distinguishable(tiny_teacher):
+    torch.manual_seed(123)  # the global RNG does not matter: "random" is seeded with 0
+    again = load_clip_teacher("pand-tiny-vit", "random")
+    assert again.identity["weights"] == tiny_teacher.identity["weights"]
+    other = load_clip_teacher("pand-tiny-vit", "random:1")
     assert other.identity["weights"] != tiny_teacher.identity["weights"]
+    with pytest.raises(ConfigError, match="random:<integer seed>"):
+        load_clip_teacher("pand-tiny-vit", "random:x")
 
 
 def test_missing_weights_file_is_named(tmp_path):

@@ -294,6 +294,25 @@ def find_dataset_dir(root: str | os.PathLike, folder: str, markers: Sequence[str
     return None
 
 
+def locate_dataset(
+    root: str | os.PathLike,
+    folder: str,
+    markers: Sequence[str],
+    title: str,
+    layout: str,
+    download_fn: Callable[[str | os.PathLike], None],
+    download_missing: bool = False,
+) -> Path:
+    """The dataset folder under ``root``; downloads it first if it is missing and ``download_missing``."""
+    found = find_dataset_dir(root, folder, markers)
+    if found is None and download_missing:
+        download_fn(root)
+        found = find_dataset_dir(root, folder, markers)
+    if found is None:
+        raise not_found(f"{title} not found under {root}", Path(root) / folder, title, layout, download=True)
+    return found
+
+
 def require(path: Path, title: str, layout: str, *, download: bool) -> Path:
     """Return ``path`` if it exists, else raise the layout-bearing DatasetNotFoundError."""
     if not path.exists():

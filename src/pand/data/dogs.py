@@ -53,13 +53,7 @@ def download(root: str | os.PathLike) -> None:
 
 
 def dataset_dir(root: str | os.PathLike, download_missing: bool = False) -> Path:
-    found = base.find_dataset_dir(root, FOLDER, MARKERS)
-    if found is None and download_missing:
-        download(root)
-        found = base.find_dataset_dir(root, FOLDER, MARKERS)
-    if found is None:
-        raise base.not_found(f"{TITLE} not found under {root}", Path(root) / FOLDER, TITLE, LAYOUT, download=True)
-    return found
+    return base.locate_dataset(root, FOLDER, MARKERS, TITLE, LAYOUT, download, download_missing)
 
 
 def _list_file(d: Path, split: str) -> Path:

@@ -24,7 +24,8 @@ class TeacherContext:
 
     embed_dim: int
     logit_scale: float
-    text_embeds: torch.Tensor | None = None  # C x D, L2-normalised
+    text_embeds: torch.Tensor | None = None  # C x D, L2-normalised, from the prompt templates
+    prompt_embeds: torch.Tensor | None = None  # C x D learned CoOp text features (teacher.text_features), if given
     identity: dict[str, str] = field(default_factory=dict)
 
 
@@ -72,6 +73,11 @@ class Distiller(nn.Module):
     @property
     def uses_teacher(self) -> bool:
         return bool(self.requires) or self.needs_text_embeds
+
+    def teacher_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The CLIP teacher's zero-shot logits ``s * t_img @ T_txt^T`` (template embeddings unless given)."""
+        text = self.text_embeds if text_embeds is None else text_embeds
+        return self.context.logit_scale * image_embeds.float() @ text.float().t()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Student logits; what validation, test and deployment use."""

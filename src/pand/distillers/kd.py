@@ -32,7 +32,7 @@ class ZeroShotKD(Distiller):
 
     def training_losses(self, batch, teacher, progress: Progress) -> DistillerOutput:
         logits = self.student(batch["image"])
-        teacher_logits = self.context.logit_scale * teacher[IMAGE_EMBEDS].float() @ self.text_embeds.t()
+        teacher_logits = self.teacher_logits(teacher[IMAGE_EMBEDS])
         return DistillerOutput(
             logits,
             {

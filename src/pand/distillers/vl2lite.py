@@ -63,7 +63,7 @@ class VL2Lite(Distiller):
         a_img = F.normalize(self.image_condenser(t_img), dim=-1)
         a_txt = F.normalize(self.text_condenser(text), dim=-1)
         student_text_logits = scale * F.normalize(h.float(), dim=-1) @ a_txt.float().t()
-        teacher_logits = scale * t_img @ text.t()
+        teacher_logits = self.teacher_logits(t_img, text)
         w_cls, w_kd = vl2lite_weights(progress.epoch, progress.max_epochs, self.weight_schedule)
         losses = {
             "ce": w_cls * F.cross_entropy(logits.float(), batch["label"]),

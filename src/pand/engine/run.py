@@ -65,6 +65,15 @@ def load_teacher_from(config: Mapping[str, Any]):
     )
 
 
+def load_prompt_embeds(path: str | None, teacher, classes: list[str]) -> torch.Tensor | None:
+    """Learned CoOp text features from ``pand prompts``, refused if made with another teacher or class list."""
+    if not path:
+        return None
+    from pand.prompts.store import load_text_features
+
+    return load_text_features(path, teacher.identity, classes)
+
+
 def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, DistillationModule]:
     """Data module and Lightning module for a resolved training config; loads the teacher only if the method needs it."""
     data = PandDataModule(config["data"], seed=int(config["seed"]))
@@ -77,6 +86,7 @@ def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, Distillat
         context = TeacherContext(
             embed_dim=teacher.embed_dim, logit_scale=teacher.logit_scale,
             text_embeds=None if text is None else text.cpu(), identity=teacher.identity,
+            prompt_embeds=load_prompt_embeds(config["teacher"].get("text_features"), teacher, classes),
         )
     student = build_student_from(config, len(classes))
     distiller = build_distiller(config["method"], student, len(classes), context)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LOGIT_SCALE = 1.0 / 0.07
 
 #: Value of ``teacher.pretrained`` that asks for random weights (tests, benchmarks); never the silent default.
+#: ``random`` is seeded with 0 and ``random:N`` with N, so the same "random" teacher comes back in every process.
 RANDOM_WEIGHTS = "random"
 
 _MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -195,7 +196,13 @@ def load_clip_teacher(
         raise ConfigError(
             f"unknown open_clip model {model!r}; see open_clip.list_models() or use hf-hub:org/repo or local-dir:/path"
         )
-    random_init = pretrained == RANDOM_WEIGHTS and not has_schema
+    random_init = not has_schema and (pretrained == RANDOM_WEIGHTS or pretrained.startswith(RANDOM_WEIGHTS + ":"))
+    random_seed = 0
+    if random_init and ":" in pretrained:
+        try:
+            random_seed = int(pretrained.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"teacher.pretrained={pretrained!r}: use 'random' or 'random:<integer seed>'") from None
     weights_file = None
     if not has_schema and not random_init:
         looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
@@ -212,16 +219,18 @@ def load_clip_teacher(
                 f"{open_clip.list_pretrained_tags_by_model(model)}"
             )
     try:
-        clip_model, _, preprocess = open_clip.create_model_and_transforms(
-            model,
-            pretrained=None if random_init else pretrained,
-            cache_dir=cache_dir,
-            device=device,
-            force_quick_gelu=force_quick_gelu,
-            pretrained_image=False,
-            pretrained_text=False,
-            require_pretrained=not random_init,
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random_seed)
+            clip_model, _, preprocess = open_clip.create_model_and_transforms(
+                model,
+                pretrained=None if random_init else pretrained,
+                cache_dir=cache_dir,
+                device=device,
+                force_quick_gelu=force_quick_gelu,
+                pretrained_image=False,
+                pretrained_text=False,
+                require_pretrained=not random_init,
+            )
     except (RuntimeError, OSError, ValueError) as err:
         if weights_file is not None:
             raise WeightsUnavailableError(

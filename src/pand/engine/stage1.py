@@ -1,0 +1,104 @@
+"""PAND stage 1 (PSC): ``pand features`` and ``pand prompts``.
+
+Teacher image embeddings of each split are extracted once and stored (:mod:`pand.features`); CoOp context vectors
+are then trained on the stored training embeddings, selected on the val embeddings, and the resulting class text
+features are written with their provenance for stage 2 (``teacher.text_features=...``). The test split is scored
+once for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pand.engine.data import load_splits
+from pand.engine.run import load_teacher_from
+from pand.errors import ConfigError
+from pand.features import ensure_features
+from pand.io import atomic_write_json
+
+log = logging.getLogger("pand")
+
+
+def _device(config: Mapping[str, Any]) -> str:
+    device = config.get("device", "auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def run_features(config: Mapping[str, Any], teacher=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Stored (or freshly extracted) teacher embeddings and labels of every split in ``features.splits``."""
+    feats = config["features"]
+    if teacher is None:
+        teacher = load_teacher_from({**config, "trainer": {"accelerator": "gpu" if _device(config) == "cuda" else "cpu"}})
+    splits = load_splits(config["data"])
+    out = {}
+    for split in feats["splits"]:
+        if split not in splits:
+            raise ConfigError(f"features.splits may hold train, val and test, got {split!r}")
+        out[split] = ensure_features(
+            Path(feats["dir"]) / f"{split}.safetensors", teacher, splits[split], rebuild=bool(feats.get("rebuild")),
+            batch_size=int(feats["batch_size"]), num_workers=int(feats["num_workers"]),
+        )
+    return out
+
+
+def _accuracy(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> float:
+    return float(((features.float() @ text.float().t()).argmax(1) == labels).float().mean())
+
+
+def run_prompts(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Train CoOp on stored teacher features; write the learned text features and a summary; return the summary."""
+    from pand.prompts import PromptLearner, train_coop
+    from pand.prompts.store import save_text_features
+
+    p = config["prompts"]
+    device = _device(config)
+    teacher = load_teacher_from({**config, "trainer": {"accelerator": "gpu" if device == "cuda" else "cpu"}})
+    needed = {"train", "val", "test"}
+    features = run_features({**config, "features": {**config["features"], "splits": sorted(needed)}}, teacher)
+    classes = load_splits(config["data"])["train"].classes
+    (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = features["train"], features["val"], features["test"]
+
+    templates = list(config["data"]["templates"])
+    zero_shot = teacher.class_embeddings(classes, templates).cpu()
+    start = time.time()
+    learner = PromptLearner(
+        teacher.model, teacher.tokenizer, classes, n_ctx=int(p["n_ctx"]), ctx_init=p.get("ctx_init"),
+        csc=bool(p["csc"]), class_token_position=p["class_token_position"],
+    )
+    result = train_coop(
+        learner, tr_x, tr_y, va_x, va_y, logit_scale=teacher.logit_scale, epochs=int(p["epochs"]),
+        batch_size=int(p["batch_size"]), lr=float(p["lr"]), momentum=float(p["momentum"]),
+        weight_decay=float(p["weight_decay"]), warmup_epochs=int(p["warmup_epochs"]), warmup_lr=float(p["warmup_lr"]),
+        seed=int(config["seed"]), device=device,
+    )
+    learned = result.text_features.cpu()
+    summary = {
+        "teacher": teacher.identity,
+        "dataset": config["data"]["name"],
+        "classes": list(classes),
+        "templates": templates,
+        "n_ctx": int(learner.ctx.shape[-2]),
+        "ctx_init": p.get("ctx_init"),
+        "csc": bool(p["csc"]),
+        "class_token_position": p["class_token_position"],
+        "epochs": int(p["epochs"]),
+        "best_epoch": int(result.best_epoch),
+        "zero_shot_val_acc": _accuracy(va_x, va_y, zero_shot),
+        "zero_shot_test_acc": _accuracy(te_x, te_y, zero_shot),
+        "coop_val_acc": float(result.val_acc),
+        "coop_test_acc": _accuracy(te_x, te_y, learned),
+        "train_seconds": round(time.time() - start, 2),
+    }
+    out = Path(p["out"])
+    save_text_features(out, learned, summary)
+    summary["text_features"] = str(out)
+    atomic_write_json(out.with_suffix(".json"), {**summary, "classes": len(classes)})
+    return summary

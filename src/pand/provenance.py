@@ -1,0 +1,71 @@
+"""Provenance records for stored artefacts (teacher features, learned prompts, caches).
+
+Every artefact pand derives from a teacher and a dataset stores a JSON record of what made it. Before reusing one,
+the record is compared with what the current run would produce, and any difference is refused with its reason, so
+that features of one teacher never silently feed a run with another teacher or class list.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from pand.errors import MismatchError, PandError
+from pand.io import atomic_write_bytes
+
+_META_KEY = "pand"
+
+
+def describe_mismatch(stored: Mapping[str, Any], expected: Mapping[str, Any], keys=None) -> list[str]:
+    """Human-readable differences between two records, restricted to ``keys`` if given."""
+    keys = sorted(set(stored) | set(expected)) if keys is None else keys
+    diffs = []
+    for key in keys:
+        a, b = stored.get(key), expected.get(key)
+        if a != b:
+            if isinstance(a, list) and isinstance(b, list) and len(a) != len(b):
+                diffs.append(f"{key}: {len(a)} entries stored, {len(b)} expected")
+            elif isinstance(a, list) and isinstance(b, list):
+                first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+                diffs.append(f"{key}[{first}]: stored {a[first]!r}, expected {b[first]!r}")
+            else:
+                diffs.append(f"{key}: stored {a!r}, expected {b!r}")
+    return diffs
+
+
+def check_provenance(
+    path: str | Path, stored: Mapping[str, Any], expected: Mapping[str, Any], keys=None, hint: str = ""
+) -> None:
+    """Refuse (MismatchError) a stored artefact whose record differs from what this run expects, saying how."""
+    diffs = describe_mismatch(stored, expected, keys)
+    if diffs:
+        message = f"{path} was made for something else and is refused:\n  " + "\n  ".join(diffs)
+        raise MismatchError(message + (f"\n{hint}" if hint else ""))
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], record: Mapping[str, Any]) -> Path:
+    """Write tensors and their provenance record to one safetensors file, atomically."""
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={_META_KEY: json.dumps(record)})
+    return atomic_write_bytes(path, data)
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and provenance record of a file written by :func:`save_tensors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PandError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise PandError(f"{path} is not a readable safetensors file ({err}); rebuild it") from err
+    if _META_KEY not in meta:
+        raise MismatchError(f"{path} has no pand provenance record; it was not written by pand")
+    return tensors, json.loads(meta[_META_KEY])
