@@ -5,6 +5,10 @@
     pand config [overrides...]           print the composed training config
     pand features [overrides...]         PAND stage 1: store the teacher's image embeddings of train/val/test
     pand prompts [overrides...]          PAND stage 1: learn CoOp prompts on the stored embeddings
+    pand sweep [overrides...]            one training run per combination of comma-separated values
+                                         (also: pand train -m method.nlrd.weight=0,0.1,1.0), then a table and plot
+    pand gather RUN_DIR... --out DIR     gather runs' summary.json into results.csv / .md / .png
+    pand tsne CKPT... --labels a,b --out DIR   t-SNE of the students' test features, side by side
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
 
 
 def cmd_train(args: Sequence[str]) -> int:
+    if args and args[0] in ("-m", "--multirun"):
+        return cmd_sweep(args[1:])
     from pand.config import compose, to_plain
     from pand.engine.run import train
 
@@ -83,12 +89,33 @@ def cmd_prompts(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: Sequence[str]) -> int:
+    from pand.analysis.sweep import main_sweep
+
+    return main_sweep(list(args))
+
+
+def cmd_gather(args: Sequence[str]) -> int:
+    from pand.analysis.sweep import main_gather
+
+    return main_gather(list(args))
+
+
+def cmd_tsne(args: Sequence[str]) -> int:
+    from pand.analysis.tsne import main_tsne
+
+    return main_tsne(list(args))
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "config": cmd_config,
     "features": cmd_features,
     "prompts": cmd_prompts,
+    "sweep": cmd_sweep,
+    "gather": cmd_gather,
+    "tsne": cmd_tsne,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,6 +13,9 @@ from pand.errors import ConfigError
 # Resolvers used by the packaged configs to build file names.
 if not OmegaConf.has_resolver("sanitize"):
     OmegaConf.register_new_resolver("sanitize", lambda s: "".join(c if c.isalnum() or c in "-_." else "_" for c in str(s)))
+if not OmegaConf.has_resolver("pand_asset"):
+    # Files shipped inside the package (e.g. the quickstart teacher's weights), wherever pand is installed.
+    OmegaConf.register_new_resolver("pand_asset", lambda name: str(Path(__file__).parent / "assets" / name))
 if not OmegaConf.has_resolver("csc_tag"):
     OmegaConf.register_new_resolver("csc_tag", lambda csc: "-csc" if csc else "")
 

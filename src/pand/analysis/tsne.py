@@ -1,0 +1,246 @@
+"""t-SNE of student features: compare how students (e.g. w/o KD, VL2Lite, PAND) arrange the classes of a split.
+
+    pand tsne CKPT_A CKPT_B ... --labels "w/o KD,VL2Lite,PAND" --out DIR [--split test] [--perplexity 30] [data.root=...]
+
+Writes ``tsne_compare.png`` (one panel per checkpoint, side by side) and ``tsne_<i>_<label>.png`` per checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pand.errors import ConfigError, MismatchError
+
+_STUDENT_PREFIX = "distiller.student."
+_MAX_LEGEND_CLASSES = 20
+
+
+def _merge_data(config: dict[str, Any], data_overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint's config with ``data_overrides`` (keys of the ``data`` section, or ``{"data": {...}}``) merged."""
+    if not data_overrides:
+        return config
+    from omegaconf import OmegaConf
+
+    overrides = dict(data_overrides)
+    if set(overrides) == {"data"} and isinstance(overrides["data"], Mapping):
+        overrides = dict(overrides["data"])
+    data = OmegaConf.merge(OmegaConf.create(config["data"]), OmegaConf.create(overrides))
+    return {**config, "data": OmegaConf.to_container(data, resolve=True)}
+
+
+def student_features(
+    ckpt_path: str | os.PathLike,
+    split: str = "test",
+    data_overrides: dict | None = None,
+    batch_size: int | None = None,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Pooled student features ``[N, d]``, labels ``[N]`` and class names for every sample of ``split``.
+
+    The data module and the student are rebuilt from the config stored in the checkpoint (no teacher, no pretrained
+    download); ``data_overrides`` changes the data section (e.g. ``{"root": ...}`` when the data moved).
+    """
+    import torch
+
+    from pand.engine.data import PandDataModule
+    from pand.engine.run import build_student_from, checkpoint_config
+
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise ConfigError(f"checkpoint {ckpt_path} does not exist")
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split must be train, val or test, got {split!r}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    config = _merge_data(dict(checkpoint_config(ckpt, ckpt_path)), data_overrides)
+    if batch_size is not None:
+        config["data"] = {**config["data"], "batch_size": int(batch_size)}
+    data = PandDataModule(config["data"], seed=int(config["seed"]))
+    classes = data.classes
+    student = build_student_from(
+        {**config, "student": {**config["student"], "pretrained": False, "weights": None}}, len(classes)
+    )
+    state = {k[len(_STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(_STUDENT_PREFIX)}
+    if not state:
+        raise ConfigError(f"{ckpt_path} holds no student weights (no '{_STUDENT_PREFIX}*' keys)")
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as err:
+        raise MismatchError(f"the student weights of {ckpt_path} do not fit its stored student config: {err}") from err
+    student.to(device).eval()
+
+    features, labels = [], []
+    with torch.no_grad():
+        for batch in data.eval_dataloader(split):  # no drop_last: every sample of the split
+            feats = student.features(batch["image"].to(device))
+            features.append(feats.float().flatten(1).cpu().numpy())
+            labels.append(np.asarray(batch["label"]))
+    n = len(data.splits[split])
+    if not features:
+        raise ConfigError(f"the {split} split of {ckpt_path}'s data is empty")
+    feats_np, labels_np = np.concatenate(features), np.concatenate(labels).astype(np.int64)
+    assert len(feats_np) == n, f"read {len(feats_np)} features for a {split} split of {n} samples"
+    return feats_np, labels_np, classes
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()[:60] or "run"
+
+
+def embed(features: np.ndarray, perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE (PCA init) of ``features``; the perplexity is clamped below the number of samples."""
+    from sklearn.manifold import TSNE
+
+    n = len(features)
+    if n < 2:
+        raise ConfigError(f"t-SNE needs at least 2 samples, got {n}")
+    perplexity = min(float(perplexity), n - 1.0)  # sklearn requires perplexity < n_samples
+    tsne = TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity)
+    return tsne.fit_transform(np.asarray(features, dtype=np.float32))
+
+
+def _scatter(ax, points: np.ndarray, labels: np.ndarray, num_classes: int, title: str) -> list:
+    import matplotlib
+
+    handles = []
+    if num_classes <= _MAX_LEGEND_CLASSES:
+        cmap = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"]
+        for c in range(num_classes):
+            mask = labels == c
+            handles.append(ax.scatter(points[mask, 0], points[mask, 1], s=10, color=cmap(c), label=str(c)))
+    else:
+        ax.scatter(points[:, 0], points[:, 1], s=4, c=labels, cmap="turbo", vmin=0, vmax=num_classes - 1)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return handles
+
+
+def tsne_compare(
+    ckpt_paths: Sequence[str | os.PathLike],
+    labels: Sequence[str],
+    out_dir: str | os.PathLike,
+    split: str = "test",
+    perplexity: float = 30,
+    seed: int = 0,
+    data_overrides: dict | None = None,
+    batch_size: int | None = None,
+    device: str = "cpu",
+) -> list[Path]:
+    """t-SNE of each checkpoint's student features on ``split``; returns ``[tsne_compare.png, tsne_<i>_<label>.png...]``.
+
+    Points are coloured by class (legend of class names up to 20 classes). All checkpoints must see the same number
+    of samples (the same data), otherwise a MismatchError names the sizes.
+    """
+    from matplotlib.figure import Figure
+
+    from pand.analysis.sweep import save_figure
+
+    ckpt_paths, labels = list(ckpt_paths), list(labels)
+    if not ckpt_paths:
+        raise ConfigError("tsne_compare needs at least one checkpoint")
+    if len(ckpt_paths) != len(labels):
+        raise ConfigError(
+            f"{len(ckpt_paths)} checkpoint(s) but {len(labels)} label(s) ({', '.join(map(repr, labels))}); "
+            "give one label per checkpoint"
+        )
+    out_dir = Path(out_dir)
+    runs = []
+    for path in ckpt_paths:
+        feats, ys, classes = student_features(path, split, data_overrides, batch_size=batch_size, device=device)
+        runs.append((Path(path), feats, ys, classes))
+    sizes = {str(p): len(f) for p, f, _, _ in runs}
+    if len(set(sizes.values())) > 1:
+        raise MismatchError(
+            f"the checkpoints' {split} splits differ in size ({', '.join(f'{p}: {n}' for p, n in sizes.items())}); "
+            "they were trained on different data - compare checkpoints of the same dataset (or pass data overrides)"
+        )
+    classes = runs[0][3]
+    num_classes = max(len(classes), *(int(ys.max()) + 1 for _, _, ys, _ in runs))
+    embeddings = [embed(feats, perplexity, seed) for _, feats, _, _ in runs]
+    n = len(runs[0][1])
+
+    def legend(fig_or_ax, handles):
+        if handles:
+            names = [classes[c] if c < len(classes) else str(c) for c in range(len(handles))]
+            fig_or_ax.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small",
+                             markerscale=2, frameon=False)
+
+    written: list[Path] = []
+    k = len(runs)
+    fig = Figure(figsize=(4.2 * k + (2.0 if num_classes <= _MAX_LEGEND_CLASSES else 0.0), 4.4))
+    axes = fig.subplots(1, k, squeeze=False)[0]
+    handles = []
+    for ax, (_, _, ys, _), points, label in zip(axes, runs, embeddings, labels):
+        handles = _scatter(ax, points, ys, num_classes, label)
+    fig.suptitle(f"t-SNE of student features ({split}, {n} images, {num_classes} classes)")
+    fig.tight_layout()
+    legend(fig, handles)
+    written.append(save_figure(fig, out_dir / "tsne_compare.png"))
+
+    for i, ((_, _, ys, _), points, label) in enumerate(zip(runs, embeddings, labels)):
+        fig = Figure(figsize=(5.5 if num_classes <= _MAX_LEGEND_CLASSES else 4.6, 4.6))
+        ax = fig.add_subplot()
+        legend(ax, _scatter(ax, points, ys, num_classes, f"{label} ({split}, {n} images)"))
+        written.append(save_figure(fig, out_dir / f"tsne_{i}_{_slug(label)}.png"))
+    return written
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def main_tsne(args: list[str]) -> int:
+    """``pand tsne CKPT... --labels "a,b" --out DIR [--split test] [--perplexity 30] [data.KEY=VALUE...]``."""
+    from omegaconf import OmegaConf
+
+    parser = argparse.ArgumentParser(
+        prog="pand tsne",
+        description="t-SNE of the student features of checkpoints on one split, side by side "
+                    "(tsne_compare.png) and one image per checkpoint (tsne_<i>_<label>.png).",
+        epilog='example: pand tsne runs/ce/checkpoints/best.ckpt runs/pand/checkpoints/best.ckpt '
+               '--labels "w/o KD,PAND" --out figs data.root=/data/cub',
+    )
+    parser.add_argument("items", nargs="+", metavar="CKPT_OR_OVERRIDE",
+                        help="checkpoints, then optional data overrides such as data.root=/new/place "
+                             "data.num_workers=0")
+    parser.add_argument("--labels", default=None,
+                        help="comma-separated panel titles, one per checkpoint (default: the run folder names)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--perplexity", type=float, default=30.0,
+                        help="t-SNE perplexity (clamped below the number of samples)")
+    parser.add_argument("--seed", type=int, default=0, help="t-SNE random state")
+    parser.add_argument("--batch-size", type=int, default=None, help="feature extraction batch size")
+    parser.add_argument("--device", default="cpu", help="torch device for feature extraction (cpu, cuda, ...)")
+    ns = parser.parse_intermixed_args(args)
+
+    ckpts, overrides = [], []
+    for item in ns.items:
+        # Lightning checkpoint names may contain '=' (epoch=3.ckpt): an existing file is always a checkpoint.
+        (overrides if _OVERRIDE.match(item) and not Path(item).is_file() else ckpts).append(item)
+    if not ckpts:
+        parser.error("give at least one checkpoint")
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        parser.error(f"only data.* overrides are accepted, got {', '.join(bad)}")
+    data_overrides = OmegaConf.to_container(OmegaConf.from_dotlist(overrides)).get("data") if overrides else None
+    if ns.labels is None:
+        labels = [_default_label(Path(c)) for c in ckpts]
+    else:
+        labels = [s.strip() for s in ns.labels.split(",")]
+    written = tsne_compare(ckpts, labels, ns.out, split=ns.split, perplexity=ns.perplexity, seed=ns.seed,
+                           data_overrides=data_overrides, batch_size=ns.batch_size, device=ns.device)
+    for path in written:
+        print(path)
+    return 0
+
+
+def _default_label(ckpt: Path) -> str:
+    return ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.stem
