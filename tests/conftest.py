@@ -14,3 +14,11 @@ def tiny_teacher():
 
     torch.manual_seed(0)
     return load_clip_teacher("pand-tiny-vit", "random")
+
+
+@pytest.fixture
+def cub_root(tmp_path):
+    """A tiny CUB-200-2011 in its official layout: 3 classes, 6 train + 2 test images each."""
+    from tests.fixtures.datasets import make_cub
+
+    return make_cub(tmp_path / "data", n_classes=3, per_class=6, test_per_class=2)

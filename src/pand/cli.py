@@ -9,6 +9,9 @@
                                          (also: pand train -m method.nlrd.weight=0,0.1,1.0), then a table and plot
     pand gather RUN_DIR... --out DIR     gather runs' summary.json into results.csv / .md / .png
     pand tsne CKPT... --labels a,b --out DIR   t-SNE of the students' test features, side by side
+    pand quickstart [--out DIR] [--seeds N]     the whole pipeline offline on Fashion-MNIST (a few minutes, CPU)
+    pand cache build cache.dir=DIR cache.views=K [overrides]   store K augmented views per training image with the
+                                         teacher's embedding of each (torchrun --nproc_per_node=N splits the work)
 """
 
 from __future__ import annotations
@@ -107,6 +110,41 @@ def cmd_tsne(args: Sequence[str]) -> int:
     return main_tsne(list(args))
 
 
+def cmd_quickstart(args: Sequence[str]) -> int:
+    from pand.quickstart import main_quickstart
+
+    return main_quickstart(list(args))
+
+
+def cmd_cache(args: Sequence[str]) -> int:
+    if not args or args[0] != "build":
+        print("usage: pand cache build cache.dir=DIR cache.views=K [overrides...]", file=sys.stderr)
+        return 2
+    from pand.config import compose, to_plain
+    from pand.engine.run import build_cache
+
+    cache = build_cache(to_plain(compose("train", args[1:])))
+    if cache is not None:
+        m = cache.meta
+        print(f"teacher cache complete: {cache.folder} ({m['num_samples']} images x {m['views']} views, D={m['embed_dim']})")
+    return 0
+
+
+def _setup_logging() -> None:
+    # Warnings from libraries once (Lightning's own INFO lines already reach the terminal through its handler);
+    # pand's INFO lines through their own handler.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
+    pand_log = logging.getLogger("pand")
+    if not pand_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("pand: %(message)s"))
+        pand_log.addHandler(handler)
+    pand_log.setLevel(logging.INFO)
+    pand_log.propagate = False
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -116,6 +154,8 @@ COMMANDS = {
     "sweep": cmd_sweep,
     "gather": cmd_gather,
     "tsne": cmd_tsne,
+    "quickstart": cmd_quickstart,
+    "cache": cmd_cache,
 }
 
 
@@ -128,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"pand: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pand").setLevel(logging.INFO)
+    _setup_logging()
     try:
         return COMMANDS[command](args)
     except PandError as err:

@@ -1,13 +1,3 @@
-import pytest
-
-from tests.fixtures.datasets import make_cub
-
-
-@pytest.fixture
-def cub_root(tmp_path):
-    return make_cub(tmp_path / "data", n_classes=3, per_class=6, test_per_class=2)
-
-
 def tiny_overrides(data_root, run_dir, *extra):
     """A VL2Lite run small enough for a CPU test: tiny random teacher, 32 px, two epochs."""
     return [

@@ -132,8 +132,11 @@ def tsne_compare(
     data_overrides: dict | None = None,
     batch_size: int | None = None,
     device: str = "cpu",
+    max_samples: int | None = None,
 ) -> list[Path]:
     """t-SNE of each checkpoint's student features on ``split``; returns ``[tsne_compare.png, tsne_<i>_<label>.png...]``.
+
+    ``max_samples`` embeds the same seeded random subset of the split for every checkpoint (t-SNE is quadratic in N).
 
     Points are coloured by class (legend of class names up to 20 classes). All checkpoints must see the same number
     of samples (the same data), otherwise a MismatchError names the sizes.
@@ -161,6 +164,9 @@ def tsne_compare(
             f"the checkpoints' {split} splits differ in size ({', '.join(f'{p}: {n}' for p, n in sizes.items())}); "
             "they were trained on different data - compare checkpoints of the same dataset (or pass data overrides)"
         )
+    if max_samples and len(runs[0][1]) > max_samples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(runs[0][1]), int(max_samples), replace=False))
+        runs = [(p, f[keep], ys[keep], c) for p, f, ys, c in runs]
     classes = runs[0][3]
     num_classes = max(len(classes), *(int(ys.max()) + 1 for _, _, ys, _ in runs))
     embeddings = [embed(feats, perplexity, seed) for _, feats, _, _ in runs]

@@ -18,18 +18,26 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pand.cache.teacher import choose_view
 from pand.data import ClassificationDataset, get_dataset, stratified_split, subset
 from pand.data.transforms import AugmentConfig, ReplayableAugment, eval_transform, view_generator
 from pand.errors import ConfigError
 
 
 class TrainViews(Dataset):
-    """Training items keyed by ``(index, epoch)``: the image under its replayable augmentation."""
+    """Training items keyed by ``(index, epoch)``: the image under its replayable augmentation.
 
-    def __init__(self, dataset: ClassificationDataset, augment: ReplayableAugment, seed: int) -> None:
+    Without a teacher cache each (epoch, index) draws fresh parameters; with one, each epoch picks one of the K cached
+    views of the image (item key ``view``) and rebuilds exactly that view from its stored parameters.
+    """
+
+    def __init__(
+        self, dataset: ClassificationDataset, augment: ReplayableAugment, seed: int, teacher_cache=None
+    ) -> None:
         self.dataset = dataset
         self.augment = augment
         self.seed = int(seed)
+        self.teacher_cache = teacher_cache
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -37,8 +45,15 @@ class TrainViews(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, epoch = key
         image = self.dataset.load_image(index)
-        view, params = self.augment(image, view_generator(self.seed, epoch, index))
-        return {"image": view, "label": self.dataset.targets[index], "index": index, "aug": params}
+        item: dict[str, Any] = {"label": self.dataset.targets[index], "index": index}
+        if self.teacher_cache is None:
+            item["image"], item["aug"] = self.augment(image, view_generator(self.seed, epoch, index))
+        else:
+            view = choose_view(self.seed, epoch, index, self.teacher_cache.views)
+            item["aug"] = self.teacher_cache.params(index, view)
+            item["image"] = self.augment.apply(image, item["aug"])
+            item["view"] = view
+        return item
 
 
 class EvalItems(Dataset):
@@ -155,10 +170,11 @@ def load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
 class PandDataModule(L.LightningDataModule):
     """Datasets and loaders for one data config (``cfg.data``)."""
 
-    def __init__(self, data: Mapping[str, Any], seed: int = 0) -> None:
+    def __init__(self, data: Mapping[str, Any], seed: int = 0, teacher_cache=None) -> None:
         super().__init__()
         self.cfg = dict(data)
         self.seed = int(seed)
+        self.teacher_cache = teacher_cache
         self.augment = ReplayableAugment(augment_config(self.cfg))
         self.eval_transform = eval_transform(
             int(self.cfg["image_size"]), int(self.cfg["resize_size"]), tuple(self.cfg["mean"]), tuple(self.cfg["std"])
@@ -206,7 +222,7 @@ class PandDataModule(L.LightningDataModule):
         batch = int(self.cfg["batch_size"])
         drop_last = bool(self.cfg.get("drop_last", True)) and len(train) // world >= batch
         sampler = EpochSampler(len(train), seed=self.seed, rank=rank, world_size=world, drop_last=drop_last)
-        return self._loader(TrainViews(train, self.augment, self.seed), sampler, drop_last)
+        return self._loader(TrainViews(train, self.augment, self.seed, self.teacher_cache), sampler, drop_last)
 
     def eval_dataloader(self, split: str) -> DataLoader:
         rank, world = self._rank_world()

@@ -18,11 +18,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
+from pand.cache.teacher import CachedTeacherSource, TeacherCache, cache_record
 from pand.distillers import Distiller, TeacherContext, build_distiller, get_distiller_class
 from pand.engine.csv_log import CsvMetricsLogger
 from pand.engine.data import PandDataModule
 from pand.engine.module import DistillationModule
-from pand.errors import ConfigError, MismatchError
+from pand.errors import ConfigError, MismatchError, PandError
 from pand.io import atomic_write_json, atomic_write_text
 from pand.students import build_student
 from pand.teachers import LiveTeacherSource, load_clip_teacher
@@ -65,34 +66,108 @@ def load_teacher_from(config: Mapping[str, Any]):
     )
 
 
-def load_prompt_embeds(path: str | None, teacher, classes: list[str]) -> torch.Tensor | None:
+def load_prompt_embeds(path: str | None, teacher_identity: Mapping[str, str], classes: list[str]) -> torch.Tensor | None:
     """Learned CoOp text features from ``pand prompts``, refused if made with another teacher or class list."""
     if not path:
         return None
     from pand.prompts.store import load_text_features
 
-    return load_text_features(path, teacher.identity, classes)
+    return load_text_features(path, teacher_identity, classes)
+
+
+def teacher_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher as configured: what a teacher cache must have been built with (checked without loading it)."""
+    t = config["teacher"]
+    return {"model": t["model"], "pretrained": t.get("pretrained"), "force_quick_gelu": bool(t.get("force_quick_gelu"))}
+
+
+def cache_settings(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    cache = dict(config.get("cache") or {})
+    return cache if cache.get("dir") and int(cache.get("views", 0)) > 0 else None
+
+
+def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher=None, rank: int = 0,
+                        world_size: int = 1, barrier=None) -> TeacherCache | None:
+    """The run's teacher cache: opened if it matches, built (or resumed) with the live teacher if not.
+
+    Returns None on a process that built only its share and is not the one that completes the cache.
+    """
+    settings = cache_settings(config)
+    train = data.splits["train"]
+    templates = list(config["data"]["templates"])
+    expected = cache_record(teacher_spec=teacher_spec(config), dataset=train, augment=data.augment,
+                            views=int(settings["views"]), seed=int(settings.get("seed", 0)), templates=templates)
+    try:
+        return TeacherCache.open(settings["dir"], expected)
+    except MismatchError:
+        if not settings.get("rebuild"):
+            raise
+    except PandError:
+        pass  # missing or incomplete: build / resume below
+    teacher = teacher or load_teacher_from(config)
+    source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
+    return TeacherCache.build(
+        settings["dir"], expected, train, data.augment, source, teacher.class_embeddings(train.classes, templates),
+        teacher.identity, embed_dim=teacher.embed_dim, learned_logit_scale=float(teacher.model.logit_scale.exp()),
+        batch_size=int(settings.get("batch_size", 64)), rank=rank, world_size=world_size,
+        rebuild=bool(settings.get("rebuild")), barrier=barrier,
+    )
+
+
+def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
+    """``pand cache build``: one process, or each process of a ``torchrun`` launch building its share."""
+    if not cache_settings(config):
+        raise ConfigError("set cache.dir=/path/to/cache and cache.views=K (> 0) to build a teacher cache")
+    data = PandDataModule(config["data"], seed=int(config["seed"]))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return open_or_build_cache(config, data)
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        teacher = load_teacher_from(config)
+        return open_or_build_cache(config, data, teacher, rank=rank, world_size=world, barrier=dist.barrier)
+    finally:
+        dist.destroy_process_group()
 
 
 def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, DistillationModule]:
-    """Data module and Lightning module for a resolved training config; loads the teacher only if the method needs it."""
+    """Data module and Lightning module for a resolved training config.
+
+    The teacher is loaded only if the method needs it and no teacher cache covers the run.
+    """
     data = PandDataModule(config["data"], seed=int(config["seed"]))
     classes = data.classes
     method_cls = get_distiller_class(config["method"]["name"])
-    teacher, context = None, None
-    if method_cls.requires or method_cls.needs_text_embeds:
+    context, source = None, None
+    text_features = config["teacher"].get("text_features")
+    if method_cls.requires and cache_settings(config):
+        cache = open_or_build_cache(config, data)
+        data.teacher_cache = cache
+        scale = config["teacher"].get("logit_scale")
+        context = TeacherContext(
+            embed_dim=int(cache.meta["embed_dim"]),
+            logit_scale=float(cache.meta["learned_logit_scale"]) if scale in (None, "learned") else float(scale),
+            text_embeds=cache.text_embeds(), identity=cache.meta["teacher"],
+            prompt_embeds=load_prompt_embeds(text_features, cache.meta["teacher"], classes),
+        )
+        source = CachedTeacherSource(cache)
+    elif method_cls.requires or method_cls.needs_text_embeds:
         teacher = load_teacher_from(config)
         text = teacher.class_embeddings(classes, list(config["data"]["templates"])) if method_cls.needs_text_embeds else None
         context = TeacherContext(
             embed_dim=teacher.embed_dim, logit_scale=teacher.logit_scale,
             text_embeds=None if text is None else text.cpu(), identity=teacher.identity,
-            prompt_embeds=load_prompt_embeds(config["teacher"].get("text_features"), teacher, classes),
+            prompt_embeds=load_prompt_embeds(text_features, teacher.identity, classes),
         )
+        if method_cls.requires:
+            source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
     student = build_student_from(config, len(classes))
     distiller = build_distiller(config["method"], student, len(classes), context)
-    source = None
-    if distiller.requires:
-        source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
     module = DistillationModule(distiller, source, optim=config["optim"], config=config)
     return data, module
 

@@ -1,0 +1,242 @@
+"""``pand quickstart``: the whole PAND pipeline on real images, offline, on a CPU, in minutes.
+
+Fashion-MNIST stands in for a fine-grained dataset and a compact CLIP fitted by pand on its training images
+(``teacher=fmnist_clip``, see ``pand teacher fit``) stands in for a large pretrained teacher. The student sees only a
+small labelled pool (``--per-class`` images per class, val carved from it); the teacher and the student are compared
+on the 10,000 test images:
+
+1. teacher zero-shot with the hand-written template;
+2. stage 1: CoOp prompts learned on the teacher's stored features of the labelled pool (selected on val);
+3. students trained with ``ce`` (no teacher), ``kd``, ``vl2lite`` and ``pand`` (learned prompts + NLRD);
+4. every student evaluated once on the test split (best-on-val checkpoint).
+
+``--seeds N`` repeats everything with N labelled pools / initialisations and reports mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pand.errors import PandError
+
+METHODS = ("ce", "kd", "vl2lite", "pand")
+TEACHER_KEYS = ("teacher_zero_shot", "teacher_coop")
+
+
+def _data_overrides(args: argparse.Namespace, seed: int) -> list[str]:
+    out = [
+        "data=fashion_mnist",
+        f"data.samples_per_class={args.per_class}",
+        f"data.val_fraction={args.val_fraction}",
+        f"data.split_seed={seed}",
+        f"teacher={args.teacher}",
+        f"seed={seed}",
+    ]
+    if args.data_root:
+        out.append(f"data.root={args.data_root}")
+    return out
+
+
+def run_stage1(args: argparse.Namespace, seed: int, seed_dir: Path) -> dict[str, Any]:
+    from pand.config import compose, to_plain
+    from pand.engine.stage1 import run_prompts
+
+    overrides = _data_overrides(args, seed) + [
+        f"features.dir={seed_dir / 'features'}",
+        "features.num_workers=0",
+        f"prompts.epochs={args.coop_epochs}",
+        f"prompts.ctx_init={args.ctx_init}",
+        f"prompts.out={seed_dir / 'learned_text_features.safetensors'}",
+    ]
+    return run_prompts(to_plain(compose("coop", overrides)))
+
+
+def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str, prompts: Path) -> dict[str, Any]:
+    from pand.config import compose, to_plain
+    from pand.engine.run import train
+
+    overrides = _data_overrides(args, seed) + [
+        f"method={method}",
+        "student=resnet18",
+        "student.pretrained=false",
+        "trainer=cpu",
+        f"trainer.max_epochs={args.epochs}",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_model_summary=false",
+        f"trainer.enable_progress_bar={str(sys.stderr.isatty()).lower()}",
+        "data.num_workers=0",
+        f"data.batch_size={args.batch_size}",
+        "optim.lr=1e-3",
+        "optim.scheduler=cosine",
+        f"run_dir={seed_dir / method}",
+    ]
+    if method == "pand":
+        overrides.append(f"teacher.text_features={prompts}")
+    return train(to_plain(compose("train", overrides + list(args.overrides))))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
+    """Validation top-1 per epoch of each method (first seed)."""
+    from matplotlib.figure import Figure
+
+    from pand.analysis.sweep import save_figure
+
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    for method, run in run_dirs.items():
+        points = {}
+        with (run / "metrics.csv").open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("val/acc1"):
+                    points[int(float(row["epoch"]))] = 100 * float(row["val/acc1"])
+        if points:
+            xs = sorted(points)
+            ax.plot([x + 1 for x in xs], [points[x] for x in xs], marker=".", label=method)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title("Students on the labelled pool: validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def report(results: dict[str, Any], out_dir: Path) -> str:
+    seeds = results["seeds"]
+    lines = [
+        "# pand quickstart",
+        "",
+        f"Fashion-MNIST, {results['per_class']} labelled images per class for the student (val carved from them), "
+        f"teacher `{results['teacher']}`, student ResNet-18 from scratch, {results['epochs']} epochs, "
+        f"{len(seeds)} seed(s) {seeds}. Test top-1 on the 10,000 test images"
+        + (" (mean ± standard deviation over seeds)." if len(seeds) > 1 else "."),
+        "",
+        "| method | test top-1 (%) | train time (s) |",
+        "|---|---:|---:|",
+    ]
+    for key in (*TEACHER_KEYS, *METHODS):
+        r = results[key]
+        acc = f"{100 * r['test_acc']:.2f}" + (f" ± {100 * r['test_acc_std']:.2f}" if len(seeds) > 1 else "")
+        secs = f"{r['train_seconds']:.1f}" if r.get("train_seconds") is not None else "-"
+        lines.append(f"| {key} | {acc} | {secs} |")
+    lines += ["", f"Total time: {results['total_seconds']:.0f} s.", ""]
+    for name in ("learning_curves.png", "tsne_compare.png"):
+        if (out_dir / name).is_file():
+            lines.append(f"![{name}]({name})")
+    return "\n".join(lines) + "\n"
+
+
+def quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    from pand.io import atomic_write_json, atomic_write_text
+
+    start = time.time()
+    out_dir = Path(args.out)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    per_seed: dict[str, list[dict[str, Any]]] = {k: [] for k in (*TEACHER_KEYS, *METHODS)}
+    first_runs: dict[str, Path] = {}
+    for seed in seeds:
+        seed_dir = out_dir / f"seed{seed}"
+        print(f"== seed {seed}: teacher zero-shot and stage 1 (CoOp on stored teacher features)", flush=True)
+        t0 = time.time()
+        stage1 = run_stage1(args, seed, seed_dir)
+        per_seed["teacher_zero_shot"].append({"test_acc": stage1["zero_shot_test_acc"], "val_acc": stage1["zero_shot_val_acc"]})
+        per_seed["teacher_coop"].append(
+            {"test_acc": stage1["coop_test_acc"], "val_acc": stage1["coop_val_acc"], "train_seconds": time.time() - t0}
+        )
+        for method in METHODS:
+            print(f"== seed {seed}: student with method={method}", flush=True)
+            summary = run_student(args, seed, seed_dir, method, Path(stage1["text_features"]))
+            per_seed[method].append(
+                {"test_acc": summary["test_acc1"], "val_acc": summary["val_acc1"], "train_seconds": summary["train_seconds"]}
+            )
+            if seed == seeds[0]:
+                first_runs[method] = Path(summary["run_dir"])
+    methods = {}
+    for key, runs in per_seed.items():
+        mean, std = _mean_std([r["test_acc"] for r in runs])
+        secs = [r["train_seconds"] for r in runs if r.get("train_seconds") is not None]
+        methods[key] = {
+            "test_acc": mean,
+            "test_acc_std": std,
+            "val_acc": statistics.fmean(r["val_acc"] for r in runs),
+            "train_seconds": statistics.fmean(secs) if secs else None,
+            "per_seed": runs,
+        }
+    learning_curves(first_runs, out_dir / "learning_curves.png")
+    if not args.no_tsne:
+        from pand.analysis.tsne import tsne_compare
+
+        print("== t-SNE of the students' test features", flush=True)
+        tsne_compare([first_runs[m] / "checkpoints" / "best.ckpt" for m in METHODS], list(METHODS), out_dir,
+                     max_samples=args.tsne_samples, seed=seeds[0])
+    results = {
+        "seeds": seeds,
+        "per_class": args.per_class,
+        "epochs": args.epochs,
+        "teacher": args.teacher,
+        **methods,
+        "total_seconds": round(time.time() - start, 1),
+    }
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_text(out_dir / "report.md", report(results, out_dir))
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    multi = len(results["seeds"]) > 1
+    table = Table(title=f"pand quickstart: test top-1 on Fashion-MNIST ({len(results['seeds'])} seed(s))")
+    table.add_column("method")
+    table.add_column("test top-1 (%)", justify="right")
+    table.add_column("train time (s)", justify="right")
+    for key in (*TEACHER_KEYS, *METHODS):
+        r = results[key]
+        acc = f"{100 * r['test_acc']:.2f}" + (f" ± {100 * r['test_acc_std']:.2f}" if multi else "")
+        table.add_row(key, acc, "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(f"total time: {results['total_seconds']:.0f} s")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pand quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (labelled pools and initialisations)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--per-class", type=int, default=20, help="labelled images per class the student may use")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the labelled pool held out for val")
+    p.add_argument("--epochs", type=int, default=30, help="student training epochs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--coop-epochs", type=int, default=50, help="stage-1 CoOp epochs")
+    p.add_argument("--ctx-init", default="'a photo of a'", help="CoOp context initialisation (a phrase, or null)")
+    p.add_argument("--teacher", default="fmnist_clip", help="teacher config (default: the shipped fmnist_clip)")
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: data/ or Debian's package path)")
+    p.add_argument("--tsne-samples", type=int, default=2000, help="test images in the t-SNE plot")
+    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plot")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the student runs (e.g. trainer.max_epochs=5)")
+    return p
+
+
+def main_quickstart(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    try:
+        results = quickstart(args)
+    except PandError as err:
+        print(f"pand quickstart: error: {err}", file=sys.stderr)
+        return 2
+    print_table(results)
+    print(f"results: {Path(args.out) / 'results.json'}, report: {Path(args.out) / 'report.md'}")
+    return 0

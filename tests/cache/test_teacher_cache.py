@@ -1,0 +1,128 @@
+"""The teacher cache: exact view replay, equivalence with the online teacher, resumable and refused when foreign."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pand.cache.teacher as teacher_cache_mod
+from pand.cache.teacher import CachedTeacherSource, TeacherCache
+from pand.cli import main
+from pand.config import compose, to_plain
+from pand.distillers import Progress
+from pand.engine.data import PandDataModule
+from pand.engine.run import build_training, open_or_build_cache
+from pand.errors import MismatchError, PandError
+from pand.teachers.source import LiveTeacherSource
+from tests.engine.conftest import tiny_overrides
+
+
+def _config(cub_root, tmp_path, *extra):
+    return to_plain(compose("train", tiny_overrides(cub_root, tmp_path / "run", f"cache.dir={tmp_path / 'cache'}",
+                                                    "cache.views=3", "cache.batch_size=4", *extra)))
+
+
+def test_cached_views_replay_exactly_and_match_the_online_teacher(cub_root, tmp_path):
+    config = _config(cub_root, tmp_path)
+    data, module = build_training(config)
+    cache = data.teacher_cache
+    assert isinstance(module.teacher_source, CachedTeacherSource)
+    n = len(data.splits["train"])
+    assert np.load(cache.folder / "embeds.npy", mmap_mode="r").shape == (n, 3, 32)
+    assert json.loads((cache.folder / "meta.json").read_text())["complete"] is True
+
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"image", "label", "index", "aug", "view"}
+    # the student's image is rebuilt from the cached parameters of the chosen view
+    views = data.train_dataloader().dataset
+    i, v = int(batch["index"][0]), int(batch["view"][0])
+    torch.testing.assert_close(batch["aug"][0], cache.params(i, v))
+    torch.testing.assert_close(batch["image"][0], data.augment.apply(views.dataset.load_image(i), cache.params(i, v)),
+                               rtol=0, atol=0)
+
+    # loss from the cached embedding == loss with the online teacher on the replayed image, to float16 tolerance
+    from pand.engine.run import load_teacher_from
+
+    live = LiveTeacherSource(load_teacher_from(config), config["data"]["mean"], config["data"]["std"])
+    cached_out = module.teacher_source(batch, {"image_embeds"})
+    live_out = live(batch, {"image_embeds"})
+    torch.testing.assert_close(cached_out["image_embeds"], live_out["image_embeds"], atol=2e-3, rtol=0)
+    distiller = module.distiller.eval()
+    with torch.no_grad():
+        a = distiller.training_losses(batch, cached_out, Progress(1, 10)).losses
+        b = distiller.training_losses(batch, live_out, Progress(1, 10)).losses
+    for key in a:
+        assert a[key].item() == pytest.approx(b[key].item(), rel=2e-3, abs=1e-4), key
+
+
+def test_interrupted_build_is_not_complete_and_resumes(cub_root, tmp_path, monkeypatch):
+    config = _config(cub_root, tmp_path)
+    data = PandDataModule(config["data"], seed=0)
+    calls = {"n": 0}
+    original = LiveTeacherSource.forward
+
+    def dies_after_first_chunk(self, batch, keys):
+        calls["n"] += 1
+        if calls["n"] > 3:  # 3 views of the first chunk, then "killed"
+            raise KeyboardInterrupt
+        return original(self, batch, keys)
+
+    monkeypatch.setattr(LiveTeacherSource, "forward", dies_after_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        open_or_build_cache(config, data)
+    with pytest.raises(PandError, match="incomplete"):
+        TeacherCache.open(tmp_path / "cache")
+    done = np.load(tmp_path / "cache" / "done.npy")
+    assert done.sum() == 4 and not done.all()
+
+    counted = {"n": 0}
+
+    def counting(self, batch, keys):
+        counted["n"] += batch["image"].shape[0]
+        return original(self, batch, keys)
+
+    monkeypatch.setattr(LiveTeacherSource, "forward", counting)
+    cache = open_or_build_cache(config, data)
+    assert cache.meta["complete"] and np.load(tmp_path / "cache" / "done.npy").all()
+    assert counted["n"] == (len(data.splits["train"]) - 4) * 3  # only the missing rows were computed
+
+
+def test_cache_built_for_something_else_is_refused_with_the_reason(cub_root, tmp_path):
+    build_training(_config(cub_root, tmp_path))
+    with pytest.raises(MismatchError, match="teacher_spec"):
+        build_training(_config(cub_root, tmp_path, "teacher.pretrained=random:1"))
+    with pytest.raises(MismatchError, match="transform"):
+        build_training(_config(cub_root, tmp_path, "data.augment.degrees=5"))
+    with pytest.raises(MismatchError, match="views"):
+        build_training(_config(cub_root, tmp_path, "cache.views=2"))
+    data, _ = build_training(_config(cub_root, tmp_path, "cache.views=2", "cache.rebuild=true"))
+    assert data.teacher_cache.views == 2
+
+
+def test_processes_build_disjoint_shares_into_one_cache(cub_root, tmp_path):
+    config = _config(cub_root, tmp_path)
+    data = PandDataModule(config["data"], seed=0)
+    assert open_or_build_cache(config, data, rank=0, world_size=2) is None  # half done: not complete yet
+    assert not np.load(tmp_path / "cache" / "done.npy").all()
+    cache = open_or_build_cache(config, data, rank=1, world_size=2)
+    assert cache is not None and cache.meta["complete"]
+
+
+def test_training_from_the_cache_never_loads_the_teacher(cub_root, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(cub_root, run, f"cache.dir={tmp_path / 'cache'}", "cache.views=2")
+    assert main(["cache", "build", *overrides]) == 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded although the cache covers the run")
+
+    monkeypatch.setattr("pand.engine.run.load_clip_teacher", refuse)
+    assert main(["train", *overrides]) == 0
+    assert json.loads((run / "summary.json").read_text())["test_acc1"] is not None
+
+
+def test_views_zero_keeps_the_online_teacher(cub_root, tmp_path):
+    data, module = build_training(_config(cub_root, tmp_path, "cache.views=0"))
+    assert data.teacher_cache is None and isinstance(module.teacher_source, LiveTeacherSource)

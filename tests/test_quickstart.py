@@ -1,0 +1,34 @@
+"""A reduced quickstart (two images per class, one epoch) on fixture IDX files, so the main job cannot rot."""
+
+import json
+
+import pytest
+
+from pand.cli import main
+from tests.fixtures.datasets import make_fashion_mnist
+
+KEYS = ("teacher_zero_shot", "teacher_coop", "ce", "kd", "vl2lite", "pand")
+
+
+@pytest.mark.slow
+def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
+    root = make_fashion_mnist(tmp_path / "fm", n_train=80, n_test=30)
+    out = tmp_path / "qs"
+    code = main([
+        "quickstart", "--out", str(out), "--per-class", "2", "--val-fraction", "0.5", "--epochs", "1",
+        "--coop-epochs", "1", "--data-root", str(root), "--tsne-samples", "30",
+    ])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in KEYS:
+        assert 0.0 <= results[key]["test_acc"] <= 1.0, key
+    assert results["seeds"] == [0] and results["per_class"] == 2
+    for name in ("report.md", "learning_curves.png", "tsne_compare.png"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert all(f"| {key} |" in report for key in KEYS)
+    printed = capsys.readouterr().out
+    assert "pand quickstart" in printed and "total time" in printed
+    # the student of each method saw 2 images per class: 1 train + 1 val
+    summary = json.loads((out / "seed0" / "pand" / "summary.json").read_text())
+    assert summary["method"] == "pand" and summary["test_acc1"] == pytest.approx(results["pand"]["test_acc"])
