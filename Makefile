@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (Python >= 3.10 and pip are all it needs):
-#   make demo   install pand in .venv and run a small end-to-end distillation on Fashion-MNIST
+#   make demo   install pand in .venv and run the offline quickstart: the whole PAND pipeline on Fashion-MNIST
 #   make test   install pand with its test extras in .venv and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,7 +27,7 @@ fashion-mnist:
 	    && [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist >/dev/null || true; fi
 
 demo: $(STAMP) fashion-mnist
-	$(VENV)/bin/pand train experiment=demo
+	$(VENV)/bin/pand quickstart --out runs/quickstart --download
 
 test: $(STAMP)
 	$(PY) -m pytest -q

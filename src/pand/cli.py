@@ -12,6 +12,8 @@
     pand quickstart [--out DIR] [--seeds N]     the whole pipeline offline on Fashion-MNIST (a few minutes, CPU)
     pand cache build cache.dir=DIR cache.views=K [overrides]   store K augmented views per training image with the
                                          teacher's embedding of each (torchrun --nproc_per_node=N splits the work)
+    pand bench [--json] [--teacher ...]  ms per training step: student alone vs online teacher vs teacher cache
+    pand teacher fit [--out PATH]        re-fit the compact Fashion-MNIST CLIP teacher the quickstart ships with
 """
 
 from __future__ import annotations
@@ -130,6 +132,21 @@ def cmd_cache(args: Sequence[str]) -> int:
     return 0
 
 
+def cmd_bench(args: Sequence[str]) -> int:
+    from pand.bench import main_bench
+
+    return main_bench(list(args))
+
+
+def cmd_teacher(args: Sequence[str]) -> int:
+    if not args or args[0] != "fit":
+        print("usage: pand teacher fit [--out PATH] [--epochs N] [--seed S]", file=sys.stderr)
+        return 2
+    from pand.teachers.fit import main_fit
+
+    return main_fit(list(args[1:]))
+
+
 def _setup_logging() -> None:
     # Warnings from libraries once (Lightning's own INFO lines already reach the terminal through its handler);
     # pand's INFO lines through their own handler.
@@ -156,6 +173,8 @@ COMMANDS = {
     "tsne": cmd_tsne,
     "quickstart": cmd_quickstart,
     "cache": cmd_cache,
+    "bench": cmd_bench,
+    "teacher": cmd_teacher,
 }
 
 

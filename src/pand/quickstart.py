@@ -40,6 +40,8 @@ def _data_overrides(args: argparse.Namespace, seed: int) -> list[str]:
     ]
     if args.data_root:
         out.append(f"data.root={args.data_root}")
+    if args.download:
+        out.append("data.download=true")
     return out
 
 
@@ -224,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-init", default="'a photo of a'", help="CoOp context initialisation (a phrase, or null)")
     p.add_argument("--teacher", default="fmnist_clip", help="teacher config (default: the shipped fmnist_clip)")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: data/ or Debian's package path)")
+    p.add_argument("--download", action="store_true",
+                   help="download Fashion-MNIST (checksum-verified) if it is neither under data/ nor installed by Debian")
     p.add_argument("--tsne-samples", type=int, default=2000, help="test images in the t-SNE plot")
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plot")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the student runs (e.g. trainer.max_epochs=5)")

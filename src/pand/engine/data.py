@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -184,7 +185,15 @@ class PandDataModule(L.LightningDataModule):
     @property
     def splits(self) -> dict[str, ClassificationDataset]:
         if self._splits is None:
-            self._splits = load_splits(self.cfg)
+            splits = load_splits(self.cfg)
+            if self.cfg.get("decoded_cache"):
+                # Decode and resize every image once; epochs then read uint8 pixels from a memory map, no JPEG.
+                from pand.cache.images import with_decoded_cache
+
+                size = int(self.cfg["resize_size"])
+                splits = {name: with_decoded_cache(ds, Path(self.cfg["decoded_cache"]) / name, size)
+                          for name, ds in splits.items()}
+            self._splits = splits
         return self._splits
 
     @property

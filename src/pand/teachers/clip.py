@@ -174,12 +174,14 @@ def load_clip_teacher(
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
     force_quick_gelu: bool = False,
+    image_size: int | None = None,
 ) -> ClipTeacher:
     """Build a frozen open_clip teacher.
 
     ``model`` is an open_clip model name (``convnext_xxlarge``, ``ViT-B-16``, pand's ``pand-tiny-vit``), or
     ``hf-hub:org/repo`` / ``local-dir:/path`` (then ``pretrained`` is ignored). ``pretrained`` is a pretrained tag,
-    a local ``.pt/.bin/.safetensors`` file, or ``"random"`` for random weights.
+    a local ``.pt/.bin/.safetensors`` file, or ``"random"`` for random weights. ``image_size`` overrides the
+    image tower's input size (position embeddings are resized where open_clip supports it).
     """
     import open_clip
 
@@ -227,6 +229,7 @@ def load_clip_teacher(
                 cache_dir=cache_dir,
                 device=device,
                 force_quick_gelu=force_quick_gelu,
+                force_image_size=image_size,
                 pretrained_image=False,
                 pretrained_text=False,
                 require_pretrained=not random_init,

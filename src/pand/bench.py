@@ -1,0 +1,242 @@
+"""``pand bench``: milliseconds per training step of the student alone and of distillation with the teacher online
+or cached, measured side by side in one process on the same batches.
+
+Every configuration runs the same full step (teacher outputs, distiller losses, backward, optimizer step) on the same
+synthetic batches, in round-robin order so that drift of the machine affects all alike; the median is reported. Models
+have random weights (nothing is downloaded). The one-time cost of building the cache is the teacher's forward pass,
+reported in the same units (``teacher_forward_ms`` per batch of views; a cache of K views costs K of them per batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pand.cache.teacher import CachedTeacherSource, TeacherCache
+from pand.distillers import Progress, TeacherContext, build_distiller
+from pand.students import build_student
+from pand.teachers import LiveTeacherSource, load_clip_teacher
+from pand.teachers.clip import RANDOM_WEIGHTS
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Step:
+    """One configuration: a distiller, its teacher source and an optimizer."""
+
+    def __init__(self, name, distiller, source, device, autocast, channels_last):
+        self.name, self.distiller, self.source = name, distiller.to(device), source
+        self.device, self.autocast, self.channels_last = device, autocast, channels_last
+        if channels_last:
+            self.distiller.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=1e-4)
+        self.distiller.train()
+
+    def __call__(self, batch) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        images = batch["image"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        b = {**batch, "image": images, "label": batch["label"].to(self.device)}
+        with self.autocast():
+            teacher = self.source(b, self.distiller.requires) if self.distiller.requires else {}
+            out = self.distiller.training_losses(b, teacher, Progress(1, 10))
+            loss = torch.stack([v.float() for v in out.losses.values()]).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        _sync(self.device)
+        return (time.perf_counter() - start) * 1000.0
+
+
+def _fake_cache(folder: Path, n: int, views: int, dim: int, num_params: int) -> TeacherCache:
+    """A complete cache of the benchmark's size (random normalised embeddings): the read path is what is timed."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((n, views, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    np.save(folder / "embeds.npy", emb.astype(np.float16))
+    np.save(folder / "params.npy", np.zeros((n, views, num_params), np.float32))
+    return TeacherCache(folder, {"views": views, "seed": 0, "embed_dim": dim, "complete": True})
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    use_bf16 = args.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    teacher = load_clip_teacher(args.teacher, args.pretrained or RANDOM_WEIGHTS, device=str(device),
+                                image_size=args.teacher_image_size or args.image_size)
+    if args.channels_last:
+        teacher.model.to(memory_format=torch.channels_last)
+    classes = [f"class {i}" for i in range(args.classes)]
+    text = teacher.class_embeddings(classes, ["a photo of a {}."]).cpu()
+    context = TeacherContext(embed_dim=teacher.embed_dim, logit_scale=teacher.logit_scale, text_embeds=text,
+                             identity=teacher.identity,
+                             prompt_embeds=F.normalize(text + 0.01 * torch.randn_like(text), dim=-1))
+    mean, std = teacher.mean, teacher.std
+    live = LiveTeacherSource(teacher, mean, std)
+    n_images, views = args.batch * args.steps, 2
+    tmp = tempfile.TemporaryDirectory(prefix="pand-bench-")
+    cached = CachedTeacherSource(_fake_cache(Path(tmp.name), n_images, views, teacher.embed_dim, 16)).to(device)
+
+    def student():
+        torch.manual_seed(0)
+        return build_student(args.student, args.classes, pretrained=False)
+
+    steps = {
+        "student_only": _Step("ce", build_distiller({"name": "ce"}, student(), args.classes, None), None,
+                              device, autocast, args.channels_last),
+        "online_teacher": _Step("vl2lite online", build_distiller({"name": "vl2lite"}, student(), args.classes, context),
+                                live, device, autocast, args.channels_last),
+        "cached_teacher": _Step("vl2lite cached", build_distiller({"name": "vl2lite"}, student(), args.classes, context),
+                                cached, device, autocast, args.channels_last),
+        "pand_cached": _Step("pand cached", build_distiller({"name": "pand"}, student(), args.classes, context),
+                             cached, device, autocast, args.channels_last),
+    }
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for s in range(args.steps + args.warmup):
+        idx = torch.arange(s * args.batch, (s + 1) * args.batch) % n_images
+        batches.append({
+            "image": torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g),
+            "label": torch.randint(0, args.classes, (args.batch,), generator=g),
+            "index": idx, "view": idx % views,
+        })
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    teacher_ms: list[float] = []
+    for i, batch in enumerate(batches):
+        for key, step in steps.items():
+            ms = step(batch)
+            if i >= args.warmup:
+                times[key].append(ms)
+        # the one-time cost of a cache: the teacher forward of one batch of views
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad(), autocast():
+            live({"image": batch["image"].to(device)}, {"image_embeds"})
+        _sync(device)
+        if i >= args.warmup:
+            teacher_ms.append((time.perf_counter() - start) * 1000.0)
+    tmp.cleanup()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result: dict[str, Any] = {
+        "student_only_ms": round(med["student_only"], 2),
+        "online_teacher_ms": round(med["online_teacher"], 2),
+        "cached_teacher_ms": round(med["cached_teacher"], 2),
+        "pand_cached_ms": round(med["pand_cached"], 2),
+        "ratio_online_vs_student": round(med["online_teacher"] / med["student_only"], 3),
+        "ratio_cached_vs_student": round(med["cached_teacher"] / med["student_only"], 3),
+        "ratio_pand_cached_vs_student": round(med["pand_cached"] / med["student_only"], 3),
+        "teacher_forward_ms": round(statistics.median(teacher_ms), 2),
+        "cache_build_ms_per_batch_per_view": round(statistics.median(teacher_ms), 2),
+        "config": {
+            "teacher": args.teacher, "student": args.student, "image_size": args.image_size,
+            "teacher_image_size": teacher.image_size, "batch": args.batch,
+            "classes": args.classes, "steps": args.steps, "warmup": args.warmup, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "threads": torch.get_num_threads(), "precision": args.precision, "channels_last": args.channels_last,
+            "torch": torch.__version__,
+        },
+    }
+    if args.loader:
+        result["loader"] = _loader_bench(args)
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _loader_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Data-loader images/s with and without the decoded image cache (synthetic JPEGs)."""
+    from pand.cache.loader_bench import measure_loader_throughput
+
+    return measure_loader_throughput(num_images=args.loader_images, workers=(0, args.loader_workers))
+
+
+def print_result(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = result["config"]
+    table = Table(title=f"pand bench: {c['student']} student, {c['teacher']} teacher, {c['image_size']} px, "
+                        f"batch {c['batch']}, {c['device']} ({c['threads']} threads, {c['precision']})")
+    table.add_column("training step")
+    table.add_column("ms / step", justify="right")
+    table.add_column("x student alone", justify="right")
+    base = result["student_only_ms"]
+    for key, label in (("student_only_ms", "student alone (ce)"), ("online_teacher_ms", "VL2Lite, online teacher"),
+                       ("cached_teacher_ms", "VL2Lite, teacher cache"), ("pand_cached_ms", "PAND, teacher cache")):
+        table.add_row(label, f"{result[key]:.1f}", f"{result[key] / base:.2f}")
+    console = Console()
+    console.print(table)
+    console.print(f"teacher forward (cache build cost per batch and view): {result['teacher_forward_ms']:.1f} ms")
+    if "loader" in result:
+        console.print(f"data loader: {json.dumps(result['loader'])}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pand bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="ViT-B-16", help="open_clip model (random weights unless --pretrained)")
+    p.add_argument("--pretrained", default=None, help="teacher weights (default: random, nothing downloaded)")
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--teacher-image-size", type=int, default=None,
+                   help="teacher input size (default: --image-size; the teacher sees the student's image)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--classes", type=int, default=200)
+    p.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--loader", action="store_true", help="also measure data-loader throughput with/without decoding")
+    p.add_argument("--loader-images", type=int, default=256)
+    p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main_bench(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    result = run_bench(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_result(result)
+    return 0
