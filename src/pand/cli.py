@@ -1,4 +1,4 @@
-"""The ``pand`` command line.
+"""pand: distil vision-language teachers into lightweight students.
 
     pand train [overrides...]            distil (Hydra overrides: data=cub method=vl2lite trainer.devices=4 ...)
     pand eval ckpt_path=PATH [overrides] evaluate a student checkpoint on val and test

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import pand.cache.teacher as teacher_cache_mod
 from pand.cache.teacher import CachedTeacherSource, TeacherCache
 from pand.cli import main
 from pand.config import compose, to_plain

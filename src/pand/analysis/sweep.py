@@ -20,14 +20,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pand.errors import ConfigError, PandError
-from pand.io import atomic_write_json, atomic_write_text
+from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("pand.sweep")
 
@@ -262,22 +261,13 @@ def _csv(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
 
 
 def save_figure(fig, path: Path, dpi: int = 150) -> Path:
-    """Save a matplotlib figure as PNG atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Save a matplotlib figure as PNG atomically (readers never see a half-written image)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)  # render with Agg whatever pyplot's backend is: no display needed
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _plot(rows: Sequence[Mapping[str, Any]], x: str, others: Sequence[str], path: Path) -> Path | None:

@@ -173,7 +173,7 @@ def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, Distillat
 
 
 def build_trainer(
-    config: Mapping[str, Any], run_dir: Path, resume_step: int | None = None, extra_callbacks=()
+    config: Mapping[str, Any], run_dir: Path, resume_step: int | None = None
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     kwargs = {k: v for k, v in dict(config["trainer"]).items() if v is not None}
     checkpoint = ModelCheckpoint(
@@ -183,7 +183,7 @@ def build_trainer(
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         logger=CsvMetricsLogger(run_dir, resume_step),
-        callbacks=[checkpoint, *extra_callbacks],
+        callbacks=[checkpoint],
         use_distributed_sampler=False,
         **kwargs,
     )
@@ -295,7 +295,6 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     for split in splits:
         if split not in ("val", "test"):
             raise ConfigError(f"eval splits must be val and/or test, got {split!r}")
-        data.setup()
         loader = data.eval_dataloader(split)
         metrics = (trainer.validate if split == "val" else trainer.test)(module, dataloaders=loader, verbose=False)[0]
         results[f"{split}_acc1"] = _as_float(metrics[f"{split}/acc1"])

@@ -32,12 +32,12 @@ def _device(config: Mapping[str, Any]) -> str:
     return device
 
 
-def run_features(config: Mapping[str, Any], teacher=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def run_features(config: Mapping[str, Any], teacher=None, splits=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Stored (or freshly extracted) teacher embeddings and labels of every split in ``features.splits``."""
     feats = config["features"]
     if teacher is None:
         teacher = load_teacher_from({**config, "trainer": {"accelerator": "gpu" if _device(config) == "cuda" else "cpu"}})
-    splits = load_splits(config["data"])
+    splits = splits or load_splits(config["data"])
     out = {}
     for split in feats["splits"]:
         if split not in splits:
@@ -61,9 +61,10 @@ def run_prompts(config: Mapping[str, Any]) -> dict[str, Any]:
     p = config["prompts"]
     device = _device(config)
     teacher = load_teacher_from({**config, "trainer": {"accelerator": "gpu" if device == "cuda" else "cpu"}})
-    needed = {"train", "val", "test"}
-    features = run_features({**config, "features": {**config["features"], "splits": sorted(needed)}}, teacher)
-    classes = load_splits(config["data"])["train"].classes
+    splits = load_splits(config["data"])
+    features = run_features({**config, "features": {**config["features"], "splits": ["train", "val", "test"]}},
+                            teacher, splits)
+    classes = splits["train"].classes
     (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = features["train"], features["val"], features["test"]
 
     templates = list(config["data"]["templates"])
