@@ -9,7 +9,7 @@ from PIL import Image
 
 from pand.analysis.sweep import expand_sweep, gather_runs, main_gather, main_sweep, run_sweep
 from pand.errors import ConfigError
-from tests.engine.conftest import cub_root, tiny_overrides  # noqa: F401 - cub_root is a fixture
+from tests.engine.conftest import tiny_overrides
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
