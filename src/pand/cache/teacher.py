@@ -183,10 +183,9 @@ class TeacherCache:
         for chunk in chunks:
             images = [dataset.load_image(i) for i in chunk]
             for v in range(k):
-                ps = [augment.sample(view_generator(seed, v, i), _hw(img)) for i, img in zip(chunk, images)]
-                views = torch.stack([augment.apply(img, p) for img, p in zip(images, ps)]).to(device)
+                views, ps = zip(*(augment(img, view_generator(seed, v, i)) for i, img in zip(chunk, images)))
                 with torch.no_grad():
-                    emb = teacher_source({"image": views}, {IMAGE_EMBEDS})[IMAGE_EMBEDS]
+                    emb = teacher_source({"image": torch.stack(views).to(device)}, {IMAGE_EMBEDS})[IMAGE_EMBEDS]
                 params[chunk, v] = torch.stack(ps).numpy()
                 embeds[chunk, v] = emb.float().cpu().numpy().astype(np.float16)
             params.flush()
@@ -201,12 +200,6 @@ class TeacherCache:
                 atomic_write_json(meta_path, {**meta, "complete": True})
                 return cls.open(folder)
         return None
-
-
-def _hw(image) -> tuple[int, int]:
-    if isinstance(image, torch.Tensor):
-        return int(image.shape[-2]), int(image.shape[-1])
-    return image.height, image.width
 
 
 class CachedTeacherSource(nn.Module):

@@ -57,9 +57,12 @@ def build_student_from(config: Mapping[str, Any], num_classes: int):
     )
 
 
-def load_teacher_from(config: Mapping[str, Any]):
+def load_teacher_from(config: Mapping[str, Any], device: str | None = None):
+    """The configured teacher, on ``device`` (default: the GPU when the trainer may use one)."""
     t = config["teacher"]
-    device = "cuda" if torch.cuda.is_available() and config["trainer"].get("accelerator") in ("gpu", "cuda", "auto") else "cpu"
+    if device is None:
+        accelerator = config.get("trainer", {}).get("accelerator")
+        device = "cuda" if torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto") else "cpu"
     return load_clip_teacher(
         t["model"], t.get("pretrained"), logit_scale=t.get("logit_scale"), cache_dir=t.get("cache_dir"),
         device=device, force_quick_gelu=bool(t.get("force_quick_gelu", False)),

@@ -36,7 +36,7 @@ def run_features(config: Mapping[str, Any], teacher=None, splits=None) -> dict[s
     """Stored (or freshly extracted) teacher embeddings and labels of every split in ``features.splits``."""
     feats = config["features"]
     if teacher is None:
-        teacher = load_teacher_from({**config, "trainer": {"accelerator": "gpu" if _device(config) == "cuda" else "cpu"}})
+        teacher = load_teacher_from(config, _device(config))
     splits = splits or load_splits(config["data"])
     out = {}
     for split in feats["splits"]:
@@ -60,7 +60,7 @@ def run_prompts(config: Mapping[str, Any]) -> dict[str, Any]:
 
     p = config["prompts"]
     device = _device(config)
-    teacher = load_teacher_from({**config, "trainer": {"accelerator": "gpu" if device == "cuda" else "cpu"}})
+    teacher = load_teacher_from(config, device)
     splits = load_splits(config["data"])
     features = run_features({**config, "features": {**config["features"], "splits": ["train", "val", "test"]}},
                             teacher, splits)
