@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from pand.errors import PandError
+from pand.io import OUTPUT_ERRNOS
 
 USAGE = __doc__
 
@@ -191,8 +192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[command](args)
     except PandError as err:
-        print(f"pand {command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(command, str(err))
+    except OSError as err:
+        # A full disk, a read-only or forbidden folder: the user's environment, not a bug; name the file.
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        return _fail(command, f"{OUTPUT_ERRNOS[err.errno]}{where} ({err.strerror or err})")
+
+
+def _fail(command: str, message: str) -> int:
+    """One clear message and exit status 2 for bad input; unexpected errors keep their traceback instead."""
+    print(f"pand {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

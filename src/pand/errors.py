@@ -29,3 +29,11 @@ class MismatchError(PandError):
 
 class WeightsUnavailableError(PandError):
     """Pretrained weights could not be obtained (offline, missing file); the message says how to supply them."""
+
+
+class CheckpointError(PandError):
+    """A checkpoint file cannot be read as a pand checkpoint (missing, empty, truncated, or carrying code)."""
+
+
+class OutputError(PandError):
+    """An output folder cannot be written (read-only, not a folder, disk full)."""

@@ -82,7 +82,7 @@ def nlrd_loss(
 
     Neighbours come from a pool: by default the batch itself; under DDP the logits gathered from every process, with
     ``self_index[i]`` the position of sample i in the pool so that it is not its own neighbour. ``k`` is clamped to
-    ``pool size - 1``. A pool of one sample has no neighbours: the loss is then 0 (still attached to the graph),
+    ``pool size - 1``; ``k < 1`` is an error, never a silent zero. A pool of one sample has no neighbours: the loss is then 0 (still attached to the graph),
     which is what a last batch of size 1 gets.
     """
     s = student_logits.float()
@@ -93,6 +93,8 @@ def nlrd_loss(
         if pool_student is not None or pool_teacher is not None:
             raise ValueError("self_index is required when a neighbour pool is given")
         self_index = torch.arange(s.shape[0], device=s.device)
+    if int(k) < 1:
+        raise ValueError(f"nlrd_loss needs k >= 1 neighbours, got k={k}")
     k = min(int(k), pt.shape[0] - 1)
     if k < 1:
         return s.sum() * 0.0

@@ -78,9 +78,12 @@ def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str
         "optim.scheduler=cosine",
         f"run_dir={seed_dir / method}",
     ]
+    extra = list(args.overrides)
     if method == "pand":
         overrides.append(f"teacher.text_features={prompts}")
-    return train(to_plain(compose("train", overrides + list(args.overrides))))
+    if method == "ce":  # the teacher cache is refused for a method that reads no teacher outputs
+        extra = [o for o in extra if not o.lstrip("+~").startswith("cache.")]
+    return train(to_plain(compose("train", overrides + extra)))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pand.errors import ConfigError, PandError
-from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable, read_json
 
 log = logging.getLogger("pand.sweep")
 
@@ -186,7 +186,11 @@ def _is_number(value: Any) -> bool:
 def _load_yaml(path: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore[return-value]
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # type: ignore[return-value]
+    except Exception as err:  # noqa: BLE001 - yaml and OmegaConf raise several types for a damaged file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PandError(f"run config {path} is not readable YAML ({first}); it is damaged or was cut short") from None
 
 
 def _read_run(run_dir: Path) -> dict[str, Any] | None:
@@ -196,10 +200,10 @@ def _read_run(run_dir: Path) -> dict[str, Any] | None:
     if summary_path.is_file():
         if config is None:
             log.warning("%s has summary.json but no config.yaml; its settings are unknown", run_dir)
-        return {"run_dir": run_dir, "config": config or {}, "summary": json.loads(summary_path.read_text()),
+        return {"run_dir": run_dir, "config": config or {}, "summary": read_json(summary_path, "run summary"),
                 "error": None}
     if error_path.is_file():
-        record = json.loads(error_path.read_text())
+        record = read_json(error_path, "run error record")
         if config is None:
             config = record.get("config")
         if config is None:  # the config itself failed to compose: fall back on the override values
@@ -418,6 +422,7 @@ def main_gather(args: list[str]) -> int:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the results into")
     parser.add_argument("--x", default=None, metavar="KEY", help="dotted config key for the plot's x axis")
     ns = parser.parse_args(args)
+    check_writable(ns.out, "the output folder (--out)")
     rows = gather_runs(expand_run_dirs(ns.run_dirs), Path(ns.out), x=ns.x)
     print((Path(ns.out) / "results.md").read_text())
     print(f"{len(rows)} run(s); results in {ns.out}")

@@ -50,15 +50,14 @@ def student_features(
     import torch
 
     from pand.engine.data import PandDataModule
-    from pand.engine.run import build_student_from, checkpoint_config
+    from pand.engine.checkpoints import read_checkpoint, stored_config
+    from pand.engine.run import build_student_from
 
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise ConfigError(f"checkpoint {ckpt_path} does not exist")
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test, got {split!r}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    config = _merge_data(dict(checkpoint_config(ckpt, ckpt_path)), data_overrides)
+    ckpt = read_checkpoint(ckpt_path)
+    config = _merge_data(dict(stored_config(ckpt, ckpt_path)), data_overrides)
     if batch_size is not None:
         config["data"] = {**config["data"], "batch_size": int(batch_size)}
     data = PandDataModule(config["data"], seed=int(config["seed"]))

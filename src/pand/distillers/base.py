@@ -8,14 +8,16 @@ construction. The training loss is the sum of the returned terms, each already m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from pand.errors import ConfigError
 from pand.students import Student
+from pand.validation import Rule
 
 
 @dataclass
@@ -54,6 +56,19 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
     needs_text_embeds: ClassVar[bool] = False
+    # Allowed values of the method's options (keys as in ``configs/method/<name>.yaml``, dotted for nested ones),
+    # checked with every other setting before anything is built; see :mod:`pand.validation`.
+    option_rules: ClassVar[Mapping[str, Rule]] = {}
+
+    @classmethod
+    def reads_text_features(cls, options: Mapping[str, Any]) -> bool:
+        """Whether the method, with these options, uses learned CoOp text features (``teacher.text_features``)."""
+        return False
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> list[str]:
+        """Problems with the method's options in the context of the whole config (one message each)."""
+        return []
 
     def __init__(self, student: Student, num_classes: int, context: TeacherContext | None = None) -> None:
         super().__init__()

@@ -7,10 +7,13 @@ import torch.nn.functional as F
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.registry import register_distiller
 from pand.students import Student
+from pand.validation import number
 
 
 @register_distiller("ce")
 class CrossEntropy(Distiller):
+    option_rules = {"label_smoothing": number(0, 1, high_open=True)}
+
     def __init__(
         self, student: Student, num_classes: int, context: TeacherContext | None = None, label_smoothing: float = 0.0
     ) -> None:

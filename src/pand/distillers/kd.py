@@ -9,12 +9,14 @@ from pand.distillers.registry import register_distiller
 from pand.losses import kd_loss
 from pand.students import Student
 from pand.teachers.source import IMAGE_EMBEDS
+from pand.validation import POSITIVE, WEIGHT
 
 
 @register_distiller("kd")
 class ZeroShotKD(Distiller):
     requires = frozenset({IMAGE_EMBEDS})
     needs_text_embeds = True
+    option_rules = {"temperature": POSITIVE, "ce_weight": WEIGHT, "kd_weight": WEIGHT}
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from pand.distillers.vl2lite import VL2Lite
 from pand.errors import ConfigError
 from pand.losses import nlrd_loss
 from pand.students import Student
+from pand.validation import BOOL, WEIGHT, choice, integer, number
 
 NLRD_DEFAULTS = {"k": 3, "weight": 1.0, "gather": "all"}
 
@@ -38,6 +39,32 @@ def _gather_pool(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
 
 @register_distiller("pand")
 class PAND(VL2Lite):
+    option_rules = {
+        **VL2Lite.option_rules,
+        "linguistic_scale": number(0, optional=True),
+        "use_coop": BOOL,
+        "use_nlrd": BOOL,
+        "nlrd.k": integer(1),
+        "nlrd.weight": WEIGHT,
+        "nlrd.gather": choice("all", "local"),
+    }
+
+    @classmethod
+    def reads_text_features(cls, options: Mapping[str, Any]) -> bool:
+        return bool(options.get("use_coop", True))
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> list[str]:
+        method, batch = config.get("method") or {}, (config.get("data") or {}).get("batch_size")
+        errors = []
+        if method.get("use_coop", True) and not (config.get("teacher") or {}).get("text_features"):
+            errors.append("method.use_coop=true needs teacher.text_features=/path/to/learned_text_features.safetensors "
+                          "from `pand prompts ...` (PAND stage 1), or set method.use_coop=false")
+        if method.get("use_nlrd", True) and isinstance(batch, int) and batch < 2:
+            errors.append(f"method.use_nlrd=true with data.batch_size={batch}: NLRD needs at least 2 samples per "
+                          "batch to find neighbours")
+        return errors
+
     def __init__(
         self,
         student: Student,
@@ -63,6 +90,8 @@ class PAND(VL2Lite):
         if opts["gather"] not in ("all", "local"):
             raise ConfigError(f"method.nlrd.gather must be 'all' or 'local', got {opts['gather']!r}")
         self.nlrd_k, self.nlrd_weight, self.nlrd_gather = int(opts["k"]), float(opts["weight"]), opts["gather"]
+        if self.use_nlrd and self.nlrd_k < 1:
+            raise ConfigError(f"method.nlrd.k={self.nlrd_k}: NLRD needs at least 1 neighbour (k >= 1)")
         if self.use_coop:
             if context.prompt_embeds is None:
                 raise ConfigError(

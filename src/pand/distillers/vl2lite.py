@@ -19,6 +19,7 @@ from pand.distillers.registry import register_distiller
 from pand.losses import vl2lite_linguistic_loss, vl2lite_visual_loss, vl2lite_weights
 from pand.students import Student
 from pand.teachers.source import IMAGE_EMBEDS
+from pand.validation import POSITIVE, WEIGHT, choice
 
 
 def condensation_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -30,6 +31,7 @@ def condensation_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
 class VL2Lite(Distiller):
     requires = frozenset({IMAGE_EMBEDS})
     needs_text_embeds = True
+    option_rules = {"temperature": POSITIVE, "linguistic_scale": WEIGHT, "weight_schedule": choice("code", "paper")}
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ to seed the views, and evaluation shards without the padding duplicates a ``Dist
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,11 @@ class EvalItems(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Shuffles per epoch (seeded), shards across ranks, and yields ``(index, epoch)`` keys."""
+    """Shuffles per epoch (seeded), shards across ranks, and yields ``(index, epoch)`` keys.
+
+    :meth:`resume_at` makes the next pass over a given epoch skip the items already trained on, so a run resumed from a
+    mid-epoch checkpoint sees exactly the rest of that epoch.
+    """
 
     def __init__(
         self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, drop_last: bool = True
@@ -79,9 +83,13 @@ class EpochSampler(Sampler):
         self.size, self.seed, self.shuffle = size, int(seed), shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, items_done: int) -> None:
+        self._resume = (int(epoch), int(items_done))
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -97,8 +105,32 @@ class EpochSampler(Sampler):
         n = len(self)
         total = n * self.world_size
         order = order[:total] if self.drop_last else (order + order[: total - len(order)])
-        for index in order[self.rank : total : self.world_size]:
+        mine = order[self.rank : total : self.world_size]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            mine = mine[self._resume[1] :]
+        self._resume = None
+        for index in mine:
             yield index, self.epoch
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with its position inside the epoch saved in checkpoints.
+
+    Lightning stores ``state_dict()`` of loaders that have one and hands it back through ``load_state_dict`` on resume;
+    without it a mid-epoch resume would train the start of the epoch again and never see its end.
+    ``batches_done`` reports how many batches of the current epoch the training loop has finished (the loader itself
+    cannot count them: Lightning fetches one batch ahead).
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self._batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume_at(state["epoch"], state["batches_done"] * int(self.batch_size))
 
 
 class ShardSampler(Sampler):
@@ -213,9 +245,9 @@ class PandDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool, loader_cls=DataLoader, **extra) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
-        return DataLoader(
+        return loader_cls(
             dataset,
             batch_size=int(self.cfg["batch_size"]),
             sampler=sampler,
@@ -223,7 +255,12 @@ class PandDataModule(L.LightningDataModule):
             pin_memory=bool(self.cfg.get("pin_memory", False)) and torch.cuda.is_available(),
             drop_last=drop_last,
             persistent_workers=workers > 0,
+            **extra,
         )
+
+    def _train_batches_done(self) -> int:
+        trainer = self.trainer
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -231,7 +268,8 @@ class PandDataModule(L.LightningDataModule):
         batch = int(self.cfg["batch_size"])
         drop_last = bool(self.cfg.get("drop_last", True)) and len(train) // world >= batch
         sampler = EpochSampler(len(train), seed=self.seed, rank=rank, world_size=world, drop_last=drop_last)
-        return self._loader(TrainViews(train, self.augment, self.seed, self.teacher_cache), sampler, drop_last)
+        return self._loader(TrainViews(train, self.augment, self.seed, self.teacher_cache), sampler, drop_last,
+                            ResumableLoader, batches_done=self._train_batches_done)
 
     def eval_dataloader(self, split: str) -> DataLoader:
         rank, world = self._rank_world()

@@ -1,6 +1,8 @@
 """``pand train`` and ``pand eval``: build everything from a config, run Lightning, write the run folder.
 
 A run folder holds ``config.yaml`` (resolved), ``metrics.csv``, ``checkpoints/{best,last}.ckpt`` and ``summary.json``.
+Every setting is validated (:mod:`pand.validation`) and a resumed checkpoint verified (:mod:`pand.engine.checkpoints`)
+before any model or data is loaded.
 """
 
 from __future__ import annotations
@@ -15,18 +17,27 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from pand.cache.teacher import CachedTeacherSource, TeacherCache, cache_record
 from pand.distillers import Distiller, TeacherContext, build_distiller, get_distiller_class
+from pand.engine.checkpoints import (
+    AtomicCheckpointIO,
+    RunCheckpoints,
+    check_resume_config,
+    check_resume_record,
+    read_checkpoint,
+    run_record,
+    stored_config,
+)
 from pand.engine.csv_log import CsvMetricsLogger
 from pand.engine.data import PandDataModule
 from pand.engine.module import DistillationModule
-from pand.errors import ConfigError, MismatchError, PandError
-from pand.io import atomic_write_json, atomic_write_text
+from pand.errors import ConfigError, MismatchError, OutputError, PandError
+from pand.io import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text
 from pand.students import build_student
 from pand.teachers import LiveTeacherSource, load_clip_teacher
+from pand.validation import validate_eval_options, validate_train_config
 
 log = logging.getLogger("pand")
 
@@ -121,6 +132,7 @@ def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
     """``pand cache build``: one process, or each process of a ``torchrun`` launch building its share."""
     if not cache_settings(config):
         raise ConfigError("set cache.dir=/path/to/cache and cache.views=K (> 0) to build a teacher cache")
+    validate_train_config(config, for_cache_build=True)
     data = PandDataModule(config["data"], seed=int(config["seed"]))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -176,26 +188,28 @@ def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, Distillat
 
 
 def build_trainer(
-    config: Mapping[str, Any], run_dir: Path, resume_step: int | None = None
-) -> tuple[L.Trainer, ModelCheckpoint]:
+    config: Mapping[str, Any], run_dir: Path, record: Mapping[str, Any], resume_step: int | None = None
+) -> tuple[L.Trainer, RunCheckpoints]:
     kwargs = {k: v for k, v in dict(config["trainer"]).items() if v is not None}
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc1", mode="max", save_last=True,
-        auto_insert_metric_name=False,
+    checkpoints = RunCheckpoints(
+        run_dir / "checkpoints", record, every_n_steps=int((config.get("checkpoint") or {}).get("every_n_steps") or 0)
     )
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         logger=CsvMetricsLogger(run_dir, resume_step),
-        callbacks=[checkpoint],
+        callbacks=[checkpoints],
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # RunCheckpoints writes them; Lightning's default would add epoch=*.ckpt files
         use_distributed_sampler=False,
         **kwargs,
     )
-    return trainer, checkpoint
+    return trainer, checkpoints
 
 
 def train(config: Mapping[str, Any]) -> dict[str, Any]:
     """Train, select on val, test once; returns (and on rank 0 writes) the run summary."""
     config = dict(config)
+    validate_train_config(config)
     L.seed_everything(int(config["seed"]), workers=True, verbose=False)
     run_dir = resolve_run_dir(config).resolve()
     os.environ[_RUN_DIR_ENV] = str(run_dir)
@@ -208,34 +222,26 @@ def train(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     ckpt_path = config.get("ckpt_path")
-    resume_step = None
+    resume = None
     if ckpt_path:
-        if not Path(ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path {ckpt_path} does not exist")
-        stored_ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        stored = checkpoint_config(stored_ckpt, ckpt_path)
-        resume_step = int(stored_ckpt.get("global_step", 0))
-        for group in ("data", "student", "method"):
-            for key in ("name", "num_classes"):
-                if stored.get(group, {}).get(key) != config[group].get(key):
-                    raise MismatchError(
-                        f"cannot resume from {ckpt_path}: it was trained with {group}.{key}="
-                        f"{stored.get(group, {}).get(key)!r}, this run has {config[group].get(key)!r}"
-                    )
+        resume = check_resume_config(ckpt_path, config)
     elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("*.ckpt")):
         raise ConfigError(
             f"run folder {run_dir} already holds checkpoints; resume with "
             f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} or choose another run_dir"
         )
     data, module = build_training(config)
-    trainer, checkpoint = build_trainer(config, run_dir, resume_step)
+    record = run_record(run_dir, data.splits, module.distiller.context)
+    if resume is not None:
+        check_resume_record(ckpt_path, resume["record"], record)
+    trainer, checkpoints = build_trainer(config, run_dir, record, resume["global_step"] if resume else None)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = time.time() - start
-    best = checkpoint.best_model_path or checkpoint.last_model_path
+    best = checkpoints.best_path or checkpoints.last_path
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "data": config["data"]["name"],
@@ -244,18 +250,30 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "teacher": config["teacher"]["model"] if module.distiller.uses_teacher else None,
         "epochs": trainer.current_epoch,
         "train_seconds": round(train_seconds, 2),
-        "best_checkpoint": best,
-        "val_acc1": _as_float(checkpoint.best_model_score),
+        "best_checkpoint": str(best),
+        "best_epoch": checkpoints.best_epoch,
+        "val_acc1": _as_float(checkpoints.best_score),
         "test_acc1": None,
     }
     if config.get("test", True):
-        results = trainer.test(module, datamodule=data, ckpt_path=best, weights_only=True, verbose=False)
+        # Training is done and selected: write that down first, so a failure while testing loses nothing.
+        _write_summary(trainer, run_dir, {**summary, "status": "testing"})
+        try:
+            results = trainer.test(module, datamodule=data, ckpt_path=str(best), weights_only=True, verbose=False)
+        except Exception as err:
+            _write_summary(trainer, run_dir, {**summary, "status": "test failed", "test_error": str(err)})
+            raise
         summary["test_acc1"] = _as_float(results[0].get("test/acc1")) if results else None
         summary["test_acc5"] = _as_float(results[0].get("test/acc5")) if results else None
+    summary["status"] = "done"
     summary["total_seconds"] = round(time.time() - start, 2)
-    if trainer.is_global_zero:
-        atomic_write_json(run_dir / "summary.json", summary)
+    _write_summary(trainer, run_dir, summary)
     return summary
+
+
+def _write_summary(trainer: L.Trainer, run_dir: Path, summary: Mapping[str, Any]) -> None:
+    if trainer.is_global_zero:
+        atomic_write_json(run_dir / "summary.json", dict(summary))
 
 
 def _as_float(value) -> float | None:
@@ -264,44 +282,45 @@ def _as_float(value) -> float | None:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def checkpoint_config(ckpt: Mapping[str, Any], ckpt_path: str | os.PathLike) -> dict[str, Any]:
-    """The resolved training config stored in a pand checkpoint."""
-    try:
-        return ckpt["hyper_parameters"]["config"]
-    except (KeyError, TypeError):
-        raise ConfigError(f"{ckpt_path} is not a pand training checkpoint (no stored config)") from None
-
-
 def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
              splits=("val", "test"), out: str | None = None) -> dict[str, Any]:
     """Evaluate the student of a checkpoint on the given splits, without loading any teacher."""
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise ConfigError(f"checkpoint {ckpt_path} does not exist")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    config = checkpoint_config(ckpt, ckpt_path)
+    splits = tuple(splits)
+    out_path = Path(out) if out else ckpt_path.with_suffix(".eval.json")
+    validate_eval_options(splits, str(out_path))  # before the work, so results are never computed and then lost
+    ckpt = read_checkpoint(ckpt_path)
+    config = stored_config(ckpt, ckpt_path)
     if overrides:
         config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(config), OmegaConf.create(dict(overrides))))
     data = PandDataModule(config["data"], seed=int(config["seed"]))
     student = build_student_from({**config, "student": {**config["student"], "pretrained": False, "weights": None}}, data.num_classes)
     prefix = "distiller.student."
     student_state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    student.load_state_dict(student_state)
+    try:
+        student.load_state_dict(student_state)
+    except RuntimeError as err:
+        raise MismatchError(f"the student weights of {ckpt_path} do not fit its stored student config: "
+                            f"{str(err).splitlines()[0]}") from None
     module = DistillationModule(Distiller(student, data.num_classes))
     trainer = L.Trainer(
         accelerator=config["trainer"].get("accelerator", "auto"), devices=1, logger=False,
         enable_progress_bar=bool(config["trainer"].get("enable_progress_bar", True)),
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, enable_checkpointing=False,
         precision=config["trainer"].get("precision", "32-true"),
     )
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
     for split in splits:
-        if split not in ("val", "test"):
-            raise ConfigError(f"eval splits must be val and/or test, got {split!r}")
         loader = data.eval_dataloader(split)
         metrics = (trainer.validate if split == "val" else trainer.test)(module, dataloaders=loader, verbose=False)[0]
         results[f"{split}_acc1"] = _as_float(metrics[f"{split}/acc1"])
         results[f"{split}_acc5"] = _as_float(metrics[f"{split}/acc5"])
         results[f"{split}_size"] = len(data.splits[split])
-    atomic_write_json(Path(out) if out else ckpt_path.with_suffix(".eval.json"), results)
+    try:
+        atomic_write_json(out_path, results)
+    except OSError as err:
+        # The folder was checked before; if it fails now (disk filled up), the numbers still reach the user.
+        log.error("results: %s", results)
+        reason = OUTPUT_ERRNOS.get(err.errno, err.strerror or str(err))
+        raise OutputError(f"could not write {out_path}: {reason}; the results are printed above") from None
     return results

@@ -1,0 +1,315 @@
+"""Run checkpoints: when they are written, how, and what a resume checks before trusting one.
+
+* ``last.ckpt`` is written at the end of every training epoch (and every ``checkpoint.every_n_steps`` steps when
+  set), whatever validation said; ``best.ckpt`` when ``val/acc1`` improves. Lightning's own ``save_last`` writes
+  ``last.ckpt`` only together with a monitored checkpoint, so a resume could silently repeat every epoch since the last
+  improvement; :class:`RunCheckpoints` replaces it.
+* Every checkpoint goes to a temporary file beside its real name, is fsynced and renamed
+  (:class:`AtomicCheckpointIO`): a kill or a full disk during a save leaves the previous file intact, and no save needs
+  room in ``$TMPDIR`` (Lightning's default writer stages files there and then copies them over the real name).
+* Checkpoints are read only through :func:`read_checkpoint` (``weights_only``, never unpickling code); a file that is
+  empty, truncated, of another kind, or carries code is refused as "not a readable pand checkpoint".
+* Each checkpoint carries a record of what it was trained on (dataset fingerprints, teacher identity, learned text
+  features); :func:`check_resume` compares it, and the stored config, with the run that wants to resume, and refuses a
+  checkpoint older than another checkpoint of the same folder or than the run folder's own metrics log.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+from pand.errors import CheckpointError, MismatchError
+from pand.io import atomic_write_with, leftover_temp_files
+
+log = logging.getLogger("pand")
+
+RECORD_KEY = "pand"
+RECORD_VERSION = 1
+BEST, LAST = "best.ckpt", "last.ckpt"
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's contents, loaded with ``weights_only=True``; :class:`CheckpointError` if it is not readable.
+
+    ``mmap=True`` maps tensors instead of reading them, for looking at a checkpoint's bookkeeping cheaply.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    prefix = f"{path} is not a readable pand checkpoint"
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{prefix}: the file is empty (a save that was interrupted, or a copy that failed)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{prefix}: it is not a PyTorch checkpoint archive (truncated by an interrupted copy or save, or another "
+            "kind of file)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. executing whatever the file carries: never relay it.
+        raise CheckpointError(
+            f"{prefix}: it holds Python objects other than tensors and plain containers, and pand never loads "
+            "files that could execute code"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{prefix}: it is damaged or truncated ({first_line})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{prefix}: it has no 'state_dict' (not a checkpoint written by pand or Lightning)")
+    return ckpt
+
+
+def stored_config(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The resolved training config a pand checkpoint was trained with."""
+    try:
+        return ckpt["hyper_parameters"]["config"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path} is not a pand training checkpoint (no stored config)") from None
+
+
+def is_resumable(ckpt: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint holds the training state (loops, optimizers), not only weights."""
+    return "loops" in ckpt and "optimizer_states" in ckpt
+
+
+# -- writing ------------------------------------------------------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that writes beside the destination and renames, and reads only weights."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        atomic_write_with(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path)
+
+
+class RunCheckpoints(Callback):
+    """``best.ckpt`` on ``val/acc1`` improvements, ``last.ckpt`` after every epoch and every ``every_n_steps`` steps.
+
+    ``record`` (see :func:`run_record`) is stored in every checkpoint under ``"pand"`` for :func:`check_resume`.
+    """
+
+    def __init__(self, folder: str | os.PathLike, record: Mapping[str, Any], *, monitor: str = "val/acc1",
+                 every_n_steps: int = 0) -> None:
+        self.folder = Path(folder)
+        self.record = dict(record)
+        self.monitor = monitor
+        self.every_n_steps = int(every_n_steps or 0)
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "pand.RunCheckpoints"
+
+    @property
+    def best_path(self) -> Path | None:
+        return self.folder / BEST if self.best_score is not None and (self.folder / BEST).is_file() else None
+
+    @property
+    def last_path(self) -> Path:
+        return self.folder / LAST
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict.get("best_score")
+        self.best_epoch = state_dict.get("best_epoch")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            # Temporary files of a save that was killed: never under a real name, so never read, only removed.
+            for name in (BEST, LAST):
+                for stale in leftover_temp_files(self.folder, name):
+                    stale.unlink(missing_ok=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RECORD_KEY] = {**self.record, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+
+    def _save(self, trainer, name: str) -> None:
+        trainer.save_checkpoint(self.folder / name)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        score = float(value)
+        if score != score:  # NaN never counts as an improvement
+            return
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_epoch = score, trainer.current_epoch
+            self._save(trainer, BEST)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self.every_n_steps or trainer.global_step % self.every_n_steps:
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # the end-of-epoch save follows right after validation
+        self._save(trainer, LAST)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer, LAST)
+
+
+# -- what a checkpoint was trained on -----------------------------------------------------------------------------
+def tensor_digest(tensor: torch.Tensor | None) -> str | None:
+    if tensor is None:
+        return None
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def run_record(run_dir: str | os.PathLike, splits: Mapping[str, Any], context: Any | None) -> dict[str, Any]:
+    """What a run trains on, beyond its config: data content, the teacher's identity, learned text features."""
+    return {
+        "version": RECORD_VERSION,
+        "run_dir": str(run_dir),
+        "fingerprints": {name: ds.fingerprint() for name, ds in splits.items()},
+        "teacher": dict(context.identity) if context is not None and context.identity else None,
+        "text_features": tensor_digest(getattr(context, "prompt_embeds", None)),
+    }
+
+
+# Config keys that must agree for a resume to continue the same training. Operational settings (where the data lives,
+# loader workers, devices, the number of epochs) may change; what they point at is checked by the record instead.
+_IGNORED_ON_RESUME = {
+    "data": {"root", "download", "num_workers", "pin_memory", "decoded_cache"},
+    "teacher": {"pretrained", "cache_dir", "text_features"},
+    "student": {"pretrained", "weights"},
+    "method": set(),
+    "optim": set(),
+}
+
+
+def _flatten(obj: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: obj}
+
+
+def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"<key>: checkpoint <a>, this run <b>"`` for every training-defining config key that differs."""
+    diffs = []
+    if stored.get("seed") != current.get("seed"):
+        diffs.append(f"seed: checkpoint {stored.get('seed')!r}, this run {current.get('seed')!r}")
+    for group, ignored in _IGNORED_ON_RESUME.items():
+        a = {k: v for k, v in (stored.get(group) or {}).items() if k not in ignored}
+        b = {k: v for k, v in (current.get(group) or {}).items() if k not in ignored}
+        fa, fb = _flatten(a, group), _flatten(b, group)
+        for key in sorted(set(fa) | set(fb)):
+            if fa.get(key, "<unset>") != fb.get(key, "<unset>"):
+                diffs.append(f"{key}: checkpoint {fa.get(key, '<unset>')!r}, this run {fb.get(key, '<unset>')!r}")
+    return diffs
+
+
+def record_differences(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
+    if not stored:
+        return ["the checkpoint carries no record of its data and teacher (written by an older pand)"]
+    diffs = []
+    for split, fp in current["fingerprints"].items():
+        old = (stored.get("fingerprints") or {}).get(split)
+        if old != fp:
+            diffs.append(f"data fingerprint of the {split} split: the images or labels differ from the ones the "
+                         f"checkpoint was trained on ({(old or 'none')[:12]} vs {fp[:12]})")
+    if stored.get("teacher") != current["teacher"]:
+        diffs.append(f"teacher identity: checkpoint {stored.get('teacher')}, this run {current['teacher']}")
+    if stored.get("text_features") != current["text_features"]:
+        diffs.append("learned text features (teacher.text_features): the file's contents differ")
+    return diffs
+
+
+# -- resuming -----------------------------------------------------------------------------------------------------
+def check_resume_config(ckpt_path: str | os.PathLike, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Before anything is built: the checkpoint is readable, resumable, and trained with this config.
+
+    Returns the checkpoint's bookkeeping (``epoch``, ``global_step``, its record).
+    """
+    ckpt_path = Path(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path, mmap=True)
+    if not is_resumable(ckpt):
+        raise CheckpointError(f"{ckpt_path} holds weights only, not the training state a resume needs")
+    diffs = config_differences(stored_config(ckpt, ckpt_path), config)
+    if diffs:
+        raise MismatchError(f"cannot resume from {ckpt_path}: it was trained with other settings:\n  "
+                            + "\n  ".join(diffs) + "\nStart a new run (another run_dir) for other settings.")
+    allow_older = bool((config.get("checkpoint") or {}).get("allow_older"))
+    info = {"epoch": int(ckpt.get("epoch", 0)), "global_step": int(ckpt.get("global_step", 0)),
+            "record": ckpt.get(RECORD_KEY)}
+    problems = _newer_elsewhere(ckpt_path, info)
+    if problems and not allow_older:
+        raise MismatchError(
+            f"refusing to resume from {ckpt_path} (epoch {info['epoch']}, step {info['global_step']}): "
+            + "; ".join(problems)
+            + ". Resuming from it would drop that later work. Resume from the newest checkpoint, or pass "
+            "checkpoint.allow_older=true to continue from this one anyway (the log after it is discarded)."
+        )
+    for problem in problems:
+        log.warning("resuming from an older checkpoint as asked (checkpoint.allow_older=true): %s", problem)
+    return info
+
+
+def _newer_elsewhere(ckpt_path: Path, info: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for other in sorted(ckpt_path.parent.glob("*.ckpt")):
+        if other.resolve() == ckpt_path.resolve():
+            continue
+        try:
+            ckpt = read_checkpoint(other, mmap=True)
+        except CheckpointError as err:
+            log.warning("ignoring %s", err)
+            continue
+        if is_resumable(ckpt) and int(ckpt.get("global_step", 0)) > info["global_step"]:
+            problems.append(f"{other.name} in the same folder is newer (epoch {ckpt.get('epoch')}, step "
+                            f"{ckpt.get('global_step')})")
+    # A checkpoint is written after the validation of its epoch, so the log may be at most one epoch ahead of it;
+    # more means the checkpoint is older than the run folder it sits in (copied or replaced).
+    run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    logged = last_validated_epoch(run_dir / "metrics.csv")
+    if logged is not None and logged > info["epoch"] + 1:
+        problems.append(f"{run_dir / 'metrics.csv'} already records the validation of epoch {logged}, so this "
+                        "checkpoint is older than the run it sits in (was the folder copied, or the file replaced?)")
+    return problems
+
+
+def last_validated_epoch(metrics_csv: Path) -> int | None:
+    if not metrics_csv.is_file():
+        return None
+    try:
+        with metrics_csv.open(newline="") as f:
+            epochs = [int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("val/acc1") and r.get("epoch")]
+    except (OSError, ValueError, csv.Error, KeyError):
+        return None
+    return max(epochs, default=None)
+
+
+def check_resume_record(ckpt_path: str | os.PathLike, stored: Mapping[str, Any] | None,
+                        current: Mapping[str, Any]) -> None:
+    """After data and teacher are built: same data content, same teacher, same learned text features."""
+    diffs = record_differences(stored, current)
+    if diffs:
+        raise MismatchError(f"cannot resume from {ckpt_path}: it was trained on something else:\n  "
+                            + "\n  ".join(diffs) + "\nStart a new run (another run_dir) to train on this.")
+    if stored.get("run_dir") and Path(stored["run_dir"]) != Path(current["run_dir"]):
+        log.info("%s was written by the run in %s; continuing in %s", ckpt_path, stored["run_dir"], current["run_dir"])

@@ -1,0 +1,285 @@
+"""Config validation in one place, run before any model or data is loaded.
+
+A setting out of range is refused with the option, its value and what is allowed, instead of passing silently (an
+epoch count of -1 that trains forever, a neighbour count of 0 that turns NLRD off) or crashing late in torch. Options
+shared by every run are listed here; each method declares the ranges of its own options next to its code
+(``Distiller.option_rules``), and says which teacher inputs it reads, so that a setting the method would ignore is
+refused too. Output folders are checked for writability up front, so results are never computed and then lost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pand.errors import ConfigError
+from pand.io import check_writable
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Allowed values of one option: a number in a range, a choice among values, a boolean, or a list of numbers."""
+
+    kind: str  # "int" | "float" | "choice" | "bool" | "floats"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[Any, ...] = ()
+    optional: bool = False  # null allowed
+    length: int | None = None  # for "floats"
+    also: tuple[Any, ...] = ()  # extra literal values allowed (e.g. "auto")
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        elif self.kind == "bool":
+            text = "true or false"
+        else:
+            what = {"int": "an integer", "float": "a number", "floats": f"a list of {self.length} numbers"}[self.kind]
+            bounds = []
+            if self.low is not None:
+                bounds.append(f"{'>' if self.low_open else '>='} {_fmt(self.low)}")
+            if self.high is not None:
+                bounds.append(f"{'<' if self.high_open else '<='} {_fmt(self.high)}")
+            text = what + (" " + " and ".join(bounds) if bounds else "")
+            if self.kind == "floats" and bounds:
+                text = f"a list of {self.length} numbers, each " + " and ".join(bounds)
+        extras = [repr(a) for a in self.also] + (["null"] if self.optional else [])
+        return text + (" (or " + ", ".join(extras) + ")" if extras else "")
+
+    def problem(self, value: Any) -> bool:
+        """True if ``value`` is not allowed."""
+        if value is None:
+            return not self.optional
+        if value in self.also and not isinstance(value, bool):
+            return False
+        if self.kind == "choice":
+            return value not in self.choices
+        if self.kind == "bool":
+            return not isinstance(value, bool)
+        if self.kind == "floats":
+            return (not isinstance(value, (list, tuple)) or (self.length is not None and len(value) != self.length)
+                    or any(self._bad_number(v, integer=False) for v in value))
+        return self._bad_number(value, integer=self.kind == "int")
+
+    def _bad_number(self, value: Any, integer: bool) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True
+        if integer and not (isinstance(value, int) or float(value).is_integer()):
+            return True
+        if not math.isfinite(value):
+            return True
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return True
+        return self.high is not None and (value >= self.high if self.high_open else value > self.high)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def integer(low: int | None = None, high: int | None = None, **kw: Any) -> Rule:
+    return Rule("int", low=low, high=high, **kw)
+
+
+def number(low: float | None = None, high: float | None = None, **kw: Any) -> Rule:
+    return Rule("float", low=low, high=high, **kw)
+
+
+def choice(*values: Any, **kw: Any) -> Rule:
+    return Rule("choice", choices=tuple(values), **kw)
+
+
+BOOL = Rule("bool")
+NON_NEGATIVE = number(0)
+POSITIVE = number(0, low_open=True)
+WEIGHT = NON_NEGATIVE
+PROBABILITY = number(0, 1)
+
+
+def lookup(config: Mapping[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def check_rules(config: Mapping[str, Any], rules: Mapping[str, Rule], prefix: str = "") -> list[str]:
+    """One message per option of ``config`` that breaks its rule (options absent from the config are skipped)."""
+    errors = []
+    for key, rule in rules.items():
+        value = lookup(config, key)
+        if value is _MISSING:
+            continue
+        if rule.problem(value):
+            errors.append(f"{prefix}{key}={_show(value)} is not allowed: expected {rule.describe()}")
+    return errors
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# -- options every training run has ---------------------------------------------------------------------------
+_LIMIT = number(0, low_open=True, optional=True)  # a fraction in (0, 1] or a number of batches
+
+TRAIN_RULES: dict[str, Rule] = {
+    "seed": integer(0),
+    "test": BOOL,
+    "trainer.max_epochs": integer(1),
+    "trainer.num_nodes": integer(1),
+    "trainer.log_every_n_steps": integer(1),
+    "trainer.check_val_every_n_epoch": integer(1),
+    "trainer.gradient_clip_val": number(0, optional=True),
+    "trainer.limit_train_batches": _LIMIT,
+    "trainer.limit_val_batches": _LIMIT,
+    "trainer.limit_test_batches": _LIMIT,
+    "data.batch_size": integer(1),
+    "data.num_workers": integer(0),
+    "data.image_size": integer(1),
+    "data.resize_size": integer(1),
+    "data.val_fraction": number(0, 1, high_open=True),
+    "data.split_seed": integer(0),
+    "data.samples_per_class": integer(1, optional=True),
+    "data.num_classes": integer(1, optional=True),
+    "data.mean": Rule("floats", length=3),
+    "data.std": Rule("floats", low=0, low_open=True, length=3),
+    "data.augment.min_crop_frac": number(0, 1, low_open=True),
+    "data.augment.degrees": number(0, 180),
+    "data.augment.blur": BOOL,
+    "data.augment.blur_sigma": Rule("floats", low=0, low_open=True, length=2),
+    "data.augment.brightness": NON_NEGATIVE,
+    "data.augment.contrast": NON_NEGATIVE,
+    "data.augment.saturation": NON_NEGATIVE,
+    "data.augment.hue": number(0, 0.5),
+    "data.augment.flip_p": PROBABILITY,
+    "optim.name": choice("adamw", "sgd"),
+    "optim.lr": NON_NEGATIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.momentum": number(0, 1, high_open=True),
+    "optim.scheduler": choice("step", "cosine", "none"),
+    "optim.step_size": integer(1),
+    "optim.gamma": POSITIVE,
+    "optim.warmup_epochs": integer(0),
+    "teacher.logit_scale": number(0, low_open=True, optional=True, also=("learned",)),
+    "cache.views": integer(0),
+    "cache.seed": integer(0),
+    "cache.batch_size": integer(1),
+    "cache.rebuild": BOOL,
+    "checkpoint.every_n_steps": integer(0, optional=True),
+    "checkpoint.allow_older": BOOL,
+}
+
+COOP_RULES: dict[str, Rule] = {
+    "seed": integer(0),
+    "features.batch_size": integer(1),
+    "features.num_workers": integer(0),
+    "features.rebuild": BOOL,
+    "prompts.n_ctx": integer(1),
+    "prompts.csc": BOOL,
+    "prompts.class_token_position": choice("end", "middle", "front"),
+    "prompts.epochs": integer(1),
+    "prompts.batch_size": integer(1),
+    "prompts.lr": POSITIVE,
+    "prompts.momentum": number(0, 1, high_open=True),
+    "prompts.weight_decay": NON_NEGATIVE,
+    "prompts.warmup_epochs": integer(0),
+    "prompts.warmup_lr": NON_NEGATIVE,
+    "data.val_fraction": number(0, 1, high_open=True),
+    "data.samples_per_class": integer(1, optional=True),
+    "data.image_size": integer(1),
+    "data.resize_size": integer(1),
+}
+
+
+def _raise(errors: Sequence[str], what: str) -> None:
+    if errors:
+        head = f"invalid {what} setting" if len(errors) == 1 else f"{len(errors)} invalid {what} settings"
+        raise ConfigError(head + ":\n  " + "\n  ".join(errors))
+
+
+def _data_errors(config: Mapping[str, Any]) -> list[str]:
+    errors = []
+    data = config.get("data") or {}
+    image, resize = data.get("image_size"), data.get("resize_size")
+    if isinstance(image, int) and isinstance(resize, int) and resize < image:
+        errors.append(f"data.resize_size={resize} is smaller than data.image_size={image}: the crop cannot fit")
+    templates = data.get("templates", _MISSING)
+    if templates is not _MISSING:
+        if not isinstance(templates, (list, tuple)) or not templates:
+            errors.append(f"data.templates={_show(templates)} is not allowed: expected a non-empty list of prompts")
+        else:
+            errors.extend(f"data.templates[{i}]={t!r} has no '{{}}' where the class name goes"
+                          for i, t in enumerate(templates) if not isinstance(t, str) or "{}" not in t)
+    return errors
+
+
+def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = False) -> None:
+    """Refuse a training (or ``pand cache build``) config with any invalid, inconsistent or ignored setting."""
+    from pand.distillers import get_distiller_class
+
+    errors = check_rules(config, TRAIN_RULES) + _data_errors(config)
+    cache = config.get("cache") or {}
+    if cache.get("dir") and cache.get("views") == 0:
+        errors.append("cache.views=0 with cache.dir set: a teacher cache needs at least 1 view (cache.views >= 1), "
+                      "or unset cache.dir to run the teacher online")
+    trainer = config.get("trainer") or {}
+    devices = trainer.get("devices")
+    if isinstance(devices, bool) or (isinstance(devices, int) and devices < 1 and devices != -1):
+        errors.append(f"trainer.devices={_show(devices)} is not allowed: expected a count >= 1, -1 (all), 'auto' "
+                      "or a list of device ids")
+    warmup, epochs = lookup(config, "optim.warmup_epochs"), trainer.get("max_epochs")
+    if isinstance(warmup, int) and isinstance(epochs, int) and 0 < epochs <= warmup:
+        errors.append(f"optim.warmup_epochs={warmup} is not below trainer.max_epochs={epochs}: training would end "
+                      "inside the warm-up")
+    if not for_cache_build:
+        method = config.get("method") or {}
+        cls = get_distiller_class(method.get("name"))
+        errors += check_rules(method, cls.option_rules, prefix="method.")
+        errors += cls.check_config(config)
+        reads_text = cls.reads_text_features(method)
+        text_features = lookup(config, "teacher.text_features")
+        if text_features not in (None, _MISSING) and not reads_text:
+            errors.append(f"teacher.text_features={text_features} is set, but method {cls.name!r} with these options "
+                          "does not read learned text features; remove it (or choose a method that uses them)")
+        if cache.get("dir") and not cls.requires:
+            errors.append(f"cache.dir={cache['dir']} is set, but method {cls.name!r} reads no teacher outputs; "
+                          "remove it")
+    _raise(errors, "training")
+    run_dir = config.get("run_dir") or lookup(config, "paths.runs_dir")
+    if not for_cache_build and run_dir not in (None, _MISSING):
+        check_writable(run_dir, "the run folder")
+    if cache.get("dir") and not (Path(cache["dir"]) / "meta.json").is_file():
+        check_writable(cache["dir"], "the teacher cache folder (cache.dir)")
+
+
+def validate_coop_config(config: Mapping[str, Any], *, writes_prompts: bool) -> None:
+    """Refuse a ``pand features`` / ``pand prompts`` config with an invalid setting or unwritable output."""
+    errors = check_rules(config, COOP_RULES) + _data_errors(config)
+    splits = lookup(config, "features.splits")
+    if splits is not _MISSING and (not splits or any(s not in ("train", "val", "test") for s in splits)):
+        errors.append(f"features.splits={_show(splits)} is not allowed: expected a non-empty list of train, val, test")
+    _raise(errors, "stage-1")
+    check_writable(config["features"]["dir"], "the features folder (features.dir)")
+    if writes_prompts:
+        check_writable(Path(config["prompts"]["out"]).parent, "the folder of prompts.out")
+
+
+def validate_eval_options(splits: Sequence[str], out: str | None) -> None:
+    bad = [s for s in splits if s not in ("val", "test")]
+    if not splits or bad:
+        raise ConfigError(f"splits={list(splits)} is not allowed: expected a non-empty list of val and/or test")
+    if out:
+        check_writable(Path(out).expanduser().absolute().parent, "the folder of out")
