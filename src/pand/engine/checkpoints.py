@@ -114,6 +114,7 @@ class RunCheckpoints(Callback):
         self.every_n_steps = int(every_n_steps or 0)
         self.best_score: float | None = None
         self.best_epoch: int | None = None
+        self._best_pending = False
 
     @property
     def state_key(self) -> str:
@@ -145,7 +146,7 @@ class RunCheckpoints(Callback):
         checkpoint[RECORD_KEY] = {**self.record, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
 
     def _save(self, trainer, name: str) -> None:
-        trainer.save_checkpoint(self.folder / name)
+        trainer.save_checkpoint(self.folder / name, weights_only=False)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
@@ -158,7 +159,12 @@ class RunCheckpoints(Callback):
             return
         if self.best_score is None or score > self.best_score:
             self.best_score, self.best_epoch = score, trainer.current_epoch
-            self._save(trainer, BEST)
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # Validation at the end of the epoch: write last.ckpt first (on_train_epoch_end, the same weights),
+                # so that a kill between the two saves never leaves best.ckpt newer than last.ckpt.
+                self._best_pending = True
+            else:
+                self._save(trainer, BEST)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not self.every_n_steps or trainer.global_step % self.every_n_steps:
@@ -169,6 +175,9 @@ class RunCheckpoints(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer, LAST)
+        if self._best_pending:
+            self._best_pending = False
+            self._save(trainer, BEST)
 
 
 # -- what a checkpoint was trained on -----------------------------------------------------------------------------

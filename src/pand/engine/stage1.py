@@ -21,6 +21,7 @@ from pand.engine.run import load_teacher_from
 from pand.errors import ConfigError
 from pand.features import ensure_features
 from pand.io import atomic_write_json
+from pand.validation import validate_coop_config
 
 log = logging.getLogger("pand")
 
@@ -36,6 +37,7 @@ def run_features(config: Mapping[str, Any], teacher=None, splits=None) -> dict[s
     """Stored (or freshly extracted) teacher embeddings and labels of every split in ``features.splits``."""
     feats = config["features"]
     if teacher is None:
+        validate_coop_config(config, writes_prompts=False)
         teacher = load_teacher_from(config, _device(config))
     splits = splits or load_splits(config["data"])
     out = {}
@@ -59,6 +61,7 @@ def run_prompts(config: Mapping[str, Any]) -> dict[str, Any]:
     from pand.prompts.store import save_text_features
 
     p = config["prompts"]
+    validate_coop_config(config, writes_prompts=True)
     device = _device(config)
     teacher = load_teacher_from(config, device)
     splits = load_splits(config["data"])

@@ -1,0 +1,247 @@
+"""Checkpoints never lose work: last.ckpt every epoch, atomic saves, exact resumes, refused mismatches."""
+
+import csv
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from pand.cli import main
+from pand.engine.checkpoints import read_checkpoint
+from pand.engine.module import DistillationModule
+from pand.errors import CheckpointError
+from tests.engine.conftest import tiny_overrides
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _ce(data_root, run_dir, *extra):
+    return ["train", *tiny_overrides(data_root, run_dir, "method=ce", "test=false", *extra)]
+
+
+def _train_rows(run_dir):
+    return [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r.get("train/loss")]
+
+
+def _same_weights(a, b):
+    sa, sb = _load(a)["state_dict"], _load(b)["state_dict"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_last_ckpt_is_the_final_epoch_even_when_val_never_improves(cub_root, tmp_path):
+    run = tmp_path / "run"
+    # lr=0: val accuracy never changes, so only epoch 0 is an improvement
+    assert main(_ce(cub_root, run, "trainer.max_epochs=3", "optim.lr=0")) == 0
+    assert _load(run / "checkpoints" / "last.ckpt")["epoch"] == 2
+    assert _load(run / "checkpoints" / "best.ckpt")["epoch"] == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == 0 and summary["status"] == "done"
+    steps_before = len(_train_rows(run))
+
+    # Resuming the finished run for one more epoch trains exactly that epoch, repeating none.
+    last = run / "checkpoints" / "last.ckpt"
+    assert main(_ce(cub_root, run, "trainer.max_epochs=4", "optim.lr=0", f"ckpt_path={last}")) == 0
+    rows = _train_rows(run)
+    assert len(rows) == steps_before + steps_before // 3
+    assert sorted({int(float(r["epoch"])) for r in rows}) == [0, 1, 2, 3]
+    assert _load(last)["epoch"] == 3
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_and_the_run_resumes_exactly(
+    cub_root, tmp_path, monkeypatch, capsys
+):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(_ce(cub_root, straight)) == 0
+
+    real_save, saves = torch.save, []
+
+    def full_disk_on_the_second_last_save(obj, f, *args, **kwargs):
+        name = os.readlink(f"/proc/self/fd/{f.fileno()}") if hasattr(f, "fileno") else str(f)
+        if ".last.ckpt." in name:
+            saves.append(name)
+            if len(saves) == 2:
+                f.write(b"PK\x03\x04 half a checkpoint")  # the start of a zip archive, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_on_the_second_last_save)
+    assert main(_ce(cub_root, killed)) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and "last.ckpt" in err and "Traceback" not in err
+    monkeypatch.setattr(torch, "save", real_save)
+
+    folder = killed / "checkpoints"
+    assert read_checkpoint(folder / "last.ckpt")["epoch"] == 0  # the previous good file, intact
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no half file left behind
+    last = folder / "last.ckpt"
+    assert main(_ce(cub_root, killed, f"ckpt_path={last}")) == 0
+    _same_weights(straight / "checkpoints" / "last.ckpt", last)
+
+
+def test_a_mid_epoch_checkpoint_resumes_with_the_rest_of_that_epoch(cub_root, tmp_path, monkeypatch):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(_ce(cub_root, straight)) == 0
+    steps_per_epoch = len(_train_rows(straight)) // 2
+    assert steps_per_epoch >= 3
+
+    real_step = DistillationModule.training_step
+
+    def killed_during_step_5(self, batch, batch_idx):
+        if self.global_step == steps_per_epoch + 1:  # second batch of epoch 1
+            raise RuntimeError("killed")
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DistillationModule, "training_step", killed_during_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(_ce(cub_root, killed, "checkpoint.every_n_steps=1"))
+    monkeypatch.setattr(DistillationModule, "training_step", real_step)
+    last = killed / "checkpoints" / "last.ckpt"
+    state = _load(last)
+    assert state["epoch"] == 1 and state["global_step"] == steps_per_epoch + 1
+
+    assert main(_ce(cub_root, killed, "checkpoint.every_n_steps=1", f"ckpt_path={last}")) == 0
+    assert _load(last)["global_step"] == 2 * steps_per_epoch  # no batch trained twice, none skipped
+    _same_weights(straight / "checkpoints" / "last.ckpt", last)
+
+
+@pytest.fixture
+def finished_run(cub_root, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(cub_root, run, "test=false", "optim.lr=0")]) == 0
+    return run
+
+
+def _resume(cub_root, run, *extra):
+    return ["train", *tiny_overrides(cub_root, run, "test=false", "optim.lr=0", *extra),
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("optim=sgd", "optim.name: checkpoint 'adamw', this run 'sgd'"),
+        ("method.temperature=4.0", "method.temperature: checkpoint 2.0, this run 4.0"),
+        ("student=mobilenet_v2", "student.name: checkpoint 'resnet18', this run 'mobilenet_v2'"),
+        ("teacher=fmnist_clip", "teacher.model"),
+        ("seed=1", "seed: checkpoint 0, this run 1"),
+    ],
+)
+def test_resume_with_other_settings_is_refused_naming_the_field(finished_run, cub_root, override, field, capsys,
+                                                                monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before the checkpoint was checked")
+
+    monkeypatch.setattr("pand.engine.run.load_clip_teacher", refuse)
+    monkeypatch.setattr("pand.engine.run.build_student", refuse)
+    assert main(_resume(cub_root, finished_run, override)) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and field in err and "Traceback" not in err
+
+
+def test_resume_with_another_teacher_of_the_same_name_is_refused(finished_run, cub_root, capsys):
+    # Same model name and config, other weights: only the teacher's identity (weights digest) tells them apart.
+    assert main(_resume(cub_root, finished_run, "teacher.pretrained=random:7")) == 2
+    err = capsys.readouterr().err
+    assert "teacher identity" in err
+
+
+def test_resume_on_other_data_under_the_same_name_is_refused_but_moved_data_is_accepted(
+    finished_run, cub_root, tmp_path, capsys
+):
+    from tests.fixtures.datasets import make_cub
+
+    other = make_cub(tmp_path / "other", n_classes=3, per_class=6, test_per_class=2, size=40)
+    assert main(_resume(cub_root, finished_run, f"data.root={other}")) == 2
+    err = capsys.readouterr().err
+    assert "data fingerprint of the train split" in err
+
+    moved = tmp_path / "moved" / "CUB_200_2011"
+    shutil.copytree(cub_root, moved)
+    assert main(_resume(cub_root, finished_run, f"data.root={moved}", "trainer.max_epochs=3")) == 0
+
+
+def test_resume_from_a_checkpoint_older_than_another_is_refused_unless_asked(finished_run, cub_root, capsys):
+    best = finished_run / "checkpoints" / "best.ckpt"  # epoch 0; last.ckpt is epoch 1
+    args = ["train", *tiny_overrides(cub_root, finished_run, "test=false", "optim.lr=0"), f"ckpt_path={best}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "last.ckpt in the same folder is newer" in err and "checkpoint.allow_older=true" in err
+    assert main([*args, "checkpoint.allow_older=true"]) == 0
+
+
+def test_a_stale_last_ckpt_in_a_copied_run_folder_is_refused(cub_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(cub_root, run, "test=false", "trainer.max_epochs=1")]) == 0
+    stale = tmp_path / "epoch0.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", stale)
+    last = run / "checkpoints" / "last.ckpt"
+    assert main(["train", *tiny_overrides(cub_root, run, "test=false", "trainer.max_epochs=4"),
+                 f"ckpt_path={last}"]) == 0
+    # An old copy of the folder's checkpoint lands over the real one: the log is three epochs ahead of it.
+    shutil.copy(stale, last)
+    (run / "checkpoints" / "best.ckpt").unlink()
+    assert main(["train", *tiny_overrides(cub_root, run, "test=false", "trainer.max_epochs=4"),
+                 f"ckpt_path={last}"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.csv already records the validation of epoch 3" in err
+
+
+class _Payload:
+    """A class a weights-only load refuses: loading it would mean running code named by the file."""
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "code"])
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_unreadable_checkpoints_are_refused_in_one_line(finished_run, cub_root, tmp_path, damage, command, capsys):
+    good = finished_run / "checkpoints" / "last.ckpt"
+    bad = tmp_path / "bad" / "checkpoints" / "last.ckpt"
+    bad.parent.mkdir(parents=True)
+    if damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif damage == "garbage":
+        bad.write_bytes(b"\x89not a checkpoint at all" * 100)
+    else:
+        ckpt = _load(good)
+        ckpt["payload"] = _Payload()
+        torch.save(ckpt, bad)
+    with pytest.raises(CheckpointError, match="not a readable pand checkpoint"):
+        read_checkpoint(bad)
+    if command == "eval":
+        args = ["eval", f"ckpt_path={bad}"]
+    else:
+        args = ["train", *tiny_overrides(cub_root, bad.parent.parent, "test=false"), f"ckpt_path={bad}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not a readable pand checkpoint" in err and "weights_only" not in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_a_failure_while_testing_keeps_the_training_summary(cub_root, tmp_path, monkeypatch, capsys):
+    def broken_test_step(self, batch, batch_idx):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/images/x.jpg")
+
+    monkeypatch.setattr(DistillationModule, "test_step", broken_test_step)
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(cub_root, run, "method=ce")]) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "test failed" and summary["val_acc1"] is not None
+    assert "Read-only" in summary["test_error"]
+    assert "read-only file system: /mnt/images/x.jpg" in capsys.readouterr().err
+
+
+def test_unexpected_errors_keep_their_traceback(cub_root, tmp_path, monkeypatch):
+    def bug(self, batch, batch_idx):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(DistillationModule, "training_step", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(_ce(cub_root, tmp_path / "run"))
