@@ -148,6 +148,18 @@ def cmd_teacher(args: Sequence[str]) -> int:
     return main_fit(list(args[1:]))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not the stream that was current at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     # Warnings from libraries once (Lightning's own INFO lines already reach the terminal through its handler);
     # pand's INFO lines through their own handler.
@@ -156,7 +168,7 @@ def _setup_logging() -> None:
         handler.setLevel(logging.WARNING)
     pand_log = logging.getLogger("pand")
     if not pand_log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("pand: %(message)s"))
         pand_log.addHandler(handler)
     pand_log.setLevel(logging.INFO)

@@ -1,0 +1,162 @@
+"""Every setting is checked before any model or data is loaded; errors name the option, the value and the range."""
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pand.cli import main
+from pand.config import compose, to_plain
+from pand.errors import ConfigError, OutputError
+from pand.io import check_writable
+from pand.validation import Rule, integer, number, validate_train_config
+from tests.engine.conftest import tiny_overrides
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was loaded before the config was validated")
+
+    monkeypatch.setattr("pand.engine.run.load_clip_teacher", refuse)
+    monkeypatch.setattr("pand.engine.run.build_student", refuse)
+    monkeypatch.setattr("pand.engine.data.get_dataset", refuse)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 is not allowed: expected an integer >= 1"),
+        (["data.batch_size=0"], "data.batch_size=0 is not allowed: expected an integer >= 1"),
+        (["method=pand", "method.use_coop=false", "method.nlrd.k=0"],
+         "method.nlrd.k=0 is not allowed: expected an integer >= 1"),
+        (["method=pand", "method.use_coop=false", "data.batch_size=1"], "NLRD needs at least 2 samples per batch"),
+        (["method=pand"], "method.use_coop=true needs teacher.text_features"),
+        (["method=vl2lite", "teacher.text_features=/x/learned.safetensors"],
+         "method 'vl2lite' with these options does not read learned text features"),
+        (["method=pand", "method.use_coop=false", "teacher.text_features=/x/learned.safetensors"],
+         "method 'pand' with these options does not read learned text features"),
+        (["method=ce", "cache.dir=/tmp/x", "cache.views=2"], "method 'ce' reads no teacher outputs"),
+        (["cache.dir=/tmp/x", "cache.views=0"], "a teacher cache needs at least 1 view"),
+        (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: expected a number >= 0"),
+        (["optim.scheduler=linear"], "optim.scheduler='linear' is not allowed: expected one of 'step', 'cosine', 'none'"),
+        (["method.temperature=0"], "method.temperature=0 is not allowed: expected a number > 0"),
+        (["method=kd", "method.kd_weight=-1"], "method.kd_weight=-1 is not allowed: expected a number >= 0"),
+        (["method.weight_schedule=linear"], "method.weight_schedule='linear' is not allowed"),
+        (["data.val_fraction=1.0"], "data.val_fraction=1.0 is not allowed: expected a number >= 0 and < 1"),
+        (["data.resize_size=16"], "data.resize_size=16 is smaller than data.image_size=32"),
+        (["data.templates=[a photo]"], "data.templates[0]='a photo' has no '{}'"),
+        (["trainer.devices=0"], "trainer.devices=0 is not allowed"),
+        (["optim.warmup_epochs=5"], "optim.warmup_epochs=5 is not below trainer.max_epochs=2"),
+        (["teacher.logit_scale=-1"], "teacher.logit_scale=-1 is not allowed: expected a number > 0 (or 'learned', null)"),
+        (["checkpoint.every_n_steps=-2"], "checkpoint.every_n_steps=-2 is not allowed"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_loads(cub_root, tmp_path, overrides, message, nothing_loads, capsys):
+    assert main(["train", *tiny_overrides(cub_root, tmp_path / "run", *overrides)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_problem_is_listed_at_once(cub_root, tmp_path):
+    config = to_plain(compose("train", tiny_overrides(cub_root, tmp_path / "run", "trainer.max_epochs=0",
+                                                      "data.batch_size=-4", "optim.momentum=1.5")))
+    with pytest.raises(ConfigError, match="3 invalid training settings") as info:
+        validate_train_config(config)
+    for key in ("trainer.max_epochs=0", "data.batch_size=-4", "optim.momentum=1.5"):
+        assert key in str(info.value)
+
+
+def test_the_packaged_configs_are_valid(cub_root, tmp_path):
+    for method in ("ce", "kd", "vl2lite"):
+        validate_train_config(to_plain(compose("train", tiny_overrides(cub_root, tmp_path / method, f"method={method}"))))
+    validate_train_config(to_plain(compose("train", ["method=pand", "teacher.text_features=/x.safetensors"])))
+    validate_train_config(to_plain(compose("train", ["trainer=ddp", "data=fashion_mnist", "optim=sgd"])))
+
+
+def test_rules_describe_their_range():
+    assert integer(1).describe() == "an integer >= 1"
+    assert number(0, 1, high_open=True).describe() == "a number >= 0 and < 1"
+    assert Rule("floats", low=0, low_open=True, length=3).describe() == "a list of 3 numbers, each > 0"
+    assert integer(1).problem(2.5) and integer(1).problem(True) and not integer(1).problem(3)
+    assert number(0).problem(float("nan")) and number(0).problem("1")
+
+
+def test_run_folder_under_a_file_is_refused_up_front(cub_root, tmp_path, capsys, nothing_loads):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["train", *tiny_overrides(cub_root, blocker / "run")]) == 2
+    assert f"the run folder {blocker / 'run'} cannot be created: {blocker} is a file" in capsys.readouterr().err
+
+
+def test_unwritable_output_folders_are_refused_up_front(cub_root, tmp_path, capsys, nothing_loads, monkeypatch):
+    # Tests run as root, whom permission bits do not stop: make creating files fail the way a read-only mount does.
+    import tempfile
+
+    real_mkstemp, readonly = tempfile.mkstemp, tmp_path / "readonly"
+    readonly.mkdir()
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == readonly:
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert main(["train", *tiny_overrides(cub_root, readonly / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"the run folder {readonly / 'run'} is not writable (it would be created under {readonly}): read-only" in err
+    assert main(["train", *tiny_overrides(cub_root, tmp_path / "run", "cache.dir=" + str(readonly / "c"),
+                                          "cache.views=2")]) == 2
+    assert "the teacher cache folder (cache.dir)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
+def test_a_read_only_folder_is_not_writable(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="permission denied"):
+            check_writable(ro / "run", "the run folder")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_eval_refuses_an_unwritable_out_before_evaluating(cub_root, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(cub_root, run, "method=ce", "trainer.max_epochs=1", "test=false")]) == 0
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr("pand.engine.run.read_checkpoint",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated before checking out")))
+    capsys.readouterr()
+    assert main(["eval", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"out={blocker / 'eval.json'}"]) == 2
+    assert f"{blocker} is a file" in capsys.readouterr().err
+
+
+def test_eval_results_survive_a_failed_write(cub_root, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(cub_root, run, "method=ce", "trainer.max_epochs=1", "test=false")]) == 0
+
+    def disk_full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("pand.engine.run.atomic_write_json", disk_full)
+    capsys.readouterr()
+    assert main(["eval", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", "data.num_workers=0"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write" in err and "no space left" in err and "'test_acc1':" in err
+
+
+def test_gather_names_a_broken_summary(tmp_path, capsys):
+    for name, text in (("good", json.dumps({"val_acc1": 0.5, "test_acc1": 0.4})), ("broken", '{"val_acc1": 0.')):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "summary.json").write_text(text)
+    assert main(["gather", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"run summary {tmp_path / 'runs' / 'broken' / 'summary.json'} is not valid JSON" in err
+    assert "Traceback" not in err
