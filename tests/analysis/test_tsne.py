@@ -8,7 +8,7 @@ from pand.analysis import tsne
 from pand.analysis.tsne import main_tsne, student_features, tsne_compare
 from pand.cli import main
 from pand.engine.data import PandDataModule
-from pand.errors import ConfigError, MismatchError
+from pand.errors import CheckpointError, ConfigError, MismatchError
 from tests.engine.conftest import tiny_overrides
 from tests.fixtures.datasets import make_cub
 
@@ -95,5 +95,5 @@ def test_embed_clamps_the_perplexity():
 
 
 def test_student_features_rejects_a_missing_checkpoint(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         student_features(tmp_path / "nope.ckpt")
