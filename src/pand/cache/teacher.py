@@ -1,23 +1,27 @@
 """The teacher cache: K augmented views per training image, their parameters and the teacher's embedding of each.
 
-Layout of a cache folder:
+Layout of a cache folder (format version 2):
 
-    meta.json        provenance (teacher, dataset fingerprint, transform, K, seed, ...) and ``complete``
+    meta.json        provenance (teacher, dataset fingerprint, transform, K, seed, ...), ``complete``, the shape and
+                     dtype of every array ("arrays") and the checksums of digests.npy and text.safetensors
     params.npy       float32 [N, K, P]  augmentation parameters of every view (replayable with ReplayableAugment)
     embeds.npy       float16 [N, K, D]  L2-normalised teacher image embedding of exactly that view
     done.npy         bool    [N]        rows written so far (a killed build resumes from here)
+    digests.npy      uint8   [N, 2, 16] per image: blake2b-128 of its params row ([:, 0]) and its embeds row ([:, 1])
     text.safetensors float32 [C, D]     the class text embeddings of the data config's templates
 
 During training each epoch picks one cached view per image (seeded by seed, epoch and index), the data loader rebuilds
 that view for the student from its parameters, and :class:`CachedTeacherSource` returns the stored embedding: the
-teacher model is never loaded. A cache made with another teacher, data or transform is refused with the reason; an
-unfinished one is never read as complete.
+teacher model is never loaded. A cache made with another teacher, data, transform or format version is refused with the
+reason (:class:`~pand.errors.MismatchError`); an unfinished one is never read as complete.
+
+What :meth:`TeacherCache.open` checks, what it costs, and how a build reserves its disk space: see
+:mod:`pand.cache.integrity`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,20 +33,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pand.cache.integrity import (
+    SLACK_BYTES,
+    CacheDamagedError,
+    allocate_npy,
+    allocation_error,
+    array_layout,
+    bad_rows,
+    check_array,
+    check_free_space,
+    data_bytes,
+    file_digest,
+    meta_layout,
+    npy_header,
+    read_meta,
+    remove_cache_files,
+    row_digest,
+    verify_cache,
+)
 from pand.data import ClassificationDataset
 from pand.data.transforms import ReplayableAugment, view_generator
 from pand.errors import MismatchError, PandError
-from pand.io import atomic_write_json
+from pand.io import OUTPUT_ERRNOS, atomic_write_json
 from pand.provenance import check_provenance, load_tensors, save_tensors
 from pand.teachers.source import IMAGE_EMBEDS
 
 log = logging.getLogger("pand")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # What must agree between a cache and a run for the run to use it.
 _CHECKED = ("kind", "version", "teacher_spec", "dataset", "split", "fingerprint", "transform", "views", "seed",
             "classes", "templates")
-
 
 def choose_view(seed: int, epoch: int, index: int, views: int) -> int:
     """Which of the K cached views of ``index`` an epoch uses: seeded, independent across epochs and images."""
@@ -86,9 +107,18 @@ class TeacherCache:
 
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is None or self._pid != os.getpid():
-            self._arrays = {
-                name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in ("params", "embeds")
-            }
+            arrays = {}
+            for name in ("params", "embeds"):
+                # Each process checks header and size before mapping: a file cut short since open() is named here
+                # instead of failing inside numpy's mmap.
+                spec = (self.meta.get("arrays") or {}).get(name)
+                if spec is not None:
+                    check_array(self.folder, name, spec)
+                try:
+                    arrays[name] = np.load(self.folder / f"{name}.npy", mmap_mode="r")
+                except (OSError, ValueError) as err:
+                    raise CacheDamagedError(self.folder, f"{name}.npy cannot be memory-mapped ({err})") from None
+            self._arrays = arrays
             self._pid = os.getpid()
         return self._arrays
 
@@ -111,13 +141,19 @@ class TeacherCache:
         return load_tensors(self.folder / "text.safetensors")[0]["text_embeds"].float()
 
     @classmethod
-    def open(cls, folder: str | os.PathLike, expected: Mapping[str, Any] | None = None) -> TeacherCache:
-        """A complete cache whose record matches ``expected`` (when given); otherwise a clear refusal."""
+    def open(cls, folder: str | os.PathLike, expected: Mapping[str, Any] | None = None,
+             verify: str = "auto") -> TeacherCache:
+        """A complete, undamaged cache whose record matches ``expected`` (when given); otherwise a clear refusal.
+
+        Missing or incomplete: :class:`~pand.errors.PandError` (build / resume it). Made for something else, or by
+        another cache format version: :class:`~pand.errors.MismatchError`. Damaged: :class:`CacheDamagedError`.
+        ``verify`` picks how many rows are checked against their digests: "auto", "full" or "sample".
+        """
         folder = Path(folder)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             raise PandError(f"no teacher cache at {folder} (missing meta.json); build it with `pand cache build ...`")
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(folder)
         if not meta.get("complete"):
             raise PandError(
                 f"the teacher cache at {folder} is incomplete (a build was interrupted); run `pand cache build` "
@@ -126,9 +162,45 @@ class TeacherCache:
         if expected is not None:
             check_provenance(folder, meta, expected, keys=[k for k in _CHECKED if k in expected],
                              hint="Build a cache for this run with `pand cache build ...` (or cache.rebuild=true).")
+        _check_version(folder, meta)
+        verify_cache(folder, meta, verify)
         return cls(folder, meta)
 
     # -- building ------------------------------------------------------------------------------------------------
+    @classmethod
+    def _check_existing(cls, folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
+        """Raise MismatchError / CacheDamagedError unless the cache in ``folder`` can be kept (complete) or resumed."""
+        meta = read_meta(folder)
+        check_provenance(folder, meta, record, keys=list(_CHECKED))
+        _check_version(folder, meta)
+        stored = meta_layout(folder, meta)
+        if stored != layout:
+            raise MismatchError(f"{folder} was made for something else and is refused:\n  arrays: stored {stored}, "
+                                f"expected {dict(layout)}")
+        verify_cache(folder, meta, rows=bool(meta.get("complete")))
+
+    @classmethod
+    def _create(cls, folder: Path, layout: Mapping[str, Any], meta: Mapping[str, Any], text: torch.Tensor,
+                teacher_identity: Mapping, classes: Sequence[str]) -> None:
+        needs = {f"{name}.npy": len(npy_header(spec)) + data_bytes(spec) for name, spec in layout.items()}
+        text_bytes = text.numel() * text.element_size() + SLACK_BYTES
+        needs["text.safetensors and meta.json (estimate)"] = text_bytes
+        check_free_space(folder, needs)
+        try:
+            for name, spec in layout.items():
+                allocate_npy(folder / f"{name}.npy", spec)
+            path = folder / "text.safetensors"
+            try:
+                save_tensors(path, {"text_embeds": text}, {"teacher": dict(teacher_identity), "classes": list(classes)})
+            except OSError as err:
+                if err.errno in OUTPUT_ERRNOS:
+                    raise allocation_error(path, text_bytes, err) from err
+                raise
+            atomic_write_json(folder / "meta.json", {**meta, "checksums": {"text.safetensors": file_digest(path)}})
+        except BaseException:
+            remove_cache_files(folder)  # nothing half-made is left behind to be resumed
+            raise
+
     @classmethod
     def build(
         cls, folder: str | os.PathLike, record: Mapping[str, Any], dataset: ClassificationDataset,
@@ -139,41 +211,53 @@ class TeacherCache:
         """Build (or resume) this process's share of the cache: rows ``rank, rank + world_size, ...``.
 
         ``teacher_source`` maps a batch ``{"image": ...}`` to ``{"image_embeds": ...}`` (a live teacher). The last
-        process to finish marks the cache complete; returns the opened cache when complete, else None.
+        process to finish verifies every row and marks the cache complete; returns the opened cache when complete,
+        else None. An existing cache that is damaged (:class:`CacheDamagedError`) or made for something else
+        (:class:`~pand.errors.MismatchError`) is refused, or with ``rebuild=True`` deleted and built again; an
+        interrupted one is resumed.
         """
         folder = Path(folder)
-        n, k = len(dataset), int(record["views"])
+        n, k, d = len(dataset), int(record["views"]), int(embed_dim)
+        layout = array_layout(n, k, augment.num_params, d)
         meta_path = folder / "meta.json"
         if rank == 0:
             folder.mkdir(parents=True, exist_ok=True)
             if meta_path.is_file():
-                old = json.loads(meta_path.read_text())
                 try:
-                    check_provenance(folder, old, record, keys=list(_CHECKED))
-                except MismatchError:
+                    cls._check_existing(folder, record, layout)
+                except (MismatchError, CacheDamagedError) as err:
                     if not rebuild:
                         raise
-                    log.warning("rebuilding the teacher cache at %s: it was made for something else", folder)
-                    for name in ("params.npy", "embeds.npy", "done.npy", "meta.json"):
-                        (folder / name).unlink(missing_ok=True)
+                    if isinstance(err, CacheDamagedError):
+                        why = f"it is damaged ({err.reason})"
+                    else:
+                        why = "it was made for something else (" + str(err).splitlines()[1].strip() + ")"
+                    log.warning("rebuilding the teacher cache at %s: %s", folder, why)
+                    remove_cache_files(folder)
             if not meta_path.is_file():
-                d = int(embed_dim)
-                np.lib.format.open_memmap(folder / "params.npy", "w+", np.float32, (n, k, augment.num_params)).flush()
-                np.lib.format.open_memmap(folder / "embeds.npy", "w+", np.float16, (n, k, d)).flush()
-                np.lib.format.open_memmap(folder / "done.npy", "w+", np.bool_, (n,)).flush()
-                save_tensors(folder / "text.safetensors", {"text_embeds": text_embeds.float().cpu()},
-                             {"teacher": dict(teacher_identity), "classes": record["classes"]})
-                atomic_write_json(meta_path, {**record, "teacher": dict(teacher_identity), "embed_dim": d,
-                                              "learned_logit_scale": float(learned_logit_scale), "complete": False})
+                meta = {**record, "teacher": dict(teacher_identity), "embed_dim": d,
+                        "learned_logit_scale": float(learned_logit_scale), "arrays": layout, "complete": False}
+                cls._create(folder, layout, meta, text_embeds.float().cpu(), teacher_identity, record["classes"])
         if barrier is not None:
             barrier()
         params = np.load(folder / "params.npy", mmap_mode="r+")
         embeds = np.load(folder / "embeds.npy", mmap_mode="r+")
         done = np.load(folder / "done.npy", mmap_mode="r+")
+        digests = np.load(folder / "digests.npy", mmap_mode="r+")
         seed = int(record["seed"])
-        todo = [i for i in range(rank, n, world_size) if not done[i]]
-        if todo and len(todo) < len(range(rank, n, world_size)):
-            log.info("resuming the teacher cache at %s: %d of %d images left", folder, len(todo), n)
+        share = range(rank, n, world_size)
+        todo = [i for i in share if not done[i]]
+        written = [i for i in share if done[i]]
+        if written and not read_meta(folder).get("complete"):
+            # Rows written before an interruption must still match their digests; compute any that do not again.
+            bad = bad_rows(params, embeds, digests, written)
+            redo = sorted(set(bad["params.npy"]) | set(bad["embeds.npy"]))
+            if redo:
+                log.warning("the teacher cache at %s: %d written rows no longer match their digests (first: row %d); "
+                            "computing them again", folder, len(redo), redo[0])
+                todo = sorted(set(todo) | set(redo))
+            if todo:
+                log.info("resuming the teacher cache at %s: %d of %d images left", folder, len(todo), n)
         device = next(iter(teacher_source.parameters()), torch.zeros(())).device
         chunks: Iterable = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
         if progress:
@@ -190,16 +274,37 @@ class TeacherCache:
                 embeds[chunk, v] = emb.float().cpu().numpy().astype(np.float16)
             params.flush()
             embeds.flush()
-            done[chunk] = True  # only after the rows themselves are on disk
+            for i in chunk:
+                digests[i, 0] = np.frombuffer(row_digest(params[i]), np.uint8)
+                digests[i, 1] = np.frombuffer(row_digest(embeds[i]), np.uint8)
+            digests.flush()
+            done[chunk] = True  # only after the rows and their digests are on disk
             done.flush()
+        del params, embeds, done, digests
         if barrier is not None:
             barrier()
         if rank == 0 or barrier is None:
             if bool(np.all(np.load(folder / "done.npy", mmap_mode="r"))):
-                meta = json.loads(meta_path.read_text())
-                atomic_write_json(meta_path, {**meta, "complete": True})
-                return cls.open(folder)
+                meta = read_meta(folder)
+                if meta.get("complete"):
+                    return cls.open(folder)
+                checksums = {**(meta.get("checksums") or {}), "digests.npy": file_digest(folder / "digests.npy")}
+                meta = {**meta, "checksums": checksums, "complete": True}
+                try:
+                    verify_cache(folder, meta, verify="full")
+                except CacheDamagedError as err:
+                    raise CacheDamagedError(folder, f"{err.reason} (found when verifying the cache just built, which "
+                                                    "is left incomplete; is the disk failing?)") from None
+                atomic_write_json(meta_path, meta)
+                return cls(folder, meta)
         return None
+
+
+def _check_version(folder: Path, meta: Mapping[str, Any]) -> None:
+    if meta.get("version") != FORMAT_VERSION:
+        raise MismatchError(f"{folder} was made for something else and is refused:\n  version: stored "
+                            f"{meta.get('version')!r}, expected {FORMAT_VERSION} (the cache format changed)\n"
+                            "Build it again with cache.rebuild=true.")
 
 
 class CachedTeacherSource(nn.Module):

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from pand.cache.integrity import CacheDamagedError
 from pand.cache.teacher import CachedTeacherSource, TeacherCache, cache_record
 from pand.distillers import Distiller, TeacherContext, build_distiller, get_distiller_class
 from pand.engine.checkpoints import (
@@ -113,7 +114,7 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
                             views=int(settings["views"]), seed=int(settings.get("seed", 0)), templates=templates)
     try:
         return TeacherCache.open(settings["dir"], expected)
-    except MismatchError:
+    except (MismatchError, CacheDamagedError):
         if not settings.get("rebuild"):
             raise
     except PandError:
