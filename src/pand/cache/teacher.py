@@ -214,37 +214,67 @@ class TeacherCache:
         process to finish verifies every row and marks the cache complete; returns the opened cache when complete,
         else None. An existing cache that is damaged (:class:`CacheDamagedError`) or made for something else
         (:class:`~pand.errors.MismatchError`) is refused, or with ``rebuild=True`` deleted and built again; an
-        interrupted one is resumed.
+        interrupted one is resumed. With several processes, ``barrier(ok) -> bool`` waits for all of them and says
+        whether all are ok, so that an error in one makes every process stop instead of waiting forever.
         """
         folder = Path(folder)
         n, k, d = len(dataset), int(record["views"]), int(embed_dim)
         layout = array_layout(n, k, augment.num_params, d)
-        meta_path = folder / "meta.json"
+        failure: BaseException | None = None
         if rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            if meta_path.is_file():
-                try:
-                    cls._check_existing(folder, record, layout)
-                except (MismatchError, CacheDamagedError) as err:
-                    if not rebuild:
-                        raise
-                    if isinstance(err, CacheDamagedError):
-                        why = f"it is damaged ({err.reason})"
-                    else:
-                        why = "it was made for something else (" + str(err).splitlines()[1].strip() + ")"
-                    log.warning("rebuilding the teacher cache at %s: %s", folder, why)
-                    remove_cache_files(folder)
-            if not meta_path.is_file():
-                meta = {**record, "teacher": dict(teacher_identity), "embed_dim": d,
-                        "learned_logit_scale": float(learned_logit_scale), "arrays": layout, "complete": False}
-                cls._create(folder, layout, meta, text_embeds.float().cpu(), teacher_identity, record["classes"])
-        if barrier is not None:
-            barrier()
+            try:
+                cls._prepare(folder, record, layout, teacher_identity, text_embeds, d, learned_logit_scale, rebuild)
+            except BaseException as err:
+                if barrier is None:
+                    raise
+                failure = err
+        _agree(barrier, failure, f"process 0 could not prepare the teacher cache at {folder}; its error says why")
+        try:
+            cls._fill_share(folder, dataset, augment, teacher_source, int(record["seed"]), k, batch_size, rank,
+                            world_size, progress)
+        except BaseException as err:
+            if barrier is None:
+                raise
+            failure = err
+        _agree(barrier, failure, f"another process failed while building the teacher cache at {folder}; its error "
+               "says why")
+        if rank == 0 or barrier is None:
+            return cls._finish(folder)
+        return None
+
+    @classmethod
+    def _prepare(cls, folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any], teacher_identity: Mapping,
+                 text_embeds: torch.Tensor, d: int, learned_logit_scale: float, rebuild: bool) -> None:
+        """Process 0: keep, resume, or (re)create the cache folder's files."""
+        meta_path = folder / "meta.json"
+        folder.mkdir(parents=True, exist_ok=True)
+        if meta_path.is_file():
+            try:
+                cls._check_existing(folder, record, layout)
+            except (MismatchError, CacheDamagedError) as err:
+                if not rebuild:
+                    raise
+                if isinstance(err, CacheDamagedError):
+                    why = f"it is damaged ({err.reason})"
+                else:
+                    why = "it was made for something else (" + str(err).splitlines()[1].strip() + ")"
+                log.warning("rebuilding the teacher cache at %s: %s", folder, why)
+                remove_cache_files(folder)
+        if not meta_path.is_file():
+            meta = {**record, "teacher": dict(teacher_identity), "embed_dim": d,
+                    "learned_logit_scale": float(learned_logit_scale), "arrays": layout, "complete": False}
+            cls._create(folder, layout, meta, text_embeds.float().cpu(), teacher_identity, record["classes"])
+
+    @classmethod
+    def _fill_share(cls, folder: Path, dataset: ClassificationDataset, augment: ReplayableAugment,
+                    teacher_source: nn.Module, seed: int, k: int, batch_size: int, rank: int, world_size: int,
+                    progress: bool) -> None:
+        """Compute and write this process's rows that are not written yet (or no longer match their digests)."""
+        n = len(dataset)
         params = np.load(folder / "params.npy", mmap_mode="r+")
         embeds = np.load(folder / "embeds.npy", mmap_mode="r+")
         done = np.load(folder / "done.npy", mmap_mode="r+")
         digests = np.load(folder / "digests.npy", mmap_mode="r+")
-        seed = int(record["seed"])
         share = range(rank, n, world_size)
         todo = [i for i in share if not done[i]]
         written = [i for i in share if done[i]]
@@ -281,23 +311,36 @@ class TeacherCache:
             done[chunk] = True  # only after the rows and their digests are on disk
             done.flush()
         del params, embeds, done, digests
-        if barrier is not None:
-            barrier()
-        if rank == 0 or barrier is None:
-            if bool(np.all(np.load(folder / "done.npy", mmap_mode="r"))):
-                meta = read_meta(folder)
-                if meta.get("complete"):
-                    return cls.open(folder)
-                checksums = {**(meta.get("checksums") or {}), "digests.npy": file_digest(folder / "digests.npy")}
-                meta = {**meta, "checksums": checksums, "complete": True}
-                try:
-                    verify_cache(folder, meta, verify="full")
-                except CacheDamagedError as err:
-                    raise CacheDamagedError(folder, f"{err.reason} (found when verifying the cache just built, which "
-                                                    "is left incomplete; is the disk failing?)") from None
-                atomic_write_json(meta_path, meta)
-                return cls(folder, meta)
+
+    @classmethod
+    def _finish(cls, folder: Path) -> TeacherCache | None:
+        """Once every row is written: verify them all, then mark the cache complete."""
+        meta_path = folder / "meta.json"
+        if bool(np.all(np.load(folder / "done.npy", mmap_mode="r"))):
+            meta = read_meta(folder)
+            if meta.get("complete"):
+                return cls.open(folder)
+            checksums = {**(meta.get("checksums") or {}), "digests.npy": file_digest(folder / "digests.npy")}
+            meta = {**meta, "checksums": checksums, "complete": True}
+            try:
+                verify_cache(folder, meta, verify="full")
+            except CacheDamagedError as err:
+                raise CacheDamagedError(folder, f"{err.reason} (found when verifying the cache just built, which "
+                                                "is left incomplete; is the disk failing?)") from None
+            atomic_write_json(meta_path, meta)
+            return cls(folder, meta)
         return None
+
+
+def _agree(barrier, failure: BaseException | None, others_failed: str) -> None:
+    """Wait for every process; if any failed, all raise (the failed one its own error), none waits forever."""
+    if barrier is None:
+        return
+    if barrier(failure is None):
+        return
+    if failure is not None:
+        raise failure
+    raise PandError(others_failed)
 
 
 def _check_version(folder: Path, meta: Mapping[str, Any]) -> None:

@@ -146,9 +146,19 @@ def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         teacher = load_teacher_from(config)
-        return open_or_build_cache(config, data, teacher, rank=rank, world_size=world, barrier=dist.barrier)
+        return open_or_build_cache(config, data, teacher, rank=rank, world_size=world, barrier=_all_ok)
     finally:
         dist.destroy_process_group()
+
+
+def _all_ok(ok: bool = True) -> bool:
+    """A barrier that also tells every process whether all of them got there without an error."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, DistillationModule]:
