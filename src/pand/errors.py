@@ -37,3 +37,7 @@ class CheckpointError(PandError):
 
 class OutputError(PandError):
     """An output folder cannot be written (read-only, not a folder, disk full)."""
+
+
+class TrainingDivergedError(PandError, FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and the terms."""

@@ -245,3 +245,17 @@ def test_unexpected_errors_keep_their_traceback(cub_root, tmp_path, monkeypatch)
     monkeypatch.setattr(DistillationModule, "training_step", bug)
     with pytest.raises(ZeroDivisionError):
         main(_ce(cub_root, tmp_path / "run"))
+
+
+def test_a_diverged_loss_stops_training_in_one_line(cub_root, tmp_path, monkeypatch, capsys):
+    from pand.distillers.ce import CrossEntropy
+    from pand.distillers.base import DistillerOutput
+
+    def diverged(self, batch, teacher, progress):
+        logits = self.student(batch["image"])
+        return DistillerOutput(logits, {"ce": logits.sum() * float("nan")})
+
+    monkeypatch.setattr(CrossEntropy, "training_losses", diverged)
+    assert main(_ce(cub_root, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "non-finite training loss at epoch 0 step 0: ce=nan" in err and "lower optim.lr" in err

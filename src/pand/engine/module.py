@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from pand.distillers import Distiller, Progress
-from pand.errors import ConfigError
+from pand.errors import ConfigError, TrainingDivergedError
 
 
 class DistillationModule(L.LightningModule):
@@ -70,9 +70,10 @@ class DistillationModule(L.LightningModule):
         out = self.distiller.training_losses(batch, teacher, Progress(self.current_epoch, max_epochs))
         loss = torch.stack([v.float() for v in out.losses.values()]).sum()
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise TrainingDivergedError(
                 f"non-finite training loss at epoch {self.current_epoch} step {batch_idx}: "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
+                + ". Training stopped; lower optim.lr (or check the inputs) and resume from the last checkpoint"
             )
         batch_size = batch["label"].shape[0]
         self.train_acc(out.logits.detach(), batch["label"])
