@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 # Tests never reach a model hub: fail fast instead of retrying a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Image-verification records go to a throw-away folder, never the user's ~/.cache.
+os.environ.setdefault("PAND_CACHE_DIR", tempfile.mkdtemp(prefix="pand-tests-"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

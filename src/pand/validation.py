@@ -156,6 +156,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.num_classes": integer(1, optional=True),
     "data.mean": Rule("floats", length=3),
     "data.std": Rule("floats", low=0, low_open=True, length=3),
+    "data.verify_images": BOOL,
     "data.augment.min_crop_frac": number(0, 1, low_open=True),
     "data.augment.degrees": number(0, 180),
     "data.augment.blur": BOOL,

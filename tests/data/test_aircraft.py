@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from pand.data import get_dataset
+from pand.errors import PandError
 from tests.fixtures.datasets import make_aircraft
 
 
@@ -34,3 +37,22 @@ def test_official_splits_and_variant_names(tmp_path):
 def test_dataset_folder_as_root(tmp_path):
     d = make_aircraft(tmp_path)
     assert len(get_dataset("aircraft", d, "test")) == 6
+
+
+def test_variant_listed_twice_names_both_lines(tmp_path):
+    d = make_aircraft(tmp_path, n_classes=3)
+    variants = d / "data" / "variants.txt"
+    variants.write_text(variants.read_text() + "A300B4\n")  # line 4; A300B4 is line 2
+    with pytest.raises(PandError) as e:
+        get_dataset("aircraft", tmp_path, "test")
+    assert str(e.value) == f"line 4 of {variants}: variant 'A300B4' is already listed at line 2"
+
+
+def test_unknown_variant_names_file_and_line(tmp_path):
+    d = make_aircraft(tmp_path, n_classes=3)
+    listing = d / "data" / "images_variant_val.txt"
+    listing.write_text(listing.read_text() + "1234567 Boeing 797\n")
+    n = len(listing.read_text().splitlines())
+    with pytest.raises(PandError) as e:
+        get_dataset("aircraft", tmp_path, "val")
+    assert str(e.value) == f"line {n} of {listing}: variant 'Boeing 797' is not listed in {d / 'data' / 'variants.txt'}"

@@ -78,3 +78,16 @@ def test_real_system_files_if_installed():
         pytest.skip("dataset-fashion-mnist not installed")
     labels = fashion_mnist.read_idx(path / "t10k-labels-idx1-ubyte.gz", fashion_mnist.LABELS_MAGIC)
     assert labels.shape == (10000,) and labels.max() == 9
+
+
+def test_label_outside_the_ten_classes(tmp_path):
+    make_fashion_mnist(tmp_path, gz=False)
+    _, labels = fashion_mnist_arrays(20, seed=2)
+    labels[7], labels[12] = 10, 255
+    path = write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(PandError) as e:
+        get_dataset("fashion_mnist", tmp_path, "test", num_classes=10)
+    assert str(e.value) == (
+        f"{path}: label 10 at index 7 is outside 0..9 (Fashion-MNIST has 10 classes); 1 more label is out of range "
+        "after it"
+    )

@@ -85,3 +85,28 @@ def test_missing_folders(tmp_path):
     make_imagefolder(tmp_path, test_per_class=0)
     with pytest.raises(DatasetNotFoundError, match="test"):
         get_dataset("imagefolder", tmp_path, "test")
+
+
+@pytest.mark.parametrize("style", ["positional", "tab"])
+def test_class_names_file_duplicate_display_name(tmp_path, style):
+    make_imagefolder(tmp_path, classes=("red_square", "green_circle", "blue_triangle"))
+    f = tmp_path / "names.txt"
+    if style == "positional":  # sorted folder order: blue_triangle, green_circle, red_square
+        f.write_text("# display names\na shape\nGreen circle\nA  shape\n")
+    else:
+        f.write_text("red_square\tA shape\nblue_triangle\ta shape\ngreen_circle\tgreen\n")
+    with pytest.raises(ConfigError) as e:
+        get_dataset("imagefolder", tmp_path, "train", class_names_file=f)
+    line, first, name = (4, 2, "A  shape") if style == "positional" else (2, 1, "a shape")
+    assert str(e.value) == (
+        f"line {line} of {f}: display name {name!r} is already used at line {first}; every class needs its own name"
+    )
+
+
+def test_class_names_file_folder_named_twice(tmp_path):
+    make_imagefolder(tmp_path, classes=("red_square", "green_circle", "blue_triangle"))
+    f = tmp_path / "names.txt"
+    f.write_text("red_square,a red square\nblue_triangle,a blue triangle\nred_square,a crimson square\n")
+    with pytest.raises(ConfigError) as e:
+        get_dataset("imagefolder", tmp_path, "train", class_names_file=f)
+    assert str(e.value) == f"line 3 of {f}: class folder 'red_square' is already named at line 1"

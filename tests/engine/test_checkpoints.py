@@ -197,10 +197,20 @@ class _Payload:
     """A class a weights-only load refuses: loading it would mean running code named by the file."""
 
 
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    from tests.fixtures.datasets import make_cub
+
+    root = tmp_path_factory.mktemp("good")
+    data = make_cub(root / "data", n_classes=3, per_class=6, test_per_class=2)
+    assert main(["train", *tiny_overrides(data, root / "run", "method=ce", "test=false", "trainer.max_epochs=1")]) == 0
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "code"])
 @pytest.mark.parametrize("command", ["eval", "train"])
-def test_unreadable_checkpoints_are_refused_in_one_line(finished_run, cub_root, tmp_path, damage, command, capsys):
-    good = finished_run / "checkpoints" / "last.ckpt"
+def test_unreadable_checkpoints_are_refused_in_one_line(good_checkpoint, cub_root, tmp_path, damage, command, capsys):
+    good = good_checkpoint
     bad = tmp_path / "bad" / "checkpoints" / "last.ckpt"
     bad.parent.mkdir(parents=True)
     if damage == "empty":
@@ -259,3 +269,16 @@ def test_a_diverged_loss_stops_training_in_one_line(cub_root, tmp_path, monkeypa
     assert main(_ce(cub_root, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert "non-finite training loss at epoch 0 step 0: ce=nan" in err and "lower optim.lr" in err
+
+
+def test_a_corrupt_test_image_stops_the_run_before_training(cub_root, tmp_path, capsys):
+    split = dict(line.split() for line in (cub_root / "train_test_split.txt").read_text().splitlines())
+    images = dict(line.split() for line in (cub_root / "images.txt").read_text().splitlines())
+    test_image = cub_root / "images" / images[next(i for i, s in split.items() if s == "0")]
+    test_image.write_bytes(test_image.read_bytes()[:200])  # a JPEG cut short
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(cub_root, run)]) == 2
+    err = capsys.readouterr().err
+    assert "1 image of cub/test cannot be decoded" in err
+    assert str(test_image) in err
+    assert not (run / "checkpoints").exists()  # found before any epoch

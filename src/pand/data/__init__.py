@@ -1,7 +1,17 @@
 """Datasets: official splits of CUB-200-2011, FGVC-Aircraft, Oxford-IIIT Pet, Stanford Dogs, Fashion-MNIST and any
-image-folder dataset, as :class:`ClassificationDataset` objects built by :func:`get_dataset`."""
+image-folder dataset, as :class:`ClassificationDataset` objects built by :func:`get_dataset`; :func:`verify_splits`
+decodes every image once before training."""
 
 from pand.data.base import ClassificationDataset, subset
 from pand.data.splits import DATASET_NAMES, get_dataset, stratified_split
+from pand.data.verify import verify_images, verify_splits
 
-__all__ = ["ClassificationDataset", "DATASET_NAMES", "get_dataset", "stratified_split", "subset"]
+__all__ = [
+    "DATASET_NAMES",
+    "ClassificationDataset",
+    "get_dataset",
+    "stratified_split",
+    "subset",
+    "verify_images",
+    "verify_splits",
+]

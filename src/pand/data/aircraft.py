@@ -55,15 +55,24 @@ def dataset_dir(root: str | os.PathLike, download_missing: bool = False) -> Path
     return base.locate_dataset(root, FOLDER, MARKERS, TITLE, LAYOUT, download, download_missing)
 
 
+def _read_variants(path: Path) -> list[str]:
+    """The variant names of variants.txt in label order; a variant listed twice is an error naming both lines."""
+    first_line: dict[str, int] = {}
+    for no, variant in base.read_lines(path):
+        first = first_line.setdefault(variant, no)
+        if first != no:
+            # Two labels for one variant: images could only ever get the first, the second class would stay empty.
+            raise PandError(f"line {no} of {path}: variant {variant!r} is already listed at line {first}")
+    return list(first_line)
+
+
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.FileDataset:
     """The official ``"train"``, ``"val"`` or ``"test"`` split."""
     base.check_split(split, ("train", "val", "test"))
     d = dataset_dir(root, download)
     variants_file = base.require(d / "data" / "variants.txt", TITLE, LAYOUT, download=True)
-    classes = [line for _, line in base.read_lines(variants_file)]
+    classes = _read_variants(variants_file)
     index = {v: i for i, v in enumerate(classes)}
-    if len(index) != len(classes):
-        raise PandError(f"{variants_file} lists a variant twice")
     listing = base.require(d / "data" / f"images_variant_{split}.txt", TITLE, LAYOUT, download=True)
     base.require(d / "data" / "images", TITLE, LAYOUT, download=True)
     relpaths, targets = [], []

@@ -46,14 +46,52 @@ def dataset_dir(root: str | os.PathLike, download_missing: bool = False) -> Path
     return base.locate_dataset(root, FOLDER, MARKERS, TITLE, LAYOUT, download, download_missing)
 
 
-def _id_table(path: Path, what: str) -> dict[str, str]:
-    table: dict[str, str] = {}
+def _id_table(path: Path, what: str) -> dict[str, tuple[int, str]]:
+    """image id -> (line number, value) of a two-column CUB list file; an id listed twice is an error."""
+    table: dict[str, tuple[int, str]] = {}
     for no, line in base.read_lines(path):
         parts = line.split(maxsplit=1)
         if len(parts) != 2:
             raise base.malformed(path, no, line, f"'<id> <{what}>'")
-        table[parts[0]] = parts[1].strip()
+        if parts[0] in table:
+            raise PandError(f"line {no} of {path}: image id {parts[0]} is already listed at line {table[parts[0]][0]}")
+        table[parts[0]] = (no, parts[1].strip())
     return table
+
+
+def _read_classes(path: Path) -> list[str]:
+    """Class names in id order from classes.txt; ids must be 1..n, each id and each name listed once."""
+    by_id: dict[int, tuple[int, str]] = {}  # class id -> (line number, clean name)
+    by_name: dict[str, tuple[int, int]] = {}  # casefolded name -> (line number, class id)
+    for no, line in base.read_lines(path):
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise base.malformed(path, no, line, "'<class id> <NNN.Class_Name>'")
+        cid, name = int(parts[0]), base.clean_name(parts[1].strip(), strip_prefix=r"^\d+\.")
+        if cid in by_id:
+            raise PandError(f"line {no} of {path}: class id {cid} is already listed at line {by_id[cid][0]}")
+        # Two ids with one name would train two classes that CLIP prompts cannot tell apart.
+        first = by_name.setdefault(name.casefold(), (no, cid))
+        if first[1] != cid:
+            raise PandError(
+                f"line {no} of {path} ({line!r}): class name {name!r} is already class {first[1]} at line {first[0]}; "
+                "every class must have its own name"
+            )
+        by_id[cid] = (no, name)
+    if sorted(by_id) != list(range(1, len(by_id) + 1)):
+        gap = next(c for c in range(1, len(by_id) + 2) if c not in by_id)
+        raise PandError(f"{path}: class ids must be 1..{len(by_id)} without gaps; class id {gap} is missing")
+    return [by_id[cid][1] for cid in range(1, len(by_id) + 1)]
+
+
+def _check_labels(labels_file: Path, labels: dict[str, tuple[int, str]], classes_file: Path, n: int) -> None:
+    """Every line of image_class_labels.txt (train and test alike) names a class of classes.txt."""
+    for image_id, (no, label) in labels.items():
+        if not label.isdigit() or not 1 <= int(label) <= n:
+            raise PandError(
+                f"line {no} of {labels_file}: image {image_id} has class {label!r}, but {classes_file} lists "
+                f"classes 1..{n}"
+            )
 
 
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.FileDataset:
@@ -67,34 +105,23 @@ def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base
     classes_file = req("classes.txt")
     req("images")
 
-    class_rows = []
-    for no, line in base.read_lines(classes_file):
-        parts = line.split(maxsplit=1)
-        if len(parts) != 2 or not parts[0].isdigit():
-            raise base.malformed(classes_file, no, line, "'<class id> <NNN.Class_Name>'")
-        class_rows.append((int(parts[0]), parts[1].strip()))
-    class_rows.sort()
-    if [cid for cid, _ in class_rows] != list(range(1, len(class_rows) + 1)):
-        raise PandError(f"{classes_file}: class ids must be 1..{len(class_rows)} without gaps")
-    classes = [base.clean_name(raw, strip_prefix=r"^\d+\.") for _, raw in class_rows]
+    classes = _read_classes(classes_file)
+    _check_labels(d / "image_class_labels.txt", labels, classes_file, len(classes))
 
     want = "1" if split == "train" else "0"
     relpaths, targets = [], []
-    for image_id in images:  # file order (the official file is sorted by id)
+    for image_id, (line_no, rel) in images.items():  # file order (the official file is sorted by id)
+        at = f"line {line_no} of {d / 'images.txt'}: image id {image_id}"
         if image_id not in labels:
-            raise PandError(f"image id {image_id} of {d / 'images.txt'} has no label in {d / 'image_class_labels.txt'}")
+            raise PandError(f"{at} has no label in {d / 'image_class_labels.txt'}")
         if image_id not in is_train:
-            raise PandError(f"image id {image_id} of {d / 'images.txt'} is missing from {d / 'train_test_split.txt'}")
-        if is_train[image_id] not in ("0", "1"):
-            raise PandError(f"{d / 'train_test_split.txt'}: image {image_id} has {is_train[image_id]!r}, not 1 or 0")
-        if is_train[image_id] != want:
+            raise PandError(f"{at} is missing from {d / 'train_test_split.txt'}")
+        no, flag = is_train[image_id]
+        if flag not in ("0", "1"):
+            raise PandError(f"line {no} of {d / 'train_test_split.txt'}: image {image_id} has {flag!r}, not 1 or 0")
+        if flag != want:
             continue
-        label = labels[image_id]
-        if not label.isdigit() or not 1 <= int(label) <= len(classes):
-            raise PandError(
-                f"{d / 'image_class_labels.txt'}: image {image_id} has class {label!r}, not 1..{len(classes)}"
-            )
-        relpaths.append("images/" + images[image_id].replace(os.sep, "/"))
-        targets.append(int(label) - 1)
+        relpaths.append("images/" + rel.replace(os.sep, "/"))
+        targets.append(int(labels[image_id][1]) - 1)
     base.check_files_exist(d, relpaths, d / "images.txt", TITLE)
     return base.FileDataset("cub", split, classes, d, relpaths, targets)

@@ -21,6 +21,7 @@ TITLE = "Stanford Dogs"
 FOLDER = "stanford_dogs"
 HAS_OFFICIAL_VAL = False
 MARKERS = ("Images", "lists")
+NUM_CLASSES = 120
 
 # Where download=True fetches the data (tests monkeypatch the urls to file:// archives). ``dest`` is the sub-folder of
 # the dataset folder the archive is extracted into (lists.tar holds the .mat files without a folder).
@@ -98,6 +99,39 @@ def read_list(path: Path) -> tuple[list[str], list[int]]:
     return files, labels
 
 
+def _entry(path: Path, i: int, file: str, label: int) -> str:
+    # Index from 0 as scipy.io.loadmat shows it (MATLAB counts from 1).
+    return f"entry {i} of {path} (file_list {file!r}, label {label})"
+
+
+def _class_folders(lists: dict[str, Path], parsed: dict[str, tuple[list[str], list[int]]]) -> dict[int, str]:
+    """label -> the Images/ sub-folder all its images are in; over train and test so both agree.
+
+    A label outside the official 1..120, or two labels sharing a folder (one breed listed as two classes), or one
+    label spread over two folders is an error naming the .mat file and the entry.
+    """
+    first_of_label: dict[int, tuple[str, str]] = {}  # label -> (folder, where)
+    first_of_folder: dict[str, tuple[int, str]] = {}  # folder -> (label, where)
+    for s in ("train", "test"):
+        for i, (f, label) in enumerate(zip(*parsed[s], strict=True)):
+            where = _entry(lists[s], i, f, label)
+            if not 1 <= label <= NUM_CLASSES:
+                raise PandError(
+                    f"{where}: label {label} is not a Stanford Dogs class; the official labels are 1..{NUM_CLASSES}"
+                )
+            folder = f.split("/", 1)[0]
+            known_folder, at = first_of_label.setdefault(label, (folder, where))
+            if known_folder != folder:
+                raise PandError(f"{where}: label {label} is used for both {known_folder!r} (at {at}) and {folder!r}")
+            known_label, at = first_of_folder.setdefault(folder, (label, where))
+            if known_label != label:
+                raise PandError(
+                    f"{where}: breed folder {folder!r} has label {label}, but label {known_label} at {at}; "
+                    "each breed must have exactly one label (the class name would be listed twice)"
+                )
+    return {label: folder for label, (folder, _) in first_of_label.items()}
+
+
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.FileDataset:
     """The official ``"train"`` or ``"test"`` split."""
     base.check_split(split, ("train", "test"))
@@ -106,15 +140,8 @@ def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base
     lists = {s: _list_file(d, s) for s in ("train", "test")}
     parsed = {s: read_list(p) for s, p in lists.items()}
 
-    folder_of: dict[int, str] = {}
-    for s in ("train", "test"):
-        for f, label in zip(*parsed[s], strict=True):
-            folder = f.split("/", 1)[0]
-            if folder_of.setdefault(label, folder) != folder:
-                raise PandError(f"{lists[s]}: label {label} is used for both {folder_of[label]!r} and {folder!r}")
-    if min(folder_of, default=1) < 1:
-        raise PandError(f"labels in {lists['train']} / {lists['test']} must be 1-based; found {min(folder_of)}")
-    n = max(folder_of, default=0)
+    folder_of = _class_folders(lists, parsed)
+    n = max(folder_of, default=0)  # tiny copies may use fewer breeds, but always 1..n
     missing = [lab for lab in range(1, n + 1) if lab not in folder_of]
     if missing:
         raise PandError(

@@ -49,30 +49,56 @@ def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DatasetNotFoundError(f"class_names_file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line and not line.startswith("#")]
+    lines = base.read_lines(path)
+    mapping = _as_mapping(path, lines, folders)
+    if mapping is not None:
+        missing = [f for f in folders if f not in mapping]
+        if missing:
+            raise ConfigError(f"{path} gives no display name for class folder {missing[0]!r}")
+        names = [mapping[f] for f in folders]
+    else:
+        if len(lines) != len(folders):
+            raise ConfigError(
+                f"{path} has {len(lines)} names but there are {len(folders)} class folders; write one name per line "
+                "in sorted folder order, or 'folder_name<TAB or comma>display name' lines"
+            )
+        names = lines
+    _check_unique(path, names)
+    return [name for _, name in names]
+
+
+def _as_mapping(path: Path, lines: list[tuple[int, str]], folders: list[str]) -> dict[str, tuple[int, str]] | None:
+    """folder -> (line number, display name) if every line is ``folder<TAB|,>name``; None for a positional list."""
     known = set(folders)
-    mapping: dict[str, str] = {}
-    for line in lines:
+    rows = []
+    for no, line in lines:
         sep = "\t" if "\t" in line else ("," if "," in line else None)
         if sep is None:
-            break
+            return None
         key, name = (s.strip() for s in line.split(sep, 1))
         if key not in known:
-            break
-        mapping[key] = name
-    else:
-        if lines:  # every line is a "folder<sep>name" mapping
-            missing = [f for f in folders if f not in mapping]
-            if missing:
-                raise ConfigError(f"{path} gives no display name for class folder {missing[0]!r}")
-            return [mapping[f] for f in folders]
-    if len(lines) != len(folders):
-        raise ConfigError(
-            f"{path} has {len(lines)} names but there are {len(folders)} class folders; write one name per line in "
-            "sorted folder order, or 'folder_name<TAB or comma>display name' lines"
-        )
-    return lines
+            return None
+        rows.append((no, key, name))
+    if not rows:
+        return None
+    mapping: dict[str, tuple[int, str]] = {}
+    for no, key, name in rows:
+        if key in mapping:
+            raise ConfigError(f"line {no} of {path}: class folder {key!r} is already named at line {mapping[key][0]}")
+        mapping[key] = (no, name)
+    return mapping
+
+
+def _check_unique(path: Path, names: list[tuple[int, str]]) -> None:
+    # Two folders with one display name would train two classes that CLIP prompts cannot tell apart.
+    first: dict[str, int] = {}
+    for no, name in sorted(names):  # file order, so the later of two lines is the one reported
+        seen = first.setdefault(" ".join(name.split()).casefold(), no)
+        if seen != no:
+            raise ConfigError(
+                f"line {no} of {path}: display name {name!r} is already used at line {seen}; "
+                "every class needs its own name"
+            )
 
 
 def load(

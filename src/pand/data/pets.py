@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from pand.data import base
 from pand.data.download import download_and_extract
@@ -20,6 +21,7 @@ TITLE = "Oxford-IIIT Pet"
 FOLDER = "oxford-iiit-pet"
 HAS_OFFICIAL_VAL = False
 MARKERS = ("annotations", "images")
+NUM_CLASSES = 37
 
 # Where download=True fetches the data. ``None`` entries are filled on first use from torchvision's own
 # ``OxfordIIITPet._RESOURCES`` (imported lazily). Tests monkeypatch the entries with file:// archives.
@@ -55,14 +57,62 @@ def dataset_dir(root: str | os.PathLike, download_missing: bool = False) -> Path
     return base.locate_dataset(root, FOLDER, MARKERS, TITLE, LAYOUT, download, download_missing)
 
 
-def _parse(path: Path) -> list[tuple[str, int]]:
+class _Row(NamedTuple):
+    """One annotation line: where it is, and the two columns pand uses."""
+
+    path: Path
+    no: int
+    line: str
+    image: str
+    cid: int
+
+    @property
+    def at(self) -> str:
+        return f"line {self.no} of {self.path} ({self.line!r})"
+
+
+def _parse(path: Path) -> list[_Row]:
     rows = []
     for no, line in base.read_lines(path):
         parts = line.split()
-        if len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) < 1:
+        if len(parts) < 2 or not parts[1].isdigit():
             raise base.malformed(path, no, line, "'<image> <CLASS-ID> <SPECIES> <BREED-ID>'")
-        rows.append((parts[0], int(parts[1])))
+        cid = int(parts[1])
+        if not 1 <= cid <= NUM_CLASSES:
+            # Accepting it would silently add a class the official list does not have.
+            raise PandError(
+                f"line {no} of {path} ({line!r}): CLASS-ID {cid} is not an official Oxford-IIIT Pet class; "
+                f"the official CLASS-IDs are 1..{NUM_CLASSES}"
+            )
+        rows.append(_Row(path, no, line, parts[0], cid))
     return rows
+
+
+def _class_prefixes(rows: list[_Row]) -> dict[int, str]:
+    """CLASS-ID -> the file-name prefix all its images share; each prefix belongs to one CLASS-ID only."""
+    first_of_id: dict[int, _Row] = {}
+    first_of_name: dict[str, _Row] = {}
+    for row in rows:
+        prefix = _prefix(row.image)
+        first = first_of_id.setdefault(row.cid, row)
+        if _prefix(first.image) != prefix:
+            raise PandError(
+                f"{row.at}: image {row.image!r} has CLASS-ID {row.cid}, but CLASS-ID {row.cid} is "
+                f"{_prefix(first.image)!r} at {first.at}; every image of a class must be named after its breed"
+            )
+        # Two ids with one name would train two classes under one (duplicated) class name.
+        key = base.clean_name(prefix).casefold()
+        other = first_of_name.setdefault(key, row)
+        if other.cid != row.cid:
+            raise PandError(
+                f"{row.at}: breed {prefix!r} has CLASS-ID {row.cid}, but it is CLASS-ID {other.cid} at {other.at}; "
+                "each breed must have exactly one CLASS-ID (the class name would be listed twice)"
+            )
+    return {cid: _prefix(row.image) for cid, row in first_of_id.items()}
+
+
+def _prefix(image: str) -> str:
+    return image.rsplit("_", 1)[0] if "_" in image else image
 
 
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.FileDataset:
@@ -74,11 +124,8 @@ def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base
     rows = {s: _parse(p) for s, p in files.items()}
 
     # class names: the file-name prefix of each CLASS-ID's images, over both files so train and test agree
-    prefix: dict[int, str] = {}
-    for s in ("train", "test"):
-        for image, cid in rows[s]:
-            prefix.setdefault(cid, image.rsplit("_", 1)[0] if "_" in image else image)
-    n = max(prefix, default=0)
+    prefix = _class_prefixes(rows["train"] + rows["test"])
+    n = max(prefix, default=0)  # tiny copies may use fewer classes, but always 1..n
     missing = [cid for cid in range(1, n + 1) if cid not in prefix]
     if missing:
         raise PandError(
@@ -86,7 +133,7 @@ def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base
         )
     classes = [base.clean_name(prefix[cid]) for cid in range(1, n + 1)]
 
-    relpaths = [f"images/{image}.jpg" for image, _ in rows[split]]
-    targets = [cid - 1 for _, cid in rows[split]]
+    relpaths = [f"images/{row.image}.jpg" for row in rows[split]]
+    targets = [row.cid - 1 for row in rows[split]]
     base.check_files_exist(d, relpaths, files[split], TITLE)
     return base.FileDataset("pets", split, classes, d, relpaths, targets)

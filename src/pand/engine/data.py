@@ -11,6 +11,7 @@ to seed the views, and evaluation shards without the padding duplicates a ``Dist
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pand.cache.teacher import choose_view
-from pand.data import ClassificationDataset, get_dataset, stratified_split, subset
+from pand.data import ClassificationDataset, get_dataset, stratified_split, subset, verify_splits
 from pand.data.transforms import AugmentConfig, ReplayableAugment, eval_transform, view_generator
 from pand.errors import ConfigError
 
@@ -174,7 +175,18 @@ def augment_config(data: Mapping[str, Any]) -> AugmentConfig:
 
 
 def load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
-    """The train / val / test datasets a data config describes (few-shot pool included)."""
+    """The train / val / test datasets a data config describes (few-shot pool included).
+
+    Unless ``data.verify_images=false``, every image of every split is decoded once first (remembered per dataset
+    fingerprint), so that a corrupt test image stops the run before training, not after it.
+    """
+    splits = _load_splits(data)
+    if data.get("verify_images", True):
+        verify_splits(splits, progress=sys.stderr.isatty())
+    return splits
+
+
+def _load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
     common = dict(
         download=bool(data.get("download", False)),
         split_seed=int(data.get("split_seed", 0)),
