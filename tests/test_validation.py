@@ -160,3 +160,22 @@ def test_gather_names_a_broken_summary(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"run summary {tmp_path / 'runs' / 'broken' / 'summary.json'} is not valid JSON" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "override", "message"),
+    [
+        ("prompts", "prompts.epochs=0", "prompts.epochs=0 is not allowed: expected an integer >= 1"),
+        ("prompts", "prompts.class_token_position=left", "prompts.class_token_position='left' is not allowed"),
+        ("features", "features.batch_size=0", "features.batch_size=0 is not allowed"),
+        ("features", "features.splits=[train,holdout]", "features.splits=['train', 'holdout'] is not allowed"),
+    ],
+)
+def test_stage1_settings_are_refused_before_the_teacher_loads(cub_root, tmp_path, command, override, message,
+                                                              monkeypatch, capsys):
+    monkeypatch.setattr("pand.engine.stage1.load_teacher_from",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher loaded")))
+    args = [command, "data=cub", f"data.root={cub_root}", "data.num_classes=3", "teacher=tiny",
+            f"features.dir={tmp_path / 'features'}", override]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

@@ -275,7 +275,7 @@ def validate_coop_config(config: Mapping[str, Any], *, writes_prompts: bool) -> 
     _raise(errors, "stage-1")
     check_writable(config["features"]["dir"], "the features folder (features.dir)")
     if writes_prompts:
-        check_writable(Path(config["prompts"]["out"]).parent, "the folder of prompts.out")
+        check_writable(Path(config["prompts"]["out"]).parent, "the output folder of prompts.out=")
 
 
 def validate_eval_options(splits: Sequence[str], out: str | None) -> None:
@@ -283,4 +283,4 @@ def validate_eval_options(splits: Sequence[str], out: str | None) -> None:
     if not splits or bad:
         raise ConfigError(f"splits={list(splits)} is not allowed: expected a non-empty list of val and/or test")
     if out:
-        check_writable(Path(out).expanduser().absolute().parent, "the folder of out")
+        check_writable(Path(out).expanduser().absolute().parent, "the output folder of out=")
