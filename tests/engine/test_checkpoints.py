@@ -282,3 +282,12 @@ def test_a_corrupt_test_image_stops_the_run_before_training(cub_root, tmp_path, 
     assert "1 image of cub/test cannot be decoded" in err
     assert str(test_image) in err
     assert not (run / "checkpoints").exists()  # found before any epoch
+
+
+def test_a_checkpoint_without_a_record_resumes_on_its_settings_alone(finished_run, cub_root):
+    last = finished_run / "checkpoints" / "last.ckpt"
+    ckpt = _load(last)
+    del ckpt["pand"]  # as written before pand recorded data fingerprints
+    torch.save(ckpt, last)
+    assert main(_resume(cub_root, finished_run, "trainer.max_epochs=3")) == 0
+    assert _load(last)["epoch"] == 2

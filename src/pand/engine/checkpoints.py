@@ -233,9 +233,7 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
     return diffs
 
 
-def record_differences(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
-    if not stored:
-        return ["the checkpoint carries no record of its data and teacher (written by an older pand)"]
+def record_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     diffs = []
     for split, fp in current["fingerprints"].items():
         old = (stored.get("fingerprints") or {}).get(split)
@@ -316,6 +314,10 @@ def last_validated_epoch(metrics_csv: Path) -> int | None:
 def check_resume_record(ckpt_path: str | os.PathLike, stored: Mapping[str, Any] | None,
                         current: Mapping[str, Any]) -> None:
     """After data and teacher are built: same data content, same teacher, same learned text features."""
+    if not stored:
+        log.warning("%s carries no record of its data and teacher (written by an older pand): only its settings "
+                    "were checked", ckpt_path)
+        return
     diffs = record_differences(stored, current)
     if diffs:
         raise MismatchError(f"cannot resume from {ckpt_path}: it was trained on something else:\n  "
