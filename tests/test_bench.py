@@ -17,3 +17,15 @@ def test_bench_json_has_every_figure_and_the_configuration(capsys):
     cfg = result["config"]
     assert cfg["teacher"] == "pand-tiny-vit" and cfg["image_size"] == 32 and cfg["batch"] == 4
     assert cfg["device"] == "cpu" and cfg["threads"] >= 1 and cfg["teacher_image_size"] == 32
+
+
+def test_integrity_benchmark_prints_every_row():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "integrity_checks.py"
+    out = subprocess.run([sys.executable, str(script), "--images", "4", "--cache-images", "16", "--views", "2",
+                          "--dim", "8"], capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check")]
+    assert len(rows) == 1 + 10 and "pand's atomic save" in out and "verify again" in out
