@@ -82,8 +82,8 @@ def nlrd_loss(
 
     Neighbours come from a pool: by default the batch itself; under DDP the logits gathered from every process, with
     ``self_index[i]`` the position of sample i in the pool so that it is not its own neighbour. ``k`` is clamped to
-    ``pool size - 1``; ``k < 1`` is an error, never a silent zero. A pool of one sample has no neighbours: the loss is then 0 (still attached to the graph),
-    which is what a last batch of size 1 gets.
+    ``pool size - 1``; ``k < 1`` is an error, never a silent zero. A pool of one sample has no neighbours: the loss
+    is then 0 (still attached to the graph), which is what a last batch of size 1 gets.
     """
     s = student_logits.float()
     t = teacher_logits.float()
@@ -109,3 +109,79 @@ def nlrd_loss(
     kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
     kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
     return (0.5 * (kl_q + kl_p)).mean()
+
+
+def logit_standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation (LS, Sun et al., CVPR 2024): z-score each sample's logits over the classes.
+
+    ``z' = (z - mean_c z) / (std_c z + eps)`` with the Bessel-corrected standard deviation (divisor ``C - 1``), as the
+    authors' code computes it; the paper writes the population one, which differs by ``sqrt(C / (C - 1))`` and so acts
+    like a slightly different temperature. Applied to teacher and student logits separately, before the temperature.
+    """
+    z = logits.float()
+    return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + eps)
+
+
+_EXCLUDED = -1e9
+
+
+def dkd_terms(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float = 4.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample TCKD and NCKD of Decoupled KD (Zhao et al., CVPR 2022), each already times ``T^2``.
+
+    TCKD is the KL divergence between the binary (target class, all other classes) distributions of teacher and
+    student at temperature T. NCKD is the KL divergence between the distributions over the non-target classes alone
+    (the target logit removed, the rest renormalised). Classical KD splits exactly into them:
+    ``KD = TCKD + (1 - p_t[target]) * NCKD`` per sample, with ``p_t`` the teacher's softmax at T.
+    """
+    t = float(temperature)
+    s, z = student_logits.float() / t, teacher_logits.float() / t
+    target_mask = F.one_hot(target, s.shape[-1]).bool()
+    log_p_s, log_p_t = F.log_softmax(s, -1), F.log_softmax(z, -1)
+
+    def binary(log_p: torch.Tensor) -> torch.Tensor:
+        # log of (p[target], 1 - p[target]), the second as a logsumexp over the other classes for precision
+        on = log_p.masked_fill(~target_mask, float("-inf")).logsumexp(-1)
+        off = log_p.masked_fill(target_mask, float("-inf")).logsumexp(-1)
+        return torch.stack([on, off], -1)
+
+    b_s, b_t = binary(log_p_s), binary(log_p_t)
+    tckd = (b_t.exp() * (b_t - b_s)).sum(-1)
+    # A finite fill, not -inf: its probability underflows to exactly 0 (so the target drops out), while -inf would
+    # make 0 * (-inf - -inf) = NaN in the backward pass.
+    q_s = F.log_softmax(s.masked_fill(target_mask, _EXCLUDED), -1)
+    q_t = F.log_softmax(z.masked_fill(target_mask, _EXCLUDED), -1)
+    nckd = (q_t.exp() * (q_t - q_s)).sum(-1)
+    return tckd * t * t, nckd * t * t
+
+
+def dkd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 1.0,
+    beta: float = 8.0, temperature: float = 4.0,
+) -> torch.Tensor:
+    """Decoupled KD: ``alpha * TCKD + beta * NCKD`` (see :func:`dkd_terms`), mean over the batch.
+
+    Defaults are the CIFAR-100 ones (alpha 1, beta 8, T 4); the ImageNet R34 -> R18 recipe uses beta 0.5, T 1. The
+    warm-up factor ``min(epoch / warmup, 1)`` belongs to the training schedule and is applied by the distiller.
+    """
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, target, temperature)
+    return (float(alpha) * tckd + float(beta) * nckd).mean()
+
+
+def ofa_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """OFA-KD's adaptive target loss (Hao et al., NeurIPS 2023), mean over the batch.
+
+    ``-sum_c [(p_t + y)^eps - y]_c * log p_s,c`` with ``y`` the one-hot label and ``p_t``, ``p_s`` the softmaxes at
+    T. ``eps = 1`` is cross-entropy against the teacher's soft labels; ``eps > 1`` raises the weight of the target
+    class where the teacher is unsure of it.
+    """
+    t = float(temperature)
+    y = F.one_hot(target, student_logits.shape[-1]).float()
+    p_t = F.softmax(teacher_logits.float() / t, -1)
+    log_p_s = F.log_softmax(student_logits.float() / t, -1)
+    weight = (p_t + y).pow(float(eps)) - y
+    return -(weight * log_p_s).sum(-1).mean()
