@@ -20,7 +20,7 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("something was loaded before the config was validated")
 
-    monkeypatch.setattr("pand.engine.run.load_clip_teacher", refuse)
+    monkeypatch.setattr("pand.engine.teacher_side.load_clip_teacher", refuse)
     monkeypatch.setattr("pand.engine.run.build_student", refuse)
     monkeypatch.setattr("pand.engine.data.get_dataset", refuse)
 
@@ -35,9 +35,9 @@ def nothing_loads(monkeypatch):
         (["method=pand", "method.use_coop=false", "data.batch_size=1"], "NLRD needs at least 2 samples per batch"),
         (["method=pand"], "method.use_coop=true needs teacher.text_features"),
         (["method=vl2lite", "teacher.text_features=/x/learned.safetensors"],
-         "method 'vl2lite' with these options does not read learned text features"),
+         "method 'vl2lite' with these options and a clip teacher does not read learned text features"),
         (["method=pand", "method.use_coop=false", "teacher.text_features=/x/learned.safetensors"],
-         "method 'pand' with these options does not read learned text features"),
+         "method 'pand' with these options and a clip teacher does not read learned text features"),
         (["method=ce", "cache.dir=/tmp/x", "cache.views=2"], "method 'ce' reads no teacher outputs"),
         (["cache.dir=/tmp/x", "cache.views=0"], "a teacher cache needs at least 1 view"),
         (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: expected a number >= 0"),
@@ -131,7 +131,7 @@ def test_eval_refuses_an_unwritable_out_before_evaluating(cub_root, tmp_path, ca
     assert main(["train", *tiny_overrides(cub_root, run, "method=ce", "trainer.max_epochs=1", "test=false")]) == 0
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setattr("pand.engine.run.read_checkpoint",
+    monkeypatch.setattr("pand.engine.run.load_checkpoint_student",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated before checking out")))
     capsys.readouterr()
     assert main(["eval", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"out={blocker / 'eval.json'}"]) == 2

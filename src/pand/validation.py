@@ -227,6 +227,42 @@ def _data_errors(config: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
+    """What the method reads against what the configured teacher side provides, and settings it would ignore."""
+    from pand.engine.teacher_side import TEACHER_KINDS, teacher_kind, teacher_provides
+    from pand.teachers import LOGITS
+
+    errors: list[str] = []
+    kind = teacher_kind(config)
+    if kind not in TEACHER_KINDS:
+        return [f"teacher.kind={_show(kind)} is not allowed: expected one of {', '.join(map(repr, TEACHER_KINDS))}"]
+    uses_teacher = bool(cls.requires) or cls.needs_text_embeds
+    missing = cls.requires - teacher_provides(config)
+    if missing:
+        errors.append(f"method {cls.name!r} reads {sorted(missing)}, which a {kind} teacher does not provide "
+                      f"(it provides {sorted(teacher_provides(config))}); use a CLIP teacher or another method")
+    reads_text = cls.reads_text_features(config.get("method") or {}) or (LOGITS in cls.requires and kind == "clip")
+    text_features = lookup(config, "teacher.text_features")
+    if text_features not in (None, _MISSING) and not reads_text:
+        errors.append(f"teacher.text_features={text_features} is set, but method {cls.name!r} with these options "
+                      f"and a {kind} teacher does not read learned text features; remove it (or choose a method "
+                      "that uses them)")
+    cache_dir = lookup(config, "cache.dir")
+    if cache_dir not in (None, _MISSING) and not cls.requires:
+        errors.append(f"cache.dir={cache_dir} is set, but method {cls.name!r} reads no teacher outputs; remove it")
+    elif cache_dir not in (None, _MISSING) and kind == "classifier":
+        errors.append(f"cache.dir={cache_dir} is set, but the teacher cache stores CLIP image embeddings only; a "
+                      "classifier teacher runs live (remove cache.dir)")
+    if kind == "classifier" and uses_teacher:
+        t = config.get("teacher") or {}
+        given = [k for k in ("ckpt", "weights", "pretrained") if t.get(k)]
+        if len(given) != 1:
+            errors.append("a classifier teacher needs exactly one of teacher.ckpt (a pand checkpoint), "
+                          f"teacher.weights (a state dict of teacher.model) or teacher.pretrained=random; got "
+                          f"{given or 'none'}")
+    return errors
+
+
 def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = False) -> None:
     """Refuse a training (or ``pand cache build``) config with any invalid, inconsistent or ignored setting."""
     from pand.distillers import get_distiller_class
@@ -250,14 +286,7 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
         cls = get_distiller_class(method.get("name"))
         errors += check_rules(method, cls.option_rules, prefix="method.")
         errors += cls.check_config(config)
-        reads_text = cls.reads_text_features(method)
-        text_features = lookup(config, "teacher.text_features")
-        if text_features not in (None, _MISSING) and not reads_text:
-            errors.append(f"teacher.text_features={text_features} is set, but method {cls.name!r} with these options "
-                          "does not read learned text features; remove it (or choose a method that uses them)")
-        if cache.get("dir") and not cls.requires:
-            errors.append(f"cache.dir={cache['dir']} is set, but method {cls.name!r} reads no teacher outputs; "
-                          "remove it")
+        errors += _teacher_errors(config, cls)
     _raise(errors, "training")
     run_dir = config.get("run_dir") or lookup(config, "paths.runs_dir")
     if not for_cache_build and run_dir not in (None, _MISSING):

@@ -11,7 +11,8 @@ from pand.cli import main
 from pand.config import compose, to_plain
 from pand.distillers import Progress
 from pand.engine.data import PandDataModule
-from pand.engine.run import build_training, open_or_build_cache
+from pand.engine.run import build_training
+from pand.engine.teacher_side import open_or_build_cache
 from pand.errors import MismatchError, PandError
 from pand.teachers.source import LiveTeacherSource
 from tests.engine.conftest import tiny_overrides
@@ -42,7 +43,7 @@ def test_cached_views_replay_exactly_and_match_the_online_teacher(cub_root, tmp_
                                rtol=0, atol=0)
 
     # loss from the cached embedding == loss with the online teacher on the replayed image, to float16 tolerance
-    from pand.engine.run import load_teacher_from
+    from pand.engine.teacher_side import load_teacher_from
 
     live = LiveTeacherSource(load_teacher_from(config), config["data"]["mean"], config["data"]["std"])
     cached_out = module.teacher_source(batch, {"image_embeds"})
@@ -117,7 +118,7 @@ def test_training_from_the_cache_never_loads_the_teacher(cub_root, tmp_path, mon
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded although the cache covers the run")
 
-    monkeypatch.setattr("pand.engine.run.load_clip_teacher", refuse)
+    monkeypatch.setattr("pand.engine.teacher_side.load_clip_teacher", refuse)
     assert main(["train", *overrides]) == 0
     assert json.loads((run / "summary.json").read_text())["test_acc1"] is not None
 

@@ -17,7 +17,7 @@ from pand.cache.integrity import CacheDamagedError, allocate_npy, array_layout
 from pand.cache.teacher import TeacherCache, cache_record
 from pand.cli import main
 from pand.engine.data import PandDataModule
-from pand.engine.run import (
+from pand.engine.teacher_side import (
     cache_settings,
     load_teacher_from,
     open_or_build_cache,

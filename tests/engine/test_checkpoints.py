@@ -138,7 +138,7 @@ def test_resume_with_other_settings_is_refused_naming_the_field(finished_run, cu
     def refuse(*args, **kwargs):
         raise AssertionError("loaded before the checkpoint was checked")
 
-    monkeypatch.setattr("pand.engine.run.load_clip_teacher", refuse)
+    monkeypatch.setattr("pand.engine.teacher_side.load_clip_teacher", refuse)
     monkeypatch.setattr("pand.engine.run.build_student", refuse)
     assert main(_resume(cub_root, finished_run, override)) == 2
     err = capsys.readouterr().err

@@ -22,13 +22,17 @@ from pand.validation import Rule
 
 @dataclass
 class TeacherContext:
-    """Class-level teacher data, computed once per run (never per step)."""
+    """Class-level teacher data, computed once per run (never per step).
 
-    embed_dim: int
-    logit_scale: float
+    A CLIP teacher fills ``embed_dim``, ``logit_scale`` and the text matrices; a classifier teacher its class count.
+    """
+
+    embed_dim: int | None = None
+    logit_scale: float | None = None
     text_embeds: torch.Tensor | None = None  # C x D, L2-normalised, from the prompt templates
     prompt_embeds: torch.Tensor | None = None  # C x D learned CoOp text features (teacher.text_features), if given
     identity: dict[str, str] = field(default_factory=dict)
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,32 @@ def stored_config(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[str,
         raise CheckpointError(f"{path} is not a pand training checkpoint (no stored config)") from None
 
 
+STUDENT_PREFIX = "distiller.student."
+
+
+def load_checkpoint_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """The student of a pand checkpoint (weights loaded, eval mode), its training config and its run record.
+
+    Nothing is downloaded: the student is rebuilt from its stored config without pretrained weights.
+    """
+    from pand.students import build_student
+
+    ckpt = read_checkpoint(path)
+    config = stored_config(ckpt, path)
+    state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
+    head = state.get("linear_cls.weight")
+    if head is None:
+        raise CheckpointError(f"{path} holds no student classifier ('{STUDENT_PREFIX}linear_cls.weight')")
+    s = config["student"]
+    student = build_student(s["name"], int(head.shape[0]), source=s.get("source", "auto"), pretrained=False)
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as err:
+        raise MismatchError(f"the student weights of {path} do not fit its stored student config: "
+                            f"{str(err).splitlines()[0]}") from None
+    return student.eval(), config, dict(ckpt.get(RECORD_KEY) or {})
+
+
 def is_resumable(ckpt: Mapping[str, Any]) -> bool:
     """Whether a checkpoint holds the training state (loops, optimizers), not only weights."""
     return "loops" in ckpt and "optimizer_states" in ckpt
@@ -192,6 +218,7 @@ def run_record(run_dir: str | os.PathLike, splits: Mapping[str, Any], context: A
     return {
         "version": RECORD_VERSION,
         "run_dir": str(run_dir),
+        "classes": list(splits["train"].classes),
         "fingerprints": {name: ds.fingerprint() for name, ds in splits.items()},
         "teacher": dict(context.identity) if context is not None and context.identity else None,
         "text_features": tensor_digest(getattr(context, "prompt_embeds", None)),
@@ -202,7 +229,7 @@ def run_record(run_dir: str | os.PathLike, splits: Mapping[str, Any], context: A
 # loader workers, devices, the number of epochs) may change; what they point at is checked by the record instead.
 _IGNORED_ON_RESUME = {
     "data": {"root", "download", "num_workers", "pin_memory", "decoded_cache"},
-    "teacher": {"pretrained", "cache_dir", "text_features"},
+    "teacher": {"pretrained", "cache_dir", "text_features", "weights", "ckpt"},
     "student": {"pretrained", "weights"},
     "method": set(),
     "optim": set(),

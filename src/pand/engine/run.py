@@ -19,25 +19,22 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from pand.cache.integrity import CacheDamagedError
-from pand.cache.teacher import CachedTeacherSource, TeacherCache, cache_record
-from pand.distillers import Distiller, TeacherContext, build_distiller, get_distiller_class
+from pand.distillers import Distiller, build_distiller, get_distiller_class
 from pand.engine.checkpoints import (
     AtomicCheckpointIO,
     RunCheckpoints,
     check_resume_config,
     check_resume_record,
-    read_checkpoint,
+    load_checkpoint_student,
     run_record,
-    stored_config,
 )
 from pand.engine.csv_log import CsvMetricsLogger
 from pand.engine.data import PandDataModule
 from pand.engine.module import DistillationModule
-from pand.errors import ConfigError, MismatchError, OutputError, PandError
+from pand.engine.teacher_side import build_cache, build_teacher_side  # noqa: F401 - build_cache: `pand cache build`
+from pand.errors import ConfigError, MismatchError, OutputError
 from pand.io import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text
 from pand.students import build_student
-from pand.teachers import LiveTeacherSource, load_clip_teacher
 from pand.validation import validate_eval_options, validate_train_config
 
 log = logging.getLogger("pand")
@@ -69,129 +66,15 @@ def build_student_from(config: Mapping[str, Any], num_classes: int):
     )
 
 
-def load_teacher_from(config: Mapping[str, Any], device: str | None = None):
-    """The configured teacher, on ``device`` (default: the GPU when the trainer may use one)."""
-    t = config["teacher"]
-    if device is None:
-        accelerator = config.get("trainer", {}).get("accelerator")
-        device = "cuda" if torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto") else "cpu"
-    return load_clip_teacher(
-        t["model"], t.get("pretrained"), logit_scale=t.get("logit_scale"), cache_dir=t.get("cache_dir"),
-        device=device, force_quick_gelu=bool(t.get("force_quick_gelu", False)),
-    )
-
-
-def load_prompt_embeds(path: str | None, teacher_identity: Mapping[str, str], classes: list[str]) -> torch.Tensor | None:
-    """Learned CoOp text features from ``pand prompts``, refused if made with another teacher or class list."""
-    if not path:
-        return None
-    from pand.prompts.store import load_text_features
-
-    return load_text_features(path, teacher_identity, classes)
-
-
-def teacher_spec(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The teacher as configured: what a teacher cache must have been built with (checked without loading it)."""
-    t = config["teacher"]
-    return {"model": t["model"], "pretrained": t.get("pretrained"), "force_quick_gelu": bool(t.get("force_quick_gelu"))}
-
-
-def cache_settings(config: Mapping[str, Any]) -> dict[str, Any] | None:
-    cache = dict(config.get("cache") or {})
-    return cache if cache.get("dir") and int(cache.get("views", 0)) > 0 else None
-
-
-def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher=None, rank: int = 0,
-                        world_size: int = 1, barrier=None) -> TeacherCache | None:
-    """The run's teacher cache: opened if it matches, built (or resumed) with the live teacher if not.
-
-    Returns None on a process that built only its share and is not the one that completes the cache.
-    """
-    settings = cache_settings(config)
-    train = data.splits["train"]
-    templates = list(config["data"]["templates"])
-    expected = cache_record(teacher_spec=teacher_spec(config), dataset=train, augment=data.augment,
-                            views=int(settings["views"]), seed=int(settings.get("seed", 0)), templates=templates)
-    try:
-        return TeacherCache.open(settings["dir"], expected)
-    except (MismatchError, CacheDamagedError):
-        if not settings.get("rebuild"):
-            raise
-    except PandError:
-        pass  # missing or incomplete: build / resume below
-    teacher = teacher or load_teacher_from(config)
-    source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
-    return TeacherCache.build(
-        settings["dir"], expected, train, data.augment, source, teacher.class_embeddings(train.classes, templates),
-        teacher.identity, embed_dim=teacher.embed_dim, learned_logit_scale=float(teacher.model.logit_scale.exp()),
-        batch_size=int(settings.get("batch_size", 64)), rank=rank, world_size=world_size,
-        rebuild=bool(settings.get("rebuild")), barrier=barrier,
-    )
-
-
-def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
-    """``pand cache build``: one process, or each process of a ``torchrun`` launch building its share."""
-    if not cache_settings(config):
-        raise ConfigError("set cache.dir=/path/to/cache and cache.views=K (> 0) to build a teacher cache")
-    validate_train_config(config, for_cache_build=True)
-    data = PandDataModule(config["data"], seed=int(config["seed"]))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return open_or_build_cache(config, data)
-    import torch.distributed as dist
-
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        rank = dist.get_rank()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        teacher = load_teacher_from(config)
-        return open_or_build_cache(config, data, teacher, rank=rank, world_size=world, barrier=_all_ok)
-    finally:
-        dist.destroy_process_group()
-
-
-def _all_ok(ok: bool = True) -> bool:
-    """A barrier that also tells every process whether all of them got there without an error."""
-    import torch.distributed as dist
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, DistillationModule]:
     """Data module and Lightning module for a resolved training config.
 
-    The teacher is loaded only if the method needs it and no teacher cache covers the run.
+    The teacher side (a live teacher, or a teacher cache that spares loading it) is whatever the method reads.
     """
     data = PandDataModule(config["data"], seed=int(config["seed"]))
     classes = data.classes
     method_cls = get_distiller_class(config["method"]["name"])
-    context, source = None, None
-    text_features = config["teacher"].get("text_features")
-    if method_cls.requires and cache_settings(config):
-        cache = open_or_build_cache(config, data)
-        data.teacher_cache = cache
-        scale = config["teacher"].get("logit_scale")
-        context = TeacherContext(
-            embed_dim=int(cache.meta["embed_dim"]),
-            logit_scale=float(cache.meta["learned_logit_scale"]) if scale in (None, "learned") else float(scale),
-            text_embeds=cache.text_embeds(), identity=cache.meta["teacher"],
-            prompt_embeds=load_prompt_embeds(text_features, cache.meta["teacher"], classes),
-        )
-        source = CachedTeacherSource(cache)
-    elif method_cls.requires or method_cls.needs_text_embeds:
-        teacher = load_teacher_from(config)
-        text = teacher.class_embeddings(classes, list(config["data"]["templates"])) if method_cls.needs_text_embeds else None
-        context = TeacherContext(
-            embed_dim=teacher.embed_dim, logit_scale=teacher.logit_scale,
-            text_embeds=None if text is None else text.cpu(), identity=teacher.identity,
-            prompt_embeds=load_prompt_embeds(text_features, teacher.identity, classes),
-        )
-        if method_cls.requires:
-            source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
+    context, source = build_teacher_side(config, data, method_cls)
     student = build_student_from(config, len(classes))
     distiller = build_distiller(config["method"], student, len(classes), context)
     module = DistillationModule(distiller, source, optim=config["optim"], config=config)
@@ -300,19 +183,13 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     splits = tuple(splits)
     out_path = Path(out) if out else ckpt_path.with_suffix(".eval.json")
     validate_eval_options(splits, str(out_path))  # before the work, so results are never computed and then lost
-    ckpt = read_checkpoint(ckpt_path)
-    config = stored_config(ckpt, ckpt_path)
+    student, config, _ = load_checkpoint_student(ckpt_path)
     if overrides:
         config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(config), OmegaConf.create(dict(overrides))))
     data = PandDataModule(config["data"], seed=int(config["seed"]))
-    student = build_student_from({**config, "student": {**config["student"], "pretrained": False, "weights": None}}, data.num_classes)
-    prefix = "distiller.student."
-    student_state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    try:
-        student.load_state_dict(student_state)
-    except RuntimeError as err:
-        raise MismatchError(f"the student weights of {ckpt_path} do not fit its stored student config: "
-                            f"{str(err).splitlines()[0]}") from None
+    if data.num_classes != student.linear_cls.out_features:
+        raise MismatchError(f"{ckpt_path} classifies {student.linear_cls.out_features} classes; its data has "
+                            f"{data.num_classes}")
     module = DistillationModule(Distiller(student, data.num_classes))
     trainer = L.Trainer(
         accelerator=config["trainer"].get("accelerator", "auto"), devices=1, logger=False,

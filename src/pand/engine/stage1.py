@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pand.engine.data import load_splits
-from pand.engine.run import load_teacher_from
+from pand.engine.teacher_side import load_teacher_from
 from pand.errors import ConfigError
 from pand.features import ensure_features
 from pand.io import atomic_write_json

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pand.errors import ConfigError, WeightsUnavailableError
+from pand.teachers.frozen import IMAGE_EMBEDS, FrozenTeacher
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-class ClipTeacher(nn.Module):
+class ClipTeacher(FrozenTeacher):
     """A frozen CLIP-like model: normalised image and text embeddings and zero-shot logits.
 
     Args:
@@ -68,7 +69,12 @@ class ClipTeacher(nn.Module):
         identity: what made the weights (model name, pretrained source, weights digest); stored next to every
             artefact derived from this teacher so that a mismatch can be refused later.
         logit_scale: scale of the zero-shot logits; ``None`` uses the model's learned ``logit_scale.exp()``.
+
+    Its per-sample output is ``image_embeds``; class logits come from those and a text matrix (template or learned
+    CoOp embeddings), see :class:`~pand.teachers.source.ZeroShotLogits`.
     """
+
+    provides = frozenset({IMAGE_EMBEDS})
 
     def __init__(
         self,
@@ -91,12 +97,7 @@ class ClipTeacher(nn.Module):
         if logit_scale is None:
             logit_scale = float(model.logit_scale.exp().item())
         self.logit_scale = float(logit_scale)
-        self.model.requires_grad_(False)
-        self.model.eval()
-
-    def train(self, mode: bool = True) -> ClipTeacher:
-        # A parent module's .train() must not switch the teacher's dropout / drop-path on.
-        return super().train(False)
+        self.freeze()
 
     @property
     def embed_dim(self) -> int:
@@ -105,10 +106,6 @@ class ClipTeacher(nn.Module):
             return int(proj.shape[-1])
         with torch.no_grad():
             return int(self.encode_texts(["a"]).shape[-1])
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -137,25 +134,8 @@ class ClipTeacher(nn.Module):
     def zero_shot_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * image_embeds.float() @ text_embeds.float().t()
 
-    def prepare_images(
-        self, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-    ) -> torch.Tensor:
-        """Convert a batch normalised with ``mean``/``std`` into the teacher's size and normalisation.
-
-        A no-op when the student's data pipeline already matches (the usual case: CLIP statistics, same size).
-        """
-        mean_t, std_t = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        if (mean_t, std_t) != (self.mean, self.std):
-            src_m = images.new_tensor(mean_t).view(1, -1, 1, 1)
-            src_s = images.new_tensor(std_t).view(1, -1, 1, 1)
-            dst_m = images.new_tensor(self.mean).view(1, -1, 1, 1)
-            dst_s = images.new_tensor(self.std).view(1, -1, 1, 1)
-            images = ((images * src_s + src_m) - dst_m) / dst_s
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(
-                images, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
-            )
-        return images
+    def outputs(self, images: torch.Tensor, keys) -> dict[str, torch.Tensor]:
+        return {IMAGE_EMBEDS: self.encode_images(images)} if IMAGE_EMBEDS in set(keys) else {}
 
 
 def _describe_pretrained(model_name: str, pretrained: str | None) -> str:

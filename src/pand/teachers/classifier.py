@@ -1,0 +1,145 @@
+"""A frozen image classifier as the teacher: any timm or torchvision model with local weights, or a student that pand
+itself trained (``teacher.ckpt=runs/<run>/checkpoints/best.ckpt`` after ``pand train method=ce ...``).
+
+Its per-sample output is ``logits`` over the run's classes; the class count is checked with a forward pass at the real
+input size, so a teacher trained on other classes is refused before training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pand.errors import ConfigError, WeightsUnavailableError
+from pand.teachers.clip import RANDOM_WEIGHTS, weights_digest
+from pand.teachers.frozen import LOGITS, FrozenTeacher
+
+
+class ClassifierTeacher(FrozenTeacher):
+    """A frozen classifier ``model: images -> logits``."""
+
+    provides = frozenset({LOGITS})
+
+    def __init__(self, model: nn.Module, *, num_classes: int, image_size: int | None, mean: Sequence[float],
+                 std: Sequence[float], identity: Mapping[str, str]) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.image_size = None if image_size is None else int(image_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.identity = dict(identity)
+        self.freeze()
+
+    @torch.no_grad()
+    def outputs(self, images: torch.Tensor, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {LOGITS: self.model(images).float()} if LOGITS in set(keys) else {}
+
+
+def _random_seed(pretrained: str) -> int:
+    if ":" not in pretrained:
+        return 0
+    try:
+        return int(pretrained.split(":", 1)[1])
+    except ValueError:
+        raise ConfigError(f"teacher.pretrained={pretrained!r}: use 'random' or 'random:<integer seed>'") from None
+
+
+def create_classifier(name: str, source: str, num_classes: int) -> nn.Module:
+    """An untrained classifier ``name`` with ``num_classes`` outputs, from timm or torchvision (``source`` auto: the
+    first that knows the name)."""
+    import timm
+    import torchvision
+
+    in_tv = name in torchvision.models.list_models(module=torchvision.models)
+    in_timm = timm.is_model(name)
+    if source == "torchvision" or (source == "auto" and in_tv):
+        if not in_tv:
+            raise ConfigError(f"{name!r} is not a torchvision classification model")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if source == "timm" or (source == "auto" and in_timm):
+        if not in_timm:
+            raise ConfigError(f"{name!r} is not a timm model name")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if source not in ("auto", "timm", "torchvision"):
+        raise ConfigError(f"teacher.source must be auto, timm or torchvision, got {source!r}")
+    raise ConfigError(f"teacher.model={name!r} is neither a torchvision nor a timm model")
+
+
+def load_classifier_teacher(
+    teacher: Mapping[str, Any], *, classes: Sequence[str], data: Mapping[str, Any], device: str | torch.device = "cpu"
+) -> ClassifierTeacher:
+    """The classifier teacher of a ``teacher=classifier`` config, checked against the run's classes.
+
+    One of ``teacher.ckpt`` (a pand checkpoint), ``teacher.weights`` (a state dict of ``teacher.model`` with the run's
+    classes, ``.pth``/``.safetensors``) or ``teacher.pretrained=random[:seed]`` (tests only) says where the weights
+    come from. ``teacher.image_size``/``mean``/``std`` give the input the weights expect (default: the data's).
+    """
+    num_classes = len(classes)
+    ckpt, weights, pretrained = teacher.get("ckpt"), teacher.get("weights"), teacher.get("pretrained")
+    given = [k for k, v in (("ckpt", ckpt), ("weights", weights), ("pretrained", pretrained)) if v]
+    if len(given) != 1:
+        raise ConfigError(
+            "a classifier teacher needs exactly one of teacher.ckpt=runs/<run>/checkpoints/best.ckpt (a model pand "
+            "trained), teacher.weights=/path/to/state_dict.pth (with teacher.model=<timm or torchvision name>) or "
+            f"teacher.pretrained=random (tests only); got {given or 'none'}"
+        )
+    size = teacher.get("image_size") or data.get("image_size")
+    mean, std = teacher.get("mean") or data["mean"], teacher.get("std") or data["std"]
+    if ckpt:
+        from pand.engine.checkpoints import load_checkpoint_student
+
+        model, stored, record = load_checkpoint_student(ckpt)
+        stored_data = stored["data"]
+        size, mean, std = stored_data["image_size"], stored_data["mean"], stored_data["std"]
+        trained_classes = record.get("classes")
+        identity = {"kind": "classifier", "model": stored["student"]["name"], "source": f"pand-checkpoint:{ckpt}"}
+        if trained_classes is not None and list(trained_classes) != list(classes):
+            raise ConfigError(f"the teacher checkpoint {ckpt} was trained on other classes than this run's")
+    else:
+        name, source = teacher["model"], teacher.get("source", "auto")
+        if pretrained:
+            if not str(pretrained).startswith(RANDOM_WEIGHTS):
+                raise ConfigError(f"teacher.pretrained={pretrained!r}: a classifier teacher takes 'random' or "
+                                  "'random:<seed>' here (tests only); real weights come from teacher.weights or ckpt")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_random_seed(str(pretrained)))
+                model = create_classifier(name, source, num_classes)
+            origin = str(pretrained)
+        else:
+            from pand.students.factory import load_weights_file
+
+            model = create_classifier(name, source, num_classes)
+            try:
+                missing, unexpected = model.load_state_dict(load_weights_file(weights), strict=False)
+            except RuntimeError as err:  # shape mismatches, e.g. a head for another number of classes
+                detail = "; ".join(line.strip() for line in str(err).splitlines()[1:3])
+                raise WeightsUnavailableError(
+                    f"teacher.weights={weights} does not fit {name} with {num_classes} classes: {detail}"
+                ) from None
+            if missing or unexpected:
+                raise WeightsUnavailableError(
+                    f"teacher.weights={weights} does not fit {name} with {num_classes} classes: missing keys "
+                    f"{missing[:5]}, unexpected keys {unexpected[:5]}"
+                )
+            origin = f"file:{Path(weights).resolve()}"
+        identity = {"kind": "classifier", "model": name, "source": origin}
+    identity["weights"] = weights_digest(model)
+    result = ClassifierTeacher(model, num_classes=num_classes, image_size=size, mean=mean, std=std, identity=identity)
+    result.to(device)
+    _check_outputs(result, num_classes, int(size or 32))
+    return result
+
+
+def _check_outputs(teacher: ClassifierTeacher, num_classes: int, size: int) -> None:
+    with torch.no_grad():
+        out = teacher.model(torch.zeros(1, 3, size, size, device=teacher.device))
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise ConfigError(
+            f"the classifier teacher gives outputs of shape {tuple(out.shape)} at {size} px; this run has "
+            f"{num_classes} classes, so it needs logits of shape [B, {num_classes}]"
+        )
