@@ -1,0 +1,43 @@
+"""Stage features by forward hooks: named or found without tables, shapes from a dry run at the real input size."""
+
+import pytest
+import torch
+
+from pand.errors import ConfigError
+from pand.students import build_student
+from pand.students.stages import StageTap, default_stages, stage_shapes
+
+
+def test_torchvision_resnet_stages_at_32_px():
+    student = build_student("resnet18", 10, source="torchvision", pretrained=False)
+    names = default_stages(student)
+    assert names == ["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
+    assert stage_shapes(student, names, (3, 32, 32)) == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
+
+
+def test_timm_feature_info_gives_the_stages_of_cnns_and_vits():
+    cnn = build_student("test_resnet", 10, source="timm", pretrained=False)
+    names = default_stages(cnn)
+    assert len(names) >= 3 and all(n.startswith("backbone.") for n in names)
+    shapes = stage_shapes(cnn, names, (3, 64, 64))
+    assert all(len(s) == 3 for s in shapes) and shapes[-1][1] < shapes[0][1]  # deeper stages are smaller
+
+
+def test_the_tap_returns_the_features_of_the_forward_pass_it_saw():
+    student = build_student("resnet18", 10, source="torchvision", pretrained=False)
+    x = torch.randn(2, 3, 32, 32)
+    with StageTap(student, ["backbone.layer4"]) as tap:
+        logits = student(x)
+        (feat,) = tap.take()
+    assert logits.shape == (2, 10) and feat.shape == (2, 512, 1, 1)
+    pooled = student.features(x)
+    assert torch.allclose(feat.mean((2, 3)), pooled, atol=1e-6)  # the same pass that produced the pooled feature
+    assert not student.backbone.layer4._forward_hooks  # closed with the block
+
+
+def test_unknown_stage_names_are_refused():
+    student = build_student("resnet18", 10, source="torchvision", pretrained=False)
+    with pytest.raises(ConfigError, match="no submodule 'backbone.layer9'"):
+        StageTap(student, ["backbone.layer9"])
+    with pytest.raises(ConfigError, match="name them"):
+        default_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
