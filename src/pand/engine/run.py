@@ -60,10 +60,14 @@ def resolve_run_dir(config: Mapping[str, Any]) -> Path:
 
 def build_student_from(config: Mapping[str, Any], num_classes: int):
     s = config["student"]
-    return build_student(
+    student = build_student(
         s["name"], num_classes, source=s.get("source", "auto"), pretrained=bool(s.get("pretrained", True)),
         weights=s.get("weights"),
     )
+    # Methods that attach heads to the student's stages size them with a dry run at the run's real input size.
+    size = int(config["data"]["image_size"])
+    student.input_size = (3, size, size)
+    return student
 
 
 def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, DistillationModule]:

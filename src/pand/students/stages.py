@@ -62,12 +62,14 @@ class StageTap:
                               "model.named_modules()")
         self.names = list(names)
         self.features: dict[str, torch.Tensor] = {}
+        self.enabled = True  # a module that reads stages only in training steps turns this off in between
         self._handles = [modules[n].register_forward_hook(self._keeper(n)) for n in self.names]
 
     def _keeper(self, name: str):
         def keep(module: nn.Module, args, output) -> None:
-            # Some blocks return (features, extras); the features come first.
-            self.features[name] = output[0] if isinstance(output, (tuple, list)) else output
+            if self.enabled:
+                # Some blocks return (features, extras); the features come first.
+                self.features[name] = output[0] if isinstance(output, (tuple, list)) else output
 
         return keep
 
