@@ -3,7 +3,7 @@ import json
 from pand.cli import main
 
 KEYS = ("student_only_ms", "online_teacher_ms", "cached_teacher_ms", "pand_cached_ms", "ratio_online_vs_student",
-        "ratio_cached_vs_student")
+        "ratio_cached_vs_student", "kd_cached_ms", "dkd_cached_ms", "ratio_kd_cached_vs_student")
 
 
 def test_bench_json_has_every_figure_and_the_configuration(capsys):

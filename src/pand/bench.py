@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pand.cache.teacher import CachedTeacherSource, TeacherCache
 from pand.distillers import Progress, TeacherContext, build_distiller
 from pand.students import build_student
-from pand.teachers import LiveTeacherSource, load_clip_teacher
+from pand.teachers import LiveTeacherSource, ZeroShotLogits, load_clip_teacher
 from pand.teachers.clip import RANDOM_WEIGHTS
 
 
@@ -118,6 +118,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "pand_cached": _Step("pand cached", build_distiller({"name": "pand"}, student(), args.classes, context),
                              cached, device, autocast, args.channels_last),
     }
+    # The logit methods read the CLIP teacher's zero-shot logits, derived from the cached embeddings.
+    cached_logits = ZeroShotLogits(cached, text, teacher.logit_scale).to(device)
+    for method in ("kd", "dkd"):
+        steps[f"{method}_cached"] = _Step(f"{method} cached", build_distiller({"name": method}, student(), args.classes,
+                                                                             context), cached_logits, device,
+                                          autocast, args.channels_last)
     g = torch.Generator().manual_seed(0)
     batches = []
     for s in range(args.steps + args.warmup):
@@ -152,6 +158,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_online_vs_student": round(med["online_teacher"] / med["student_only"], 3),
         "ratio_cached_vs_student": round(med["cached_teacher"] / med["student_only"], 3),
         "ratio_pand_cached_vs_student": round(med["pand_cached"] / med["student_only"], 3),
+        **{f"{m}_cached_ms": round(med[f"{m}_cached"], 2) for m in ("kd", "dkd")},
+        **{f"ratio_{m}_cached_vs_student": round(med[f"{m}_cached"] / med["student_only"], 3) for m in ("kd", "dkd")},
         "teacher_forward_ms": round(statistics.median(teacher_ms), 2),
         "cache_build_ms_per_batch_per_view": round(statistics.median(teacher_ms), 2),
         "config": {
@@ -197,7 +205,8 @@ def print_result(result: dict[str, Any]) -> None:
     table.add_column("x student alone", justify="right")
     base = result["student_only_ms"]
     for key, label in (("student_only_ms", "student alone (ce)"), ("online_teacher_ms", "VL2Lite, online teacher"),
-                       ("cached_teacher_ms", "VL2Lite, teacher cache"), ("pand_cached_ms", "PAND, teacher cache")):
+                       ("cached_teacher_ms", "VL2Lite, teacher cache"), ("pand_cached_ms", "PAND, teacher cache"),
+                       ("kd_cached_ms", "KD, teacher cache"), ("dkd_cached_ms", "DKD, teacher cache")):
         table.add_row(label, f"{result[key]:.1f}", f"{result[key] / base:.2f}")
     console = Console()
     console.print(table)
