@@ -102,3 +102,12 @@ def test_kd_reads_a_clip_teachers_logits_live_and_from_the_cache(cub_root, tmp_p
 def test_teacher_settings_are_checked_before_loading(cub_root, tmp_path, overrides, message, capsys):
     assert main(["train", *tiny_overrides(cub_root, tmp_path / "run", *overrides)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_cifar_network_as_the_teacher(tmp_path):
+    torch.manual_seed(0)
+    model = create_classifier("resnet32x4", "auto", 3)
+    path = tmp_path / "resnet32x4.pth"
+    torch.save(model.state_dict(), path)
+    teacher = load_classifier_teacher({"model": "resnet32x4", "weights": str(path)}, classes=CLASSES, data=DATA)
+    assert teacher.outputs(torch.randn(2, 3, 32, 32), {LOGITS})[LOGITS].shape == (2, 3)

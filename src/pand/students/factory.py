@@ -1,8 +1,9 @@
-"""Build students by name from torchvision or timm.
+"""Build students by name from torchvision, timm or pand's own CIFAR networks (:mod:`pand.students.cifar`).
 
 Every student is the same shape to the rest of pand: ``features(x)`` gives the pooled feature ``h`` (B x d), the
 classifier ``linear_cls`` maps it to logits, and ``feature_dim`` is measured by a forward pass rather than read from
-a table, so any torchvision or timm classifier works.
+a table, so any torchvision or timm classifier works. The 32-px CIFAR networks of the KD literature (``resnet8x4``,
+``resnet32x4``, ``wrn_40_2``, ...), which neither library has, come from source ``cifar``.
 """
 
 from __future__ import annotations
@@ -138,6 +139,47 @@ def _timm_backbone(name: str, pretrained: bool, weights_file: str | None) -> nn.
     return model
 
 
+def _cifar_backbone(name: str, pretrained: bool, weights_file: str | None) -> nn.Module:
+    from pand.students.cifar import create_cifar_model, is_cifar_model, list_cifar_models
+
+    if not is_cifar_model(name):
+        raise ConfigError(f"{name!r} is not one of pand's CIFAR networks; known: {', '.join(list_cifar_models())}")
+    if pretrained and weights_file is None:
+        raise WeightsUnavailableError(
+            f"there are no pretrained weights to download for pand's CIFAR network {name!r}: train it from scratch "
+            f"with student.pretrained=false or give a local state dict: student.weights=/path/to/{name}.pth"
+        )
+    model = create_cifar_model(name, num_classes=1)  # the classifier is replaced below; its width does not matter
+    model = _strip_torchvision_head(model, name)
+    if weights_file is not None:
+        state = {k: v for k, v in load_weights_file(weights_file).items() if not k.startswith("fc.")}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches are raised even with strict=False
+            raise WeightsUnavailableError(f"{weights_file} does not fit pand's CIFAR {name}: {err}") from err
+        if missing or unexpected:
+            raise WeightsUnavailableError(
+                f"{weights_file} does not fit pand's CIFAR {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    return model
+
+
+def _resolve_auto(name: str) -> str:
+    """torchvision if it knows ``name``; pand's CIFAR networks for a name only they have; timm otherwise."""
+    import torchvision
+
+    from pand.students.cifar import is_cifar_model
+
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return "torchvision"
+    if is_cifar_model(name):
+        import timm
+
+        if not timm.is_model(name):
+            return "cifar"
+    return "timm"
+
+
 def build_student(
     name: str,
     num_classes: int,
@@ -146,18 +188,20 @@ def build_student(
     pretrained: bool = True,
     weights: str | None = None,
 ) -> Student:
-    """A student by name: ``source`` is ``torchvision``, ``timm`` or ``auto`` (torchvision if it knows the name).
+    """A student by name: ``source`` is ``torchvision``, ``timm``, ``cifar`` or ``auto``.
 
-    ``pretrained`` downloads ImageNet weights; ``weights`` loads a local ImageNet checkpoint instead.
+    ``auto`` takes torchvision if it knows the name, else ``cifar`` for a name that only pand's CIFAR networks have
+    (:func:`pand.students.cifar.list_cifar_models`), else timm. ``pretrained`` downloads ImageNet weights (the CIFAR
+    networks have none: pass ``pretrained=False`` or ``weights``); ``weights`` loads a local checkpoint instead.
     """
-    import torchvision
-
     if source == "auto":
-        source = "torchvision" if name in torchvision.models.list_models(module=torchvision.models) else "timm"
+        source = _resolve_auto(name)
     if source == "torchvision":
         backbone = _torchvision_backbone(name, pretrained, weights)
     elif source == "timm":
         backbone = _timm_backbone(name, pretrained, weights)
+    elif source == "cifar":
+        backbone = _cifar_backbone(name, pretrained, weights)
     else:
-        raise ConfigError(f"student.source must be torchvision, timm or auto, got {source!r}")
+        raise ConfigError(f"student.source must be torchvision, timm, cifar or auto, got {source!r}")
     return Student(backbone, num_classes, name)

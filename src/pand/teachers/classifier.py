@@ -50,13 +50,17 @@ def _random_seed(pretrained: str) -> int:
 
 
 def create_classifier(name: str, source: str, num_classes: int) -> nn.Module:
-    """An untrained classifier ``name`` with ``num_classes`` outputs, from timm or torchvision (``source`` auto: the
-    first that knows the name)."""
+    """An untrained classifier ``name`` with ``num_classes`` outputs, from torchvision, pand's CIFAR networks or timm
+    (``source`` auto: the first of those that knows the name)."""
     import timm
     import torchvision
 
+    from pand.students.cifar import create_cifar_model, is_cifar_model
+
     in_tv = name in torchvision.models.list_models(module=torchvision.models)
     in_timm = timm.is_model(name)
+    if source == "cifar" or (source == "auto" and not in_tv and is_cifar_model(name)):
+        return create_cifar_model(name, num_classes)
     if source == "torchvision" or (source == "auto" and in_tv):
         if not in_tv:
             raise ConfigError(f"{name!r} is not a torchvision classification model")
@@ -65,8 +69,8 @@ def create_classifier(name: str, source: str, num_classes: int) -> nn.Module:
         if not in_timm:
             raise ConfigError(f"{name!r} is not a timm model name")
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
-    if source not in ("auto", "timm", "torchvision"):
-        raise ConfigError(f"teacher.source must be auto, timm or torchvision, got {source!r}")
+    if source not in ("auto", "timm", "torchvision", "cifar"):
+        raise ConfigError(f"teacher.source must be auto, timm, torchvision or cifar, got {source!r}")
     raise ConfigError(f"teacher.model={name!r} is neither a torchvision nor a timm model")
 
 
