@@ -1,6 +1,6 @@
-"""Datasets: official splits of CUB-200-2011, FGVC-Aircraft, Oxford-IIIT Pet, Stanford Dogs, Fashion-MNIST and any
-image-folder dataset, as :class:`ClassificationDataset` objects built by :func:`get_dataset`; :func:`verify_splits`
-decodes every image once before training."""
+"""Datasets: official splits of CUB-200-2011, FGVC-Aircraft, Oxford-IIIT Pet, Stanford Dogs, Fashion-MNIST,
+CIFAR-100, ImageNet and any image-folder dataset, as :class:`ClassificationDataset` objects built by
+:func:`get_dataset`; :func:`verify_splits` decodes every image once before training."""
 
 from pand.data.base import ClassificationDataset, subset
 from pand.data.splits import DATASET_NAMES, get_dataset, stratified_split

@@ -2,8 +2,9 @@
 
 A :class:`ClassificationDataset` is an indexable list of ``(image, label)`` pairs with a cleaned, label-ordered class
 list and a content :meth:`~ClassificationDataset.fingerprint`. Two concrete kinds exist: :class:`FileDataset` (images
-on disk, addressed by a path relative to the dataset folder) and :class:`ArrayDataset` (greyscale images held in a
-uint8 array, e.g. Fashion-MNIST). :func:`subset` restricts any of them to some indices without copying the images.
+on disk, addressed by a path relative to the dataset folder) and :class:`ArrayDataset` (greyscale or RGB images held in
+a uint8 array, e.g. Fashion-MNIST, CIFAR-100). :func:`subset` restricts any of them to some indices without copying
+the images.
 
 Constructing a dataset never opens an image; images are decoded in :meth:`~ClassificationDataset.load_image`.
 """
@@ -173,7 +174,11 @@ class FileDataset(ClassificationDataset):
 
 
 class ArrayDataset(ClassificationDataset):
-    """Greyscale uint8 images of shape ``(N, H, W)`` held in memory; ``ids[i]`` is the sample id of item i."""
+    """uint8 images held in memory; ``ids[i]`` is the sample id of item i.
+
+    ``images`` is greyscale ``(N, H, W)`` (e.g. Fashion-MNIST), or ``(N, H, W, C)`` channels-last with ``C`` 1
+    (greyscale) or 3 (RGB, e.g. CIFAR-100). ``load_image`` always returns an RGB PIL image.
+    """
 
     def __init__(
         self,
@@ -187,8 +192,11 @@ class ArrayDataset(ClassificationDataset):
         root: str | os.PathLike | None = None,
     ) -> None:
         images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 3:
-            raise ValueError(f"images must be a uint8 array (N, H, W), got {images.dtype} {images.shape}")
+        if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[3] in (1, 3))):
+            raise ValueError(
+                f"images must be a uint8 array (N, H, W) or (N, H, W, C) with C 1 or 3, "
+                f"got {images.dtype} {images.shape}"
+            )
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
         super().__init__(name, split, classes, targets, transform, root)
@@ -196,7 +204,12 @@ class ArrayDataset(ClassificationDataset):
         self.ids = list(ids) if ids is not None else [f"{split}/{i}" for i in range(len(images))]
 
     def load_image(self, i: int) -> Image.Image:
-        return Image.fromarray(np.ascontiguousarray(self.images[self._check_index(i)]), mode="L").convert("RGB")
+        arr = np.ascontiguousarray(self.images[self._check_index(i)])
+        if arr.ndim == 3 and arr.shape[2] == 3:
+            return Image.fromarray(arr)  # uint8 (H, W, 3): RGB
+        if arr.ndim == 3:  # (H, W, 1)
+            arr = arr[:, :, 0]
+        return Image.fromarray(arr, mode="L").convert("RGB")
 
     def sample_id(self, i: int) -> str:
         return self.ids[self._check_index(i)]

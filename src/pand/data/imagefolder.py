@@ -10,6 +10,7 @@ the validation split; otherwise ``val`` is carved from ``train``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pand.data import base
@@ -28,11 +29,12 @@ def has_official_val(root: str | os.PathLike) -> bool:
     return (Path(root).expanduser() / "val").is_dir()
 
 
-def _subdirs(d: Path) -> list[str]:
+def subdirs(d: Path) -> list[str]:
+    """The sub-folders of ``d`` (hidden ones skipped) in sorted order: the class folders of a split."""
     return sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
 
 
-def _images_under(d: Path) -> list[str]:
+def images_under(d: Path) -> list[str]:
     """Image files under ``d`` (recursive), as sorted POSIX paths relative to ``d``."""
     out = []
     for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
@@ -42,6 +44,21 @@ def _images_under(d: Path) -> list[str]:
             if base.is_image_file(f):
                 out.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
     return sorted(out)
+
+
+def list_images(
+    root: Path, split_dir: str, folders: Sequence[str], index: Mapping[str, int]
+) -> tuple[list[str], list[int]]:
+    """(relative paths, labels) of the images in ``root/split_dir/<folder>/`` for every folder of ``folders``.
+
+    Paths are ``<split_dir>/<folder>/<file>`` (POSIX, relative to ``root``); the label of a folder is ``index[folder]``.
+    """
+    relpaths, targets = [], []
+    for folder in folders:
+        for f in images_under(root / split_dir / folder):
+            relpaths.append(f"{split_dir}/{folder}/{f}")
+            targets.append(index[folder])
+    return relpaths, targets
 
 
 def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
@@ -114,7 +131,7 @@ def load(
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise base.not_found(f"image-folder dataset not found under {root}", train_dir, TITLE, LAYOUT, download=False)
-    folders = _subdirs(train_dir)
+    folders = subdirs(train_dir)
     if not folders:
         raise base.not_found(f"no class folders in {train_dir}", train_dir / "<class>", TITLE, LAYOUT, download=False)
     if class_names_file is not None:
@@ -126,16 +143,14 @@ def load(
     if not split_dir.is_dir():
         raise base.not_found(f"image-folder split {split!r} not found", split_dir, TITLE, LAYOUT, download=False)
     index = {f: i for i, f in enumerate(folders)}
-    relpaths, targets = [], []
-    for folder in _subdirs(split_dir):
+    split_folders = subdirs(split_dir)
+    for folder in split_folders:
         if folder not in index:
             raise ConfigError(
                 f"class folder {split_dir / folder} has no counterpart in {train_dir}; "
                 f"every {split} class must also be a train class"
             )
-        for f in _images_under(split_dir / folder):
-            relpaths.append(f"{split}/{folder}/{f}")
-            targets.append(index[folder])
+    relpaths, targets = list_images(root, split, split_folders, index)
     if not relpaths:
         raise base.not_found(
             f"no images ({', '.join(base.IMAGE_EXTENSIONS)}) in {split_dir}",

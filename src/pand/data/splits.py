@@ -1,9 +1,10 @@
 """Split assembly: :func:`get_dataset` (the one entry point) and the seeded :func:`stratified_split`.
 
-Every dataset exposes ``train``, ``val`` and ``test``. ``test`` is the official test split. ``val`` is the official
-validation split where one exists (FGVC-Aircraft; an image folder with a ``val/`` folder); elsewhere ``val`` is a
-seeded, stratified ``val_fraction`` of the official training split and ``train`` is the rest, so train and val never
-overlap and together make up the official training split.
+Every dataset exposes ``train``, ``val`` and ``test``. ``test`` is the official test split (for ImageNet, whose test
+labels are not public, the official val split that papers report). ``val`` is the official validation split where one
+exists (FGVC-Aircraft; an image folder with a ``val/`` folder); elsewhere ``val`` is a seeded, stratified
+``val_fraction`` of the official training split and ``train`` is the rest, so train and val never overlap and together
+make up the official training split.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from pand.data import aircraft, cub, dogs, fashion_mnist, imagefolder, pets
+from pand.data import aircraft, cifar100, cub, dogs, fashion_mnist, imagefolder, imagenet, pets
 from pand.data.base import ClassificationDataset, subset
 from pand.errors import ConfigError
 
-DATASET_NAMES = ("cub", "aircraft", "pets", "dogs", "fashion_mnist", "imagefolder")
+DATASET_NAMES = ("cub", "aircraft", "pets", "dogs", "fashion_mnist", "cifar100", "imagenet", "imagefolder")
 SPLITS = ("train", "val", "test")
 
 _MODULES = {
@@ -28,8 +29,13 @@ _MODULES = {
     "pets": pets,
     "dogs": dogs,
     "fashion_mnist": fashion_mnist,
+    "cifar100": cifar100,
+    "imagenet": imagenet,
     "imagefolder": imagefolder,
 }
+
+# Datasets whose ``load`` takes ``class_names_file``.
+_CLASS_NAMES_FILE = ("imagefolder", "imagenet")
 
 
 def stratified_split(targets: Iterable[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -93,7 +99,8 @@ def get_dataset(
         val_fraction, split_seed: size and seed of the validation part carved from the official training split
             (ignored where an official validation split exists).
         num_classes: if given, must equal the number of classes found (ConfigError otherwise).
-        class_names_file: display names for ``imagefolder`` classes (see :mod:`pand.data.imagefolder`).
+        class_names_file: display names for ``imagefolder`` or ``imagenet`` classes (see :mod:`pand.data.imagefolder`,
+            :mod:`pand.data.imagenet`).
 
     Raises:
         ConfigError: unknown name or split, bad ``val_fraction``, a class count mismatch.
@@ -103,12 +110,12 @@ def get_dataset(
         raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    if class_names_file is not None and name != "imagefolder":
-        raise ConfigError(f"class_names_file is only supported for imagefolder datasets, not {name!r}")
+    if class_names_file is not None and name not in _CLASS_NAMES_FILE:
+        raise ConfigError(f"class_names_file is only supported for imagefolder and imagenet datasets, not {name!r}")
     root = os.path.expanduser(os.fspath(root))
     module = _MODULES[name]
     opts: dict[str, Any] = {"download": download}
-    if name == "imagefolder":
+    if name in _CLASS_NAMES_FILE:
         opts["class_names_file"] = class_names_file
 
     if split == "test" or _has_official_val(name, root):
