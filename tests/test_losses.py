@@ -8,9 +8,13 @@ import torch.nn.functional as F
 from pand.losses import (
     dkd_loss,
     dkd_terms,
+    hcl_loss,
     kd_loss,
     logit_standardize,
+    nrkd_feature_loss,
     ofa_loss,
+    token_grid_side,
+    tokens_to_map,
     vl2lite_linguistic_loss,
     vl2lite_visual_loss,
     vl2lite_weights,
@@ -146,3 +150,149 @@ def test_ofa_loss_against_numpy_and_its_eps_1_case():
     soft_ce = (-(pt * np.log(ps)).sum(-1)).mean()  # eps = 1: cross-entropy against the teacher's soft labels
     got = ofa_loss(torch.tensor(s).float(), torch.tensor(t).float(), torch.tensor(y))
     assert got.item() == pytest.approx(soft_ce, rel=1e-5)
+
+
+# -- feature losses: NRKD's neighbour term and the hierarchical context loss ---------------------------------------
+def _block_mean(x, size):
+    """Average pooling of a [B, C, H, W] array to size x size, H and W multiples of size (what adaptive pooling does
+    for exact multiples)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, size, h // size, size, w // size).mean(axis=(3, 5))
+
+
+def _neighbour_vector_loops(x):
+    # one sample [C, H, W]: right differences row by row, then down differences row by row
+    c, h, w = x.shape
+    right = [np.mean([(x[k, i, j + 1] - x[k, i, j]) ** 2 for k in range(c)]) for i in range(h) for j in range(w - 1)]
+    down = [np.mean([(x[k, i + 1, j] - x[k, i, j]) ** 2 for k in range(c)]) for i in range(h - 1) for j in range(w)]
+    v = np.array(right + down)
+    return v / np.linalg.norm(v)
+
+
+def _nrkd_reference(s, t):
+    vs = np.stack([_neighbour_vector_loops(x) for x in s])
+    vt = np.stack([_neighbour_vector_loops(x) for x in t])
+    return ((vs - vt) ** 2).mean()
+
+
+def test_token_grid_side_detects_a_class_token():
+    assert token_grid_side(64) == (8, 0)
+    assert token_grid_side(65) == (8, 1)
+    assert token_grid_side(197) == (14, 1)
+    assert token_grid_side(198, prefix_tokens=2) == (14, 2)
+    with pytest.raises(ValueError, match="prefix_tokens"):
+        token_grid_side(70)
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)  # class token + 2 x 2 grid, width 3
+    grid = tokens_to_map(tokens)
+    assert grid.shape == (2, 3, 2, 2)
+    assert torch.equal(grid[1, :, 1, 0], tokens[1, 3])  # patch (1, 0) is token 1 + 2 (row-major after the class)
+
+
+def test_nrkd_feature_loss_hand_computed():
+    # one channel, 1 x 3 row: right differences (1, 2) -> squares (1, 4) -> normalised (1, 4) / sqrt(17)
+    s = torch.tensor([[[[0.0, 1.0, 3.0]]]])
+    t = torch.tensor([[[[0.0, 2.0, 4.0]]]])  # squares (4, 4) -> (1, 1) / sqrt(2)
+    vs, vt = np.array([1.0, 4.0]) / math.sqrt(17), np.array([1.0, 1.0]) / math.sqrt(2)
+    assert nrkd_feature_loss(s, t).item() == pytest.approx(((vs - vt) ** 2).mean(), rel=1e-6)
+
+
+def test_nrkd_feature_loss_against_loops_with_different_widths():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(3, 4, 3, 5)), rng.normal(size=(3, 7, 3, 5))  # channel counts differ
+    got = nrkd_feature_loss(torch.tensor(s).float(), torch.tensor(t).float())
+    assert got.item() == pytest.approx(_nrkd_reference(s, t), rel=1e-5)
+
+
+def test_nrkd_feature_loss_pools_the_larger_map_to_the_smaller():
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(2, 6, 8, 8))
+    expected = _nrkd_reference(s, _block_mean(t, 4))
+    got = nrkd_feature_loss(torch.tensor(s).float(), torch.tensor(t).float())
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    swapped = nrkd_feature_loss(torch.tensor(t).float(), torch.tensor(s).float())  # same when the student is larger
+    assert swapped.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_nrkd_feature_loss_reads_tokens_as_their_patch_grid():
+    rng = np.random.default_rng(2)
+    grid = rng.normal(size=(2, 5, 4, 4))  # [B, C, 4, 4]
+    tokens = grid.reshape(2, 5, 16).transpose(0, 2, 1)  # [B, 16, C], row-major patches
+    with_cls = np.concatenate([rng.normal(size=(2, 1, 5)), tokens], axis=1)  # the class token is ignored
+    t = rng.normal(size=(2, 3, 4, 4))
+    expected = _nrkd_reference(grid, t)
+    for student in (tokens, with_cls):
+        got = nrkd_feature_loss(torch.tensor(student).float(), torch.tensor(t).float())
+        assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_nrkd_feature_loss_zero_for_identical_positive_otherwise_and_finite_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5)
+    assert nrkd_feature_loss(x, x.clone()).item() == pytest.approx(0.0, abs=1e-9)
+    s = torch.randn(2, 4, 5, 5, requires_grad=True)
+    loss = nrkd_feature_loss(s, x)
+    assert loss.item() > 0
+    loss.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+    flat = torch.zeros(1, 2, 3, 3, requires_grad=True)  # no contrast at all: the normalisation must not divide by 0
+    nrkd_feature_loss(flat, x[:1]).backward()
+    assert torch.isfinite(flat.grad).all()
+
+
+def test_nrkd_feature_loss_rejects_a_single_position_and_bad_ranks():
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        nrkd_feature_loss(torch.randn(2, 3, 1, 1), torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        nrkd_feature_loss(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def _hcl_reference(s, t, levels):
+    # explicit weights per case, independent of the implementation's halving rule
+    terms = [(1.0, ((s - t) ** 2).mean())]
+    terms += [(w, ((_block_mean(s, k) - _block_mean(t, k)) ** 2).mean()) for k, w in levels]
+    return sum(w * m for w, m in terms) / sum(w for w, _ in terms)
+
+
+def test_hcl_loss_against_numpy_for_an_8x8_map():
+    rng = np.random.default_rng(3)
+    s, t = rng.normal(size=(2, 3, 8, 8)), rng.normal(size=(2, 3, 8, 8))
+    expected = _hcl_reference(s, t, [(4, 0.5), (2, 0.25), (1, 0.125)])  # normalised by 1.875
+    assert hcl_loss(torch.tensor(s).float(), torch.tensor(t).float()).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hcl_loss_skips_levels_not_coarser_than_the_map():
+    rng = np.random.default_rng(4)
+    s, t = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(2, 3, 4, 4))
+    expected = _hcl_reference(s, t, [(2, 0.5), (1, 0.25)])  # 4 x 4 is the map itself: (.. ) / 1.75
+    assert hcl_loss(torch.tensor(s).float(), torch.tensor(t).float()).item() == pytest.approx(expected, rel=1e-5)
+    s1, t1 = torch.randn(2, 3, 1, 1), torch.randn(2, 3, 1, 1)
+    assert hcl_loss(s1, t1).item() == pytest.approx(F.mse_loss(s1, t1).item(), rel=1e-6)
+
+
+def test_hcl_loss_on_tokens_covers_the_class_token_at_full_resolution():
+    rng = np.random.default_rng(5)
+    s, t = rng.normal(size=(2, 17, 3)), rng.normal(size=(2, 17, 3))  # class token + 4 x 4 grid
+
+    def grid(x):  # drop the class token, patches row-major -> [B, C, 4, 4]
+        return x[:, 1:].reshape(2, 4, 4, 3).transpose(0, 3, 1, 2)
+
+    full = ((s - t) ** 2).mean()
+    pooled = [((_block_mean(grid(s), k) - _block_mean(grid(t), k)) ** 2).mean() for k in (2, 1)]
+    expected = (full + 0.5 * pooled[0] + 0.25 * pooled[1]) / 1.75
+    assert hcl_loss(torch.tensor(s).float(), torch.tensor(t).float()).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hcl_loss_zero_for_identical_positive_otherwise_and_finite_gradients():
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 6, 6)
+    assert hcl_loss(x, x.clone()).item() == 0.0
+    s = torch.randn(2, 4, 6, 6, requires_grad=True)
+    loss = hcl_loss(s, x)
+    assert loss.item() > 0
+    loss.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_hcl_loss_names_both_shapes_when_they_differ():
+    with pytest.raises(ValueError, match=r"\(2, 4, 6, 6\).*\(2, 8, 6, 6\)"):
+        hcl_loss(torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6))

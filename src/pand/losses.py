@@ -185,3 +185,120 @@ def ofa_loss(
     log_p_s = F.log_softmax(student_logits.float() / t, -1)
     weight = (p_t + y).pow(float(eps)) - y
     return -(weight * log_p_s).sum(-1).mean()
+
+
+# -- feature losses of the heterogeneous-distillation family --------------------------------------------------------
+def token_grid_side(num_tokens: int, prefix_tokens: int | None = None) -> tuple[int, int]:
+    """``(side, prefix)`` of a ViT/MLP token sequence: ``prefix`` leading tokens, then a ``side x side`` patch grid.
+
+    With ``prefix_tokens=None`` the prefix is detected from the count alone: ``N`` a perfect square means no prefix
+    (MLP-Mixer, ResMLP, a ViT without class token), ``N - 1`` a perfect square means one class token first (ViT,
+    DeiT). No count has both readings beyond ``N = 1`` (consecutive squares differ by at least 3 from there), so the
+    rule is unambiguous. Other layouts (a distillation token, registers) must pass ``prefix_tokens`` explicitly.
+    """
+    n = int(num_tokens)
+    candidates = (0, 1) if prefix_tokens is None else (int(prefix_tokens),)
+    for prefix in candidates:
+        side = math.isqrt(max(n - prefix, 0))
+        if prefix >= 0 and side > 0 and side * side == n - prefix:
+            return side, prefix
+    if prefix_tokens is None:
+        raise ValueError(f"{n} tokens are neither a square patch grid nor one class token plus a square grid; "
+                         "pass prefix_tokens for other layouts")
+    raise ValueError(f"{n} tokens minus {prefix_tokens} prefix tokens do not form a square patch grid")
+
+
+def tokens_to_map(tokens: torch.Tensor, prefix_tokens: int | None = None) -> torch.Tensor:
+    """The patch tokens of ``[B, N, C]`` as a ``[B, C, s, s]`` map, prefix tokens (class token) dropped.
+
+    The prefix is found as in :func:`token_grid_side`; patches are taken in row-major order, as ViTs flatten them.
+    """
+    if tokens.dim() != 3:
+        raise ValueError(f"expected tokens [B, N, C], got shape {tuple(tokens.shape)}")
+    b, n, c = tokens.shape
+    side, prefix = token_grid_side(n, prefix_tokens)
+    return tokens[:, prefix:].transpose(1, 2).reshape(b, c, side, side)
+
+
+def _as_map(feat: torch.Tensor) -> torch.Tensor:
+    # Feature losses work on [B, C, H, W] grids; token features are laid out as their patch grid first.
+    if feat.dim() == 4:
+        return feat
+    if feat.dim() == 3:
+        return tokens_to_map(feat)
+    raise ValueError(f"expected a feature map [B, C, H, W] or tokens [B, N, C], got shape {tuple(feat.shape)}")
+
+
+def _neighbour_map(feat: torch.Tensor) -> torch.Tensor:
+    """Per sample, the flattened channel-mean squared differences to the right and lower neighbours, L2-normalised."""
+    right = feat[..., :, 1:] - feat[..., :, :-1]  # [B, C, H, W-1]
+    down = feat[..., 1:, :] - feat[..., :-1, :]  # [B, C, H-1, W]
+    energy = torch.cat([right.pow(2).mean(1).flatten(1), down.pow(2).mean(1).flatten(1)], dim=1)
+    return F.normalize(energy, dim=1)
+
+
+def nrkd_feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """NRKD's feature term for one stage: match the local-contrast pattern of student and teacher.
+
+    For a map ``x`` of shape ``[C, H, W]`` (one sample), the neighbours of position ``(h, w)`` are its right
+    neighbour ``(h, w + 1)`` and its lower neighbour ``(h + 1, w)``, where they exist. The neighbour maps are
+
+        ``r[h, w] = mean_c (x[c, h, w + 1] - x[c, h, w])^2``   (``H x (W - 1)`` values)
+        ``d[h, w] = mean_c (x[c, h + 1, w] - x[c, h, w])^2``   (``(H - 1) x W`` values),
+
+    concatenated into one vector ``v`` per sample and divided by its L2 norm (a map with no contrast stays 0). The loss
+    is the mean squared error between the student's and the teacher's ``v``, averaged over entries and batch.
+
+    The channel mean makes maps of different widths comparable, so the channel counts may differ. If the spatial
+    sizes differ, both features are adaptive-average-pooled to the smaller size (``min`` of each side) before the
+    differences are taken. Token features ``[B, N, C]`` are laid out as their square patch grid first; a class token
+    (detected as in :func:`token_grid_side`) has no spatial neighbours and is dropped.
+    """
+    s, t = _as_map(student_feat).float(), _as_map(teacher_feat).float()
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(f"batch sizes differ: student {tuple(student_feat.shape)}, "
+                         f"teacher {tuple(teacher_feat.shape)}")
+    size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
+    if size[0] * size[1] < 2:
+        raise ValueError(f"neighbour differences need at least 2 positions; student {tuple(student_feat.shape)}, "
+                         f"teacher {tuple(teacher_feat.shape)}")
+    if s.shape[2:] != size:
+        s = F.adaptive_avg_pool2d(s, size)
+    if t.shape[2:] != size:
+        t = F.adaptive_avg_pool2d(t, size)
+    return F.mse_loss(_neighbour_map(s), _neighbour_map(t))
+
+
+#: Pooled sizes of the hierarchical context loss, fine to coarse.
+HCL_LEVELS = (4, 2, 1)
+
+
+def hcl_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+    """Hierarchical context loss (ReviewKD, reused by PAT) between an aligned student feature and a teacher feature.
+
+    ``L = (MSE(s, t) + sum_k w_k MSE(pool_k(s), pool_k(t))) / (1 + sum_k w_k)`` where ``pool_k`` is adaptive average
+    pooling to ``4 x 4``, ``2 x 2`` and ``1 x 1`` and the weights halve level by level: ``1/2, 1/4, 1/8``. For maps
+    larger than 4 x 4 that is ``(MSE + MSE_4/2 + MSE_2/4 + MSE_1/8) / 1.875``. As in ReviewKD, a level is used only when
+    it is strictly coarser than the map on both sides (pooling a 4 x 4 map to 4 x 4 would merely repeat the full-size
+    term, and to anything larger would upsample); the halving then continues over the levels actually used, so a
+    4 x 4 map gives ``(MSE + MSE_2/2 + MSE_1/4) / 1.75`` and a 1 x 1 map plain MSE.
+
+    Shapes must match exactly (aligning them is the aligner's job). ``[B, C, H, W]`` maps are pooled directly; for
+    tokens ``[B, N, C]`` the full-resolution term covers every token, class token included, and the pooled terms the
+    square patch grid (see :func:`token_grid_side`).
+    """
+    if student_feat.shape != teacher_feat.shape:
+        raise ValueError(f"hcl_loss needs equal shapes, got student {tuple(student_feat.shape)} and teacher "
+                         f"{tuple(teacher_feat.shape)}")
+    s, t = student_feat.float(), teacher_feat.float()
+    total, weight_sum = F.mse_loss(s, t), 1.0
+    s_map, t_map = _as_map(s), _as_map(t)
+    weight = 1.0
+    for level in HCL_LEVELS:
+        if level >= min(s_map.shape[2], s_map.shape[3]):
+            continue
+        weight /= 2.0
+        pooled = F.mse_loss(F.adaptive_avg_pool2d(s_map, level), F.adaptive_avg_pool2d(t_map, level))
+        total = total + weight * pooled
+        weight_sum += weight
+    return total / weight_sum
