@@ -33,6 +33,7 @@ METHODS = [
     {"name": "kd", "standardize": True, "temperature": 2.0, "kd_weight": 9.0},
     {"name": "dkd", "warmup_epochs": 2},
     {"name": "dkd", "standardize": True},
+    {"name": "ofa", "eps": 1.5},
 ]
 
 

@@ -1,5 +1,5 @@
-"""The 32-px CIFAR-100 protocol end to end on a tiny fixture: a CIFAR teacher trained by pand, then DKD into a CIFAR
-student (resnet32x4 -> resnet8x4, as in the KD tables)."""
+"""The 32-px CIFAR-100 protocol end to end on a tiny fixture: a CIFAR teacher trained by pand, then DKD or OFA into a
+CIFAR student (resnet32x4 -> resnet8x4, as in the KD tables)."""
 
 import json
 
@@ -13,12 +13,16 @@ def _args(root, run, *extra):
             "trainer.enable_progress_bar=false", "optim=sgd", "optim.lr=0.05", f"run_dir={run}", *extra]
 
 
-def test_cifar_teacher_then_dkd_student(tmp_path):
+import pytest
+
+
+@pytest.mark.parametrize("method", ["dkd", "ofa"])
+def test_cifar_teacher_then_distilled_student(tmp_path, method):
     root = make_cifar100(tmp_path / "data", n_classes=5, per_class=8, test_per_class=2)
     teacher_run, student_run = tmp_path / "teacher", tmp_path / "student"
     assert main(_args(root, teacher_run, "method=ce", "student.name=resnet32x4", "test=false")) == 0
     ckpt = teacher_run / "checkpoints" / "best.ckpt"
-    assert main(_args(root, student_run, "method=dkd", "student.name=resnet8x4", "teacher=classifier",
+    assert main(_args(root, student_run, f"method={method}", "student.name=resnet8x4", "teacher=classifier",
                       f"teacher.ckpt={ckpt}")) == 0
     summary = json.loads((student_run / "summary.json").read_text())
-    assert summary["method"] == "dkd" and summary["student"] == "resnet8x4" and summary["test_acc1"] is not None
+    assert summary["method"] == method and summary["student"] == "resnet8x4" and summary["test_acc1"] is not None

@@ -1,0 +1,96 @@
+"""OFA-KD (Hao et al., NeurIPS 2023): one-for-all distillation across architectures through exit branches.
+
+Each chosen student stage gets an exit branch that maps its feature (a CNN map or ViT/MLP tokens) to class logits,
+and every branch as well as the student's own output learns from the teacher's final logits with OFA's adaptive
+target ``-sum_c [(p_t + y)^eps - y]_c log p_s,c`` (see :func:`pand.losses.ofa_loss`):
+
+``L = ce_weight * CE + kd_weight * OFA(z_s) + ofa_weight * sum_i OFA(branch_i(stage_i))``.
+
+Only the teacher's final logits are read, so any teacher works and a CLIP teacher's cache serves it. The branches are
+training-only: they live in the distiller (saved in checkpoints, never part of the exported student). Stage features
+come from forward hooks (:class:`~pand.students.stages.StageTap`); branch shapes from a dry run at the run's input
+size, so 32-px CIFAR works as well as 224 px. Channels-last stage outputs (timm's Swin) are not handled yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import nn
+
+from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
+from pand.distillers.ofa_branches import build_exit_branch
+from pand.distillers.registry import register_distiller
+from pand.errors import ConfigError
+from pand.losses import ofa_loss
+from pand.students import Student
+from pand.students.stages import StageTap, default_stages, stage_shapes
+from pand.teachers.frozen import LOGITS
+from pand.validation import POSITIVE, WEIGHT, integer
+
+
+def _spatial(shape: Sequence[int]) -> int:
+    """The side of a stage's grid: H of a C x H x W map, sqrt of the patch count of N x C tokens."""
+    if len(shape) == 3 and shape[1] == shape[2]:
+        return int(shape[1])
+    n = int(shape[0])
+    side = int(round(n ** 0.5))
+    return side if side * side == n else int(round((n - 1) ** 0.5))  # with a class token
+
+
+@register_distiller("ofa")
+class OFA(Distiller):
+    requires = frozenset({LOGITS})
+    option_rules = {"temperature": POSITIVE, "eps": POSITIVE, "ce_weight": WEIGHT, "kd_weight": WEIGHT,
+                    "ofa_weight": WEIGHT, "branch_depth": integer(1)}
+
+    def __init__(
+        self,
+        student: Student,
+        num_classes: int,
+        context: TeacherContext | None = None,
+        temperature: float = 1.0,
+        eps: float = 1.0,
+        ce_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        ofa_weight: float = 1.0,
+        stages: Sequence[str] | None = None,
+        branch_depth: int = 1,
+    ) -> None:
+        super().__init__(student, num_classes, context)
+        self.temperature, self.eps = float(temperature), float(eps)
+        self.ce_weight, self.kd_weight, self.ofa_weight = float(ce_weight), float(kd_weight), float(ofa_weight)
+        input_size = getattr(student, "input_size", None)
+        if input_size is None:
+            raise ConfigError("OFA sizes its exit branches with a dry run: set student.input_size = (3, H, W)")
+        every = default_stages(student)
+        names = list(stages) if stages else every[:-1]  # the last stage already ends in the student's own head
+        shapes = stage_shapes(student, names + every[-1:], input_size)
+        target = _spatial(shapes[-1])
+        self.stage_names = names
+        self.branches = nn.ModuleList(
+            # the factory reads the layout from the rank of a batched shape (4-D map, 3-D tokens)
+            build_exit_branch((1, *shape), num_classes, target_hw=target, depth=int(branch_depth))
+            for shape in shapes[:-1]
+        )
+        self._tap = StageTap(student, names)
+        self._tap.enabled = False
+
+    def training_losses(self, batch, teacher, progress: Progress) -> DistillerOutput:
+        self._tap.enabled = True
+        try:
+            logits = self.student(batch["image"])
+            feats = self._tap.take()
+        finally:
+            self._tap.enabled = False
+        t, y = teacher[LOGITS], batch["label"]
+        losses = {
+            "ce": self.ce_weight * F.cross_entropy(logits.float(), y),
+            "ofa": self.kd_weight * ofa_loss(logits, t, y, eps=self.eps, temperature=self.temperature),
+        }
+        if self.branches:
+            branch = sum(ofa_loss(head(f), t, y, eps=self.eps, temperature=self.temperature)
+                         for head, f in zip(self.branches, feats))
+            losses["ofa_stages"] = self.ofa_weight * branch
+        return DistillerOutput(logits, losses)
