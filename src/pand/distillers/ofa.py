@@ -23,7 +23,7 @@ from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherCo
 from pand.distillers.ofa_branches import build_exit_branch
 from pand.distillers.registry import register_distiller
 from pand.errors import ConfigError
-from pand.losses import ofa_loss
+from pand.losses import ofa_loss, token_grid_side
 from pand.students import Student
 from pand.students.stages import StageTap, default_stages, stage_shapes
 from pand.teachers.frozen import LOGITS
@@ -31,12 +31,10 @@ from pand.validation import POSITIVE, WEIGHT, integer
 
 
 def _spatial(shape: Sequence[int]) -> int:
-    """The side of a stage's grid: H of a C x H x W map, sqrt of the patch count of N x C tokens."""
-    if len(shape) == 3 and shape[1] == shape[2]:
+    """The side of a stage's grid: H of a C x H x W map, the patch-grid side of N x C tokens."""
+    if len(shape) == 3:
         return int(shape[1])
-    n = int(shape[0])
-    side = int(round(n ** 0.5))
-    return side if side * side == n else int(round((n - 1) ** 0.5))  # with a class token
+    return token_grid_side(int(shape[0]))[0]
 
 
 @register_distiller("ofa")
