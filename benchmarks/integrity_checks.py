@@ -25,7 +25,7 @@ import torch
 
 from pand.cache.integrity import allocate_npy, array_layout, file_digest, row_digest, verify_cache
 from pand.cache.loader_bench import make_jpegs
-from pand.cache.teacher import TeacherCache
+from pand.cache.teacher import FORMAT_VERSION, TeacherCache
 from pand.data.transforms import AugmentConfig, ReplayableAugment, view_generator
 from pand.data.verify import verify_splits
 from pand.io import atomic_write_json, atomic_write_with
@@ -84,7 +84,7 @@ def cache(root: Path, n: int, views: int, dim: int) -> list[tuple[str, float, fl
     del params, embeds, digests, done
     classes = [f"class {i}" for i in range(200)]
     save_tensors(folder / "text.safetensors", {"text_embeds": torch.zeros(len(classes), dim)}, {})
-    meta = {"version": 2, "num_samples": n, "views": views, "embed_dim": dim, "classes": classes, "arrays": layout,
+    meta = {"version": FORMAT_VERSION, "outputs": ["image_embeds"], "num_samples": n, "views": views, "embed_dim": dim, "classes": classes, "arrays": layout,
             "complete": True, "checksums": {"text.safetensors": file_digest(folder / "text.safetensors"),
                                             "digests.npy": file_digest(folder / "digests.npy")}}
     atomic_write_json(folder / "meta.json", meta)

@@ -29,3 +29,15 @@ def test_integrity_benchmark_prints_every_row():
                           "--dim", "8"], capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check")]
     assert len(rows) == 1 + 10 and "pand's atomic save" in out and "verify again" in out
+
+
+def test_bench_zoo_rows_time_every_method_live_and_the_logit_methods_cached(capsys):
+    code = main(["bench", "--teacher", "pand-tiny-vit", "--student", "resnet18", "--image-size", "32", "--batch", "4",
+                 "--classes", "5", "--steps", "1", "--warmup", "1", "--zoo", "--zoo-teacher", "test_resnet", "--json"])
+    assert code == 0
+    zoo = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zoo"]
+    for row in ("kd", "kd_ls", "dkd", "ofa", "nrkd", "nrkd_response", "pat"):
+        assert zoo[f"{row}_live_ms"] > 0 and zoo[f"ratio_{row}_live_vs_student"] > 0, row
+    for row in ("kd", "kd_ls", "dkd", "ofa", "nrkd_response"):
+        assert zoo[f"{row}_cached_ms"] > 0, row
+    assert "nrkd_cached_ms" not in zoo and "pat_cached_ms" not in zoo

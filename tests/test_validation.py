@@ -41,7 +41,7 @@ def nothing_loads(monkeypatch):
         (["method=ce", "cache.dir=/tmp/x", "cache.views=2"], "method 'ce' reads no teacher outputs"),
         (["cache.dir=/tmp/x", "cache.views=0"], "a teacher cache needs at least 1 view"),
         (["optim.lr=-0.1"], "optim.lr=-0.1 is not allowed: expected a number >= 0"),
-        (["optim.scheduler=linear"], "optim.scheduler='linear' is not allowed: expected one of 'step', 'cosine', 'none'"),
+        (["optim.scheduler=linear"], "optim.scheduler='linear' is not allowed: expected one of 'step', 'multistep', 'cosine', 'none'"),
         (["method.temperature=0"], "method.temperature=0 is not allowed: expected a number > 0"),
         (["method=kd", "method.kd_weight=-1"], "method.kd_weight=-1 is not allowed: expected a number >= 0"),
         (["method.weight_schedule=linear"], "method.weight_schedule='linear' is not allowed"),

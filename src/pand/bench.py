@@ -5,6 +5,11 @@ Every configuration runs the same full step (teacher outputs, distiller losses, 
 synthetic batches, in round-robin order so that drift of the machine affects all alike; the median is reported. Models
 have random weights (nothing is downloaded). The one-time cost of building the cache is the teacher's forward pass,
 reported in the same units (``teacher_forward_ms`` per batch of views; a cache of K views costs K of them per batch).
+
+``--zoo`` adds the heterogeneous-distillation methods with a classifier teacher (``--zoo-teacher``, a timm or
+torchvision name, random weights): the student alone, then KD, KD + LS, DKD, OFA, NRKD and PAT with the teacher live,
+and the logit methods from a cache of the teacher's logits. NRKD's feature term and PAT cannot use a cache; PAT runs
+the teacher twice per step (plain, then prompted with gradients), which its row shows.
 """
 
 from __future__ import annotations
@@ -171,9 +176,88 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__,
         },
     }
+    if args.zoo:
+        result["zoo"] = _zoo_bench(args, device, autocast)
     if args.loader:
         result["loader"] = _loader_bench(args)
     return result
+
+
+#: (row, method config, cacheable): the rows of ``--zoo``
+ZOO_METHODS = (
+    ("kd", {"name": "kd"}, True),
+    ("kd_ls", {"name": "kd", "standardize": True, "temperature": 2.0, "kd_weight": 9.0}, True),
+    ("dkd", {"name": "dkd"}, True),
+    ("ofa", {"name": "ofa"}, True),
+    ("nrkd", {"name": "nrkd"}, False),
+    ("nrkd_response", {"name": "nrkd", "feature_weight": 0.0}, True),
+    ("pat", {"name": "pat"}, False),
+)
+
+
+def _fake_logit_cache(folder: Path, n: int, views: int, classes: int) -> TeacherCache:
+    """A complete cache of classifier logits of the benchmark's size (full float16 rows): the read path is timed."""
+    rng = np.random.default_rng(0)
+    np.save(folder / "logits.npy", (3 * rng.standard_normal((n, views, classes))).astype(np.float16))
+    np.save(folder / "params.npy", np.zeros((n, views, 16), np.float32))
+    return TeacherCache(folder, {"views": views, "seed": 0, "complete": True, "outputs": ["logits"],
+                                 "classes": [str(i) for i in range(classes)]})
+
+
+def _zoo_bench(args: argparse.Namespace, device: torch.device, autocast) -> dict[str, Any]:
+    from pand.engine.teacher_side import add_stages
+    from pand.teachers import ClassifierTeacher
+    from pand.teachers.classifier import create_classifier
+
+    torch.manual_seed(0)
+    model = create_classifier(args.zoo_teacher, "auto", args.classes)
+    teacher = ClassifierTeacher(model, num_classes=args.classes, image_size=None, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                identity={"kind": "classifier", "model": args.zoo_teacher}).to(device)
+    live = LiveTeacherSource(teacher, teacher.mean, teacher.std)
+    n_images, views = args.batch * args.steps, 2
+    tmp = tempfile.TemporaryDirectory(prefix="pand-bench-zoo-")
+    cached = CachedTeacherSource(_fake_logit_cache(Path(tmp.name), n_images, views, args.classes)).to(device)
+
+    def student():
+        torch.manual_seed(0)
+        return build_student(args.student, args.classes, pretrained=False, image_size=args.image_size)
+
+    def context(with_model: bool) -> TeacherContext:
+        ctx = TeacherContext(identity=teacher.identity, num_classes=args.classes)
+        add_stages(ctx, live, args.image_size, with_model=with_model)
+        return ctx
+
+    steps = {"student_only": _Step("ce", build_distiller({"name": "ce"}, student(), args.classes, None), None,
+                                   device, autocast, args.channels_last)}
+    for row, method, cacheable in ZOO_METHODS:
+        with_model = method["name"] == "pat"
+        steps[f"{row}_live"] = _Step(f"{row} live", build_distiller(method, student(), args.classes,
+                                                                      context(with_model)),
+                                     live, device, autocast, args.channels_last)
+        if cacheable:
+            steps[f"{row}_cached"] = _Step(f"{row} cached", build_distiller(method, student(), args.classes,
+                                                                              context(False)),
+                                           cached, device, autocast, args.channels_last)
+    g = torch.Generator().manual_seed(1)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(args.steps + args.warmup):
+        idx = torch.arange(i * args.batch, (i + 1) * args.batch) % n_images
+        batch = {"image": torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g),
+                 "label": torch.randint(0, args.classes, (args.batch,), generator=g), "index": idx,
+                 "view": idx % views}
+        for key, step in steps.items():
+            ms = step(batch)
+            if i >= args.warmup:
+                times[key].append(ms)
+    tmp.cleanup()
+    base = statistics.median(times["student_only"])
+    out: dict[str, Any] = {"teacher": args.zoo_teacher, "student_only_ms": round(base, 2)}
+    for key, values in times.items():
+        if key != "student_only":
+            med = statistics.median(values)
+            out[f"{key}_ms"] = round(med, 2)
+            out[f"ratio_{key}_vs_student"] = round(med / base, 3)
+    return out
 
 
 def _cpu_name() -> str:
@@ -211,6 +295,21 @@ def print_result(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(f"teacher forward (cache build cost per batch and view): {result['teacher_forward_ms']:.1f} ms")
+    if "zoo" in result:
+        zoo = result["zoo"]
+        t = Table(title=f"pand bench --zoo: {c['student']} student, {zoo['teacher']} classifier teacher (random "
+                        f"weights), {c['image_size']} px, batch {c['batch']}")
+        t.add_column("method")
+        for col in ("live ms", "x student", "cached ms", "x student"):
+            t.add_column(col, justify="right")
+        t.add_row("student alone (ce)", f"{zoo['student_only_ms']:.1f}", "1.00", "", "")
+        for row, _, _ in ZOO_METHODS:
+            live_ms, cached_ms = zoo.get(f"{row}_live_ms"), zoo.get(f"{row}_cached_ms")
+            t.add_row(row + (" (teacher runs twice)" if row == "pat" else ""), f"{live_ms:.1f}",
+                      f"{live_ms / zoo['student_only_ms']:.2f}",
+                      "no cache" if cached_ms is None else f"{cached_ms:.1f}",
+                      "" if cached_ms is None else f"{cached_ms / zoo['student_only_ms']:.2f}")
+        console.print(t)
     if "loader" in result:
         console.print(f"data loader: {json.dumps(result['loader'])}")
 
@@ -235,6 +334,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", action="store_true", help="also measure data-loader throughput with/without decoding")
     p.add_argument("--loader-images", type=int, default=256)
     p.add_argument("--loader-workers", type=int, default=2)
+    p.add_argument("--zoo", action="store_true",
+                   help="also time kd, kd+LS, dkd, ofa, nrkd and pat with a classifier teacher, live and cached")
+    p.add_argument("--zoo-teacher", default="resnet50", help="classifier teacher of --zoo (timm / torchvision name)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 

@@ -129,7 +129,8 @@ def cmd_cache(args: Sequence[str]) -> int:
     cache = build_cache(to_plain(compose("train", args[1:])))
     if cache is not None:
         m = cache.meta
-        print(f"teacher cache complete: {cache.folder} ({m['num_samples']} images x {m['views']} views, D={m['embed_dim']})")
+        print(f"teacher cache complete: {cache.folder} ({m['num_samples']} images x {m['views']} views, "
+              f"{cache.describe_outputs()})")
     return 0
 
 

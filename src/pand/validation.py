@@ -25,7 +25,7 @@ _MISSING = object()
 class Rule:
     """Allowed values of one option: a number in a range, a choice among values, a boolean, or a list of numbers."""
 
-    kind: str  # "int" | "float" | "choice" | "bool" | "floats"
+    kind: str  # "int" | "float" | "choice" | "bool" | "floats" | "ints"
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -41,7 +41,8 @@ class Rule:
         elif self.kind == "bool":
             text = "true or false"
         else:
-            what = {"int": "an integer", "float": "a number", "floats": f"a list of {self.length} numbers"}[self.kind]
+            what = {"int": "an integer", "float": "a number", "floats": f"a list of {self.length} numbers",
+                    "ints": "a list of integers"}[self.kind]
             bounds = []
             if self.low is not None:
                 bounds.append(f"{'>' if self.low_open else '>='} {_fmt(self.low)}")
@@ -50,6 +51,8 @@ class Rule:
             text = what + (" " + " and ".join(bounds) if bounds else "")
             if self.kind == "floats" and bounds:
                 text = f"a list of {self.length} numbers, each " + " and ".join(bounds)
+            elif self.kind == "ints" and bounds:
+                text = "a list of integers, each " + " and ".join(bounds)
         extras = [repr(a) for a in self.also] + (["null"] if self.optional else [])
         return text + (" (or " + ", ".join(extras) + ")" if extras else "")
 
@@ -63,9 +66,9 @@ class Rule:
             return value not in self.choices
         if self.kind == "bool":
             return not isinstance(value, bool)
-        if self.kind == "floats":
+        if self.kind in ("floats", "ints"):
             return (not isinstance(value, (list, tuple)) or (self.length is not None and len(value) != self.length)
-                    or any(self._bad_number(v, integer=False) for v in value))
+                    or any(self._bad_number(v, integer=self.kind == "ints") for v in value))
         return self._bad_number(value, integer=self.kind == "int")
 
     def _bad_number(self, value: Any, integer: bool) -> bool:
@@ -170,14 +173,21 @@ TRAIN_RULES: dict[str, Rule] = {
     "optim.lr": NON_NEGATIVE,
     "optim.weight_decay": NON_NEGATIVE,
     "optim.momentum": number(0, 1, high_open=True),
-    "optim.scheduler": choice("step", "cosine", "none"),
+    "optim.scheduler": choice("step", "multistep", "cosine", "none"),
+    "optim.milestones": Rule("ints", low=1, optional=True),
     "optim.step_size": integer(1),
     "optim.gamma": POSITIVE,
     "optim.warmup_epochs": integer(0),
     "teacher.logit_scale": number(0, low_open=True, optional=True, also=("learned",)),
+    "mixing.mixup_alpha": NON_NEGATIVE,
+    "mixing.cutmix_alpha": NON_NEGATIVE,
+    "mixing.prob": PROBABILITY,
+    "mixing.switch_prob": PROBABILITY,
+    "mixing.label_smoothing": number(0, 1, high_open=True),
     "cache.views": integer(0),
     "cache.seed": integer(0),
     "cache.batch_size": integer(1),
+    "cache.topk": integer(1, optional=True),
     "cache.rebuild": BOOL,
     "checkpoint.every_n_steps": integer(0, optional=True),
     "checkpoint.allow_older": BOOL,
@@ -230,29 +240,37 @@ def _data_errors(config: Mapping[str, Any]) -> list[str]:
 def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
     """What the method reads against what the configured teacher side provides, and settings it would ignore."""
     from pand.engine.teacher_side import TEACHER_KINDS, teacher_kind, teacher_provides
-    from pand.teachers import LOGITS
+    from pand.teachers import LOGITS, STAGE_FEATURES
 
     errors: list[str] = []
     kind = teacher_kind(config)
     if kind not in TEACHER_KINDS:
         return [f"teacher.kind={_show(kind)} is not allowed: expected one of {', '.join(map(repr, TEACHER_KINDS))}"]
-    uses_teacher = bool(cls.requires) or cls.needs_text_embeds
-    missing = cls.requires - teacher_provides(config)
+    reads = cls.requires_for(config.get("method") or {})
+    uses_teacher = bool(reads) or cls.needs_text_embeds or cls.needs_teacher_model
+    missing = reads - teacher_provides(config)
     if missing:
         errors.append(f"method {cls.name!r} reads {sorted(missing)}, which a {kind} teacher does not provide "
                       f"(it provides {sorted(teacher_provides(config))}); use a CLIP teacher or another method")
-    reads_text = cls.reads_text_features(config.get("method") or {}) or (LOGITS in cls.requires and kind == "clip")
+    reads_text = cls.reads_text_features(config.get("method") or {}) or (LOGITS in reads and kind == "clip")
     text_features = lookup(config, "teacher.text_features")
     if text_features not in (None, _MISSING) and not reads_text:
         errors.append(f"teacher.text_features={text_features} is set, but method {cls.name!r} with these options "
                       f"and a {kind} teacher does not read learned text features; remove it (or choose a method "
                       "that uses them)")
     cache_dir = lookup(config, "cache.dir")
-    if cache_dir not in (None, _MISSING) and not cls.requires:
+    if cache_dir not in (None, _MISSING) and not reads:
         errors.append(f"cache.dir={cache_dir} is set, but method {cls.name!r} reads no teacher outputs; remove it")
-    elif cache_dir not in (None, _MISSING) and kind == "classifier":
-        errors.append(f"cache.dir={cache_dir} is set, but the teacher cache stores CLIP image embeddings only; a "
-                      "classifier teacher runs live (remove cache.dir)")
+    elif cache_dir not in (None, _MISSING) and kind != "classifier" and \
+            lookup(config, "cache.topk") not in (None, _MISSING):
+        errors.append(f"cache.topk={lookup(config, 'cache.topk')} is set, but a {kind} teacher's cache stores image "
+                      "embeddings, not logits; remove it")
+    if cache_dir not in (None, _MISSING) and cls.needs_teacher_model:
+        errors.append(f"cache.dir={cache_dir} is set, but method {cls.name!r} trains modules inside the teacher, so "
+                      "the teacher runs live every step; remove cache.dir")
+    elif cache_dir not in (None, _MISSING) and STAGE_FEATURES in reads:
+        errors.append(f"cache.dir={cache_dir} is set, but method {cls.name!r} reads the teacher's stage features, "
+                      "which a teacher cache does not store (they are too large per view); remove cache.dir")
     if kind == "classifier" and uses_teacher:
         t = config.get("teacher") or {}
         given = [k for k in ("ckpt", "weights", "pretrained") if t.get(k)]
@@ -272,6 +290,13 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
     if cache.get("dir") and cache.get("views") == 0:
         errors.append("cache.views=0 with cache.dir set: a teacher cache needs at least 1 view (cache.views >= 1), "
                       "or unset cache.dir to run the teacher online")
+    if cache.get("dir") and not for_cache_build:
+        from pand.engine.mixing import mixing_enabled
+
+        if mixing_enabled(config.get("mixing")):
+            errors.append(f"cache.dir={cache['dir']} is set together with Mixup/CutMix (mixing.*): the cache holds the "
+                          "teacher's outputs of unmixed views, not of the mixed images; remove cache.dir (the teacher "
+                          "then runs on the mixed batch) or set mixing.mixup_alpha=0 and mixing.cutmix_alpha=0")
     trainer = config.get("trainer") or {}
     devices = trainer.get("devices")
     if isinstance(devices, bool) or (isinstance(devices, int) and devices < 1 and devices != -1):
@@ -284,6 +309,12 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
     if not for_cache_build:
         method = config.get("method") or {}
         cls = get_distiller_class(method.get("name"))
+        from pand.distillers.registry import method_options
+
+        unknown = sorted(set(method) - {"name"} - method_options(cls))
+        if unknown:
+            errors.append(f"method {cls.name!r} has no option(s) {unknown}; its options are "
+                          f"{sorted(method_options(cls))}")
         errors += check_rules(method, cls.option_rules, prefix="method.")
         errors += cls.check_config(config)
         errors += _teacher_errors(config, cls)

@@ -146,3 +146,25 @@ def test_invalid_arguments_and_inputs_raise():
     tokens = build_exit_branch((2, 65, 64), C, target_hw=8)
     with pytest.raises(ValueError, match=r"\[B, 65, 64\].*\(2, 64, 64\)"):
         tokens(torch.randn(2, 64, 64))
+
+
+def test_ofa_step_with_a_channels_last_swin_student():
+    from pand.distillers import Progress, TeacherContext, build_distiller
+    from pand.students import build_student
+    from pand.teachers import LOGITS
+
+    torch.manual_seed(0)
+    # timm's Swin keeps its stage maps [B, H, W, C]; the stage tap hands them to the branches as [B, C, H, W]
+    student = build_student("swin_tiny_patch4_window7_224", C, source="timm", pretrained=False, image_size=64,
+                            kwargs={"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1),
+                                    "window_size": 4})
+    distiller = build_distiller({"name": "ofa"}, student, C, TeacherContext(num_classes=C, identity={"kind": "test"}))
+    assert [(b.in_channels, b.out_hw) for b in distiller.branches] == [(24, (2, 2)), (48, (2, 2)), (96, (2, 2))]
+    batch = {"image": torch.randn(4, 3, 64, 64), "label": torch.tensor([0, 1, 2, 4])}
+    out = distiller.training_losses(batch, {LOGITS: torch.randn(4, C)}, Progress(1, 10))
+    assert out.logits.shape == (4, C) and set(out.losses) == {"ce", "ofa", "ofa_stages"}
+    assert all(torch.isfinite(v) for v in out.losses.values()), out.losses
+    sum(out.losses.values()).backward()
+    for name, p in distiller.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all(p.grad.abs().sum() > 0 for p in distiller.branches.parameters())

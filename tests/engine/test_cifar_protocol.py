@@ -3,6 +3,8 @@ CIFAR student (resnet32x4 -> resnet8x4, as in the KD tables)."""
 
 import json
 
+import pytest
+
 from pand.cli import main
 from tests.fixtures.datasets import make_cifar100
 
@@ -13,10 +15,7 @@ def _args(root, run, *extra):
             "trainer.enable_progress_bar=false", "optim=sgd", "optim.lr=0.05", f"run_dir={run}", *extra]
 
 
-import pytest
-
-
-@pytest.mark.parametrize("method", ["dkd", "ofa"])
+@pytest.mark.parametrize("method", ["dkd", "ofa", "nrkd"])
 def test_cifar_teacher_then_distilled_student(tmp_path, method):
     root = make_cifar100(tmp_path / "data", n_classes=5, per_class=8, test_per_class=2)
     teacher_run, student_run = tmp_path / "teacher", tmp_path / "student"

@@ -41,3 +41,36 @@ def test_unknown_stage_names_are_refused():
         StageTap(student, ["backbone.layer9"])
     with pytest.raises(ConfigError, match="name them"):
         default_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
+
+
+def test_open_clip_visual_tower_stages_are_its_resblocks(tiny_teacher):
+    visual = tiny_teacher.model.visual  # pand-tiny-vit: 32 px, 8 px patches, 2 blocks of width 64
+    names = default_stages(visual)
+    assert names == ["transformer.resblocks.0", "transformer.resblocks.1"]
+    grid = 32 // 8
+    assert stage_shapes(visual, names, (3, 32, 32)) == [(1 + grid**2, 64)] * 2
+
+
+def test_block_lists_give_four_evenly_spaced_stages_ending_with_the_last():
+    blocks = torch.nn.Sequential()
+    blocks.blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(12))
+    assert default_stages(blocks) == ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]
+    blocks.blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(3))
+    assert default_stages(blocks) == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_sequence_first_transformer_blocks_come_out_batch_first():
+    from open_clip.transformer import Transformer
+
+    torch.manual_seed(0)
+    seq_first = Transformer(16, 6, 2, batch_first=False).eval()
+    batch_first = Transformer(16, 6, 2, batch_first=True).eval()
+    batch_first.load_state_dict(seq_first.state_dict())
+    names = default_stages(seq_first)
+    assert names == ["resblocks.0", "resblocks.2", "resblocks.3", "resblocks.5"]
+    x = torch.randn(3, 7, 16)  # B != N, so a wrong layout cannot pass
+    with StageTap(seq_first, names) as a, StageTap(batch_first, names) as b, torch.no_grad():
+        torch.testing.assert_close(seq_first(x), batch_first(x))
+        for got, want in zip(a.take(), b.take()):
+            assert got.shape == (3, 7, 16)
+            torch.testing.assert_close(got, want)

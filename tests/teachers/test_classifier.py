@@ -90,8 +90,8 @@ def test_kd_reads_a_clip_teachers_logits_live_and_from_the_cache(cub_root, tmp_p
     [
         (["teacher=classifier", "teacher.pretrained=random", "method=vl2lite"],
          "method 'vl2lite' reads ['image_embeds'], which a classifier teacher does not provide"),
-        (["teacher=classifier", "teacher.pretrained=random", "method=kd", "cache.dir=/tmp/x", "cache.views=2"],
-         "a classifier teacher runs live"),
+        (["teacher=classifier", "teacher.pretrained=random", "method=nrkd", "cache.dir=/tmp/x", "cache.views=2"],
+         "method 'nrkd' reads the teacher's stage features, which a teacher cache does not store"),
         (["teacher=classifier", "method=dkd"], "a classifier teacher needs exactly one of teacher.ckpt"),
         (["teacher=classifier", "teacher.pretrained=random", "method=kd", "teacher.text_features=/x.safetensors"],
          "method 'kd' with these options and a classifier teacher does not read learned text features"),

@@ -111,4 +111,4 @@ def test_live_source_gives_the_teachers_embeddings(tiny_teacher):
     out = source({"image": x}, {"image_embeds"})
     torch.testing.assert_close(out["image_embeds"], tiny_teacher.encode_images(x))
     with pytest.raises(ConfigError, match="cannot provide"):
-        source({"image": x}, {"stage_features"})
+        source({"image": x}, {"text_logits_of_another_kind"})

@@ -4,16 +4,19 @@ reserves its disk space.
 Integrity. :meth:`TeacherCache.open` refuses a damaged cache with :class:`CacheDamagedError`, naming the file, the
 reason and the remedy (``cache.rebuild=true``, or delete the folder and ``pand cache build``). It checks, in order:
 
-1. meta.json parses as a JSON object and its "arrays" agree with num_samples, views and embed_dim;
+1. meta.json parses as a JSON object and its "arrays" agree with num_samples, views and the size of the stored
+   outputs (embed_dim for image embeddings; num_classes and logits_topk for logits, see :func:`output_arrays`);
 2. every array file exists, its .npy header (read with :mod:`numpy.lib.format`, the data is not mapped) holds the
    shape and dtype meta.json names, and its size is exactly header + prod(shape) * itemsize (truncated / too long);
-3. text.safetensors loads, holds [len(classes), embed_dim] and matches its blake2b checksum in meta.json;
+3. a CLIP cache's text.safetensors loads, holds [len(classes), embed_dim] and matches its blake2b checksum in
+   meta.json (a classifier teacher's cache has no text file);
 4. done.npy marks every row written;
-5. digests.npy matches its blake2b checksum in meta.json, then the params and embeds rows match their digests:
-   every row when params + embeds hold at most :data:`FULL_CHECK_BYTES` (1 GiB), else :data:`SAMPLE_ROWS` random rows
-   plus the first and the last, drawn afresh at each open (``open(..., verify="full")`` forces all rows).
+5. digests.npy matches its blake2b checksum in meta.json, then the rows of params and of every output array (embeds;
+   or logits; or logits_topk and logits_index) match their digests: every row when those arrays hold at most
+   :data:`FULL_CHECK_BYTES` (1 GiB), else :data:`SAMPLE_ROWS` random rows plus the first and the last, drawn afresh
+   at each open (``open(..., verify="full")`` forces all rows).
 
-Each process also re-checks the header and size of params.npy and embeds.npy before it maps them
+Each process also re-checks the header and size of params.npy and the output arrays before it maps them
 (:meth:`TeacherCache.arrays`), so a file cut short after open() is named instead of failing inside numpy's mmap.
 
 Cost: steps 1-4 are a few stat() calls and small reads (about 2 ms). Step 5 reads and hashes params and embeds once,
@@ -52,9 +55,10 @@ from pand.errors import OutputError, PandError
 from pand.io import OUTPUT_ERRNOS
 from pand.provenance import load_tensors
 
-ARRAYS = ("params", "embeds", "done", "digests")
+# Every array file a cache of any kind can hold (what a rebuild removes).
+ARRAYS = ("params", "embeds", "logits", "logits_topk", "logits_index", "done", "digests")
 DIGEST_SIZE = 16  # bytes of blake2b per row and array
-FULL_CHECK_BYTES = 1 << 30  # open() verifies every row up to this many bytes of params + embeds, else a sample
+FULL_CHECK_BYTES = 1 << 30  # open() verifies every row up to this many bytes of params + outputs, else a sample
 SAMPLE_ROWS = 4096
 # Room for the text.safetensors header, meta.json and its temporary copy, beyond the exact array sizes.
 SLACK_BYTES = 1 << 20
@@ -93,14 +97,57 @@ def _human(n: int) -> str:
     return f"{n:,} bytes" if unit == "bytes" else f"{n:,} bytes ({size:.1f} {unit})"
 
 
-def array_layout(num_samples: int, views: int, num_params: int, embed_dim: int) -> dict[str, dict[str, Any]]:
-    """Shape and dtype (as .npy descr) of every array of a cache, as stored in meta.json's "arrays"."""
+def index_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
+
+
+def output_arrays(embed_dim: int | None = None, *, num_classes: int | None = None,
+                  topk: int | None = None) -> dict[str, tuple[int, np.dtype]]:
+    """The per-view arrays holding the teacher's outputs, in digest-column order: name -> (row width, dtype).
+
+    Image embeddings (``embed_dim``): embeds. Logits (``num_classes``): logits, all of them; or with ``topk`` the k
+    largest and the floor of the rest (logits_topk, k + 1 values) and their class indices (logits_index).
+    """
+    if embed_dim is not None:
+        return {"embeds": (int(embed_dim), np.dtype(np.float16))}
+    if num_classes is None:
+        raise ValueError("a teacher cache stores image embeddings (embed_dim) or logits (num_classes)")
+    if not topk:
+        return {"logits": (int(num_classes), np.dtype(np.float16))}
+    return {"logits_topk": (int(topk) + 1, np.dtype(np.float16)), "logits_index": (int(topk), index_dtype(num_classes))}
+
+
+def array_layout(num_samples: int, views: int, num_params: int, embed_dim: int | None = None, *,
+                 num_classes: int | None = None, topk: int | None = None) -> dict[str, dict[str, Any]]:
+    """Shape and dtype (as .npy descr) of every array of a cache, as stored in meta.json's "arrays".
+
+    digests.npy has one column for params and one per output array (see :func:`output_arrays`).
+    """
+    outputs = output_arrays(embed_dim, num_classes=num_classes, topk=topk)
     shapes = {"params": ([num_samples, views, num_params], np.float32),
-              "embeds": ([num_samples, views, embed_dim], np.float16),
+              **{name: ([num_samples, views, width], dtype) for name, (width, dtype) in outputs.items()},
               "done": ([num_samples], np.bool_),
-              "digests": ([num_samples, 2, DIGEST_SIZE], np.uint8)}
+              "digests": ([num_samples, 1 + len(outputs), DIGEST_SIZE], np.uint8)}
     return {name: {"shape": [int(s) for s in shape], "dtype": np.lib.format.dtype_to_descr(np.dtype(dtype))}
             for name, (shape, dtype) in shapes.items()}
+
+
+def stored_outputs(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`output_arrays` a cache's meta.json describes (KeyError if one is missing).
+
+    A meta without "outputs" holds image embeddings (the only kind before format version 3).
+    """
+    if "logits" in (meta.get("outputs") or ["image_embeds"]):
+        topk = meta["logits_topk"]
+        return {"num_classes": int(meta["num_classes"]), "topk": None if topk is None else int(topk)}
+    return {"embed_dim": int(meta["embed_dim"])}
+
+
+def output_names(meta: Mapping[str, Any]) -> list[str]:
+    """The output arrays' names, from the fewest meta entries (a cache made without "arrays" still names them)."""
+    if "logits" in (meta.get("outputs") or ["image_embeds"]):
+        return ["logits"] if meta.get("logits_topk") is None else ["logits_topk", "logits_index"]
+    return ["embeds"]
 
 
 def npy_header(spec: Mapping[str, Any]) -> bytes:
@@ -145,20 +192,22 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def meta_layout(folder: Path, meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The array layout meta.json promises, checked against its own num_samples, views and embed_dim."""
+    """The array layout meta.json promises, checked against its own num_samples, views and output sizes."""
     try:
         arrays = meta["arrays"]
-        n, k, d = int(meta["num_samples"]), int(meta["views"]), int(meta["embed_dim"])
+        n, k = int(meta["num_samples"]), int(meta["views"])
+        sizes = stored_outputs(meta)
         p = int(arrays["params"]["shape"][2])
+        want = array_layout(n, k, p, **sizes)
     except KeyError as err:
         raise CacheDamagedError(folder, f"meta.json has no entry {err}") from None
     except (TypeError, ValueError, IndexError) as err:
-        raise CacheDamagedError(folder, f"meta.json has a garbled num_samples, views, embed_dim or arrays ({err})") \
-            from None
-    want = array_layout(n, k, p, d)
+        raise CacheDamagedError(folder, f"meta.json has a garbled num_samples, views, outputs, their sizes or arrays "
+                                        f"({err})") from None
     if arrays != want:
+        said = ", ".join(f"{key}={value}" for key, value in sizes.items())
         raise CacheDamagedError(folder, f"meta.json's arrays {arrays} disagree with its num_samples={n}, views={k}, "
-                                        f"embed_dim={d} (expected {want})")
+                                        f"{said} (expected {want})")
     return want
 
 
@@ -227,14 +276,15 @@ def _sample_rows(n: int, total_bytes: int, mode: str) -> np.ndarray:
     return np.unique(np.concatenate([picked, [0, n - 1]]))
 
 
-def bad_rows(params: np.ndarray, embeds: np.ndarray, digests: np.ndarray, rows: Iterable[int]) -> dict[str, list]:
-    bad: dict[str, list] = {"params.npy": [], "embeds.npy": []}
+def bad_rows(columns: Mapping[str, np.ndarray], digests: np.ndarray, rows: Iterable[int]) -> dict[str, list]:
+    """The rows of each array whose digest differs; ``columns`` maps names to arrays in digest-column order."""
+    named = [(f"{name}.npy", array) for name, array in columns.items()]
+    bad: dict[str, list] = {name: [] for name, _ in named}
     for i in rows:
         i = int(i)
-        if row_digest(params[i]) != digests[i, 0].tobytes():
-            bad["params.npy"].append(i)
-        if row_digest(embeds[i]) != digests[i, 1].tobytes():
-            bad["embeds.npy"].append(i)
+        for column, (name, array) in enumerate(named):
+            if row_digest(array[i]) != digests[i, column].tobytes():
+                bad[name].append(i)
     return bad
 
 
@@ -248,7 +298,8 @@ def verify_cache(folder: str | os.PathLike, meta: Mapping[str, Any], verify: str
     layout = meta_layout(folder, meta)
     for name, spec in layout.items():
         check_array(folder, name, spec)
-    _check_text(folder, meta)
+    if "embeds" in layout:
+        _check_text(folder, meta)
     if not rows:
         return 0
     done = np.load(folder / "done.npy")
@@ -262,10 +313,10 @@ def verify_cache(folder: str | os.PathLike, meta: Mapping[str, Any], verify: str
                   else "meta.json has no checksum of digests.npy")
         raise CacheDamagedError(folder, reason)
     digests = np.load(folder / "digests.npy")
-    params = np.load(folder / "params.npy", mmap_mode="r")
-    embeds = np.load(folder / "embeds.npy", mmap_mode="r")
-    checked = _sample_rows(len(done), params.nbytes + embeds.nbytes, verify)
-    for name, bad in bad_rows(params, embeds, digests, checked).items():
+    columns = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in layout
+               if name not in ("done", "digests")}
+    checked = _sample_rows(len(done), sum(a.nbytes for a in columns.values()), verify)
+    for name, bad in bad_rows(columns, digests, checked).items():
         if bad:
             raise CacheDamagedError(folder, f"{name} row {bad[0]} does not match its checksum in digests.npy "
                                             f"({len(bad)} of {len(checked)} rows checked differ): the file was altered "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pand.errors import ConfigError
@@ -25,6 +26,10 @@ class TeacherContext:
     """Class-level teacher data, computed once per run (never per step).
 
     A CLIP teacher fills ``embed_dim``, ``logit_scale`` and the text matrices; a classifier teacher its class count.
+    Methods that read ``stage_features`` get the teacher's stage names and per-sample shapes (from a dry run at the
+    run's input size). ``teacher`` is the live frozen teacher model, given only to methods that declare
+    ``needs_teacher_model`` because they train modules inside it; ``input_mean``/``input_std`` are the normalisation
+    of the batch images, which :meth:`~pand.teachers.FrozenTeacher.prepare_images` converts to the teacher's.
     """
 
     embed_dim: int | None = None
@@ -33,6 +38,11 @@ class TeacherContext:
     prompt_embeds: torch.Tensor | None = None  # C x D learned CoOp text features (teacher.text_features), if given
     identity: dict[str, str] = field(default_factory=dict)
     num_classes: int | None = None
+    stage_names: list[str] | None = None
+    stage_shapes: list[tuple[int, ...]] | None = None
+    teacher: Any = None  # a FrozenTeacher, for needs_teacher_model methods only; never registered as a submodule
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,9 +70,18 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     requires: ClassVar[frozenset[str]] = frozenset()
     needs_text_embeds: ClassVar[bool] = False
+    # True for methods that train modules inside the teacher (PAT's prompts): they get the live teacher model in
+    # ``context.teacher`` and cannot use a teacher cache.
+    needs_teacher_model: ClassVar[bool] = False
     # Allowed values of the method's options (keys as in ``configs/method/<name>.yaml``, dotted for nested ones),
     # checked with every other setting before anything is built; see :mod:`pand.validation`.
     option_rules: ClassVar[Mapping[str, Rule]] = {}
+
+    @classmethod
+    def requires_for(cls, options: Mapping[str, Any]) -> frozenset[str]:
+        """The teacher outputs the method reads with these options (``requires`` unless a term can be switched off,
+        as NRKD's feature term: then the rest can come from a teacher cache)."""
+        return cls.requires
 
     @classmethod
     def reads_text_features(cls, options: Mapping[str, Any]) -> bool:
@@ -91,7 +110,15 @@ class Distiller(nn.Module):
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.requires) or self.needs_text_embeds
+        return bool(self.requires) or self.needs_text_embeds or self.needs_teacher_model
+
+    @staticmethod
+    def cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+        """Cross-entropy against the batch's labels, or against its soft labels when the engine mixed the batch
+        (Mixup / CutMix, :mod:`pand.engine.mixing`; their smoothing is already in the soft labels)."""
+        if "soft_label" in batch:
+            return F.cross_entropy(logits.float(), batch["soft_label"])
+        return F.cross_entropy(logits.float(), batch["label"], label_smoothing=label_smoothing)
 
     def teacher_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The CLIP teacher's zero-shot logits ``s * t_img @ T_txt^T`` (template embeddings unless given)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.registry import register_distiller
 from pand.students import Student
@@ -22,5 +20,5 @@ class CrossEntropy(Distiller):
 
     def training_losses(self, batch, teacher, progress: Progress) -> DistillerOutput:
         logits = self.student(batch["image"])
-        ce = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        ce = self.cross_entropy(logits, batch, self.label_smoothing)
         return DistillerOutput(logits, {"ce": ce})

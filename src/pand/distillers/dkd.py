@@ -12,8 +12,6 @@ ImageNet ResNet-34 -> ResNet-18: beta 0.5, T 1, warm-up 1.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.kd import standardized
 from pand.distillers.registry import register_distiller
@@ -56,7 +54,7 @@ class DKD(Distiller):
         return DistillerOutput(
             logits,
             {
-                "ce": self.ce_weight * F.cross_entropy(logits.float(), batch["label"]),
+                "ce": self.ce_weight * self.cross_entropy(logits, batch),
                 "tckd": warm * self.alpha * tckd.mean(),
                 "nckd": warm * self.beta * nckd.mean(),
             },

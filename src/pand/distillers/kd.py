@@ -9,8 +9,6 @@ CIFAR-100).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.registry import register_distiller
 from pand.losses import kd_loss, logit_standardize
@@ -53,7 +51,7 @@ class KD(Distiller):
         return DistillerOutput(
             logits,
             {
-                "ce": self.ce_weight * F.cross_entropy(logits.float(), batch["label"]),
+                "ce": self.ce_weight * self.cross_entropy(logits, batch),
                 "kd": self.kd_weight * kd_loss(s, t, self.temperature),
             },
         )

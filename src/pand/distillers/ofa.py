@@ -9,14 +9,14 @@ target ``-sum_c [(p_t + y)^eps - y]_c log p_s,c`` (see :func:`pand.losses.ofa_lo
 Only the teacher's final logits are read, so any teacher works and a CLIP teacher's cache serves it. The branches are
 training-only: they live in the distiller (saved in checkpoints, never part of the exported student). Stage features
 come from forward hooks (:class:`~pand.students.stages.StageTap`); branch shapes from a dry run at the run's input
-size, so 32-px CIFAR works as well as 224 px. Channels-last stage outputs (timm's Swin) are not handled yet.
+size, so 32-px CIFAR works as well as 224 px. Channels-last stage outputs (timm's Swin) arrive as ``[B, C, H, W]``:
+the tap rearranges them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch.nn.functional as F
 from torch import nn
 
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
@@ -84,7 +84,7 @@ class OFA(Distiller):
             self._tap.enabled = False
         t, y = teacher[LOGITS], batch["label"]
         losses = {
-            "ce": self.ce_weight * F.cross_entropy(logits.float(), y),
+            "ce": self.ce_weight * self.cross_entropy(logits, batch),
             "ofa": self.kd_weight * ofa_loss(logits, t, y, eps=self.eps, temperature=self.temperature),
         }
         if self.branches:

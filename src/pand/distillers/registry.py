@@ -36,13 +36,18 @@ def get_distiller_class(name: str) -> type[Distiller]:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(list_distillers())}") from None
 
 
+def method_options(cls: type[Distiller]) -> set[str]:
+    """The option names ``configs/method/<name>.yaml`` may set: the constructor's keywords."""
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "student", "num_classes", "context"}
+
+
 def build_distiller(
     method: Mapping[str, Any], student: Student, num_classes: int, context: TeacherContext | None
 ) -> Distiller:
     """Build the distiller named ``method["name"]``; every other key of ``method`` is a constructor option."""
     options = dict(method)
     cls = get_distiller_class(options.pop("name"))
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "student", "num_classes", "context"}
+    accepted = method_options(cls)
     unknown = set(options) - accepted
     if unknown:
         raise ConfigError(f"method {cls.name!r} has no option(s) {sorted(unknown)}; its options are {sorted(accepted)}")

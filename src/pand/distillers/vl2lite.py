@@ -68,7 +68,7 @@ class VL2Lite(Distiller):
         teacher_logits = self.teacher_logits(t_img, text)
         w_cls, w_kd = vl2lite_weights(progress.epoch, progress.max_epochs, self.weight_schedule)
         losses = {
-            "ce": w_cls * F.cross_entropy(logits.float(), batch["label"]),
+            "ce": w_cls * self.cross_entropy(logits, batch),
             "visual_kd": 0.5 * w_kd * vl2lite_visual_loss(h, a_img),
             "linguistic_kd": 0.5
             * w_kd

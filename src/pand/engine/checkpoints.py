@@ -99,7 +99,8 @@ def load_checkpoint_student(path: str | os.PathLike) -> tuple[torch.nn.Module, d
     if head is None:
         raise CheckpointError(f"{path} holds no student classifier ('{STUDENT_PREFIX}linear_cls.weight')")
     s = config["student"]
-    student = build_student(s["name"], int(head.shape[0]), source=s.get("source", "auto"), pretrained=False)
+    student = build_student(s["name"], int(head.shape[0]), source=s.get("source", "auto"), pretrained=False,
+                            image_size=int(config["data"]["image_size"]), kwargs=s.get("kwargs"))
     try:
         student.load_state_dict(state)
     except RuntimeError as err:

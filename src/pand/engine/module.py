@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from pand.distillers import Distiller, Progress
+from pand.engine.mixing import BatchMixer
 from pand.errors import ConfigError, TrainingDivergedError
 
 
@@ -34,9 +35,11 @@ class DistillationModule(L.LightningModule):
         *,
         optim: Mapping[str, Any] | None = None,
         config: Mapping[str, Any] | None = None,
+        mixer: BatchMixer | None = None,
     ) -> None:
         super().__init__()
         self.distiller = distiller
+        self.mixer = mixer
         self._teacher_holder = [teacher_source]
         self.optim_cfg = dict(optim or {})
         if config is not None:
@@ -64,6 +67,9 @@ class DistillationModule(L.LightningModule):
         return self.distiller(images)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.mixer is not None:
+            # Seeded by the global step, so a resumed run mixes exactly as an uninterrupted one.
+            batch = self.mixer(batch, self.global_step)
         requires = self.distiller.requires
         teacher = self.teacher_source(batch, requires) if requires else {}
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
@@ -121,6 +127,12 @@ class DistillationModule(L.LightningModule):
 
             def factor(epoch: int) -> float:
                 return gamma ** (epoch // step_size)
+        elif schedule == "multistep":
+            milestones = sorted(int(m) for m in cfg.get("milestones") or [])
+            gamma = float(cfg.get("gamma", 0.1))
+
+            def factor(epoch: int) -> float:
+                return gamma ** sum(epoch >= m for m in milestones)
         elif schedule == "cosine":
 
             def factor(epoch: int) -> float:
@@ -131,7 +143,7 @@ class DistillationModule(L.LightningModule):
             def factor(epoch: int) -> float:
                 return 1.0
         else:
-            raise ConfigError(f"optim.scheduler must be step, cosine or none, got {schedule!r}")
+            raise ConfigError(f"optim.scheduler must be step, multistep, cosine or none, got {schedule!r}")
 
         def with_warmup(epoch: int) -> float:
             if epoch < warmup:

@@ -30,6 +30,7 @@ from pand.engine.checkpoints import (
 )
 from pand.engine.csv_log import CsvMetricsLogger
 from pand.engine.data import PandDataModule
+from pand.engine.mixing import BatchMixer
 from pand.engine.module import DistillationModule
 from pand.engine.teacher_side import build_cache, build_teacher_side  # noqa: F401 - build_cache: `pand cache build`
 from pand.errors import ConfigError, MismatchError, OutputError
@@ -60,14 +61,12 @@ def resolve_run_dir(config: Mapping[str, Any]) -> Path:
 
 def build_student_from(config: Mapping[str, Any], num_classes: int):
     s = config["student"]
-    student = build_student(
+    # Built for the run's input size (timm ViTs, Mixers, Swins take img_size); methods that attach heads to the
+    # student's stages size them with a dry run at it (student.input_size).
+    return build_student(
         s["name"], num_classes, source=s.get("source", "auto"), pretrained=bool(s.get("pretrained", True)),
-        weights=s.get("weights"),
+        weights=s.get("weights"), image_size=int(config["data"]["image_size"]), kwargs=s.get("kwargs"),
     )
-    # Methods that attach heads to the student's stages size them with a dry run at the run's real input size.
-    size = int(config["data"]["image_size"])
-    student.input_size = (3, size, size)
-    return student
 
 
 def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, DistillationModule]:
@@ -81,7 +80,8 @@ def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, Distillat
     context, source = build_teacher_side(config, data, method_cls)
     student = build_student_from(config, len(classes))
     distiller = build_distiller(config["method"], student, len(classes), context)
-    module = DistillationModule(distiller, source, optim=config["optim"], config=config)
+    mixer = BatchMixer.from_config(config.get("mixing"), len(classes), seed=int(config["seed"]))
+    module = DistillationModule(distiller, source, optim=config["optim"], config=config, mixer=mixer)
     return data, module
 
 

@@ -7,7 +7,11 @@ outputs that the method declared (``Distiller.requires``), from
 * a live CLIP teacher (``teacher.kind=clip``): ``image_embeds``, and ``logits`` from them with the class text matrix
   (template embeddings, or learned CoOp features when ``teacher.text_features`` is set);
 * the teacher cache of a CLIP teacher (``cache.dir``): the same outputs, read from disk, without loading the teacher;
-* a live classifier teacher (``teacher.kind=classifier``): ``logits``.
+* a live classifier teacher (``teacher.kind=classifier``): ``logits``;
+* the teacher cache of a classifier teacher: its ``logits`` per cached view, without loading it;
+
+and, from a live teacher of either kind, ``stage_features`` (never cached). A method that trains modules inside the
+teacher (``needs_teacher_model``, PAT) also gets the live teacher model in its context.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pand.errors import ConfigError, MismatchError, PandError
 from pand.teachers import (
     IMAGE_EMBEDS,
     LOGITS,
+    STAGE_FEATURES,
     LiveTeacherSource,
     ZeroShotLogits,
     load_classifier_teacher,
@@ -44,8 +49,8 @@ def teacher_kind(config: Mapping[str, Any]) -> str:
 def teacher_provides(config: Mapping[str, Any]) -> frozenset[str]:
     """The per-sample outputs the configured teacher side can deliver (checked before anything is loaded)."""
     if teacher_kind(config) == "classifier":
-        return frozenset({LOGITS})
-    return frozenset({IMAGE_EMBEDS, LOGITS})
+        return frozenset({LOGITS, STAGE_FEATURES})
+    return frozenset({IMAGE_EMBEDS, LOGITS, STAGE_FEATURES})
 
 
 def _default_device(config: Mapping[str, Any]) -> str:
@@ -64,10 +69,12 @@ def load_teacher_from(config: Mapping[str, Any], device: str | None = None, clas
         if classes is None:
             raise ConfigError("a classifier teacher is loaded for a run's classes; none were given")
         return load_classifier_teacher(t, classes=classes, data=config["data"], device=device)
-    return load_clip_teacher(
+    teacher = load_clip_teacher(
         t["model"], t.get("pretrained"), logit_scale=t.get("logit_scale"), cache_dir=t.get("cache_dir"),
         device=device, force_quick_gelu=bool(t.get("force_quick_gelu", False)),
     )
+    teacher.use_stages(t.get("stages"))
+    return teacher
 
 
 def load_prompt_embeds(path: str | None, teacher_identity: Mapping[str, str], classes: list[str]) -> torch.Tensor | None:
@@ -80,9 +87,28 @@ def load_prompt_embeds(path: str | None, teacher_identity: Mapping[str, str], cl
 
 
 def teacher_spec(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The teacher as configured: what a teacher cache must have been built with (checked without loading it)."""
+    """The teacher as configured: what a teacher cache must have been built with (checked without loading it).
+
+    A classifier's weights file (``teacher.weights`` or ``teacher.ckpt``) is named by its resolved path and the
+    blake2b digest of its content: ``best.ckpt`` is rewritten in place while its run trains on, and a cache of the
+    old weights must then be refused although the path is the same. Hashing reads the file once (~0.6 GB/s).
+    """
     t = config["teacher"]
-    return {"model": t["model"], "pretrained": t.get("pretrained"), "force_quick_gelu": bool(t.get("force_quick_gelu"))}
+    if teacher_kind(config) != "classifier":
+        return {"kind": "clip", "model": t["model"], "pretrained": t.get("pretrained"),
+                "force_quick_gelu": bool(t.get("force_quick_gelu"))}
+    from pathlib import Path
+
+    from pand.cache.integrity import file_digest
+
+    ckpt, weights = t.get("ckpt"), t.get("weights")
+    path = Path(ckpt or weights).expanduser().resolve() if (ckpt or weights) else None
+    # A pand checkpoint brings its own network, input size and normalisation; the config's are then ignored.
+    own = {} if ckpt else {"model": t.get("model"), "source": t.get("source", "auto"),
+                           "image_size": t.get("image_size"), "mean": t.get("mean"), "std": t.get("std")}
+    return {"kind": "classifier", **own, "ckpt": str(path) if ckpt else None,
+            "weights": str(path) if weights else None, "pretrained": t.get("pretrained"),
+            "file_digest": file_digest(path) if path is not None and path.is_file() else None}
 
 
 def cache_settings(config: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -98,9 +124,12 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
     """
     settings = cache_settings(config)
     train = data.splits["train"]
-    templates = list(config["data"]["templates"])
+    classifier = teacher_kind(config) == "classifier"
+    templates = None if classifier else list(config["data"]["templates"])
     expected = cache_record(teacher_spec=teacher_spec(config), dataset=train, augment=data.augment,
-                            views=int(settings["views"]), seed=int(settings.get("seed", 0)), templates=templates)
+                            views=int(settings["views"]), seed=int(settings.get("seed", 0)), templates=templates,
+                            outputs=[LOGITS] if classifier else [IMAGE_EMBEDS],
+                            topk=settings.get("topk") if classifier else None)
     try:
         return TeacherCache.open(settings["dir"], expected)
     except (MismatchError, CacheDamagedError):
@@ -108,11 +137,15 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
             raise
     except PandError:
         pass  # missing or incomplete: build / resume below
-    teacher = teacher or load_teacher_from(config)
+    teacher = teacher or load_teacher_from(config, classes=train.classes)
     source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
+    if classifier:
+        text, clip = None, {}  # logits need no class text, and their scale is the teacher's own
+    else:
+        text = teacher.class_embeddings(train.classes, templates)
+        clip = {"embed_dim": teacher.embed_dim, "learned_logit_scale": float(teacher.model.logit_scale.exp())}
     return TeacherCache.build(
-        settings["dir"], expected, train, data.augment, source, teacher.class_embeddings(train.classes, templates),
-        teacher.identity, embed_dim=teacher.embed_dim, learned_logit_scale=float(teacher.model.logit_scale.exp()),
+        settings["dir"], expected, train, data.augment, source, text, teacher.identity, **clip,
         batch_size=int(settings.get("batch_size", 64)), rank=rank, world_size=world_size,
         rebuild=bool(settings.get("rebuild")), barrier=barrier,
     )
@@ -134,7 +167,7 @@ def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
         rank = dist.get_rank()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        teacher = load_teacher_from(config)
+        teacher = load_teacher_from(config, classes=data.classes)
         return open_or_build_cache(config, data, teacher, rank=rank, world_size=world, barrier=_all_ok)
     finally:
         dist.destroy_process_group()
@@ -157,25 +190,59 @@ def build_teacher_side(
 
     The teacher is loaded only when no teacher cache covers what the method reads.
     """
-    if not method.requires and not method.needs_text_embeds:
+    reads = method.requires_for(config.get("method") or {})
+    if not reads and not method.needs_text_embeds and not method.needs_teacher_model:
         return None, None
-    missing = method.requires - teacher_provides(config)
+    missing = reads - teacher_provides(config)
     if missing:
         raise ConfigError(f"method {method.name!r} reads {sorted(missing)}, which a teacher.kind={teacher_kind(config)} "
                           f"teacher does not provide (it provides {sorted(teacher_provides(config))})")
-    if teacher_kind(config) == "classifier":
+    if teacher_kind(config) == "classifier" and reads and cache_settings(config):
+        context, source = _classifier_cache_side(config, data, method, reads)
+    elif teacher_kind(config) == "classifier":
         teacher = load_teacher_from(config, classes=data.classes)
         context = TeacherContext(identity=teacher.identity, num_classes=teacher.num_classes)
-        return context, LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
-    return _clip_side(config, data, method)
+        source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
+    else:
+        context, source = _clip_side(config, data, method)
+    if STAGE_FEATURES in reads or method.needs_teacher_model:
+        _add_live_teacher(context, source, config, method)
+    return context, source
+
+
+def _add_live_teacher(context: TeacherContext, source: nn.Module, config: Mapping[str, Any],
+                      method: type[Distiller]) -> None:
+    """Stage names and shapes for methods reading stage features; the teacher model itself for those training
+    modules inside it. Both need the live teacher, which ``source`` wraps (possibly inside ZeroShotLogits)."""
+    live = source
+    while live is not None and not isinstance(live, LiveTeacherSource):
+        live = getattr(live, "inner", None)
+    if live is None:
+        raise ConfigError(f"method {method.name!r} needs the live teacher (stage features or modules inside the "
+                          "teacher), which a teacher cache cannot stand in for; remove cache.dir")
+    add_stages(context, live, int(config["data"]["image_size"]), with_model=method.needs_teacher_model)
+
+
+def add_stages(context: TeacherContext, live: LiveTeacherSource, image_size: int, *, with_model: bool) -> None:
+    """Fill ``context`` with the live teacher's stage names and shapes at ``image_size`` px (and the model itself,
+    ``with_model``, for a method training modules inside it)."""
+    teacher = live.teacher
+    context.stage_names = teacher.stage_names
+    context.stage_shapes = teacher.stage_shapes(image_size)
+    context.input_mean, context.input_std = tuple(live.mean), tuple(live.std)
+    if with_model:
+        context.teacher = teacher
 
 
 def _clip_side(config: Mapping[str, Any], data: PandDataModule, method: type[Distiller]):
     classes = data.classes
     text_features = config["teacher"].get("text_features")
-    wants_logits = LOGITS in method.requires
+    reads = method.requires_for(config.get("method") or {})
+    wants_logits = LOGITS in reads
     source: nn.Module | None = None
-    if method.requires and cache_settings(config):
+    if reads and cache_settings(config):
+        # logits come from the cached embeddings through ZeroShotLogits below
+        _check_cache_covers(method, reads, frozenset({IMAGE_EMBEDS, LOGITS}))
         cache = open_or_build_cache(config, data)
         data.teacher_cache = cache
         scale = config["teacher"].get("logit_scale")
@@ -195,10 +262,29 @@ def _clip_side(config: Mapping[str, Any], data: PandDataModule, method: type[Dis
             text_embeds=None if text is None else text.cpu(), identity=teacher.identity,
             prompt_embeds=load_prompt_embeds(text_features, teacher.identity, classes),
         )
-        if method.requires:
+        if reads:
             source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
     if wants_logits:
         # The CLIP teacher's classifier: learned CoOp features when given, else the template embeddings.
         text = context.prompt_embeds if context.prompt_embeds is not None else context.text_embeds
         source = ZeroShotLogits(source, text, context.logit_scale)
     return context, source
+
+
+def _check_cache_covers(method: type[Distiller], reads: frozenset[str], holds: frozenset[str]) -> None:
+    """Refuse, before a cache is opened or built, a method reading what no teacher cache holds."""
+    beyond = reads - holds
+    if beyond or method.needs_teacher_model:
+        what = f"reads {sorted(beyond)}" if beyond else "trains modules inside the teacher"
+        raise ConfigError(f"method {method.name!r} {what}, which a teacher cache does not hold (it holds "
+                          f"{sorted(holds)}): it needs the live teacher; remove cache.dir")
+
+
+def _classifier_cache_side(config: Mapping[str, Any], data: PandDataModule, method: type[Distiller],
+                           reads: frozenset[str]) -> tuple[TeacherContext, nn.Module]:
+    """A classifier teacher's logits from the teacher cache (built first if missing); the teacher is not loaded."""
+    _check_cache_covers(method, reads, frozenset({LOGITS}))
+    cache = open_or_build_cache(config, data)
+    data.teacher_cache = cache
+    context = TeacherContext(identity=dict(cache.meta["teacher"]), num_classes=len(cache.meta["classes"]))
+    return context, CachedTeacherSource(cache)

@@ -6,7 +6,14 @@ forward pass yields the logits and the stage features together, for any timm, to
 
 Stage names are submodule paths (``layer3``, ``stages.2``, ``blocks.5``). :func:`default_stages` finds them without
 per-architecture tables: timm models list theirs in ``feature_info``; torchvision ResNets have ``layer1..4``; pand's
-CIFAR networks ``stage1..3``. Shapes are discovered by :func:`stage_shapes` with a dry run at the real input size.
+CIFAR networks ``stage1..3``; transformers without either (open_clip's visual tower) a block list ``blocks``,
+``transformer.resblocks`` or ``resblocks``. Shapes are discovered by :func:`stage_shapes` with a dry run at the real
+input size.
+
+Every stage feature comes out as a CNN map ``[B, C, H, W]`` or tokens ``[B, N, C]``, whatever the model's own layout.
+One rule per stage, read from the nearest enclosing module that declares a layout: timm's ``output_fmt == "NHWC"``
+(Swin, MambaOut, Sequencer keep maps channels-last) permutes 4-D outputs to ``[B, C, H, W]``; ``batch_first is False``
+(a sequence-first open_clip ``Transformer``) transposes 3-D outputs ``[N, B, C]`` to ``[B, N, C]``.
 """
 
 from __future__ import annotations
@@ -19,11 +26,24 @@ from torch import nn
 from pand.errors import ConfigError
 
 _CONVENTIONS = (("layer1", "layer2", "layer3", "layer4"), ("stage1", "stage2", "stage3", "stage4"))
+# Block lists of transformers that have neither feature_info nor numbered stages (open_clip's ViT, plain ViTs).
+_BLOCK_LISTS = ("blocks", "transformer.resblocks", "resblocks")
+_NUM_BLOCK_STAGES = 4
+
+# Stage layouts that need rearranging (see the module docstring).
+_CHANNELS_LAST = "NHWC"
+_SEQUENCE_FIRST = "NBC"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     # pand's Student keeps the network under .backbone
     return getattr(model, "backbone", model)
+
+
+def _spread(items: list) -> list:
+    """Four (or all, if fewer) evenly spaced items, the last always included: its output is what the head reads."""
+    n, k = len(items), min(_NUM_BLOCK_STAGES, len(items))
+    return [items[(i + 1) * n // k - 1] for i in range(k)]
 
 
 def default_stages(model: nn.Module) -> list[str]:
@@ -33,25 +53,54 @@ def default_stages(model: nn.Module) -> list[str]:
     names = dict(inner.named_modules())
     info = getattr(inner, "feature_info", None)
     if info is not None:
-        found = [entry["module"] for entry in (info.info if hasattr(info, "info") else info) if entry.get("module")]
-        found = [n for n in found if n in names]
-        if found:
-            return [prefix + n for n in found]
+        entries = [e for e in (info.info if hasattr(info, "info") else info) if e.get("module") in names]
+        if len({e.get("reduction") for e in entries}) == 1 and len(entries) > _NUM_BLOCK_STAGES:
+            # A flat ViT / Mixer lists every block at one resolution: four spread over the depth, as for block lists.
+            entries = _spread(entries)
+        if entries:
+            return [prefix + e["module"] for e in entries]
     for convention in _CONVENTIONS:
         found = [n for n in convention if n in names]
         if len(found) >= 2:
             return [prefix + n for n in found]
+    for path in _BLOCK_LISTS:
+        blocks = names.get(path)
+        if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):
+            return [f"{prefix}{path}.{i}" for i in _spread(list(range(len(blocks))))]
     raise ConfigError(
         f"cannot tell the stages of {type(inner).__name__}: name them, e.g. method.stages=[layer2,layer3] "
         "(submodule paths as in model.named_modules())"
     )
 
 
+def _stage_layout(modules: dict[str, nn.Module], name: str) -> str | None:
+    """The layout flag of the nearest module enclosing stage ``name``, or None for pand's own layout."""
+    parts = name.split(".")
+    # Enclosing modules only: open_clip's Transformer is sequence-first inside, yet returns batch-first tokens itself.
+    for depth in range(len(parts) - 1, -1, -1):
+        parent = modules.get(".".join(parts[:depth]))
+        fmt, batch_first = getattr(parent, "output_fmt", None), getattr(parent, "batch_first", None)
+        if isinstance(fmt, str):
+            return _CHANNELS_LAST if fmt == _CHANNELS_LAST else None
+        if isinstance(batch_first, bool):
+            return None if batch_first else _SEQUENCE_FIRST
+    return None
+
+
+def _to_pand_layout(feature: torch.Tensor, layout: str | None) -> torch.Tensor:
+    if layout == _CHANNELS_LAST and feature.dim() == 4:
+        return feature.permute(0, 3, 1, 2)
+    if layout == _SEQUENCE_FIRST and feature.dim() == 3:
+        return feature.transpose(0, 1)
+    return feature
+
+
 class StageTap:
     """Forward hooks that keep the outputs of ``names`` from the latest forward pass of ``model``.
 
     Use as ``with StageTap(model, names) as tap: logits = model(x); feats = tap.features``; or keep one open for a
-    module's lifetime and call :meth:`close` when done.
+    module's lifetime and call :meth:`close` when done. Features are kept as ``[B, C, H, W]`` maps or ``[B, N, C]``
+    tokens (channels-last maps are permuted, sequence-first tokens transposed: views, no copies).
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
@@ -63,13 +112,17 @@ class StageTap:
         self.names = list(names)
         self.features: dict[str, torch.Tensor] = {}
         self.enabled = True  # a module that reads stages only in training steps turns this off in between
+        self.layouts = {n: _stage_layout(modules, n) for n in self.names}
         self._handles = [modules[n].register_forward_hook(self._keeper(n)) for n in self.names]
 
     def _keeper(self, name: str):
+        layout = self.layouts[name]
+
         def keep(module: nn.Module, args, output) -> None:
             if self.enabled:
                 # Some blocks return (features, extras); the features come first.
-                self.features[name] = output[0] if isinstance(output, (tuple, list)) else output
+                feature = output[0] if isinstance(output, (tuple, list)) else output
+                self.features[name] = _to_pand_layout(feature, layout)
 
         return keep
 
@@ -94,7 +147,10 @@ class StageTap:
 
 
 def stage_shapes(model: nn.Module, names: Sequence[str], input_size: Sequence[int]) -> list[tuple[int, ...]]:
-    """Per-sample shapes of the stage features at ``input_size`` (C, H, W), found with one dry run in eval mode."""
+    """Per-sample shapes of the stage features at ``input_size`` (C, H, W), found with one dry run in eval mode.
+
+    Maps come as ``(C, H, W)``, tokens as ``(N, C)``, in :class:`StageTap`'s layout.
+    """
     was_training = model.training
     model.eval()
     try:

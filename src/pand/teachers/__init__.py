@@ -2,7 +2,7 @@
 
 from pand.teachers.classifier import ClassifierTeacher, load_classifier_teacher
 from pand.teachers.clip import DEFAULT_LOGIT_SCALE, RANDOM_WEIGHTS, ClipTeacher, load_clip_teacher, weights_digest
-from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, FrozenTeacher
+from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES, FrozenTeacher
 from pand.teachers.source import LiveTeacherSource, ZeroShotLogits
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "IMAGE_EMBEDS",
     "LOGITS",
     "RANDOM_WEIGHTS",
+    "STAGE_FEATURES",
     "ClassifierTeacher",
     "ClipTeacher",
     "FrozenTeacher",

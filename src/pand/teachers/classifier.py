@@ -1,7 +1,8 @@
 """A frozen image classifier as the teacher: any timm or torchvision model with local weights, or a student that pand
 itself trained (``teacher.ckpt=runs/<run>/checkpoints/best.ckpt`` after ``pand train method=ce ...``).
 
-Its per-sample output is ``logits`` over the run's classes; the class count is checked with a forward pass at the real
+Its per-sample outputs are ``logits`` over the run's classes and the ``stage_features`` of its stages (``teacher.stages``,
+default: found from the model); the class count is checked with a forward pass at the real
 input size, so a teacher trained on other classes is refused before training.
 """
 
@@ -16,13 +17,13 @@ from torch import nn
 
 from pand.errors import ConfigError, WeightsUnavailableError
 from pand.teachers.clip import RANDOM_WEIGHTS, weights_digest
-from pand.teachers.frozen import LOGITS, FrozenTeacher
+from pand.teachers.frozen import LOGITS, STAGE_FEATURES, FrozenTeacher
 
 
 class ClassifierTeacher(FrozenTeacher):
     """A frozen classifier ``model: images -> logits``."""
 
-    provides = frozenset({LOGITS})
+    provides = frozenset({LOGITS, STAGE_FEATURES})
 
     def __init__(self, model: nn.Module, *, num_classes: int, image_size: int | None, mean: Sequence[float],
                  std: Sequence[float], identity: Mapping[str, str]) -> None:
@@ -35,9 +36,20 @@ class ClassifierTeacher(FrozenTeacher):
         self.identity = dict(identity)
         self.freeze()
 
-    @torch.no_grad()
+    @property
+    def stage_root(self) -> nn.Module:
+        return self.model
+
     def outputs(self, images: torch.Tensor, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        return {LOGITS: self.model(images).float()} if LOGITS in set(keys) else {}
+        keys = set(keys)
+        if not keys & self.provides:
+            return {}
+        with self.capturing_stages(STAGE_FEATURES in keys) as stages:
+            logits = self.model(images).float()
+            out = {STAGE_FEATURES: stages()} if STAGE_FEATURES in keys else {}
+        if LOGITS in keys:
+            out[LOGITS] = logits
+        return out
 
 
 def _random_seed(pretrained: str) -> int:
@@ -135,6 +147,7 @@ def load_classifier_teacher(
     identity["weights"] = weights_digest(model)
     result = ClassifierTeacher(model, num_classes=num_classes, image_size=size, mean=mean, std=std, identity=identity)
     result.to(device)
+    result.use_stages(teacher.get("stages"))
     _check_outputs(result, num_classes, int(size or 32))
     return result
 

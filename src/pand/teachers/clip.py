@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pand.errors import ConfigError, WeightsUnavailableError
-from pand.teachers.frozen import IMAGE_EMBEDS, FrozenTeacher
+from pand.teachers.frozen import IMAGE_EMBEDS, STAGE_FEATURES, FrozenTeacher
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ClipTeacher(FrozenTeacher):
     CoOp embeddings), see :class:`~pand.teachers.source.ZeroShotLogits`.
     """
 
-    provides = frozenset({IMAGE_EMBEDS})
+    provides = frozenset({IMAGE_EMBEDS, STAGE_FEATURES})
 
     def __init__(
         self,
@@ -134,8 +134,21 @@ class ClipTeacher(FrozenTeacher):
     def zero_shot_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * image_embeds.float() @ text_embeds.float().t()
 
+    @property
+    def stage_root(self) -> nn.Module:
+        return self.model.visual
+
     def outputs(self, images: torch.Tensor, keys) -> dict[str, torch.Tensor]:
-        return {IMAGE_EMBEDS: self.encode_images(images)} if IMAGE_EMBEDS in set(keys) else {}
+        keys = set(keys)
+        if not keys & self.provides:
+            return {}
+        # Not encode_images: a method training prompts inside the teacher needs gradients through this pass.
+        with self.capturing_stages(STAGE_FEATURES in keys) as stages:
+            embeds = F.normalize(self.model.encode_image(images).float(), dim=-1)
+            out = {STAGE_FEATURES: stages()} if STAGE_FEATURES in keys else {}
+        if IMAGE_EMBEDS in keys:
+            out[IMAGE_EMBEDS] = embeds
+        return out
 
 
 def _describe_pretrained(model_name: str, pretrained: str | None) -> str:

@@ -7,11 +7,19 @@ live or from a cache, under the same names.
 Per-sample output names:
     ``image_embeds``  B x D, L2-normalised image embeddings of a CLIP-like teacher (float32).
     ``logits``        B x C class logits: a classifier's own, or a CLIP teacher's zero-shot / CoOp ones.
+    ``stage_features`` a list, one tensor per stage of :attr:`FrozenTeacher.stage_names`, shallow to deep: maps
+                      ``[B, C, H, W]`` or tokens ``[B, N, C]``. Captured by forward hooks during the same forward
+                      pass (:class:`~pand.students.stages.StageTap`), never cached (too large per view).
+
+``outputs`` runs with gradients enabled if the caller allows them: a source wraps it in ``torch.no_grad``; a method
+that trains modules inside the teacher (PAT's prompts) calls it with gradients flowing to those modules, while the
+teacher's own weights stay frozen (``requires_grad=False``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -20,6 +28,7 @@ from torch import nn
 
 IMAGE_EMBEDS = "image_embeds"
 LOGITS = "logits"
+STAGE_FEATURES = "stage_features"
 
 
 def convert_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], to_mean: Sequence[float],
@@ -52,6 +61,54 @@ class FrozenTeacher(nn.Module):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     identity: dict[str, str]
+
+    _stage_names: list[str] | None = None
+    _tap = None
+
+    @property
+    def stage_root(self) -> nn.Module:
+        """The module whose submodule paths name the stages (a classifier itself, a CLIP model's image tower)."""
+        raise NotImplementedError
+
+    @property
+    def stage_names(self) -> list[str]:
+        if self._stage_names is None:
+            from pand.students.stages import default_stages
+
+            self._stage_names = default_stages(self.stage_root)
+        return list(self._stage_names)
+
+    def use_stages(self, names: Sequence[str] | None) -> None:
+        """Read ``names`` (submodule paths of :attr:`stage_root`) as the stages; None: the default ones."""
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
+        self._stage_names = list(names) if names else None
+
+    @contextmanager
+    def capturing_stages(self, wanted: bool) -> Iterator[Callable[[], list[torch.Tensor]]]:
+        """Within the block, forward passes of :attr:`stage_root` keep the stage features; the yielded function
+        returns those of the latest pass. Hooks stay registered between calls but keep nothing while disabled."""
+        if not wanted:
+            yield list
+            return
+        if self._tap is None:
+            from pand.students.stages import StageTap
+
+            self._tap = StageTap(self.stage_root, self.stage_names)
+        self._tap.enabled = True
+        try:
+            yield self._tap.take
+        finally:
+            self._tap.enabled = False
+            self._tap.features.clear()
+
+    def stage_shapes(self, image_size: int) -> list[tuple[int, ...]]:
+        """Per-sample shapes of the stage features at ``image_size`` px (the teacher's own size when it has one)."""
+        size = self.image_size or int(image_size)
+        with torch.no_grad():
+            out = self.outputs(torch.zeros(1, 3, size, size, device=self.device), {STAGE_FEATURES})
+        return [tuple(f.shape[1:]) for f in out[STAGE_FEATURES]]
 
     def freeze(self) -> None:
         self.requires_grad_(False)
