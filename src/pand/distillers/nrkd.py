@@ -29,7 +29,12 @@ from pand.distillers.registry import register_distiller
 from pand.errors import ConfigError
 from pand.losses import kd_loss, nlrd_loss, nrkd_feature_loss, token_grid_side
 from pand.students import Student
-from pand.students.stages import StageTap, default_stages, stage_shapes
+from pand.students.stages import (
+    StageTap,
+    default_stages,
+    require_input_size,
+    stage_shapes,
+)
 from pand.teachers.frozen import LOGITS, STAGE_FEATURES
 from pand.validation import BOOL, POSITIVE, WEIGHT, integer
 
@@ -79,9 +84,7 @@ class NRKD(Distiller):
             if context is None or not context.stage_names:
                 raise ConfigError("nrkd's feature term needs the teacher's stages (a live teacher); set "
                                   "method.feature_weight=0 to distil the responses only")
-            input_size = getattr(student, "input_size", None)
-            if input_size is None:
-                raise ConfigError("nrkd finds usable stages with a dry run: set student.input_size = (3, H, W)")
+            input_size = require_input_size(student, "nrkd")
             names = list(stages) if stages else default_stages(student)
             s_usable = [n for n, shape in zip(names, stage_shapes(student, names, input_size)) if _positions(shape) > 1]
             t_usable = [i for i, shape in enumerate(context.stage_shapes or []) if _positions(shape) > 1]

@@ -22,10 +22,14 @@ from torch import nn
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.ofa_branches import build_exit_branch
 from pand.distillers.registry import register_distiller
-from pand.errors import ConfigError
 from pand.losses import ofa_loss, token_grid_side
 from pand.students import Student
-from pand.students.stages import StageTap, default_stages, stage_shapes
+from pand.students.stages import (
+    StageTap,
+    default_stages,
+    require_input_size,
+    stage_shapes,
+)
 from pand.teachers.frozen import LOGITS
 from pand.validation import POSITIVE, WEIGHT, integer
 
@@ -59,9 +63,7 @@ class OFA(Distiller):
         super().__init__(student, num_classes, context)
         self.temperature, self.eps = float(temperature), float(eps)
         self.ce_weight, self.kd_weight, self.ofa_weight = float(ce_weight), float(kd_weight), float(ofa_weight)
-        input_size = getattr(student, "input_size", None)
-        if input_size is None:
-            raise ConfigError("OFA sizes its exit branches with a dry run: set student.input_size = (3, H, W)")
+        input_size = require_input_size(student, "ofa")
         every = default_stages(student)
         names = list(stages) if stages else every[:-1]  # the last stage already ends in the student's own head
         shapes = stage_shapes(student, names + every[-1:], input_size)

@@ -69,7 +69,12 @@ from pand.distillers.registry import register_distiller
 from pand.errors import ConfigError
 from pand.losses import hcl_loss, kd_loss
 from pand.students import Student
-from pand.students.stages import StageTap, default_stages, stage_shapes
+from pand.students.stages import (
+    StageTap,
+    default_stages,
+    require_input_size,
+    stage_shapes,
+)
 from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES, FrozenTeacher
 from pand.validation import POSITIVE, WEIGHT, integer
 
@@ -183,9 +188,7 @@ class PAT(Distiller):
         teacher = None if context is None else context.teacher
         if teacher is None or not context.stage_names or not context.stage_shapes:
             raise ConfigError("pat trains prompts inside the teacher: it needs the live teacher model and its stages")
-        input_size = getattr(student, "input_size", None)
-        if input_size is None:
-            raise ConfigError("pat sizes its modules with a dry run: set student.input_size = (3, H, W)")
+        input_size = require_input_size(student, "pat")
         # A plain list: the teacher must never become a submodule (checkpoints, DDP, .parameters()).
         self._teacher = [teacher]
         self._mean = tuple(context.input_mean or teacher.mean)

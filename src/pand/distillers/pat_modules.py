@@ -25,19 +25,11 @@ from torch import nn
 
 from pand.errors import ConfigError
 from pand.losses import token_grid_side
+from pand.students.stages import CHANNELS_LAST, SEQUENCE_FIRST, to_pand_layout
 
 MAP, TOKENS = "map", "tokens"
-#: Orders of a raw stage input other than pand's own ``[B, C, H, W]`` / ``[B, N, C]``.
-CHANNELS_LAST, SEQUENCE_FIRST = "NHWC", "NBC"
-
-
-def to_pand_order(x: torch.Tensor, order: str | None) -> torch.Tensor:
-    """A raw stage tensor in ``order`` as a pand-layout one (a view)."""
-    if order == CHANNELS_LAST:
-        return x.permute(0, 3, 1, 2)
-    if order == SEQUENCE_FIRST:
-        return x.transpose(0, 1)
-    return x
+# Orders of a raw stage input other than pand's own ``[B, C, H, W]`` / ``[B, N, C]``: the ones StageTap handles.
+to_pand_order = to_pand_layout
 
 
 def from_pand_order(x: torch.Tensor, order: str | None) -> torch.Tensor:

@@ -22,7 +22,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 from pand.errors import WeightsUnavailableError
 
-
 # Keys timm's create_model adds for its own weight loading; these models have no weights to load.
 _FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 

@@ -31,8 +31,8 @@ _BLOCK_LISTS = ("blocks", "transformer.resblocks", "resblocks")
 _NUM_BLOCK_STAGES = 4
 
 # Stage layouts that need rearranging (see the module docstring).
-_CHANNELS_LAST = "NHWC"
-_SEQUENCE_FIRST = "NBC"
+CHANNELS_LAST = "NHWC"
+SEQUENCE_FIRST = "NBC"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -81,16 +81,18 @@ def _stage_layout(modules: dict[str, nn.Module], name: str) -> str | None:
         parent = modules.get(".".join(parts[:depth]))
         fmt, batch_first = getattr(parent, "output_fmt", None), getattr(parent, "batch_first", None)
         if isinstance(fmt, str):
-            return _CHANNELS_LAST if fmt == _CHANNELS_LAST else None
+            return CHANNELS_LAST if fmt == CHANNELS_LAST else None
         if isinstance(batch_first, bool):
-            return None if batch_first else _SEQUENCE_FIRST
+            return None if batch_first else SEQUENCE_FIRST
     return None
 
 
-def _to_pand_layout(feature: torch.Tensor, layout: str | None) -> torch.Tensor:
-    if layout == _CHANNELS_LAST and feature.dim() == 4:
+def to_pand_layout(feature: torch.Tensor, layout: str | None) -> torch.Tensor:
+    """A stage tensor in ``layout`` (None, :data:`CHANNELS_LAST` or :data:`SEQUENCE_FIRST`) as ``[B, C, H, W]`` /
+    ``[B, N, C]`` (a view)."""
+    if layout == CHANNELS_LAST and feature.dim() == 4:
         return feature.permute(0, 3, 1, 2)
-    if layout == _SEQUENCE_FIRST and feature.dim() == 3:
+    if layout == SEQUENCE_FIRST and feature.dim() == 3:
         return feature.transpose(0, 1)
     return feature
 
@@ -122,7 +124,7 @@ class StageTap:
             if self.enabled:
                 # Some blocks return (features, extras); the features come first.
                 feature = output[0] if isinstance(output, (tuple, list)) else output
-                self.features[name] = _to_pand_layout(feature, layout)
+                self.features[name] = to_pand_layout(feature, layout)
 
         return keep
 
@@ -144,6 +146,15 @@ class StageTap:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def require_input_size(student: nn.Module, method: str) -> tuple[int, ...]:
+    """The student's ``input_size`` (3, H, W), which methods with stage heads need for their dry run."""
+    size = getattr(student, "input_size", None)
+    if size is None:
+        raise ConfigError(f"{method} sizes its modules with a dry run at the input size: build the student with "
+                          "image_size=... (or set student.input_size = (3, H, W))")
+    return tuple(size)
 
 
 def stage_shapes(model: nn.Module, names: Sequence[str], input_size: Sequence[int]) -> list[tuple[int, ...]]:
