@@ -85,6 +85,17 @@ def test_kd_reads_a_clip_teachers_logits_live_and_from_the_cache(cub_root, tmp_p
         assert _summary(run)["teacher"] == "pand-tiny-vit"
 
 
+@pytest.mark.parametrize("method", [["method=nrkd"], ["method=pat", "method.embed_dim=32", "method.num_heads=4"]],
+                         ids=["nrkd", "pat"])
+def test_stage_feature_methods_run_with_a_clip_teacher(cub_root, tmp_path, method):
+    # The CLIP teacher's stages are found in its image tower (open_clip's transformer.resblocks), live.
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(cub_root, run, *method, "trainer.max_epochs=1")]) == 0
+    summary = _summary(run)
+    assert summary["teacher"] == "pand-tiny-vit" and summary["test_acc1"] is not None
+    assert ("train/nrkd_feat" if method[0] == "method=nrkd" else "train/pat_mse") in (run / "metrics.csv").read_text()
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
