@@ -41,7 +41,7 @@ def test_mdistiller_cifar_protocol_settings():
 
 def test_vit_student_recipe_mixes_and_refuses_a_cache():
     c = _recipe("cifar100_224_convnext_t_deit_t_pat")
-    assert c["mixing"]["mixup_alpha"] == 0.8 and c["mixing"]["cutmix_alpha"] == 1.0
+    assert c["mixing"]["mixup_alpha"] == 0.8 and c["mixing"]["cutmix_alpha"] == 1.0 and c["ema"]["decay"] == 0.99996
     c["teacher"]["pretrained"] = "random"
     c["cache"]["dir"] = "/tmp/some-cache"
     with pytest.raises(ConfigError, match="unmixed views"):

@@ -179,6 +179,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "optim.gamma": POSITIVE,
     "optim.warmup_epochs": integer(0),
     "teacher.logit_scale": number(0, low_open=True, optional=True, also=("learned",)),
+    "ema.decay": number(0, 1, low_open=True, high_open=True, optional=True),
     "mixing.mixup_alpha": NON_NEGATIVE,
     "mixing.cutmix_alpha": NON_NEGATIVE,
     "mixing.prob": PROBABILITY,

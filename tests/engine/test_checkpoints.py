@@ -291,3 +291,18 @@ def test_a_checkpoint_without_a_record_resumes_on_its_settings_alone(finished_ru
     torch.save(ckpt, last)
     assert main(_resume(cub_root, finished_run, "trainer.max_epochs=3")) == 0
     assert _load(last)["epoch"] == 2
+
+
+def test_an_ema_run_keeps_the_average_in_its_checkpoints_and_resumes_exactly(cub_root, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ema = ("ema.decay=0.5", "trainer.max_epochs=3")
+    assert main(_ce(cub_root, straight, *ema)) == 0
+    ckpt = read_checkpoint(straight / "checkpoints" / "last.ckpt")
+    # the average is the checkpoint's model (what eval and teacher.ckpt read); the raw weights ride along to resume
+    raw = ckpt["current_model_state"]
+    averaged = ckpt["state_dict"]
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw if k.startswith("distiller.student."))
+    assert main(_ce(cub_root, split, "ema.decay=0.5", "trainer.max_epochs=2")) == 0
+    assert main(_ce(cub_root, split, "ema.decay=0.5", "trainer.max_epochs=3",
+                    f"ckpt_path={split / 'checkpoints' / 'last.ckpt'}")) == 0
+    _same_weights(straight / "checkpoints" / "last.ckpt", split / "checkpoints" / "last.ckpt")

@@ -75,7 +75,7 @@ from pand.students.stages import (
     require_input_size,
     stage_shapes,
 )
-from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES, FrozenTeacher
+from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES, FrozenTeacher, TeacherRef
 from pand.validation import POSITIVE, WEIGHT, integer
 
 
@@ -189,8 +189,8 @@ class PAT(Distiller):
         if teacher is None or not context.stage_names or not context.stage_shapes:
             raise ConfigError("pat trains prompts inside the teacher: it needs the live teacher model and its stages")
         input_size = require_input_size(student, "pat")
-        # A plain list: the teacher must never become a submodule (checkpoints, DDP, .parameters()).
-        self._teacher = [teacher]
+        # Outside the module tree: the teacher must never become a submodule (checkpoints, DDP, .parameters()).
+        self._teacher = TeacherRef(teacher)
         self._mean = tuple(context.input_mean or teacher.mean)
         self._std = tuple(context.input_std or teacher.std)
 
@@ -230,7 +230,7 @@ class PAT(Distiller):
 
     @property
     def teacher(self) -> FrozenTeacher:
-        return self._teacher[0]
+        return self._teacher.value
 
     def prompted_teacher(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Class logits and paired stage features of the prompted teacher for a batch in the run's normalisation.

@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from pand.distillers import Distiller, Progress
 from pand.engine.mixing import BatchMixer
 from pand.errors import ConfigError, TrainingDivergedError
+from pand.teachers.frozen import TeacherRef
 
 
 class DistillationModule(L.LightningModule):
@@ -40,7 +41,7 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         self.distiller = distiller
         self.mixer = mixer
-        self._teacher_holder = [teacher_source]
+        self._teacher_holder = TeacherRef(teacher_source)
         self.optim_cfg = dict(optim or {})
         if config is not None:
             self.save_hyperparameters({"config": dict(config)})
@@ -54,7 +55,7 @@ class DistillationModule(L.LightningModule):
 
     @property
     def teacher_source(self) -> torch.nn.Module | None:
-        return self._teacher_holder[0]
+        return self._teacher_holder.value
 
     def _move_teacher(self) -> None:
         if self.teacher_source is not None:

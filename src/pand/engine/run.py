@@ -92,10 +92,19 @@ def build_trainer(
     checkpoints = RunCheckpoints(
         run_dir / "checkpoints", record, every_n_steps=int((config.get("checkpoint") or {}).get("every_n_steps") or 0)
     )
+    callbacks: list[L.Callback] = [checkpoints]
+    decay = (config.get("ema") or {}).get("decay")
+    if decay:
+        # An exponential moving average of the trainable weights (the ViT / MLP student recipes): validation, the
+        # checkpoints' weights and the final model are the average; last.ckpt also keeps the raw weights to resume.
+        from lightning.pytorch.callbacks import WeightAveraging
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        callbacks.insert(0, WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True))
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         logger=CsvMetricsLogger(run_dir, resume_step),
-        callbacks=[checkpoints],
+        callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,  # RunCheckpoints writes them; Lightning's default would add epoch=*.ckpt files
         use_distributed_sampler=False,

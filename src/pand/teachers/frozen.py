@@ -48,6 +48,20 @@ def convert_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return images
 
 
+class TeacherRef:
+    """Holds a frozen teacher (or its source) outside the module tree: a module keeping one is saved, wrapped by DDP
+    and copied without it. Copies share the teacher (an EMA of the student's weights deep-copies the training module;
+    the frozen teacher, possibly billions of parameters, must not be copied with it)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo) -> TeacherRef:
+        return self
+
+
 class FrozenTeacher(nn.Module):
     """Base class of pand's teachers.
 
