@@ -32,6 +32,7 @@ from pand.students import Student
 from pand.students.stages import (
     StageTap,
     default_stages,
+    pair_deepest,
     require_input_size,
     stage_shapes,
 )
@@ -88,14 +89,12 @@ class NRKD(Distiller):
             names = list(stages) if stages else default_stages(student)
             s_usable = [n for n, shape in zip(names, stage_shapes(student, names, input_size)) if _positions(shape) > 1]
             t_usable = [i for i, shape in enumerate(context.stage_shapes or []) if _positions(shape) > 1]
-            n = min(len(s_usable), len(t_usable))
-            if n == 0:
+            if not s_usable or not t_usable:
                 raise ConfigError(f"nrkd's feature term needs stages with more than one spatial position; at input "
                                   f"size {tuple(input_size)} the student has {len(s_usable)} and the teacher "
                                   f"{len(t_usable)}. Name others (method.stages, teacher.stages) or set "
                                   "method.feature_weight=0")
-            self.stage_names = s_usable[len(s_usable) - n:]
-            self.teacher_stage_index = t_usable[len(t_usable) - n:]
+            self.stage_names, self.teacher_stage_index = pair_deepest(s_usable, t_usable)
             self._tap = StageTap(student, self.stage_names)
             self._tap.enabled = False
 

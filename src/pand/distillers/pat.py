@@ -56,24 +56,25 @@ from torch import nn
 
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.pat_modules import (
-    CHANNELS_LAST,
-    SEQUENCE_FIRST,
     Aligner,
     Layout,
     PromptBlock,
     PromptHooks,
     RegionAttention,
-    to_pand_order,
 )
 from pand.distillers.registry import register_distiller
 from pand.errors import ConfigError
 from pand.losses import hcl_loss, kd_loss
 from pand.students import Student
 from pand.students.stages import (
+    CHANNELS_LAST,
+    SEQUENCE_FIRST,
     StageTap,
     default_stages,
+    pair_deepest,
     require_input_size,
     stage_shapes,
+    to_pand_layout,
 )
 from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES, FrozenTeacher, TeacherRef
 from pand.validation import POSITIVE, WEIGHT, integer
@@ -82,7 +83,7 @@ from pand.validation import POSITIVE, WEIGHT, integer
 def _raw_order(raw: torch.Tensor, pand: torch.Tensor) -> str | None:
     """The order in which a stage passed ``raw``, given the same tensor in pand's layout (``pand``)."""
     for order in {4: (None, CHANNELS_LAST), 3: (None, SEQUENCE_FIRST)}.get(raw.dim(), (None,)):
-        view = to_pand_order(raw, order)
+        view = to_pand_layout(raw, order)
         if view.shape == pand.shape and torch.equal(view, pand):
             return order
     raise ConfigError(f"cannot match a teacher stage output of shape {tuple(raw.shape)} to its stage feature of shape "
@@ -137,7 +138,7 @@ def _stage_inputs(teacher: FrozenTeacher, names: Sequence[str], image_size: Sequ
         order, x = _raw_order(raw_out[n], feats[n]), raw_in[n]
         if x.dim() != raw_out[n].dim():
             order = SEQUENCE_FIRST if x.dim() == 3 and x.shape[1] == 2 and x.shape[0] != 2 else None
-        result.append((tuple(to_pand_order(x, order).shape[1:]), order, tuple(feats[n].shape[1:])))
+        result.append((tuple(to_pand_layout(x, order).shape[1:]), order, tuple(feats[n].shape[1:])))
     return result
 
 
@@ -200,9 +201,7 @@ class PAT(Distiller):
         if not t_index or any(i < 0 or i >= count for i in t_index) or t_index != sorted(set(t_index)):
             raise ConfigError(f"method.teacher_stages={list(t_index)}: expected increasing indices in [0, {count}) "
                               f"of the teacher stages {context.stage_names}")
-        n = min(len(s_names), len(t_index))
-        self.stage_names = s_names[len(s_names) - n:]
-        self.teacher_stage_index = t_index[len(t_index) - n:]
+        self.stage_names, self.teacher_stage_index = pair_deepest(s_names, t_index)
         t_names = [context.stage_names[i] for i in self.teacher_stage_index]
 
         stage_io = _stage_inputs(teacher, t_names, input_size)

@@ -28,12 +28,10 @@ from pand.losses import token_grid_side
 from pand.students.stages import CHANNELS_LAST, SEQUENCE_FIRST, to_pand_layout
 
 MAP, TOKENS = "map", "tokens"
-# Orders of a raw stage input other than pand's own ``[B, C, H, W]`` / ``[B, N, C]``: the ones StageTap handles.
-to_pand_order = to_pand_layout
 
 
 def from_pand_order(x: torch.Tensor, order: str | None) -> torch.Tensor:
-    """The inverse of :func:`to_pand_order`."""
+    """The inverse of :func:`pand.students.stages.to_pand_layout`."""
     if order == CHANNELS_LAST:
         return x.permute(0, 2, 3, 1)
     if order == SEQUENCE_FIRST:
@@ -160,7 +158,7 @@ class PromptBlock(nn.Module):
         self.register_buffer("feedback", torch.zeros(1, *feedback_layout.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grid = self.layout.to_grid(self.norm(to_pand_order(x, self.order)))
+        grid = self.layout.to_grid(self.norm(to_pand_layout(x, self.order)))
         # A copy: the buffer is overwritten in place by remember() before this graph's backward pass runs.
         fb = self.feedback_layout.to_grid(self.feedback.clone())
         fb = resize_grid(fb, (self.layout.height, self.layout.width))

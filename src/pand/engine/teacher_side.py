@@ -204,7 +204,7 @@ def build_teacher_side(
         context = TeacherContext(identity=teacher.identity, num_classes=teacher.num_classes)
         source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
     else:
-        context, source = _clip_side(config, data, method)
+        context, source = _clip_side(config, data, method, reads)
     if STAGE_FEATURES in reads or method.needs_teacher_model:
         _add_live_teacher(context, source, config, method)
     return context, source
@@ -234,10 +234,9 @@ def add_stages(context: TeacherContext, live: LiveTeacherSource, image_size: int
         context.teacher = teacher
 
 
-def _clip_side(config: Mapping[str, Any], data: PandDataModule, method: type[Distiller]):
+def _clip_side(config: Mapping[str, Any], data: PandDataModule, method: type[Distiller], reads: frozenset[str]):
     classes = data.classes
     text_features = config["teacher"].get("text_features")
-    reads = method.requires_for(config.get("method") or {})
     wants_logits = LOGITS in reads
     source: nn.Module | None = None
     if reads and cache_settings(config):

@@ -148,6 +148,12 @@ class StageTap:
         self.close()
 
 
+def pair_deepest(student: Sequence, teacher: Sequence) -> tuple[list, list]:
+    """Student and teacher stages paired deepest first: the last ``n`` of each, ``n`` the smaller count."""
+    n = min(len(student), len(teacher))
+    return list(student[len(student) - n:]), list(teacher[len(teacher) - n:])
+
+
 def require_input_size(student: nn.Module, method: str) -> tuple[int, ...]:
     """The student's ``input_size`` (3, H, W), which methods with stage heads need for their dry run."""
     size = getattr(student, "input_size", None)
