@@ -74,3 +74,26 @@ def test_sequence_first_transformer_blocks_come_out_batch_first():
         for got, want in zip(a.take(), b.take()):
             assert got.shape == (3, 7, 16)
             torch.testing.assert_close(got, want)
+
+
+def test_a_flat_vit_gives_four_of_its_blocks_and_pands_32_px_models_build():
+    # timm lists every block of a ViT / Mixer in feature_info, all at one resolution: four spread over the depth
+    vit = build_student("pand_vit_p4_32", 5, source="timm", pretrained=False, image_size=32)
+    assert default_stages(vit) == [f"backbone.blocks.{i}" for i in (0, 2, 3, 5)]
+    assert stage_shapes(vit, default_stages(vit)[:1], (3, 32, 32)) == [(65, 192)]  # class token + 8 x 8 patches
+    mixer = build_student("pand_mixer_p4_32", 5, source="timm", pretrained=False, image_size=32,
+                          kwargs={"num_blocks": 4, "embed_dim": 32})
+    assert default_stages(mixer) == [f"backbone.blocks.{i}" for i in range(4)]
+    assert mixer(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+    # CNNs keep every stage of their feature_info (resolutions differ)
+    resnet = build_student("test_resnet", 5, source="timm", pretrained=False, image_size=32)
+    assert len(default_stages(resnet)) == 5
+
+
+def test_pands_32_px_models_have_no_pretrained_weights():
+    import timm
+
+    from pand.errors import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match="no pretrained weights"):
+        timm.create_model("pand_vit_p4_32", pretrained=True)
