@@ -29,6 +29,15 @@ def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
     assert all(f"| {key} |" in report for key in KEYS)
     printed = capsys.readouterr().out
     assert "pand quickstart" in printed and "total time" in printed
+    # The open-vocabulary row: trained on 5 classes, tested on the 5 others too, student next to teacher.
+    ov = results["openvocab"]
+    assert len(ov["base_classes"]) == 5 and len(ov["novel_classes"]) == 5
+    assert not set(ov["base_classes"]) & set(ov["novel_classes"])
+    for who in ("student", "teacher"):
+        assert all(0.0 <= ov[who][k] <= 1.0 for k in ("base", "novel", "hm", "mAP")), who
+    assert "| student |" in report and "novel (%)" in report and "open vocabulary" in printed
+    ov_summary = json.loads((out / "seed0" / "openvocab" / "summary.json").read_text())
+    assert ov_summary["open_vocab"]["student"]["hm"] == pytest.approx(ov["student"]["hm"])
     # the student of each method saw 2 images per class: 1 train + 1 val
     summary = json.loads((out / "seed0" / "pand" / "summary.json").read_text())
     assert summary["method"] == "pand" and summary["test_acc1"] == pytest.approx(results["pand"]["test_acc"])

@@ -302,3 +302,41 @@ def hcl_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Te
         total = total + weight * pooled
         weight_sum += weight
     return total / weight_sum
+
+
+def embedding_distill_loss(student_embeds: torch.Tensor, teacher_embeds: torch.Tensor,
+                           kind: str = "cosine") -> torch.Tensor:
+    """Feature distillation in the teacher's embedding space (KDEOV; CLIP-KD's strongest single loss).
+
+    Both embeddings are L2-normalised first. ``cosine``: ``mean_b (1 - cos(e_s, t_img))``; ``l2``: the mean squared
+    error of the normalised vectors, averaged over the batch and the D components (MSE = ``2 (1 - cos) / D``, so
+    the two differ by a constant factor and in nothing else).
+    """
+    s = F.normalize(student_embeds.float(), dim=-1)
+    t = F.normalize(teacher_embeds.float(), dim=-1)
+    if kind == "cosine":
+        return (1 - (s * t).sum(-1)).mean()
+    if kind == "l2":
+        return F.mse_loss(s, t)
+    raise ValueError(f"embedding distillation is 'cosine' or 'l2', got {kind!r}")
+
+
+def label_infonce_loss(similarity: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                       symmetric: bool = True) -> torch.Tensor:
+    """Image-text InfoNCE against class text embeddings, with class labels as targets.
+
+    ``similarity`` is ``[B, C]``: cosine of each image embedding with each class text embedding. The image -> text
+    term is ``CE(sim / tau, y)``: one row per class, so two images of the same class are never each other's negative.
+    With ``symmetric``, the text -> image term treats every class present in the batch as a query over the batch's
+    images, with all images of that class as positives: ``-mean_{i: y_i = c} log softmax_i(sim[:, c] / tau)``,
+    averaged over the classes present; the loss is then the mean of the two directions (the CLIP form).
+    """
+    logits = similarity.float() / float(temperature)
+    image_to_text = F.cross_entropy(logits, labels)
+    if not symmetric:
+        return image_to_text
+    present = torch.unique(labels)
+    column_logp = F.log_softmax(logits[:, present], dim=0)  # over images, per present class
+    positive = (labels.unsqueeze(1) == present.unsqueeze(0)).float()  # [B, K]
+    text_to_image = -((column_logp * positive).sum(0) / positive.sum(0)).mean()
+    return 0.5 * (image_to_text + text_to_image)

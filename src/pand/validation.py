@@ -157,6 +157,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.split_seed": integer(0),
     "data.samples_per_class": integer(1, optional=True),
     "data.num_classes": integer(1, optional=True),
+    "data.class_split": choice("base_novel", optional=True),
+    "data.class_split_seed": integer(0),
     "data.mean": Rule("floats", length=3),
     "data.std": Rule("floats", low=0, low_open=True, length=3),
     "data.verify_images": BOOL,
@@ -317,6 +319,10 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
             errors.append(f"method {cls.name!r} has no option(s) {unknown}; its options are "
                           f"{sorted(method_options(cls))}")
         errors += check_rules(method, cls.option_rules, prefix="method.")
+        if lookup(config, "data.class_split") not in (None, _MISSING) and not cls.embeds_images:
+            errors.append(f"data.class_split={lookup(config, 'data.class_split')} tests on classes the student never "
+                          f"trained on, which only an open-vocabulary student can classify; method {cls.name!r} "
+                          "learns a fixed classifier (use method=openvocab, or remove data.class_split)")
         errors += cls.check_config(config)
         errors += _teacher_errors(config, cls)
     _raise(errors, "training")

@@ -224,17 +224,20 @@ class ArrayDataset(ClassificationDataset):
 class SubsetDataset(ClassificationDataset):
     """A view of ``parent`` restricted to ``indices`` (the images are not copied)."""
 
-    def __init__(self, parent: ClassificationDataset, indices: Sequence[int], split: str | None = None) -> None:
+    def __init__(self, parent: ClassificationDataset, indices: Sequence[int], split: str | None = None,
+                 classes: Sequence[int] | None = None) -> None:
         n = len(parent)
         idx = [int(i) for i in indices]
         bad = [i for i in idx if not 0 <= i < n]
         if bad:
             raise IndexError(f"subset index {bad[0]} out of range for {parent.name}/{parent.split} with {n} items")
+        # ``classes``: parent labels kept, in their new label order (every item must have one of them).
+        relabel = {c: i for i, c in enumerate(classes)} if classes is not None else None
         super().__init__(
             parent.name,
             split or parent.split,
-            parent.classes,
-            [parent.targets[i] for i in idx],
+            parent.classes if relabel is None else [parent.classes[c] for c in classes],
+            [parent.targets[i] if relabel is None else relabel[parent.targets[i]] for i in idx],
             parent.transform,
             parent.root,
         )
@@ -249,6 +252,14 @@ class SubsetDataset(ClassificationDataset):
 
     def _hash_items(self, h: Any, indices: Sequence[int]) -> None:
         self.parent._hash_items(h, [self.indices[i] for i in indices])
+
+
+def restrict_classes(dataset: ClassificationDataset, classes: Sequence[int], *, split: str | None = None
+                     ) -> ClassificationDataset:
+    """The items of ``dataset`` whose label is in ``classes``, relabelled ``0..len(classes)-1`` in that order."""
+    keep = set(int(c) for c in classes)
+    indices = [i for i, y in enumerate(dataset.targets) if y in keep]
+    return SubsetDataset(dataset, indices, split=split, classes=[int(c) for c in classes])
 
 
 def subset(

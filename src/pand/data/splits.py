@@ -38,6 +38,19 @@ _MODULES = {
 _CLASS_NAMES_FILE = ("imagefolder", "imagenet")
 
 
+CLASS_SPLITS = ("base_novel",)
+
+
+def base_novel_classes(num_classes: int, seed: int) -> tuple[list[int], list[int]]:
+    """The CoOp / CoCoOp base-to-novel protocol's class halves: a seeded half of the labels (the larger half when
+    the count is odd) as base classes, the rest as novel, both sorted."""
+    if num_classes < 2:
+        raise ConfigError(f"a base-to-novel split needs at least 2 classes, the data has {num_classes}")
+    order = np.random.default_rng(int(seed)).permutation(num_classes)
+    half = (num_classes + 1) // 2
+    return sorted(int(c) for c in order[:half]), sorted(int(c) for c in order[half:])
+
+
 def stratified_split(targets: Iterable[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split indices into ``(kept, held_out)``, holding out ``fraction`` of every class.
 

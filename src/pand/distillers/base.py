@@ -43,6 +43,10 @@ class TeacherContext:
     teacher: Any = None  # a FrozenTeacher, for needs_teacher_model methods only; never registered as a submodule
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
+    # Per-token text features of the class prompts ([C, L, D]) and their [C, L] mask of real tokens, for methods
+    # that attend over prompt tokens (``Distiller.reads_text_tokens``).
+    text_tokens: torch.Tensor | None = None
+    text_token_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class Distiller(nn.Module):
     # Allowed values of the method's options (keys as in ``configs/method/<name>.yaml``, dotted for nested ones),
     # checked with every other setting before anything is built; see :mod:`pand.validation`.
     option_rules: ClassVar[Mapping[str, Rule]] = {}
+    # True for methods whose student embeds images in the teacher's joint space (classifying by a text matrix):
+    # the engine then adds the open-vocabulary report (base / novel accuracy, retrieval) to the run.
+    embeds_images: ClassVar[bool] = False
 
     @classmethod
     def requires_for(cls, options: Mapping[str, Any]) -> frozenset[str]:
@@ -86,6 +93,11 @@ class Distiller(nn.Module):
     @classmethod
     def reads_text_features(cls, options: Mapping[str, Any]) -> bool:
         """Whether the method, with these options, uses learned CoOp text features (``teacher.text_features``)."""
+        return False
+
+    @classmethod
+    def reads_text_tokens(cls, options: Mapping[str, Any]) -> bool:
+        """Whether the method, with these options, attends over per-token text features of the class prompts."""
         return False
 
     @classmethod

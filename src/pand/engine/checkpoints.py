@@ -95,14 +95,22 @@ def load_checkpoint_student(path: str | os.PathLike) -> tuple[torch.nn.Module, d
     ckpt = read_checkpoint(path)
     config = stored_config(ckpt, path)
     state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
-    head = state.get("linear_cls.weight")
+    # A closed-set student has a linear classifier; an open-vocabulary one a vocabulary (class text matrix).
+    head = state.get("linear_cls.weight", state.get("vocabulary"))
     if head is None:
-        raise CheckpointError(f"{path} holds no student classifier ('{STUDENT_PREFIX}linear_cls.weight')")
+        raise CheckpointError(f"{path} holds no student classifier ('{STUDENT_PREFIX}linear_cls.weight' or "
+                              f"'{STUDENT_PREFIX}vocabulary')")
     s = config["student"]
+    size = int(config["data"]["image_size"])
     student = build_student(s["name"], int(head.shape[0]), source=s.get("source", "auto"), pretrained=False,
-                            image_size=int(config["data"]["image_size"]), kwargs=s.get("kwargs"))
+                            image_size=size, kwargs=s.get("kwargs"))
     try:
-        student.load_state_dict(state)
+        if "vocabulary" in state:
+            from pand.students.open_vocab import OpenVocabStudent
+
+            student = OpenVocabStudent.from_state(student, state, dict(config.get("method") or {}), (3, size, size))
+        else:
+            student.load_state_dict(state)
     except RuntimeError as err:
         raise MismatchError(f"the student weights of {path} do not fit its stored student config: "
                             f"{str(err).splitlines()[0]}") from None

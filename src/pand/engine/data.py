@@ -21,7 +21,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pand.cache.teacher import choose_view
-from pand.data import ClassificationDataset, get_dataset, stratified_split, subset, verify_splits
+from pand.data import (
+    ClassificationDataset,
+    base_novel_classes,
+    get_dataset,
+    restrict_classes,
+    stratified_split,
+    subset,
+    verify_splits,
+)
 from pand.data.transforms import AugmentConfig, ReplayableAugment, eval_transform, view_generator
 from pand.errors import ConfigError
 
@@ -186,7 +194,23 @@ def load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
     return splits
 
 
+#: The extra split of a base-to-novel run: test images of the classes never trained on, labelled among those classes.
+NOVEL_TEST = "test_novel"
+
+
 def _load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
+    splits = _labelled_splits(data)
+    if data.get("class_split") != "base_novel":
+        return splits
+    # CoOp / CoCoOp base-to-novel, inductive: training and model selection see only the base classes' images and
+    # names; "test" is base test images among the base classes, "test_novel" novel test images among the novel ones.
+    base, novel = base_novel_classes(len(splits["test"].classes), int(data.get("class_split_seed", 0)))
+    out = {name: restrict_classes(ds, base) for name, ds in splits.items()}
+    out[NOVEL_TEST] = restrict_classes(splits["test"], novel, split=NOVEL_TEST)
+    return out
+
+
+def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
     common = dict(
         download=bool(data.get("download", False)),
         split_seed=int(data.get("split_seed", 0)),

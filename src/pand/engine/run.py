@@ -172,10 +172,27 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             raise
         summary["test_acc1"] = _as_float(results[0].get("test/acc1")) if results else None
         summary["test_acc5"] = _as_float(results[0].get("test/acc5")) if results else None
+        if module.distiller.embeds_images and trainer.is_global_zero:
+            summary["open_vocab"] = _open_vocab(config, data, module, run_dir)
     summary["status"] = "done"
     summary["total_seconds"] = round(time.time() - start, 2)
     _write_summary(trainer, run_dir, summary)
     return summary
+
+
+def _open_vocab(config: Mapping[str, Any], data: PandDataModule, module: DistillationModule,
+               run_dir: Path) -> dict[str, Any]:
+    """Base / novel / HM top-1 and retrieval of the (best-on-val) student and of the teacher's zero-shot classifier;
+    the teacher is loaded for this if the run trained from its cache."""
+    from pand.engine.open_vocab_eval import format_report, open_vocab_report
+    from pand.engine.teacher_side import live_source, load_teacher_from
+
+    live = live_source(module.teacher_source)
+    report = open_vocab_report(module.distiller.student, data, config, live.teacher if live is not None else None,
+                               load_teacher=lambda: load_teacher_from(config))
+    atomic_write_json(run_dir / "open_vocab.json", report)
+    log.info("%s", format_report(report))
+    return {k: v for k, v in report.items() if k in ("student", "teacher", "class_split")}
 
 
 def _write_summary(trainer: L.Trainer, run_dir: Path, summary: Mapping[str, Any]) -> None:
@@ -200,8 +217,8 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     if overrides:
         config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(config), OmegaConf.create(dict(overrides))))
     data = PandDataModule(config["data"], seed=int(config["seed"]))
-    if data.num_classes != student.linear_cls.out_features:
-        raise MismatchError(f"{ckpt_path} classifies {student.linear_cls.out_features} classes; its data has "
+    if data.num_classes != student.num_classes:
+        raise MismatchError(f"{ckpt_path} classifies {student.num_classes} classes; its data has "
                             f"{data.num_classes}")
     module = DistillationModule(Distiller(student, data.num_classes))
     trainer = L.Trainer(

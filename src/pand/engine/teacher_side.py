@@ -210,13 +210,18 @@ def build_teacher_side(
     return context, source
 
 
+def live_source(source: nn.Module | None) -> LiveTeacherSource | None:
+    """The live teacher inside a per-sample source (possibly wrapped in ZeroShotLogits); None for a cache."""
+    while source is not None and not isinstance(source, LiveTeacherSource):
+        source = getattr(source, "inner", None)
+    return source
+
+
 def _add_live_teacher(context: TeacherContext, source: nn.Module, config: Mapping[str, Any],
                       method: type[Distiller]) -> None:
     """Stage names and shapes for methods reading stage features; the teacher model itself for those training
     modules inside it. Both need the live teacher, which ``source`` wraps (possibly inside ZeroShotLogits)."""
-    live = source
-    while live is not None and not isinstance(live, LiveTeacherSource):
-        live = getattr(live, "inner", None)
+    live = live_source(source)
     if live is None:
         raise ConfigError(f"method {method.name!r} needs the live teacher (stage features or modules inside the "
                           "teacher), which a teacher cache cannot stand in for; remove cache.dir")
@@ -239,6 +244,7 @@ def _clip_side(config: Mapping[str, Any], data: PandDataModule, method: type[Dis
     text_features = config["teacher"].get("text_features")
     wants_logits = LOGITS in reads
     source: nn.Module | None = None
+    teacher = None
     if reads and cache_settings(config):
         # logits come from the cached embeddings through ZeroShotLogits below
         _check_cache_covers(method, reads, frozenset({IMAGE_EMBEDS, LOGITS}))
@@ -263,6 +269,12 @@ def _clip_side(config: Mapping[str, Any], data: PandDataModule, method: type[Dis
         )
         if reads:
             source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
+    if method.reads_text_tokens(config.get("method") or {}):
+        # Per-token prompt features are class-level data a teacher cache does not hold: with a cache, the teacher is
+        # loaded for this once (its image tower never runs).
+        teacher = teacher or load_teacher_from(config)
+        context.text_tokens, context.text_token_mask = teacher.class_token_features(
+            classes, list(config["data"]["templates"]))
     if wants_logits:
         # The CLIP teacher's classifier: learned CoOp features when given, else the template embeddings.
         text = context.prompt_embeds if context.prompt_embeds is not None else context.text_embeds

@@ -44,6 +44,10 @@ class Student(nn.Module):
         self.feature_dim = _measure_feature_dim(backbone, name, _hw(image_size or _DEFAULT_MEASURE_SIDE))
         self.linear_cls = nn.Linear(self.feature_dim, num_classes)
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.linear_cls.out_features)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 

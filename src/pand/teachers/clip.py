@@ -131,6 +131,43 @@ class ClipTeacher(FrozenTeacher):
         )  # [n_templates, C, D]
         return F.normalize(per_template.mean(0), dim=-1)
 
+    @torch.no_grad()
+    def class_token_features(self, classnames: Sequence[str],
+                             templates: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token text features of every class prompt: ``[C, L, D]`` and a ``[C, L]`` mask of real tokens.
+
+        The final-layer token states (after ``ln_final``, taken with a forward hook during ``encode_text``) projected
+        by ``text_projection`` into the joint space; the tokens of all templates of a class are concatenated, and
+        positions that are padding in every prompt are dropped. Cross-attention fusion attends over them.
+        """
+        owner = self.model if isinstance(getattr(self.model, "ln_final", None), nn.Module) else getattr(
+            self.model, "text", None)
+        ln_final = getattr(owner, "ln_final", None)
+        proj = getattr(owner, "text_projection", None)
+        if not isinstance(ln_final, nn.Module):
+            raise ConfigError("per-token text features need an open_clip text tower with ln_final (CLIP or "
+                              "CustomTextCLIP with a TextTransformer); this teacher has none")
+        feats, masks = [], []
+        for template in templates:
+            tokens = self.tokenizer([template.format(c) for c in classnames]).to(self.device)
+            kept: list[torch.Tensor] = []
+            handle = ln_final.register_forward_hook(lambda m, a, out: kept.append(out))
+            try:
+                self.model.encode_text(tokens)
+            finally:
+                handle.remove()
+            states = kept[0] if kept else None
+            if states is None or states.dim() != 3 or states.shape[1] != tokens.shape[1]:
+                raise ConfigError("this teacher's text tower normalises only its pooled token (a class-token text "
+                                  "tower), so it has no per-token features for cross-attention; use method.fusion=film")
+            if proj is not None:
+                states = proj(states) if isinstance(proj, nn.Module) else states @ proj
+            feats.append(states.float())
+            masks.append(tokens != 0)
+        feats_t, mask = torch.cat(feats, dim=1), torch.cat(masks, dim=1)
+        used = mask.any(dim=0)
+        return feats_t[:, used].cpu(), mask[:, used].cpu()
+
     def zero_shot_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * image_embeds.float() @ text_embeds.float().t()
 

@@ -1,0 +1,126 @@
+"""Open-vocabulary student (KDEOV): distil the teacher's joint space, classify any names through its text tower.
+
+The student (:class:`~pand.students.open_vocab.OpenVocabStudent`) embeds an image as ``e_s`` in the teacher's
+``D``-wide space. Training minimises
+
+``L = distill_weight * L_distill(e_s, t_img) + align_weight * L_align``
+
+* ``L_distill``: ``mean(1 - cos(e_s, t_img))`` (``distill=cosine``) or the MSE of the normalised vectors
+  (``distill=l2``) against the teacher's image embedding of the same view. It needs no label.
+* ``L_align``: InfoNCE of the image embeddings against the class text embeddings of the training classes with the
+  labels as targets (:func:`pand.losses.label_infonce_loss`): images of the same class are never each other's
+  negatives. With fusion, the similarities are the text-conditioned ones ``e(x | t_c) . T_c``.
+
+Its classifier is the text matrix of the class names (teacher text tower, template ensemble); after training, any
+list of names can replace it (``student.set_vocabulary``), which is what base-to-novel evaluation and retrieval do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
+from pand.distillers.registry import register_distiller
+from pand.losses import embedding_distill_loss, label_infonce_loss
+from pand.students import Student
+from pand.students.open_vocab import FUSIONS, HEADS, OpenVocabStudent
+from pand.teachers.source import IMAGE_EMBEDS
+from pand.validation import BOOL, POSITIVE, WEIGHT, choice, integer, number
+
+
+@register_distiller("openvocab")
+class OpenVocab(Distiller):
+    requires = frozenset({IMAGE_EMBEDS})
+    needs_text_embeds = True
+    #: The student embeds images in the teacher's joint space, so the engine adds the open-vocabulary report
+    #: (base / novel / harmonic mean, text -> image retrieval) to the run.
+    embeds_images = True
+    option_rules = {
+        "distill": choice("cosine", "l2"),
+        "distill_weight": WEIGHT,
+        "align_weight": WEIGHT,
+        "temperature": POSITIVE,
+        "symmetric": BOOL,
+        "head": choice(*HEADS),
+        "dropout": number(0, 1, high_open=True),
+        "fusion": choice(*FUSIONS),
+        "fusion_heads": integer(1),
+    }
+
+    @classmethod
+    def requires_for(cls, options: Mapping[str, Any]) -> frozenset[str]:
+        # Without the distillation term only the class text embeddings are read: no teacher pass per image.
+        return cls.requires if float(options.get("distill_weight", 1.0)) > 0 else frozenset()
+
+    @classmethod
+    def reads_text_tokens(cls, options: Mapping[str, Any]) -> bool:
+        return options.get("fusion") == "cross_attention"
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> list[str]:
+        from pand.engine.mixing import mixing_enabled
+
+        errors = []
+        method = config.get("method") or {}
+        if float(method.get("distill_weight", 1.0)) == 0 and float(method.get("align_weight", 1.0)) == 0:
+            errors.append("method.distill_weight=0 and method.align_weight=0 leave the open-vocabulary student "
+                          "nothing to learn; set at least one above 0")
+        if mixing_enabled(config.get("mixing")):
+            errors.append("method 'openvocab' aligns each image with its class text (labels as InfoNCE targets), "
+                          "which a Mixup/CutMix blend of two classes does not have; set mixing.mixup_alpha=0 and "
+                          "mixing.cutmix_alpha=0")
+        if (config.get("teacher") or {}).get("kind", "clip") != "clip":
+            errors.append("method 'openvocab' distils a CLIP teacher's joint image-text space; a classifier teacher "
+                          "has no text tower (use teacher.kind=clip)")
+        return errors
+
+    def __init__(
+        self,
+        student: Student,
+        num_classes: int,
+        context: TeacherContext | None = None,
+        distill: str = "cosine",
+        distill_weight: float = 1.0,
+        align_weight: float = 1.0,
+        temperature: float = 0.07,
+        symmetric: bool = True,
+        head: str = "conv",
+        dropout: float = 0.1,
+        fusion: str = "none",
+        fusion_heads: int = 4,
+    ) -> None:
+        super().__init__(student, num_classes, context)
+        embedding_distill_loss(torch.zeros(1, 2), torch.ones(1, 2), distill)  # refuse an unknown kind now
+        self.distill, self.distill_weight, self.align_weight = distill, float(distill_weight), float(align_weight)
+        self.temperature, self.symmetric = float(temperature), bool(symmetric)
+        self.student = OpenVocabStudent(
+            student, int(context.embed_dim), head=head, dropout=dropout, fusion=fusion, fusion_heads=fusion_heads,
+            logit_scale=float(context.logit_scale), vocabulary=self.text_embeds,
+            input_size=getattr(student, "input_size", None) or (3, 224, 224),
+        )
+        if fusion == "cross_attention":
+            if context.text_tokens is None:
+                raise ValueError("cross-attention fusion needs the teacher's per-token class text features "
+                                 "(TeacherContext.text_tokens)")
+            self.student.set_vocabulary(self.text_embeds, context.text_tokens, context.text_token_mask)
+
+    def training_losses(self, batch, teacher, progress: Progress) -> DistillerOutput:
+        student = self.student
+        tokens = student.visual_tokens(batch["image"])
+        embeds = student._project(tokens)
+        text = student.vocabulary
+        if student.fusion is None:
+            similarity = embeds @ text.t()
+        else:
+            similarity = student.fused_similarity(tokens, text, student.vocabulary_tokens, student.vocabulary_mask)
+        losses: dict[str, torch.Tensor] = {}
+        if self.distill_weight > 0:
+            losses["distill"] = self.distill_weight * embedding_distill_loss(embeds, teacher[IMAGE_EMBEDS],
+                                                                             self.distill)
+        if self.align_weight > 0:
+            losses["align"] = self.align_weight * label_infonce_loss(similarity, batch["label"], self.temperature,
+                                                                     self.symmetric)
+        return DistillerOutput(student.logit_scale * similarity, losses)

@@ -1,0 +1,193 @@
+"""The open-vocabulary report of a run whose student embeds images in the teacher's space (``method=openvocab``).
+
+Written to ``open_vocab.json`` in the run folder and into ``summary.json`` under ``open_vocab``, for the student
+(best-on-val weights) and, on the same images and class names, for the teacher's own zero-shot classifier:
+
+* classification by cosine against the teacher's text embeddings of the class names (template ensemble). With
+  ``data.class_split=base_novel`` (CoOp / CoCoOp protocol, inductive: images of the novel classes were never seen in
+  training, and their names were not used for training or model selection): top-1 on the base test images among the
+  base classes, on the novel test images among the novel classes, their harmonic mean ``2 b n / (b + n)``, and top-1
+  of all test images among all classes. Without a class split: top-1 on the test split among its classes.
+* text -> image retrieval on the test split (all its images, every class's prompt embedding as one query; an image
+  is relevant when it shows that class): R@K is the share of queries with a relevant image among the K most similar
+  images, mAP the mean over queries of the average precision of the whole ranking.
+
+The teacher sees the images with its own evaluation preprocessing (as in ``pand features``); the student with the
+run's. A student with text fusion scores each (image, class) pair with its fused embedding ``e(x | t_c) . T_c``,
+for classification and for retrieval alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from pand.data import ClassificationDataset
+from pand.errors import ConfigError
+
+log = logging.getLogger("pand")
+
+RECALL_AT = (1, 5, 10)
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 0.0 if base + novel <= 0 else 2 * base * novel / (base + novel)
+
+
+def top1(similarity: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((similarity.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+def retrieval_metrics(similarity: torch.Tensor, labels: torch.Tensor, queries: Sequence[int] | None = None,
+                      ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
+    """Text -> image retrieval from an ``[N images, C classes]`` similarity: column ``c`` is the query of class ``c``
+    ranking all N images, relevant where ``labels == c``. Queries default to every class with a relevant image."""
+    sim = similarity.float()
+    labels = labels.long()
+    if queries is None:
+        queries = sorted(set(labels.tolist()))
+    out: dict[str, float] = {}
+    if not len(queries):
+        return out
+    q = torch.as_tensor(list(queries), dtype=torch.long)
+    order = sim[:, q].argsort(dim=0, descending=True)  # [N, Q]: images by decreasing similarity, per query
+    relevant = (labels[order] == q.unsqueeze(0)).float()  # [N, Q]
+    for k in ks:
+        out[f"R@{k}"] = float(relevant[:k].amax(0).mean())
+    hits = relevant.cumsum(0)
+    ranks = torch.arange(1, len(labels) + 1, dtype=torch.float32).unsqueeze(1)
+    ap = (relevant * hits / ranks).sum(0) / relevant.sum(0).clamp_min(1)
+    out["mAP"] = float(ap.mean())
+    return out
+
+
+@torch.no_grad()
+def _student_similarities(student, dataset: ClassificationDataset, transform, texts: Mapping[str, tuple],
+                          device: torch.device, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
+    """``{name: [N, C_name] cosine similarities}`` of the student for each text set ``(embeds, tokens, mask)``."""
+    from pand.engine.data import EvalItems
+
+    loader = DataLoader(EvalItems(dataset, transform), batch_size=batch_size, num_workers=num_workers)
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in texts}
+    scale = float(student.logit_scale)
+    for batch in loader:
+        tokens = student.visual_tokens(batch["image"].to(device))
+        for name, (embeds, tok, mask) in texts.items():
+            out[name].append((student.logits_from_tokens(tokens, embeds, tok, mask) / scale).float().cpu())
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def vocabulary_for(teacher, names: Sequence[str], templates: Sequence[str], student=None) -> tuple:
+    """``(text_embeds, tokens, mask)`` of class ``names`` from the teacher's text tower (template ensemble), ready
+    for ``student.set_vocabulary(*...)``; per-token features only for a student with cross-attention fusion."""
+    text = teacher.class_embeddings(list(names), list(templates)).float().cpu()
+    if getattr(student, "fusion_kind", "none") != "cross_attention":
+        return text, None, None
+    tokens, mask = teacher.class_token_features(list(names), list(templates))
+    return text, tokens, mask
+
+
+def _slice(texts: tuple, rows: Sequence[int]) -> tuple:
+    idx = torch.as_tensor(list(rows), dtype=torch.long)
+    return tuple(None if t is None else t[idx] for t in texts)
+
+
+def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
+                      load_teacher: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Base / novel / harmonic-mean top-1 (or closed-set top-1) and retrieval, for the student and the teacher.
+
+    ``student`` is an :class:`~pand.students.open_vocab.OpenVocabStudent` (its vocabulary is left as it was);
+    ``data`` the run's :class:`~pand.engine.data.PandDataModule`; ``teacher`` the live CLIP teacher, or
+    ``load_teacher`` to load it (its text tower makes the class text matrices, its image tower the reference).
+    """
+    from pand.engine.data import NOVEL_TEST
+    from pand.features import extract_features
+
+    teacher = teacher if teacher is not None else load_teacher()
+    if not hasattr(teacher, "class_embeddings"):
+        raise ConfigError("the open-vocabulary report needs a CLIP teacher (its text tower)")
+    splits = data.splits
+    templates = list(config["data"]["templates"])
+    split_mode = NOVEL_TEST in splits
+    # All class names (base then novel: no metric depends on the order), and the rows of each test part in them.
+    if split_mode:
+        base_ds, novel_ds = splits["test"], splits[NOVEL_TEST]
+        names = list(base_ds.classes) + list(novel_ds.classes)
+        parts = {"base": (base_ds, list(range(len(base_ds.classes)))),
+                 "novel": (novel_ds, list(range(len(base_ds.classes), len(names))))}
+    else:
+        names = list(splits["test"].classes)
+        parts = {"all": (splits["test"], list(range(len(names))))}
+    everything = vocabulary_for(teacher, names, templates, student)
+    text = everything[0]
+
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    batch_size, workers = int(config["data"]["batch_size"]), int(config["data"].get("num_workers", 0))
+    sims: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
+    labels: dict[str, torch.Tensor] = {}
+    try:
+        for part, (ds, rows) in parts.items():
+            texts = {"own": _slice(everything, rows), "all": everything}
+            s = _student_similarities(student, ds, data.eval_transform, texts, device, batch_size, workers)
+            t_img, y = extract_features(teacher, ds, batch_size=batch_size, num_workers=workers, progress=False)
+            sims["student"][part], sims["student"][part + "/all"] = s["own"], s["all"]
+            t_all = t_img.float() @ text.t()
+            sims["teacher"][part], sims["teacher"][part + "/all"] = t_all[:, rows], t_all
+            labels[part] = y.long()
+            labels[part + "/all"] = torch.as_tensor(rows, dtype=torch.long)[y.long()]
+    finally:
+        student.train(was_training)
+
+    report: dict[str, Any] = {
+        "classes": names,
+        "templates": templates,
+        "retrieval_queries": "one per class: its template-ensemble text embedding; gallery: every test image",
+    }
+    if split_mode:
+        report["class_split"] = {"base": [names[i] for i in parts["base"][1]],
+                                 "novel": [names[i] for i in parts["novel"][1]],
+                                 "seed": int(config["data"].get("class_split_seed", 0)),
+                                 "note": "novel-class images were never seen in training; their names were not "
+                                         "used for training or model selection (inductive protocol)"}
+    for who in ("student", "teacher"):
+        r: dict[str, Any] = {}
+        for part in parts:
+            r[part] = top1(sims[who][part], labels[part])
+        if split_mode:
+            r["hm"] = harmonic_mean(r["base"], r["novel"])
+            gallery = torch.cat([sims[who]["base/all"], sims[who]["novel/all"]])
+            gallery_labels = torch.cat([labels["base/all"], labels["novel/all"]])
+            r["all"] = top1(gallery, gallery_labels)
+            r["retrieval"] = retrieval_metrics(gallery, gallery_labels)
+            r["retrieval_novel"] = retrieval_metrics(gallery, gallery_labels, queries=parts["novel"][1])
+        else:
+            r["retrieval"] = retrieval_metrics(sims[who]["all/all"], labels["all/all"])
+        report[who] = r
+    return report
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The report as a few aligned lines (what ``pand train`` prints at the end)."""
+    split = "class_split" in report
+    cols = ["base", "novel", "hm", "all"] if split else ["all"]
+    head = "open-vocabulary top-1 (%)   " + "  ".join(f"{c:>6}" for c in cols)
+    head += "   retrieval   R@1    R@5   R@10    mAP"
+    lines = [head]
+    for who in ("student", "teacher"):
+        r = report[who]
+        row = f"  {who:<25} " + "  ".join(f"{100 * r[c]:6.2f}" for c in cols)
+        ret = r["retrieval"]
+        row += "             " + " ".join(f"{100 * ret[k]:5.1f}" for k in ("R@1", "R@5", "R@10")) + \
+            f"  {100 * ret['mAP']:5.1f}"
+        lines.append(row)
+    if split:
+        cs = report["class_split"]
+        lines.append(f"  base classes: {', '.join(cs['base'])}")
+        lines.append(f"  novel classes (never trained on): {', '.join(cs['novel'])}")
+    return "\n".join(lines)
