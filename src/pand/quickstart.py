@@ -146,12 +146,13 @@ def report(results: dict[str, Any], out_dir: Path) -> str:
         ov = results[OPEN_VOCAB]
         lines += [
             "",
-            f"Open vocabulary (`method=openvocab`, base-to-novel): the student trains on the labelled images of "
-            f"{len(ov['base_classes'])} classes ({', '.join(ov['base_classes'])}) and never sees an image of the other "
-            f"{len(ov['novel_classes'])} ({', '.join(ov['novel_classes'])}); it classifies them through the teacher's "
-            "text embeddings of their names. Top-1 on base test images among the base classes, on novel ones among "
-            "the novel classes, their harmonic mean, and text -> image retrieval mAP over all test images. (The shipped "
-            "teacher was fitted on all ten classes, so its novel figure is not zero-shot for the teacher itself.)",
+            (f"Open vocabulary (`method=openvocab`, base-to-novel): the student trains on the labelled images of "
+             f"{len(ov['base_classes'])} classes ({', '.join(ov['base_classes'])}) and never sees an image of the "
+             f"other {len(ov['novel_classes'])} ({', '.join(ov['novel_classes'])}); it classifies them through the "
+             "teacher's text embeddings of their names. Top-1 on base test images among the base classes, on novel "
+             "ones among the novel classes, their harmonic mean, and text -> image retrieval mAP over all test "
+             "images. (The shipped teacher was fitted on all ten classes, so its novel figure is not zero-shot for "
+             "the teacher itself.)"),
             "",
             "| model | base (%) | novel (%) | HM (%) | retrieval mAP (%) |",
             "|---|---:|---:|---:|---:|",

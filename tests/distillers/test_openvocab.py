@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pand.distillers import Progress, TeacherContext, build_distiller, get_distiller_class
+from pand.distillers import (
+    Progress,
+    TeacherContext,
+    build_distiller,
+    get_distiller_class,
+)
 from pand.errors import ConfigError
 from pand.losses import embedding_distill_loss, label_infonce_loss
 from pand.students import build_student

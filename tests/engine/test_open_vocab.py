@@ -11,7 +11,12 @@ from pand.config import compose, to_plain
 from pand.data import base_novel_classes, restrict_classes
 from pand.engine.checkpoints import load_checkpoint_student
 from pand.engine.data import NOVEL_TEST, load_splits
-from pand.engine.open_vocab_eval import harmonic_mean, retrieval_metrics, top1, vocabulary_for
+from pand.engine.open_vocab_eval import (
+    harmonic_mean,
+    retrieval_metrics,
+    top1,
+    vocabulary_for,
+)
 from pand.engine.teacher_side import load_teacher_from
 from pand.errors import ConfigError
 from pand.teachers.source import LiveTeacherSource

@@ -189,6 +189,10 @@ class OpenVocabStudent(nn.Module):
         when there is no fusion."""
         return self._project(self.visual_tokens(images))
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image embedding, as the feature a t-SNE plot (or any feature consumer) reads."""
+        return self.embed(images)
+
     # -- classification ----------------------------------------------------------------------------------------------
     def set_vocabulary(self, text_embeds: torch.Tensor, tokens: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None) -> None:
