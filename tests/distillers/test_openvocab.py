@@ -165,6 +165,8 @@ def test_openvocab_declares_what_it_reads():
     cls = get_distiller_class("openvocab")
     assert cls.requires_for({}) == {"image_embeds"}
     assert cls.requires_for({"distill_weight": 0.0}) == frozenset()  # only class text: no teacher pass per image
+    context = TeacherContext(embed_dim=D, logit_scale=10.0, text_embeds=_unit(C, D, seed=0))
+    assert build_distiller({"name": "openvocab", "distill_weight": 0.0}, _student(), C, context).requires == frozenset()
     assert cls.reads_text_tokens({"fusion": "cross_attention"}) and not cls.reads_text_tokens({"fusion": "film"})
     assert cls.embeds_images
 

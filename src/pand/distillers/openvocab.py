@@ -96,6 +96,8 @@ class OpenVocab(Distiller):
         embedding_distill_loss(torch.zeros(1, 2), torch.ones(1, 2), distill)  # refuse an unknown kind now
         self.distill, self.distill_weight, self.align_weight = distill, float(distill_weight), float(align_weight)
         self.temperature, self.symmetric = float(temperature), bool(symmetric)
+        # An instance-level ``requires``: what the engine asks the teacher source for with these options.
+        self.requires = self.requires_for({"distill_weight": self.distill_weight})
         self.student = OpenVocabStudent(
             student, int(context.embed_dim), head=head, dropout=dropout, fusion=fusion, fusion_heads=fusion_heads,
             logit_scale=float(context.logit_scale), vocabulary=self.text_embeds,

@@ -72,6 +72,7 @@ def _student_similarities(student, dataset: ClassificationDataset, transform, te
     from pand.engine.data import EvalItems
 
     loader = DataLoader(EvalItems(dataset, transform), batch_size=batch_size, num_workers=num_workers)
+    texts = {name: tuple(None if t is None else t.to(device) for t in parts) for name, parts in texts.items()}
     out: dict[str, list[torch.Tensor]] = {name: [] for name in texts}
     scale = float(student.logit_scale)
     for batch in loader:
