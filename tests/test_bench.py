@@ -41,3 +41,71 @@ def test_bench_zoo_rows_time_every_method_live_and_the_logit_methods_cached(caps
     for row in ("kd", "kd_ls", "dkd", "ofa", "nrkd_response"):
         assert zoo[f"{row}_cached_ms"] > 0, row
     assert "nrkd_cached_ms" not in zoo and "pat_cached_ms" not in zoo
+
+
+# At its own 32 px pand-tiny-vit (3.9 MFLOPs per image) is cheaper than ResNet-18 even at 16 px (31.1); at 128 px
+# (257 tokens) the counter gives it 90.6 MFLOPs against 74.0 for ResNet-18 at 32 px, so the test can tell them apart.
+LATENCY_STUDENT, LATENCY_SIDE, LATENCY_TEACHER_SIDE = "resnet18", 32, 128
+
+
+def _within_rounding(images_per_s: float, batch: int, ms: float) -> bool:
+    # ms is rounded to 3 decimals and images/s to 1: the exact value lies between these bounds.
+    return batch * 1000 / (ms + 5e-4) - 0.05 <= images_per_s <= batch * 1000 / (ms - 5e-4) + 0.05
+
+
+def test_bench_latency_times_student_and_teacher_at_each_batch_size(capsys, monkeypatch):
+    from pand.bench import print_result
+    from pand.students import build_student
+    from pand.teachers import load_clip_teacher
+
+    code = main(["bench", "--latency", "--teacher", "pand-tiny-vit", "--teacher-image-size", str(LATENCY_TEACHER_SIDE),
+                 "--student", LATENCY_STUDENT, "--image-size", str(LATENCY_SIDE), "--classes", "5", "--steps", "2",
+                 "--warmup", "1", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "student_only_ms" not in result and "zoo" not in result, "--latency alone runs only the latency part"
+    lat = result["latency"]
+    assert lat["batches"] == [1, 32]
+    assert lat["student"]["name"] == LATENCY_STUDENT and lat["teacher"]["name"] == "pand-tiny-vit"
+    assert lat["student"]["image_size"] == LATENCY_SIDE and lat["teacher"]["image_size"] == LATENCY_TEACHER_SIDE
+    for role in ("student", "teacher"):
+        for batch in (1, 32):
+            row = lat[role]["per_batch"][str(batch)]
+            assert row["ms"] > 0, (role, batch)
+            assert _within_rounding(row["images_per_s"], batch, row["ms"]), (role, batch, row)
+        assert lat[role]["flops_per_image"] > 0
+    for batch in (1, 32):
+        t, s = (lat[role]["per_batch"][str(batch)]["ms"] for role in ("teacher", "student"))
+        ratio = lat["ratio_teacher_vs_student"][str(batch)]
+        # the ratio comes from the unrounded medians and is rounded to 3 decimals
+        assert (t - 5e-4) / (s + 5e-4) - 5e-4 <= ratio <= (t + 5e-4) / (s - 5e-4) + 5e-4
+    student = build_student(LATENCY_STUDENT, 5, pretrained=False, image_size=LATENCY_SIDE)
+    teacher = load_clip_teacher("pand-tiny-vit", "random", image_size=LATENCY_TEACHER_SIDE)
+    assert lat["student"]["params"] == sum(p.numel() for p in student.parameters())
+    assert lat["teacher"]["params"] == sum(p.numel() for p in teacher.model.visual.parameters())
+    assert lat["teacher"]["params_with_text_tower"] == sum(p.numel() for p in teacher.model.parameters())
+    assert lat["teacher"]["flops_per_image"] > lat["student"]["flops_per_image"]
+
+    monkeypatch.setenv("COLUMNS", "250")
+    print_result(result)
+    printed = capsys.readouterr().out
+    assert f"student: {LATENCY_STUDENT}" in printed and "teacher: pand-tiny-vit" in printed
+    assert "teacher / student" in printed and "ms, batch 32" in printed and "training step" not in printed
+
+
+def test_latency_flops_of_the_tiny_vit_teacher_count_every_product():
+    import torch
+
+    from pand.bench import _forward_flops
+    from pand.teachers import load_clip_teacher
+
+    # On CPU torch's plain counter misses the attention blocks (MHA fast path, CPU attention kernel) and gives 2/3 of
+    # this. pand-tiny-vit: 8 px patches, width 64, 2 layers, MLP 4x, embedding 32 (model_configs/pand-tiny-vit.json).
+    side, patch, width, layers, embed = 32, 8, 64, 2, 32
+    patches = (side // patch) ** 2
+    tokens = patches + 1
+    per_layer = 2 * tokens * width * (3 * width + width + 2 * 4 * width) + 2 * 2 * tokens * tokens * width
+    expected = 2 * patches * 3 * patch * patch * width + layers * per_layer + 2 * width * embed
+    teacher = load_clip_teacher("pand-tiny-vit", "random", image_size=side)
+    with torch.inference_mode():
+        assert _forward_flops(teacher.encode_images, torch.randn(1, 3, side, side)) == expected

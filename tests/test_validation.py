@@ -131,7 +131,7 @@ def test_eval_refuses_an_unwritable_out_before_evaluating(cub_root, tmp_path, ca
     assert main(["train", *tiny_overrides(cub_root, run, "method=ce", "trainer.max_epochs=1", "test=false")]) == 0
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setattr("pand.engine.run.load_checkpoint_student",
+    monkeypatch.setattr("pand.engine.run.load_student",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated before checking out")))
     capsys.readouterr()
     assert main(["eval", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"out={blocker / 'eval.json'}"]) == 2

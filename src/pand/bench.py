@@ -10,6 +10,14 @@ reported in the same units (``teacher_forward_ms`` per batch of views; a cache o
 torchvision name, random weights): the student alone, then KD, KD + LS, DKD, OFA, NRKD and PAT with the teacher live,
 and the logit methods from a cache of the teacher's logits. NRKD's feature term and PAT cannot use a cache; PAT runs
 the teacher twice per step (plain, then prompted with gradients), which its row shows.
+
+``--latency`` measures inference instead of training: the student (``--student`` at ``--image-size``, classifier
+logits) and the CLIP teacher's image tower (``--teacher`` at its own input size or ``--teacher-image-size``,
+``encode_images``) under ``torch.inference_mode()``, at every batch size of ``--latency-batches``, round-robin over
+models and batch sizes, inputs already on the device. It reports the median milliseconds per batch, images/s,
+parameters, forward FLOPs per image (``torch.utils.flop_counter``, one batch-1 forward) and teacher ms / student ms.
+``--latency`` replaces the training-step table (it does not add to it); ``--zoo`` and ``--loader`` still add their
+parts when given with it, so the training-step table needs a second run without ``--latency``.
 """
 
 from __future__ import annotations
@@ -94,6 +102,29 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
+    if args.latency:
+        result: dict[str, Any] = {"config": _config(args, device),
+                                  "latency": _latency_bench(args, device, autocast)}
+    else:
+        result = _training_bench(args, device, autocast)
+    if args.zoo:
+        result["zoo"] = _zoo_bench(args, device, autocast)
+    if args.loader:
+        result["loader"] = _loader_bench(args)
+    return result
+
+
+def _config(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    return {
+        "teacher": args.teacher, "student": args.student, "image_size": args.image_size, "batch": args.batch,
+        "classes": args.classes, "steps": args.steps, "warmup": args.warmup, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(), "precision": args.precision, "channels_last": args.channels_last,
+        "torch": torch.__version__,
+    }
+
+
+def _training_bench(args: argparse.Namespace, device: torch.device, autocast) -> dict[str, Any]:
     teacher = load_clip_teacher(args.teacher, args.pretrained or RANDOM_WEIGHTS, device=str(device),
                                 image_size=args.teacher_image_size or args.image_size)
     if args.channels_last:
@@ -167,19 +198,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         **{f"ratio_{m}_cached_vs_student": round(med[f"{m}_cached"] / med["student_only"], 3) for m in ("kd", "dkd")},
         "teacher_forward_ms": round(statistics.median(teacher_ms), 2),
         "cache_build_ms_per_batch_per_view": round(statistics.median(teacher_ms), 2),
-        "config": {
-            "teacher": args.teacher, "student": args.student, "image_size": args.image_size,
-            "teacher_image_size": teacher.image_size, "batch": args.batch,
-            "classes": args.classes, "steps": args.steps, "warmup": args.warmup, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-            "threads": torch.get_num_threads(), "precision": args.precision, "channels_last": args.channels_last,
-            "torch": torch.__version__,
-        },
+        "config": {**_config(args, device), "teacher_image_size": teacher.image_size},
     }
-    if args.zoo:
-        result["zoo"] = _zoo_bench(args, device, autocast)
-    if args.loader:
-        result["loader"] = _loader_bench(args)
     return result
 
 
@@ -260,6 +280,100 @@ def _zoo_bench(args: argparse.Namespace, device: torch.device, autocast) -> dict
     return out
 
 
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive batch sizes such as 1,32, got {text!r}")
+    return list(dict.fromkeys(batches))
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """The two products of attention, as torch counts them for the GPU kernels (``q k^T`` and ``p v``)."""
+    b, h, s_q, d = query_shape
+    return 2 * b * h * s_q * key_shape[-2] * (d + value_shape[-1])
+
+
+def _forward_flops(fn, images: torch.Tensor) -> int:
+    """Forward FLOPs of ``fn(images)`` as torch's counter sees them: matrix products, convolutions, attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # torch's counter has formulas for the GPU attention kernels only; on CPU the fused kernel would count nothing.
+    extra = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        extra[cpu_sdpa] = _sdpa_cpu_flops
+    # nn.MultiheadAttention's inference fast path is one fused op without a formula, which would hide the
+    # projections and attention of open_clip's blocks; the regular path runs the same products as countable ops.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+            fn(images)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter.get_total_flops()
+
+
+def _num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _latency_bench(args: argparse.Namespace, device: torch.device, autocast) -> dict[str, Any]:
+    """Inference of the student and of the teacher's image tower: median ms per batch, images/s, params, FLOPs."""
+    torch.manual_seed(0)
+    student = build_student(args.student, args.classes, pretrained=False, image_size=args.image_size)
+    student = student.to(device).eval()
+    # Unlike in the training steps, the teacher gets its own input size (the one its weights are made for) unless
+    # --teacher-image-size says otherwise: that is what running it on its own costs.
+    teacher = load_clip_teacher(args.teacher, args.pretrained or RANDOM_WEIGHTS, device=str(device),
+                                image_size=args.teacher_image_size)
+    if args.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.model.to(memory_format=torch.channels_last)
+    # role: (name, forward, input side, the modules the forward runs)
+    models = {"student": (args.student, student, args.image_size, student),
+              "teacher": (args.teacher, teacher.encode_images, teacher.image_size, teacher.model.visual)}
+    batches = args.latency_batches
+    g = torch.Generator().manual_seed(2)
+
+    def images(n: int, side: int) -> torch.Tensor:
+        x = torch.randn(n, 3, side, side, generator=g).to(device)
+        return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
+    inputs = {(role, b): images(b, side) for role, (_, _, side, _) in models.items() for b in batches}
+    with torch.inference_mode():
+        flops = {role: _forward_flops(fn, images(1, side)) for role, (_, fn, side, _) in models.items()}
+        times: dict[tuple[str, int], list[float]] = {key: [] for key in inputs}
+        # Round-robin over steps, batch sizes and models, so that drift of the machine affects every figure alike.
+        for i in range(args.warmup + args.steps):
+            for b in batches:
+                for role, (_, fn, _, _) in models.items():
+                    x = inputs[role, b]
+                    _sync(device)
+                    start = time.perf_counter()
+                    with autocast():
+                        fn(x)
+                    _sync(device)
+                    if i >= args.warmup:
+                        times[role, b].append((time.perf_counter() - start) * 1000.0)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    out: dict[str, Any] = {"batches": batches, "steps": args.steps, "warmup": args.warmup}
+    for role, (name, _, side, timed) in models.items():
+        out[role] = {
+            "name": name, "image_size": side, "params": _num_params(timed),
+            "flops_per_image": flops[role], "gflops_per_image": round(flops[role] / 1e9, 4),
+            "per_batch": {str(b): {"ms": round(med[role, b], 3), "images_per_s": round(b * 1000.0 / med[role, b], 1)}
+                          for b in batches},
+        }
+    # What a student replaces at inference is the image tower; the text tower runs once per class list.
+    out["teacher"]["params_with_text_tower"] = _num_params(teacher.model)
+    out["ratio_teacher_vs_student"] = {str(b): round(med["teacher", b] / med["student", b], 3) for b in batches}
+    return out
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -282,19 +396,22 @@ def print_result(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     c = result["config"]
-    table = Table(title=f"pand bench: {c['student']} student, {c['teacher']} teacher, {c['image_size']} px, "
-                        f"batch {c['batch']}, {c['device']} ({c['threads']} threads, {c['precision']})")
-    table.add_column("training step")
-    table.add_column("ms / step", justify="right")
-    table.add_column("x student alone", justify="right")
-    base = result["student_only_ms"]
-    for key, label in (("student_only_ms", "student alone (ce)"), ("online_teacher_ms", "VL2Lite, online teacher"),
-                       ("cached_teacher_ms", "VL2Lite, teacher cache"), ("pand_cached_ms", "PAND, teacher cache"),
-                       ("kd_cached_ms", "KD, teacher cache"), ("dkd_cached_ms", "DKD, teacher cache")):
-        table.add_row(label, f"{result[key]:.1f}", f"{result[key] / base:.2f}")
     console = Console()
-    console.print(table)
-    console.print(f"teacher forward (cache build cost per batch and view): {result['teacher_forward_ms']:.1f} ms")
+    if "student_only_ms" in result:
+        table = Table(title=f"pand bench: {c['student']} student, {c['teacher']} teacher, {c['image_size']} px, "
+                            f"batch {c['batch']}, {c['device']} ({c['threads']} threads, {c['precision']})")
+        table.add_column("training step")
+        table.add_column("ms / step", justify="right")
+        table.add_column("x student alone", justify="right")
+        base = result["student_only_ms"]
+        for key, label in (("student_only_ms", "student alone (ce)"), ("online_teacher_ms", "VL2Lite, online teacher"),
+                           ("cached_teacher_ms", "VL2Lite, teacher cache"), ("pand_cached_ms", "PAND, teacher cache"),
+                           ("kd_cached_ms", "KD, teacher cache"), ("dkd_cached_ms", "DKD, teacher cache")):
+            table.add_row(label, f"{result[key]:.1f}", f"{result[key] / base:.2f}")
+        console.print(table)
+        console.print(f"teacher forward (cache build cost per batch and view): {result['teacher_forward_ms']:.1f} ms")
+    if "latency" in result:
+        _print_latency(console, result["latency"], c)
     if "zoo" in result:
         zoo = result["zoo"]
         t = Table(title=f"pand bench --zoo: {c['student']} student, {zoo['teacher']} classifier teacher (random "
@@ -314,18 +431,48 @@ def print_result(result: dict[str, Any]) -> None:
         console.print(f"data loader: {json.dumps(result['loader'])}")
 
 
+def _print_latency(console, lat: dict[str, Any], c: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"pand bench --latency: inference, random weights, median of {lat['steps']} batches, "
+                    f"{c['device']} ({c['threads']} threads, {c['precision']})")
+    for col in ("model", "px", "params (M)", "GFLOPs / image"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for b in lat["batches"]:
+        t.add_column(f"ms, batch {b}", justify="right")
+        t.add_column(f"images/s, batch {b}", justify="right")
+    student, teacher = lat["student"], lat["teacher"]
+    for role, m in (("student", student), ("teacher", teacher)):
+        cells = []
+        for b in lat["batches"]:
+            row = m["per_batch"][str(b)]
+            cells += [f"{row['ms']:.2f}", f"{row['images_per_s']:.1f}"]
+        t.add_row(f"{role}: {m['name']}", str(m["image_size"]), f"{m['params'] / 1e6:.3g}",
+                  f"{m['flops_per_image'] / 1e9:.3g}", *cells)
+    ratios = []
+    for b in lat["batches"]:
+        ratios += [f"{lat['ratio_teacher_vs_student'][str(b)]:.2f}x", ""]
+    t.add_row("teacher / student", "", f"{teacher['params'] / student['params']:.2f}x",
+              f"{teacher['flops_per_image'] / max(student['flops_per_image'], 1):.2f}x", *ratios)
+    console.print(t)
+    console.print(f"teacher parameters: {teacher['params'] / 1e6:.3g} M in the image tower (timed), "
+                  f"{teacher['params_with_text_tower'] / 1e6:.3g} M with the text tower")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pand bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="ViT-B-16", help="open_clip model (random weights unless --pretrained)")
     p.add_argument("--pretrained", default=None, help="teacher weights (default: random, nothing downloaded)")
     p.add_argument("--student", default="resnet18")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=64, help="the student's input size")
     p.add_argument("--teacher-image-size", type=int, default=None,
-                   help="teacher input size (default: --image-size; the teacher sees the student's image)")
-    p.add_argument("--batch", type=int, default=32)
+                   help="teacher input size (default: --image-size for the training steps, where the teacher sees "
+                        "the student's image; the teacher's own size for --latency)")
+    p.add_argument("--batch", type=int, default=32, help="batch of the training steps")
     p.add_argument("--classes", type=int, default=200)
-    p.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
+    p.add_argument("--steps", type=int, default=8,
+                   help="measured steps per configuration (per model and batch size with --latency)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -337,6 +484,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", action="store_true",
                    help="also time kd, kd+LS, dkd, ofa, nrkd and pat with a classifier teacher, live and cached")
     p.add_argument("--zoo-teacher", default="resnet50", help="classifier teacher of --zoo (timm / torchvision name)")
+    p.add_argument("--latency", action="store_true",
+                   help="time inference instead of training: the student and the teacher's image tower at each "
+                        "--latency-batches size (ms, images/s, params, FLOPs, teacher/student). Replaces the "
+                        "training-step table; --zoo and --loader still add theirs")
+    p.add_argument("--latency-batches", type=_parse_batches, default="1,32",
+                   help="comma-separated batch sizes of --latency (default 1,32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 

@@ -2,6 +2,8 @@
 
     pand train [overrides...]            distil (Hydra overrides: data=cub method=vl2lite trainer.devices=4 ...)
     pand eval ckpt_path=PATH [overrides] evaluate a student checkpoint on val and test
+    pand predict ckpt_path=PATH images=FILE|DIR|GLOB [topk=5] [classes=[a,b]|classes_file=F] [out=preds.csv|.json]
+                                         top-k classes of image files (open-vocabulary students: any class names)
     pand config [overrides...]           print the composed training config
     pand features [overrides...]         PAND stage 1: store the teacher's image embeddings of train/val/test
     pand prompts [overrides...]          PAND stage 1: learn CoOp prompts on the stored embeddings
@@ -14,6 +16,8 @@
                                          teacher's embedding of each (torchrun --nproc_per_node=N splits the work)
     pand bench [--json] [--teacher ...]  ms per training step: student alone vs online teacher vs teacher cache
     pand teacher fit [--out PATH]        re-fit the compact Fashion-MNIST CLIP teacher the quickstart ships with
+    pand export ckpt_path=PATH format=onnx|torch_export|safetensors out=DIR [class_names=a,b,...]
+                                         the student alone, for use without pand, with student.json beside it
 """
 
 from __future__ import annotations
@@ -49,6 +53,35 @@ def cmd_train(args: Sequence[str]) -> int:
 
     summary = train(to_plain(compose("train", args)))
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+_PREDICT_KEYS = ("ckpt_path", "images", "topk", "classes", "classes_file", "out", "batch_size", "num_workers",
+                 "device")
+
+
+def cmd_predict(args: Sequence[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from pand.errors import ConfigError
+    from pand.predict import format_predictions, predict
+
+    bad = [a for a in args if "=" not in a or a.split("=", 1)[0] not in _PREDICT_KEYS]
+    if bad:
+        raise ConfigError(f"pand predict takes key=value options {', '.join(_PREDICT_KEYS)}; got {bad[0]!r}")
+    opts = OmegaConf.to_container(OmegaConf.from_dotlist(list(args)))
+    for key in ("ckpt_path", "images"):
+        if not opts.get(key):
+            raise ConfigError(f"pand predict needs {key}=...")
+    rows = predict(str(opts["ckpt_path"]), str(opts["images"]), topk=int(opts.get("topk", 5)),
+                   classes=opts.get("classes"), classes_file=opts.get("classes_file"), out=opts.get("out"),
+                   batch_size=int(opts.get("batch_size", 64)), num_workers=int(opts.get("num_workers", 0)),
+                   device=str(opts.get("device", "auto")))
+    if opts.get("out"):
+        print(format_predictions(rows), file=sys.stderr)
+        print(json.dumps({"images": len(rows), "out": str(opts["out"])}, indent=2))
+    else:
+        print(json.dumps(rows, indent=2))  # stdout stays machine-readable
     return 0
 
 
@@ -149,6 +182,35 @@ def cmd_teacher(args: Sequence[str]) -> int:
     return main_fit(list(args[1:]))
 
 
+_EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names")
+
+
+def cmd_export(args: Sequence[str]) -> int:
+    from pand.errors import ConfigError
+    from pand.export import export_student
+
+    usage = "pand export ckpt_path=PATH format=onnx|torch_export|safetensors out=DIR [class_names=a,b,...]"
+    opts: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in _EXPORT_KEYS:
+            raise ConfigError(f"unknown argument {arg!r}; usage: {usage}")
+        opts[key] = value
+    missing = [k for k in ("ckpt_path", "format", "out") if not opts.get(k)]
+    if missing:
+        raise ConfigError(f"missing {', '.join(f'{k}=' for k in missing)}; usage: {usage}")
+    names = [n.strip() for n in opts["class_names"].split(",")] if opts.get("class_names") else None
+    result = export_student(opts["ckpt_path"], opts["format"], opts["out"], class_names=names)
+    vocab = result["student"].get("open_vocabulary")
+    if vocab is not None:
+        # A vocabulary of thousands of rows belongs in student.json, not on the terminal.
+        rows, dim = vocab["text_matrix_shape"]
+        vocab = {**vocab, "text_matrix": f"<{rows} x {dim}, in {result['files'][-1]}>"}
+        result = {**result, "student": {**result["student"], "open_vocabulary": vocab}}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a line is logged, not the stream that was current at set-up."""
 
@@ -179,6 +241,7 @@ def _setup_logging() -> None:
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
+    "predict": cmd_predict,
     "config": cmd_config,
     "features": cmd_features,
     "prompts": cmd_prompts,
@@ -189,6 +252,7 @@ COMMANDS = {
     "cache": cmd_cache,
     "bench": cmd_bench,
     "teacher": cmd_teacher,
+    "export": cmd_export,
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pand.cli import main
-from pand.engine.checkpoints import read_checkpoint
+from pand.engine.checkpoints import check_resume_config, read_checkpoint
 from pand.engine.module import DistillationModule
 from pand.errors import CheckpointError
 from tests.engine.conftest import tiny_overrides
@@ -167,13 +167,21 @@ def test_resume_on_other_data_under_the_same_name_is_refused_but_moved_data_is_a
     assert main(_resume(cub_root, finished_run, f"data.root={moved}", "trainer.max_epochs=3")) == 0
 
 
-def test_resume_from_a_checkpoint_older_than_another_is_refused_unless_asked(finished_run, cub_root, capsys):
-    best = finished_run / "checkpoints" / "best.ckpt"  # epoch 0; last.ckpt is epoch 1
-    args = ["train", *tiny_overrides(cub_root, finished_run, "test=false", "optim.lr=0"), f"ckpt_path={best}"]
+def test_resume_from_a_checkpoint_older_than_another_is_refused_unless_asked(cub_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    opts = ("test=false", "optim.lr=0")
+    assert main(["train", *tiny_overrides(cub_root, run, *opts, "trainer.max_epochs=1")]) == 0
+    older = run / "checkpoints" / "epoch0.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", older)
+    assert main(["train", *tiny_overrides(cub_root, run, *opts, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")]) == 0
+    args = ["train", *tiny_overrides(cub_root, run, *opts), f"ckpt_path={older}"]  # epoch 0; last.ckpt is epoch 1
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "last.ckpt in the same folder is newer" in err and "checkpoint.allow_older=true" in err
     assert main([*args, "checkpoint.allow_older=true"]) == 0
+    # best.ckpt holds the weights only: it is refused as a resume point with that reason
+    assert main(["train", *tiny_overrides(cub_root, run, *opts), f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}"]) == 2
+    assert "holds weights only" in capsys.readouterr().err
 
 
 def test_a_stale_last_ckpt_in_a_copied_run_folder_is_refused(cub_root, tmp_path, capsys):
@@ -306,3 +314,20 @@ def test_an_ema_run_keeps_the_average_in_its_checkpoints_and_resumes_exactly(cub
     assert main(_ce(cub_root, split, "ema.decay=0.5", "trainer.max_epochs=3",
                     f"ckpt_path={split / 'checkpoints' / 'last.ckpt'}")) == 0
     _same_weights(straight / "checkpoints" / "last.ckpt", split / "checkpoints" / "last.ckpt")
+
+
+def test_best_checkpoint_holds_weights_and_record_only_and_the_ema_average(cub_root, tmp_path):
+    run = tmp_path / "run"
+    assert main(_ce(cub_root, run, "ema.decay=0.5", "trainer.max_epochs=1")) == 0
+    best, last = read_checkpoint(run / "checkpoints" / "best.ckpt"), read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert "optimizer_states" in last and "current_model_state" in last
+    for key in ("optimizer_states", "lr_schedulers", "callbacks", "current_model_state", "averaging_state"):
+        assert key not in best, key
+    assert best["pand"]["classes"] == last["pand"]["classes"] and best["hyper_parameters"] == last["hyper_parameters"]
+    # One epoch: best and last are the same moment, and best holds the average, not the raw weights.
+    for k, v in best["state_dict"].items():
+        assert torch.equal(v, last["state_dict"][k]), k
+    assert any(not torch.equal(best["state_dict"][k], last["current_model_state"][k]) for k in best["state_dict"])
+    assert (run / "checkpoints" / "best.ckpt").stat().st_size < 0.6 * (run / "checkpoints" / "last.ckpt").stat().st_size
+    with pytest.raises(CheckpointError, match="weights only"):
+        check_resume_config(run / "checkpoints" / "best.ckpt", {})

@@ -18,7 +18,6 @@ import numpy as np
 
 from pand.errors import ConfigError, MismatchError
 
-_STUDENT_PREFIX = "distiller.student."
 _MAX_LEGEND_CLASSES = 20
 
 
@@ -49,30 +48,21 @@ def student_features(
     """
     import torch
 
+    from pand.deploy import load_student
     from pand.engine.data import PandDataModule
-    from pand.engine.checkpoints import read_checkpoint, stored_config
-    from pand.engine.run import build_student_from
 
     ckpt_path = Path(ckpt_path)
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test, got {split!r}")
-    ckpt = read_checkpoint(ckpt_path)
-    config = _merge_data(dict(stored_config(ckpt, ckpt_path)), data_overrides)
+    loaded = load_student(ckpt_path, device=device)
+    student, stored = loaded.model, loaded.config
+    config = _merge_data(dict(stored), data_overrides)
     if batch_size is not None:
         config["data"] = {**config["data"], "batch_size": int(batch_size)}
     data = PandDataModule(config["data"], seed=int(config["seed"]))
     classes = data.classes
-    student = build_student_from(
-        {**config, "student": {**config["student"], "pretrained": False, "weights": None}}, len(classes)
-    )
-    state = {k[len(_STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(_STUDENT_PREFIX)}
-    if not state:
-        raise ConfigError(f"{ckpt_path} holds no student weights (no '{_STUDENT_PREFIX}*' keys)")
-    try:
-        student.load_state_dict(state)
-    except RuntimeError as err:
-        raise MismatchError(f"the student weights of {ckpt_path} do not fit its stored student config: {err}") from err
-    student.to(device).eval()
+    if len(classes) != student.num_classes:
+        raise MismatchError(f"{ckpt_path} classifies {student.num_classes} classes; its data has {len(classes)}")
 
     features, labels = [], []
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Run checkpoints: when they are written, how, and what a resume checks before trusting one.
 
 * ``last.ckpt`` is written at the end of every training epoch (and every ``checkpoint.every_n_steps`` steps when
-  set), whatever validation said; ``best.ckpt`` when ``val/acc1`` improves. Lightning's own ``save_last`` writes
+  set), whatever validation said, with everything a resume needs; ``best.ckpt`` when ``val/acc1`` improves, with the
+  weights only (no optimizer state: a third of the size with AdamW). Lightning's own ``save_last`` writes
   ``last.ckpt`` only together with a monitored checkpoint, so a resume could silently repeat every epoch since the last
   improvement; :class:`RunCheckpoints` replaces it.
 * Every checkpoint goes to a temporary file beside its real name, is fsynced and renamed
@@ -37,6 +38,8 @@ from pand.io import atomic_write_with, leftover_temp_files
 log = logging.getLogger("pand")
 
 RECORD_KEY = "pand"
+# What a resume needs beyond the weights; best.ckpt leaves it out (see RunCheckpoints._save).
+_TRAINING_STATE = ("optimizer_states", "lr_schedulers", "callbacks", "current_model_state", "averaging_state")
 RECORD_VERSION = 1
 BEST, LAST = "best.ckpt", "last.ckpt"
 
@@ -181,7 +184,18 @@ class RunCheckpoints(Callback):
         checkpoint[RECORD_KEY] = {**self.record, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
 
     def _save(self, trainer, name: str) -> None:
-        trainer.save_checkpoint(self.folder / name, weights_only=False)
+        if name != BEST:
+            trainer.save_checkpoint(self.folder / name, weights_only=False)
+            return
+        # best.ckpt is for evaluating and deploying, never for resuming (last.ckpt resumes), so it keeps the weights
+        # and the run's record but not the optimizer state (two extra copies of the weights with AdamW). Lightning's
+        # own weights_only save is not used: it skips the callbacks' on_save_checkpoint, which is where the EMA
+        # callback puts the averaged weights into the state dict and RunCheckpoints its record.
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        for key in _TRAINING_STATE:
+            checkpoint.pop(key, None)
+        trainer.strategy.save_checkpoint(checkpoint, self.folder / name)
+        trainer.strategy.barrier("RunCheckpoints.save_best")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:

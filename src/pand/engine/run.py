@@ -19,13 +19,13 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from pand.deploy import load_student
 from pand.distillers import Distiller, build_distiller, get_distiller_class
 from pand.engine.checkpoints import (
     AtomicCheckpointIO,
     RunCheckpoints,
     check_resume_config,
     check_resume_record,
-    load_checkpoint_student,
     run_record,
 )
 from pand.engine.csv_log import CsvMetricsLogger
@@ -213,7 +213,8 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     splits = tuple(splits)
     out_path = Path(out) if out else ckpt_path.with_suffix(".eval.json")
     validate_eval_options(splits, str(out_path))  # before the work, so results are never computed and then lost
-    student, config, _ = load_checkpoint_student(ckpt_path)
+    loaded = load_student(ckpt_path)
+    student, config = loaded.model, loaded.config
     if overrides:
         config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(config), OmegaConf.create(dict(overrides))))
     data = PandDataModule(config["data"], seed=int(config["seed"]))

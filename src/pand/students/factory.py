@@ -33,7 +33,14 @@ _DEFAULT_MEASURE_SIDE = 64
 
 
 class Student(nn.Module):
-    """A backbone producing pooled features plus ``linear_cls: d -> num_classes``."""
+    """A backbone producing pooled features plus ``linear_cls: d -> num_classes``.
+
+    ``head_name`` is where the library model keeps the classifier that ``linear_cls`` stands in for (``fc``,
+    ``classifier.1``, ``heads.head``, timm's ``head.fc``, ...; a tuple for timm's distilled two-head models), so the
+    weights can be written back under the library's own key names (:mod:`pand.export`). None where unknown.
+    """
+
+    head_name: str | tuple[str, ...] | None = None
 
     def __init__(
         self, backbone: nn.Module, num_classes: int, name: str, image_size: int | Sequence[int] | None = None
@@ -142,12 +149,15 @@ def _strip_torchvision_head(model: nn.Module, name: str) -> nn.Module:
             continue
         if isinstance(head, nn.Linear):
             setattr(model, attr, nn.Identity())
+            model._pand_head_name = attr
             return model
         if isinstance(head, nn.Sequential):
             # Keep pre-classifier layers (e.g. ConvNeXt's LayerNorm + Flatten), drop only the last Linear.
             linear_idx = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)]
             if linear_idx:
                 head[linear_idx[-1]] = nn.Identity()
+                # The state-dict name of the child: its index, or its key in an OrderedDict (ViT's heads.head).
+                model._pand_head_name = f"{attr}.{list(head._modules)[linear_idx[-1]]}"
                 return model
     raise ConfigError(f"cannot find the classifier of torchvision model {name!r} to replace it")
 
@@ -276,6 +286,26 @@ def _resolve_auto(name: str) -> str:
     return "timm"
 
 
+def _timm_head_name(model: nn.Module) -> str | tuple[str, ...] | None:
+    """Where a timm model built with ``num_classes=C`` keeps its classifier: ``pretrained_cfg["classifier"]``, or,
+    for models registered without one (pand's ``pand_*``), the path of the module ``get_classifier()`` returns."""
+    named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(named, str):
+        return named
+    if isinstance(named, (tuple, list)) and all(isinstance(n, str) for n in named):
+        return tuple(named)
+    get = getattr(model, "get_classifier", None)
+    if get is None:
+        return None
+    heads = get()
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    paths = {id(m): p for p, m in model.named_modules(remove_duplicate=False)}
+    found = [paths.get(id(h)) for h in heads]
+    if not found or None in found:
+        return None
+    return found[0] if len(found) == 1 else tuple(found)
+
+
 def _timm_default_hw(model: nn.Module) -> tuple[int, int] | None:
     # A patch model built without img_size runs at its pretrained input size, often only at that one; CNNs keep the
     # cheap 64-px measurement.
@@ -326,6 +356,7 @@ def build_student(
     if hw is not None:
         _check_patch_grid(backbone, name, hw)
     student = Student(backbone, num_classes, name, image_size=measure)
+    student.head_name = _timm_head_name(backbone) if source == "timm" else getattr(backbone, "_pand_head_name", None)
     if hw is not None:
         student.input_size = (3, *hw)
     return student

@@ -1,0 +1,376 @@
+"""A trained student on its own, for use without pand: ``pand export ckpt_path=... format=... out=DIR``.
+
+Three formats, each written as one file plus ``student.json`` (what it is, how to feed it, where it came from):
+
+* ``onnx`` (``student.onnx``): the eval-mode model through ``torch.onnx.export``; input ``image`` (N x 3 x H x W
+  float32, normalised as ``preprocessing`` says), output ``logits`` (N x C). Checked with onnxruntime before it is
+  written.
+* ``torch_export`` (``student.pt2``): a ``torch.export`` program (``torch.export.load(path).module()(x)``), checked
+  against the model before it is written.
+* ``safetensors`` (``student.safetensors``): the weights under the original library's key names, so that
+  ``torchvision.models.get_model(name, num_classes=C)`` or ``timm.create_model(name, num_classes=C, **kwargs)``
+  loads them with ``strict=True``: the backbone's keys as they are (``backbone.X`` -> ``X``) and ``linear_cls`` under
+  the library's classifier (``fc``, ``classifier.1``, ``heads.head``, ``head.fc``, ...: ``Student.head_name``).
+  An open-vocabulary student has no such classifier: its file holds its own state dict
+  (:data:`OPEN_VOCAB_KEYS`), loadable into :class:`~pand.students.open_vocab.OpenVocabStudent`, not into a plain
+  library model.
+
+A batch dimension that stays dynamic is checked at other batch sizes than the example's; a model that cannot be
+exported with one is exported for a fixed batch of 1 instead, and ``student.json`` says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import pand
+from pand.errors import ConfigError, PandError
+from pand.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_with,
+    check_writable,
+)
+
+log = logging.getLogger("pand")
+
+FORMATS = ("onnx", "torch_export", "safetensors")
+FILE_NAMES = {"onnx": "student.onnx", "torch_export": "student.pt2", "safetensors": "student.safetensors"}
+METADATA_NAME = "student.json"
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+OPEN_VOCAB_KEYS = (
+    "OpenVocabStudent.state_dict() as is: 'backbone.<key>' where <key> is the library model's own key (the model "
+    "built with num_classes=0, i.e. without its classifier), 'head.*' the projection into the teacher's embedding "
+    "space, 'fusion.*' the text fusion if any, 'logit_scale', 'vocabulary' (C x D class text matrix, rows "
+    "L2-normalised) and, for cross-attention fusion, 'vocabulary_tokens' and 'vocabulary_mask'"
+)
+
+# torch.export specialises a dimension of size 1 to a constant, so the example batch that keeps it dynamic is larger.
+_EXAMPLE_BATCH = 2
+_CHECK_BATCHES = (1, 3)
+_FIXED_BATCH = 1
+# Exported graphs fuse and reorder float32 operations; a real export error is far larger than this.
+_ATOL, _RTOL = 1e-3, 1e-3
+
+_EXPORT_EXTRA = "pip install pand[export]"
+
+
+def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike,
+                   class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Export the student of ``ckpt_path`` as ``fmt`` (``onnx``, ``torch_export`` or ``safetensors``) into
+    ``out_dir``, with ``student.json`` beside it.
+
+    ``class_names`` gives an open-vocabulary student another vocabulary (computed with the run's teacher), as in
+    :func:`pand.deploy.load_student`. Returns ``{"format", "files": [model file, student.json], "student": the
+    contents of student.json}``.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "onnx":
+        _require("onnx", "onnxruntime", "onnxscript", what="format=onnx")
+    out = check_writable(out_dir, "export folder")
+
+    from pand.deploy import load_student, preprocessing
+
+    ckpt_path = Path(ckpt_path)
+    loaded = load_student(ckpt_path, class_names)
+    model = loaded.model.cpu().eval()
+    config = loaded.config
+    pp = preprocessing(config)
+    side = pp["image_size"]
+    open_vocab = hasattr(model, "vocabulary")
+
+    meta: dict[str, Any] = {
+        "format": fmt,
+        "file": FILE_NAMES[fmt],
+        "input": {"name": INPUT_NAME, "shape": ["N", 3, side, side], "dtype": "float32",
+                  "note": "RGB images prepared as 'preprocessing' says"},
+        "output": {"name": OUTPUT_NAME, "shape": ["N", len(loaded.class_names)], "dtype": "float32"},
+        "preprocessing": pp,
+        "class_names": list(loaded.class_names),
+        "architecture": _architecture(model, config, len(loaded.class_names)),
+        "pand_version": pand.__version__,
+        "checkpoint": {"path": str(ckpt_path.absolute()), "sha256": _sha256(ckpt_path)},
+    }
+    if open_vocab:
+        meta["open_vocabulary"] = _open_vocab_record(model, config)
+
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(_EXAMPLE_BATCH, 3, side, side, generator=generator)
+    path = out / FILE_NAMES[fmt]
+    if fmt == "safetensors":
+        meta.update(_write_safetensors(model, meta["architecture"], path, example))
+    elif fmt == "onnx":
+        meta.update(_write_onnx(model, path, example))
+    else:
+        meta.update(_write_torch_export(model, path, example))
+    if meta.get("dynamic_batch") is False:
+        meta["input"]["shape"][0] = meta["output"]["shape"][0] = meta["batch_size"]
+    json_path = atomic_write_json(out / METADATA_NAME, meta)
+    return {"format": fmt, "files": [str(path), str(json_path)], "student": meta}
+
+
+# -- metadata ------------------------------------------------------------------------------------------------------
+def _require(*modules: str, what: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"{what} needs {', '.join(modules)} (missing: {', '.join(missing)}): {_EXPORT_EXTRA}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _architecture(model: nn.Module, config: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    from pand.students.factory import _resolve_auto
+
+    s = config["student"]
+    source = s.get("source", "auto")
+    if source == "auto":
+        source = _resolve_auto(s["name"])
+    head = getattr(model, "head_name", None)
+    return {"source": source, "name": s["name"], "kwargs": dict(s.get("kwargs") or {}),
+            "image_size": int(config["data"]["image_size"]), "num_classes": int(num_classes),
+            "head_name": list(head) if isinstance(head, tuple) else head,
+            "kind": "open_vocabulary" if hasattr(model, "vocabulary") else "closed_set"}
+
+
+def _open_vocab_record(model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    fused = model.fusion is not None
+    formula = ("logits[n, c] = logit_scale * e(x_n | t_c) . t_c, e(x | t) the L2-normalised image embedding after "
+               "the fusion conditioned on the class text t_c" if fused else
+               "logits = logit_scale * e @ text_matrix.T, e the L2-normalised image embedding (N x D)")
+    record = {
+        "text_matrix": model.vocabulary.detach().float().cpu().tolist(),
+        "text_matrix_shape": list(model.vocabulary.shape),
+        "logit_scale": float(model.logit_scale),
+        "logits_formula": formula,
+        "fusion": model.fusion_kind,
+        "head": model.head_kind,
+        "embed_dim": int(model.embed_dim),
+        "teacher": {k: (config.get("teacher") or {}).get(k) for k in ("model", "pretrained")},
+        "note": "the vocabulary is fixed in the exported model; re-export with class_names=... for other classes",
+    }
+    if model.vocabulary_tokens is not None:
+        record["note"] += "; cross-attention also fixes the classes' per-token text features (in the weights)"
+    return record
+
+
+# -- safetensors ---------------------------------------------------------------------------------------------------
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    # Weights live on as float32 whatever the training precision; safetensors wants contiguous, unshared storage.
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.contiguous().clone()
+
+
+def library_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A closed-set student's weights under the library model's key names (``backbone.X`` -> ``X``, ``linear_cls``
+    -> ``<head_name>``); an open-vocabulary student's own state dict (:data:`OPEN_VOCAB_KEYS`)."""
+    if hasattr(model, "vocabulary"):
+        return {k: _plain(v) for k, v in model.state_dict().items()}
+    head = getattr(model, "head_name", None)
+    if not head:
+        raise ConfigError(f"pand does not know where the library model {model.name!r} keeps its classifier, so its "
+                          "weights cannot be written under the library's key names; export format=onnx or "
+                          "format=torch_export instead")
+    state = {k: _plain(v) for k, v in model.backbone.state_dict().items()}
+    for name in (head,) if isinstance(head, str) else head:
+        for part in ("weight", "bias"):
+            key = f"{name}.{part}"
+            if key in state:
+                raise ConfigError(f"the backbone of {model.name!r} already has a weight {key!r}: the classifier "
+                                  "cannot be written there")
+            # Distilled two-head timm models average their heads: the same classifier in both gives its logits.
+            state[key] = _plain(getattr(model.linear_cls, part))
+    return state
+
+
+def _library_model(arch: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The plain library model the weights are meant for, the call that builds it, and that call's keyword args."""
+    source, name, num_classes = arch["source"], arch["name"], arch["num_classes"]
+    kwargs = dict(arch["kwargs"])
+    if source == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        return model, f"torchvision.models.get_model({name!r}, num_classes={num_classes}{_call_args(kwargs)})", kwargs
+    if source == "timm":
+        import timm
+
+        if "img_size" not in kwargs:
+            # pand builds patch models (ViT, Mixer, Swin) for the run's size; CNNs refuse img_size, as in pand.
+            try:
+                sized = {**kwargs, "img_size": arch["image_size"]}
+                model = timm.create_model(name, pretrained=False, num_classes=num_classes, **sized)
+                return model, f"timm.create_model({name!r}, num_classes={num_classes}{_call_args(sized)})", sized
+            except TypeError as err:
+                if "img_size" not in str(err):
+                    raise
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        return model, f"timm.create_model({name!r}, num_classes={num_classes}{_call_args(kwargs)})", kwargs
+    if source == "cifar":
+        from pand.students.cifar import create_cifar_model
+
+        return (create_cifar_model(name, num_classes=num_classes),
+                f"pand.students.cifar.create_cifar_model({name!r}, num_classes={num_classes})", {})
+    raise ConfigError(f"unknown student source {source!r}")
+
+
+def _call_args(kwargs: dict[str, Any]) -> str:
+    return "".join(f", {k}={v!r}" for k, v in kwargs.items())
+
+
+def _library_check(model: nn.Module, arch: dict[str, Any], state: dict[str, torch.Tensor],
+                   example: torch.Tensor) -> dict[str, Any]:
+    """Build the plain library model, load the weights strictly and compare its logits with the student's."""
+    try:
+        library, call, kwargs = _library_model(arch)
+        library.load_state_dict(state, strict=True)
+        library.eval()
+        with torch.no_grad():
+            want = model(example)
+            diff = (library(example) - want).abs().max().item()
+    except Exception as err:  # noqa: BLE001 - any failure means the file does not load there, which is reported
+        log.warning("the exported weights of %s do not load into the plain %s model: %s", arch["name"],
+                    arch["source"], str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return {"loads_into_library": False, "library_error": str(err).splitlines()[0] if str(err) else repr(err)}
+    load: dict[str, Any] = {"library": arch["source"], "call": call, "kwargs": kwargs, "strict": True,
+                            "max_abs_logit_diff": diff}
+    if arch["source"] == "timm" and arch["name"].startswith("pand_"):
+        load["requires"] = "import pand.students (registers pand's pand_* models in timm)"
+    if arch["source"] == "cifar":
+        load["requires"] = "pand (its CIFAR networks are not in torchvision or timm)"
+    ok = diff <= _ATOL + _RTOL * want.abs().max().item()
+    if not ok:
+        log.warning("the plain %s model loads the exported weights but its logits differ by %.3g", arch["source"], diff)
+    return {"loads_into_library": bool(ok), "load": load}
+
+
+def _write_safetensors(model: nn.Module, arch: dict[str, Any], path: Path, example: torch.Tensor) -> dict[str, Any]:
+    from safetensors.torch import save
+
+    state = library_state_dict(model)
+    if hasattr(model, "vocabulary"):
+        info: dict[str, Any] = {"keys": OPEN_VOCAB_KEYS, "loads_into_library": False,
+                                "library_note": "an open-vocabulary student has a projection head and a vocabulary, "
+                                                "not a linear classifier: it does not load into a plain torchvision "
+                                                "or timm model (its 'backbone.' keys, without the prefix, load into "
+                                                "one built with num_classes=0)"}
+    else:
+        info = {"keys": "the library model's own names: backbone.X -> X, linear_cls.{weight,bias} -> "
+                        f"{arch['head_name']}.{{weight,bias}}"}
+        info.update(_library_check(model, arch, state, example))
+    header = {"format": "pt", "pand_version": pand.__version__, "architecture": arch["name"]}
+    atomic_write_bytes(path, save(state, metadata=header))
+    info["tensors"] = len(state)
+    return info
+
+
+# -- torch.export and ONNX -----------------------------------------------------------------------------------------
+def _compare(reference: nn.Module, run, side: int, batches: Sequence[int], what: str) -> float:
+    worst = 0.0
+    generator = torch.Generator().manual_seed(1)
+    for b in batches:
+        x = torch.randn(b, 3, side, side, generator=generator)
+        with torch.no_grad():
+            want = reference(x)
+            got = torch.as_tensor(run(x))
+        if got.shape != want.shape:
+            raise PandError(f"the {what} gives logits of shape {tuple(got.shape)} for a batch of {b}, the student "
+                            f"{tuple(want.shape)}")
+        diff = (got - want).abs().max().item()
+        if diff > _ATOL + _RTOL * want.abs().max().item():
+            raise PandError(f"the {what} differs from the student by up to {diff:.3g} in the logits (batch {b}); "
+                            "nothing was written")
+        worst = max(worst, diff)
+    return worst
+
+
+def _dynamic_batch() -> torch.export.Dim:
+    return torch.export.Dim("batch", min=1)
+
+
+def _dynamic_or_fixed(build, check) -> tuple[Any, dict[str, Any]]:
+    """``build(dynamic)`` then ``check(artefact, batches)``: with a dynamic batch checked at several sizes, or, where
+    that fails to export or to match, for a fixed batch of one. Returns the artefact and what ``student.json`` says."""
+    try:
+        batches = (*_CHECK_BATCHES, _EXAMPLE_BATCH)
+        artefact = build(True)
+        diff = check(artefact, batches)
+        return artefact, {"dynamic_batch": True, "check": {"batch_sizes": list(batches), "max_abs_logit_diff": diff}}
+    except Exception as err:  # noqa: BLE001 - export failures come in many types; the fixed batch is the fallback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+    log.warning("the student could not be exported with a dynamic batch (%s); it takes batches of %d only",
+                reason, _FIXED_BATCH)
+    artefact = build(False)
+    diff = check(artefact, (_FIXED_BATCH,))
+    return artefact, {"dynamic_batch": False, "batch_size": _FIXED_BATCH, "dynamic_batch_error": reason,
+                      "check": {"batch_sizes": [_FIXED_BATCH], "max_abs_logit_diff": diff}}
+
+
+def _write_torch_export(model: nn.Module, path: Path, example: torch.Tensor) -> dict[str, Any]:
+    def build(dynamic: bool):
+        if dynamic:
+            return torch.export.export(model, (example,), dynamic_shapes=({0: _dynamic_batch()},))
+        return torch.export.export(model, (example[:_FIXED_BATCH],))
+
+    def check(program, batches) -> float:
+        return _compare(model, program.module(), example.shape[-1], batches, "exported program")
+
+    program, record = _dynamic_or_fixed(build, check)
+    atomic_write_with(path, lambda f: torch.export.save(program, f))
+    record["check"]["runtime"] = f"torch {torch.__version__}"
+    return {**record, "load": "torch.export.load(path).module()(image)"}
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    # The exporter reports its progress on stdout, which `pand export` keeps for its JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> dict[str, Any]:
+    import onnx
+    import onnxruntime as ort
+
+    def build(dynamic: bool) -> bytes:
+        args = (example,) if dynamic else (example[:_FIXED_BATCH],)
+        with _quiet_stdout():
+            program = torch.onnx.export(model, args, dynamo=True, input_names=[INPUT_NAME],
+                                        output_names=[OUTPUT_NAME], verbose=False,
+                                        dynamic_shapes=({0: _dynamic_batch()},) if dynamic else None)
+        return program.model_proto.SerializeToString()
+
+    def check(data: bytes, batches) -> float:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if names != ([INPUT_NAME], [OUTPUT_NAME]):
+            raise PandError(f"the ONNX graph has inputs {names[0]} and outputs {names[1]}, expected "
+                            f"[{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]")
+        return _compare(model, lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], example.shape[-1],
+                        batches, "ONNX model (onnxruntime)")
+
+    data, record = _dynamic_or_fixed(build, check)
+    atomic_write_bytes(path, data)
+    record["check"]["runtime"] = f"onnxruntime {ort.__version__}"
+    opset = next((o.version for o in onnx.load_from_string(data).opset_import if o.domain in ("", "ai.onnx")), None)
+    return {**record, "opset": opset}
