@@ -60,6 +60,23 @@ def test_resume_from_last_checkpoint_is_exact(cub_root, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_random_ops_in_a_step_depend_on_neither_the_loader_nor_a_resume(cub_root, tmp_path):
+    # openvocab's head has dropout: its masks come from the global generator, which the data loader also draws from
+    # (differently with worker processes) and which a resumed process starts afresh.
+    runs = {name: tmp_path / name for name in ("inline", "workers", "resumed")}
+    opts = ("method=openvocab", "test=false")
+    assert main(["train", *tiny_overrides(cub_root, runs["inline"], *opts)]) == 0
+    assert main(["train", *tiny_overrides(cub_root, runs["workers"], *opts, "data.num_workers=2")]) == 0
+    assert main(["train", *tiny_overrides(cub_root, runs["resumed"], *opts, "trainer.max_epochs=1")]) == 0
+    last = runs["resumed"] / "checkpoints" / "last.ckpt"
+    assert main(["train", *tiny_overrides(cub_root, runs["resumed"], *opts), f"ckpt_path={last}"]) == 0
+    a = _load(runs["inline"] / "checkpoints" / "last.ckpt")["state_dict"]
+    for other in ("workers", "resumed"):
+        b = _load(runs[other] / "checkpoints" / "last.ckpt")["state_dict"]
+        for k in a:
+            assert torch.equal(a[k], b[k]), (other, k)
+
+
 def test_teacher_runs_only_in_training_steps(cub_root, tmp_path, monkeypatch):
     calls = []
     original = LiveTeacherSource.forward

@@ -43,6 +43,7 @@ class DistillationModule(L.LightningModule):
         self.mixer = mixer
         self._teacher_holder = TeacherRef(teacher_source)
         self.optim_cfg = dict(optim or {})
+        self.seed = int((config or {}).get("seed", 0))
         if config is not None:
             self.save_hyperparameters({"config": dict(config)})
         if distiller.requires and teacher_source is None:
@@ -67,7 +68,16 @@ class DistillationModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.distiller(images)
 
+    def _seed_step(self) -> None:
+        # Dropout, drop-path and every other random op of a step draw from the global generators. Seeded from the
+        # run's seed, the step and the rank, a step's randomness no longer depends on what consumed the generators
+        # before it (the data loader draws from them when it starts an epoch, differently with and without worker
+        # processes; a resumed run starts fresh), so a run is reproducible across loader settings and a resume replays
+        # exactly what an uninterrupted run would have done.
+        torch.manual_seed((self.seed * 1_000_003 + self.global_step * 1_009 + self.global_rank) % (2**63 - 1))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._seed_step()
         if self.mixer is not None:
             # Seeded by the global step, so a resumed run mixes exactly as an uninterrupted one.
             batch = self.mixer(batch, self.global_step)
