@@ -15,6 +15,7 @@
     pand cache build cache.dir=DIR cache.views=K [overrides]   store K augmented views per training image with the
                                          teacher's embedding of each (torchrun --nproc_per_node=N splits the work)
     pand bench [--json] [--teacher ...]  ms per training step: student alone vs online teacher vs teacher cache
+                                         (--latency: inference ms, images/s, params, FLOPs, student vs teacher)
     pand teacher fit [--out PATH]        re-fit the compact Fashion-MNIST CLIP teacher the quickstart ships with
     pand export ckpt_path=PATH format=onnx|torch_export|safetensors out=DIR [class_names=a,b,...]
                                          the student alone, for use without pand, with student.json beside it
