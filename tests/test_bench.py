@@ -13,7 +13,9 @@ def test_bench_json_has_every_figure_and_the_configuration(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in KEYS:
         assert result[key] > 0, key
-    assert result["ratio_cached_vs_student"] == round(result["cached_teacher_ms"] / result["student_only_ms"], 3)
+    # the ratio is of the unrounded times; the printed ms are rounded to 0.01, so compare to that precision
+    ratio = result["cached_teacher_ms"] / result["student_only_ms"]
+    assert abs(result["ratio_cached_vs_student"] - ratio) <= 1e-3 + ratio * 0.01 / result["student_only_ms"]
     cfg = result["config"]
     assert cfg["teacher"] == "pand-tiny-vit" and cfg["image_size"] == 32 and cfg["batch"] == 4
     assert cfg["device"] == "cpu" and cfg["threads"] >= 1 and cfg["teacher_image_size"] == 32
