@@ -57,23 +57,33 @@ def cmd_train(args: Sequence[str]) -> int:
     return 0
 
 
+def _key_value_options(command: str, args: Sequence[str], allowed: Sequence[str], required: Sequence[str],
+                       usage: str) -> dict:
+    """The ``key=value`` options of a command that takes no config overrides (lists as ``key=[a,b]``); an unknown
+    key or a missing required one is refused with the usage line."""
+    from omegaconf import OmegaConf
+
+    from pand.errors import ConfigError
+
+    bad = [a for a in args if a.partition("=")[0] not in allowed or "=" not in a]
+    if bad:
+        raise ConfigError(f"unknown argument {bad[0]!r}; pand {command} takes {', '.join(allowed)}; usage: {usage}")
+    opts = OmegaConf.to_container(OmegaConf.from_dotlist(list(args)))
+    missing = [k for k in required if opts.get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"pand {command} needs {', '.join(f'{k}=...' for k in missing)}; usage: {usage}")
+    return opts
+
+
 _PREDICT_KEYS = ("ckpt_path", "images", "topk", "classes", "classes_file", "out", "batch_size", "num_workers",
                  "device")
 
 
 def cmd_predict(args: Sequence[str]) -> int:
-    from omegaconf import OmegaConf
-
-    from pand.errors import ConfigError
     from pand.predict import format_predictions, predict
 
-    bad = [a for a in args if "=" not in a or a.split("=", 1)[0] not in _PREDICT_KEYS]
-    if bad:
-        raise ConfigError(f"pand predict takes key=value options {', '.join(_PREDICT_KEYS)}; got {bad[0]!r}")
-    opts = OmegaConf.to_container(OmegaConf.from_dotlist(list(args)))
-    for key in ("ckpt_path", "images"):
-        if not opts.get(key):
-            raise ConfigError(f"pand predict needs {key}=...")
+    usage = "pand predict ckpt_path=PATH images=FILE|DIR|GLOB [topk=5] [classes=[a,b]|classes_file=F] [out=F.csv]"
+    opts = _key_value_options("predict", args, _PREDICT_KEYS, ("ckpt_path", "images"), usage)
     rows = predict(str(opts["ckpt_path"]), str(opts["images"]), topk=int(opts.get("topk", 5)),
                    classes=opts.get("classes"), classes_file=opts.get("classes_file"), out=opts.get("out"),
                    batch_size=int(opts.get("batch_size", 64)), num_workers=int(opts.get("num_workers", 0)),
@@ -187,21 +197,13 @@ _EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names")
 
 
 def cmd_export(args: Sequence[str]) -> int:
-    from pand.errors import ConfigError
     from pand.export import export_student
+    from pand.predict import read_class_names
 
     usage = "pand export ckpt_path=PATH format=onnx|torch_export|safetensors out=DIR [class_names=a,b,...]"
-    opts: dict[str, str] = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in _EXPORT_KEYS:
-            raise ConfigError(f"unknown argument {arg!r}; usage: {usage}")
-        opts[key] = value
-    missing = [k for k in ("ckpt_path", "format", "out") if not opts.get(k)]
-    if missing:
-        raise ConfigError(f"missing {', '.join(f'{k}=' for k in missing)}; usage: {usage}")
-    names = [n.strip() for n in opts["class_names"].split(",")] if opts.get("class_names") else None
-    result = export_student(opts["ckpt_path"], opts["format"], opts["out"], class_names=names)
+    opts = _key_value_options("export", args, _EXPORT_KEYS, ("ckpt_path", "format", "out"), usage)
+    names = read_class_names(opts.get("class_names"), None)
+    result = export_student(str(opts["ckpt_path"]), str(opts["format"]), str(opts["out"]), class_names=names)
     vocab = result["student"].get("open_vocabulary")
     if vocab is not None:
         # A vocabulary of thousands of rows belongs in student.json, not on the terminal.

@@ -139,7 +139,7 @@ def report(results: dict[str, Any], out_dir: Path) -> str:
     ]
     for key in (*TEACHER_KEYS, *METHODS):
         r = results[key]
-        acc = f"{100 * r['test_acc']:.2f}" + (f" ± {100 * r['test_acc_std']:.2f}" if len(seeds) > 1 else "")
+        acc = _pm(r["test_acc"], r["test_acc_std"], len(seeds))
         secs = f"{r['train_seconds']:.1f}" if r.get("train_seconds") is not None else "-"
         lines.append(f"| {key} | {acc} | {secs} |")
     if results.get(OPEN_VOCAB):
@@ -250,14 +250,13 @@ def print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    multi = len(results["seeds"]) > 1
     table = Table(title=f"pand quickstart: test top-1 on Fashion-MNIST ({len(results['seeds'])} seed(s))")
     table.add_column("method")
     table.add_column("test top-1 (%)", justify="right")
     table.add_column("train time (s)", justify="right")
     for key in (*TEACHER_KEYS, *METHODS):
         r = results[key]
-        acc = f"{100 * r['test_acc']:.2f}" + (f" ± {100 * r['test_acc_std']:.2f}" if multi else "")
+        acc = _pm(r["test_acc"], r["test_acc_std"], len(results["seeds"]))
         table.add_row(key, acc, "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}")
     console = Console()
     console.print(table)

@@ -3,11 +3,10 @@ CIFAR-100, ImageNet and any image-folder dataset, as :class:`ClassificationDatas
 :func:`get_dataset`; :func:`verify_splits` decodes every image once before training."""
 
 from pand.data.base import ClassificationDataset, restrict_classes, subset
-from pand.data.splits import CLASS_SPLITS, DATASET_NAMES, base_novel_classes, get_dataset, stratified_split
+from pand.data.splits import DATASET_NAMES, base_novel_classes, get_dataset, stratified_split
 from pand.data.verify import verify_images, verify_splits
 
 __all__ = [
-    "CLASS_SPLITS",
     "base_novel_classes",
     "DATASET_NAMES",
     "ClassificationDataset",

@@ -38,9 +38,6 @@ _MODULES = {
 _CLASS_NAMES_FILE = ("imagefolder", "imagenet")
 
 
-CLASS_SPLITS = ("base_novel",)
-
-
 def base_novel_classes(num_classes: int, seed: int) -> tuple[list[int], list[int]]:
     """The CoOp / CoCoOp base-to-novel protocol's class halves: a seeded half of the labels (the larger half when
     the count is odd) as base classes, the rest as novel, both sorted."""

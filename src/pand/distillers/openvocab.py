@@ -113,11 +113,7 @@ class OpenVocab(Distiller):
         student = self.student
         tokens = student.visual_tokens(batch["image"])
         embeds = student._project(tokens)
-        text = student.vocabulary
-        if student.fusion is None:
-            similarity = embeds @ text.t()
-        else:
-            similarity = student.fused_similarity(tokens, text, student.vocabulary_tokens, student.vocabulary_mask)
+        similarity = student.similarity(tokens, embeds=embeds)
         losses: dict[str, torch.Tensor] = {}
         if self.distill_weight > 0:
             losses["distill"] = self.distill_weight * embedding_distill_loss(embeds, teacher[IMAGE_EMBEDS],

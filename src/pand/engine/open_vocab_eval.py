@@ -66,20 +66,15 @@ def retrieval_metrics(similarity: torch.Tensor, labels: torch.Tensor, queries: S
 
 
 @torch.no_grad()
-def _student_similarities(student, dataset: ClassificationDataset, transform, texts: Mapping[str, tuple],
-                          device: torch.device, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
-    """``{name: [N, C_name] cosine similarities}`` of the student for each text set ``(embeds, tokens, mask)``."""
+def _student_similarities(student, dataset: ClassificationDataset, transform, text: tuple, device: torch.device,
+                          batch_size: int, num_workers: int) -> torch.Tensor:
+    """``[N, C]`` cosine similarities of the student for a text set ``(embeds, tokens, mask)``."""
     from pand.engine.data import EvalItems
 
     loader = DataLoader(EvalItems(dataset, transform), batch_size=batch_size, num_workers=num_workers)
-    texts = {name: tuple(None if t is None else t.to(device) for t in parts) for name, parts in texts.items()}
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in texts}
-    scale = float(student.logit_scale)
-    for batch in loader:
-        tokens = student.visual_tokens(batch["image"].to(device))
-        for name, (embeds, tok, mask) in texts.items():
-            out[name].append((student.logits_from_tokens(tokens, embeds, tok, mask) / scale).float().cpu())
-    return {name: torch.cat(parts) for name, parts in out.items()}
+    text = tuple(None if t is None else t.to(device) for t in text)
+    return torch.cat([student.similarity(student.visual_tokens(batch["image"].to(device)), *text).float().cpu()
+                      for batch in loader])
 
 
 def vocabulary_for(teacher, names: Sequence[str], templates: Sequence[str], student=None) -> tuple:
@@ -90,11 +85,6 @@ def vocabulary_for(teacher, names: Sequence[str], templates: Sequence[str], stud
         return text, None, None
     tokens, mask = teacher.class_token_features(list(names), list(templates))
     return text, tokens, mask
-
-
-def _slice(texts: tuple, rows: Sequence[int]) -> tuple:
-    idx = torch.as_tensor(list(rows), dtype=torch.long)
-    return tuple(None if t is None else t[idx] for t in texts)
 
 
 def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
@@ -134,10 +124,11 @@ def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
     labels: dict[str, torch.Tensor] = {}
     try:
         for part, (ds, rows) in parts.items():
-            texts = {"own": _slice(everything, rows), "all": everything}
-            s = _student_similarities(student, ds, data.eval_transform, texts, device, batch_size, workers)
+            # Every class's score depends on that class's text alone (fused or not), so the scores among the part's
+            # own classes are columns of the scores among all classes.
+            s_all = _student_similarities(student, ds, data.eval_transform, everything, device, batch_size, workers)
             t_img, y = extract_features(teacher, ds, batch_size=batch_size, num_workers=workers, progress=False)
-            sims["student"][part], sims["student"][part + "/all"] = s["own"], s["all"]
+            sims["student"][part], sims["student"][part + "/all"] = s_all[:, rows], s_all
             t_all = t_img.float() @ text.t()
             sims["teacher"][part], sims["teacher"][part + "/all"] = t_all[:, rows], t_all
             labels[part] = y.long()

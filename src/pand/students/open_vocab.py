@@ -208,19 +208,19 @@ class OpenVocabStudent(nn.Module):
     def num_classes(self) -> int:
         return int(self.vocabulary.shape[0])
 
-    def logits_from_tokens(self, tokens: torch.Tensor, text: torch.Tensor | None = None,
-                           text_tokens: torch.Tensor | None = None,
-                           text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[B, C]`` cosine logits of visual tokens against a text matrix (the vocabulary unless given)."""
+    def similarity(self, tokens: torch.Tensor, text: torch.Tensor | None = None,
+                   text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None, *,
+                   embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, C]`` cosines of visual tokens with a text matrix (the vocabulary unless given): ``e . T_c``, or
+        ``e(x | t_c) . T_c`` with fusion. ``embeds``: the unconditioned embeddings of ``tokens``, if already made."""
         if text is None:
             text, text_tokens, text_mask = self.vocabulary, self.vocabulary_tokens, self.vocabulary_mask
         if text.shape[0] == 0:
             raise ConfigError("the open-vocabulary student has no vocabulary yet: give it class text embeddings with "
                               "set_vocabulary(...)")
-        scale = self.logit_scale.float()
-        if self.fusion is None:
-            return scale * self._project(tokens) @ text.float().t()
-        return scale * self.fused_similarity(tokens, text, text_tokens, text_mask)
+        if self.fusion is not None:
+            return self.fused_similarity(tokens, text, text_tokens, text_mask)
+        return (self._project(tokens) if embeds is None else embeds) @ text.float().t()
 
     def fused_similarity(self, tokens: torch.Tensor, text: torch.Tensor, text_tokens: torch.Tensor | None,
                          text_mask: torch.Tensor | None) -> torch.Tensor:
@@ -245,4 +245,4 @@ class OpenVocabStudent(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits against the vocabulary: ``s * e @ T^T`` (or the fused ``s * e(x | t_c) . T_c``)."""
-        return self.logits_from_tokens(self.visual_tokens(images))
+        return self.logit_scale.float() * self.similarity(self.visual_tokens(images))
