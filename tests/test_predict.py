@@ -91,3 +91,13 @@ def test_predict_refuses_bad_input_with_the_reason(runs, tmp_path, capsys):
         predict(runs["ce"], broken)
     assert main(["predict", f"ckpt_path={runs['ce']}"]) == 2
     assert "needs images=" in capsys.readouterr().err
+
+
+def test_predict_and_export_refuse_unknown_and_missing_options_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr("pand.deploy.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
+    assert main(["predict", "ckpt_path=x.ckpt", "images=a.jpg", "top_k=3"]) == 2
+    assert "unknown argument 'top_k=3'" in capsys.readouterr().err
+    assert main(["export", "ckpt_path=x.ckpt", "format=onnx"]) == 2
+    assert "pand export needs out=..." in capsys.readouterr().err
+    assert main(["export", "ckpt_path=x.ckpt", "format=onnx", "out=o", "classes=[a,b]"]) == 2
+    assert "unknown argument 'classes=[a,b]'" in capsys.readouterr().err
