@@ -17,6 +17,7 @@ def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
     code = main([
         "quickstart", "--out", str(out), "--per-class", "2", "--val-fraction", "0.5", "--epochs", "1",
         "--coop-epochs", "1", "--data-root", str(root), "--tsne-samples", "30",
+        "--unlabelled", "20", "--unlabelled-epochs", "1", "--unlabelled-batch-size", "8",
     ])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -27,6 +28,12 @@ def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert all(f"| {key} |" in report for key in KEYS)
+    # kd, vl2lite and pand again with 20 unlabelled images, side by side with their labelled-only runs
+    for key in ("kd", "vl2lite", "pand"):
+        assert 0.0 <= results[key + "+unlabelled"]["test_acc"] <= 1.0, key
+        summary = json.loads((out / "seed0" / f"{key}+unlabelled" / "summary.json").read_text())
+        assert summary["unlabelled_images"] == 20 and summary["labelled_images"] == 10
+    assert "ce+unlabelled" not in results and "test top-1 +unlabelled (%)" in report
     printed = capsys.readouterr().out
     assert "pand quickstart" in printed and "total time" in printed
     # The open-vocabulary row: trained on 5 classes, tested on the 5 others too, student next to teacher.

@@ -8,8 +8,11 @@ on the 10,000 test images:
 1. teacher zero-shot with the hand-written template;
 2. stage 1: CoOp prompts learned on the teacher's stored features of the labelled pool (selected on val);
 3. students trained with ``ce`` (no teacher), ``kd``, ``vl2lite`` and ``pand`` (learned prompts + NLRD);
-4. every student evaluated once on the test split (best-on-val checkpoint);
-5. an open-vocabulary student (``method=openvocab``) trained on the labelled images of 5 of the 10 classes
+4. the teacher-driven students again with unlabelled training images added (``data.unlabelled=rest``: ``--unlabelled``
+   Fashion-MNIST training images outside the labelled pool, their labels never read), an epoch being one pass over
+   them with the labelled pool cycled in every batch;
+5. every student evaluated once on the test split (best-on-val checkpoint);
+6. an open-vocabulary student (``method=openvocab``) trained on the labelled images of 5 of the 10 classes
    (``data.class_split=base_novel``) and tested on the 5 seen and the 5 unseen classes, next to the teacher's own
    zero-shot classifier on the same splits (base / novel top-1, their harmonic mean, text -> image retrieval mAP).
 
@@ -29,6 +32,9 @@ from typing import Any
 from pand.errors import PandError
 
 METHODS = ("ce", "kd", "vl2lite", "pand")
+#: The methods run again with unlabelled images (ce has no teacher term that could use them).
+UNLABELLED_METHODS = ("kd", "vl2lite", "pand")
+UNLABELLED_SUFFIX = "+unlabelled"
 OPEN_VOCAB = "openvocab"
 OPEN_VOCAB_KEYS = ("base", "novel", "hm")
 TEACHER_KEYS = ("teacher_zero_shot", "teacher_coop")
@@ -64,7 +70,10 @@ def run_stage1(args: argparse.Namespace, seed: int, seed_dir: Path) -> dict[str,
     return run_prompts(to_plain(compose("coop", overrides)))
 
 
-def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str, prompts: Path) -> dict[str, Any]:
+def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str, prompts: Path,
+                unlabelled: int | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """One student run; with ``unlabelled``, that many training images outside the labelled pool are added
+    (``data.unlabelled=rest``) and the run uses the unlabelled schedule (``--unlabelled-epochs`` over them)."""
     from pand.config import compose, to_plain
     from pand.engine.run import train
 
@@ -81,8 +90,12 @@ def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str
         f"data.batch_size={args.batch_size}",
         "optim.lr=1e-3",
         "optim.scheduler=cosine",
-        f"run_dir={seed_dir / method}",
+        f"run_dir={seed_dir / (run_name or method)}",
     ]
+    if unlabelled:
+        overrides += ["data.unlabelled=rest", f"data.unlabelled_limit={unlabelled}",
+                      f"trainer.max_epochs={args.unlabelled_epochs}", f"data.batch_size={args.unlabelled_batch_size}",
+                      "trainer.log_every_n_steps=10"]
     extra = list(args.overrides)
     if method == "pand":
         overrides.append(f"teacher.text_features={prompts}")
@@ -134,14 +147,15 @@ def report(results: dict[str, Any], out_dir: Path) -> str:
         f"{len(seeds)} seed(s) {seeds}. Test top-1 on the 10,000 test images"
         + (" (mean ± standard deviation over seeds)." if len(seeds) > 1 else "."),
         "",
-        "| method | test top-1 (%) | train time (s) |",
-        "|---|---:|---:|",
+        *([f"The `{UNLABELLED_SUFFIX}` columns add {results['unlabelled']:,} unlabelled training images (outside the "
+           f"labelled pool; their labels are never read) for {results['unlabelled_epochs']} epochs over them, in "
+           f"batches of {results['unlabelled_batch_size']} of which a quarter come from the labelled pool "
+           "(`data.labelled_fraction=0.25`).", ""] if results.get("unlabelled") else []),
+        f"| method | test top-1 (%) | train time (s) | test top-1 {UNLABELLED_SUFFIX} (%) | train time (s) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for key in (*TEACHER_KEYS, *METHODS):
-        r = results[key]
-        acc = _pm(r["test_acc"], r["test_acc_std"], len(seeds))
-        secs = f"{r['train_seconds']:.1f}" if r.get("train_seconds") is not None else "-"
-        lines.append(f"| {key} | {acc} | {secs} |")
+        lines.append(f"| {key} | " + " | ".join(_cells(results, key)) + " |")
     if results.get(OPEN_VOCAB):
         ov = results[OPEN_VOCAB]
         lines += [
@@ -167,6 +181,20 @@ def report(results: dict[str, Any], out_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cells(results: dict[str, Any], key: str) -> list[str]:
+    """Test top-1 and train time of ``key``, labelled only and with unlabelled images ("-" where not run)."""
+    n = len(results["seeds"])
+    out = []
+    for k in (key, key + UNLABELLED_SUFFIX):
+        r = results.get(k)
+        if r is None:
+            out += ["-", "-"]
+            continue
+        out.append(_pm(r["test_acc"], r["test_acc_std"], n))
+        out.append(f"{r['train_seconds']:.1f}" if r.get("train_seconds") is not None else "-")
+    return out
+
+
 def _pm(mean: float, std: float | None, n_seeds: int) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if n_seeds > 1 and std is not None else "")
 
@@ -190,7 +218,8 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     out_dir = Path(args.out)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    per_seed: dict[str, list[dict[str, Any]]] = {k: [] for k in (*TEACHER_KEYS, *METHODS)}
+    with_unlabelled = [m + UNLABELLED_SUFFIX for m in UNLABELLED_METHODS] if args.unlabelled else []
+    per_seed: dict[str, list[dict[str, Any]]] = {k: [] for k in (*TEACHER_KEYS, *METHODS, *with_unlabelled)}
     first_runs: dict[str, Path] = {}
     open_vocab_runs: list[dict[str, Any]] = []
     for seed in seeds:
@@ -210,6 +239,14 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
             )
             if seed == seeds[0]:
                 first_runs[method] = Path(summary["run_dir"])
+        for method in UNLABELLED_METHODS if args.unlabelled else ():
+            print(f"== seed {seed}: student with method={method} and {args.unlabelled} unlabelled images", flush=True)
+            key = method + UNLABELLED_SUFFIX
+            summary = run_student(args, seed, seed_dir, method, Path(stage1["text_features"]),
+                                  unlabelled=args.unlabelled, run_name=key)
+            per_seed[key].append(
+                {"test_acc": summary["test_acc1"], "val_acc": summary["val_acc1"], "train_seconds": summary["train_seconds"]}
+            )
         if not args.no_open_vocab:
             print(f"== seed {seed}: open-vocabulary student, trained on 5 classes, tested on all 10", flush=True)
             summary = run_student(args, seed, seed_dir, OPEN_VOCAB, Path(stage1["text_features"]))
@@ -237,6 +274,9 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
         "per_class": args.per_class,
         "epochs": args.epochs,
         "teacher": args.teacher,
+        "unlabelled": args.unlabelled,
+        "unlabelled_epochs": args.unlabelled_epochs,
+        "unlabelled_batch_size": args.unlabelled_batch_size,
         **methods,
         OPEN_VOCAB: _open_vocab_summary(open_vocab_runs) if open_vocab_runs else None,
         "total_seconds": round(time.time() - start, 1),
@@ -254,10 +294,10 @@ def print_table(results: dict[str, Any]) -> None:
     table.add_column("method")
     table.add_column("test top-1 (%)", justify="right")
     table.add_column("train time (s)", justify="right")
+    table.add_column(f"{UNLABELLED_SUFFIX} top-1 (%)", justify="right")
+    table.add_column("train time (s)", justify="right")
     for key in (*TEACHER_KEYS, *METHODS):
-        r = results[key]
-        acc = _pm(r["test_acc"], r["test_acc_std"], len(results["seeds"]))
-        table.add_row(key, acc, "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}")
+        table.add_row(key, *_cells(results, key))
     console = Console()
     console.print(table)
     ov = results.get(OPEN_VOCAB)
@@ -283,6 +323,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the labelled pool held out for val")
     p.add_argument("--epochs", type=int, default=30, help="student training epochs")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--unlabelled", type=int, default=5000,
+                   help="unlabelled training images added in the second run of kd, vl2lite and pand (0: skip them)")
+    p.add_argument("--unlabelled-epochs", type=int, default=5, help="epochs over the unlabelled images")
+    p.add_argument("--unlabelled-batch-size", type=int, default=128,
+                   help="batch size of the runs with unlabelled images (a quarter from the labelled pool)")
     p.add_argument("--coop-epochs", type=int, default=50, help="stage-1 CoOp epochs")
     p.add_argument("--ctx-init", default="'a photo of a'", help="CoOp context initialisation (a phrase, or null)")
     p.add_argument("--teacher", default="fmnist_clip", help="teacher config (default: the shipped fmnist_clip)")

@@ -155,7 +155,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.resize_size": integer(1),
     "data.val_fraction": number(0, 1, high_open=True),
     "data.split_seed": integer(0),
-    "data.samples_per_class": integer(1, optional=True),
+    "data.samples_per_class": integer(0, optional=True),
+    "data.unlabelled_limit": integer(1, optional=True),
+    "data.labelled_fraction": number(0, 1, low_open=True, high_open=True),
     "data.num_classes": integer(1, optional=True),
     "data.class_split": choice("base_novel", optional=True),
     "data.class_split_seed": integer(0),
@@ -284,6 +286,35 @@ def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
     return errors
 
 
+def _unlabelled_errors(config: Mapping[str, Any], cls: Any) -> list[str]:
+    """Settings that do not go with unlabelled training images (``data.unlabelled``) or a label-free run."""
+    from pand.data.unlabelled import check_unlabelled_setting
+
+    data = config.get("data") or {}
+    k = data.get("samples_per_class")
+    try:
+        source = check_unlabelled_setting(data.get("unlabelled"), k)
+    except ConfigError as err:
+        return [str(err)]
+    free = isinstance(k, int) and not isinstance(k, bool) and k == 0
+    if source is None and not free:
+        return []
+    errors = []
+    what = "data.samples_per_class=0 (no labelled image)" if free else f"data.unlabelled={source}"
+    if not (cls.requires_for(config.get("method") or {}) or cls.needs_text_embeds or cls.needs_teacher_model):
+        errors.append(f"{what} with method {cls.name!r}, which learns from labels alone: unlabelled images need a "
+                      "method with teacher terms (kd, dkd, vl2lite, pand, openvocab, ...)")
+    from pand.engine.mixing import mixing_enabled
+
+    if mixing_enabled(config.get("mixing")):
+        errors.append(f"{what} with Mixup/CutMix (mixing.*): mixed pairs would blend labelled with unlabelled images "
+                      "and their labels; set mixing.mixup_alpha=0 and mixing.cutmix_alpha=0")
+    if data.get("class_split") not in (None, _MISSING):
+        errors.append(f"{what} with data.class_split={data.get('class_split')}: unlabelled training images may show the "
+                      "classes held out as unseen, which the base-to-novel protocol never trains on")
+    return errors
+
+
 def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = False) -> None:
     """Refuse a training (or ``pand cache build``) config with any invalid, inconsistent or ignored setting."""
     from pand.distillers import get_distiller_class
@@ -325,6 +356,7 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
                           "learns a fixed classifier (use method=openvocab, or remove data.class_split)")
         errors += cls.check_config(config)
         errors += _teacher_errors(config, cls)
+        errors += _unlabelled_errors(config, cls)
     _raise(errors, "training")
     run_dir = config.get("run_dir") or lookup(config, "paths.runs_dir")
     if not for_cache_build and run_dir not in (None, _MISSING):

@@ -42,7 +42,7 @@ def test_training_views_are_replayable_from_index_and_epoch(cub_root):
     rebuilt = dm.augment.apply(views.dataset.load_image(2), a["aug"])
     assert torch.equal(rebuilt, a["image"])
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"image", "label", "index", "aug"}
+    assert set(batch) == {"image", "label", "index", "labelled", "aug"} and batch["labelled"].all()
     assert batch["image"].shape == (4, 3, 32, 32)
 
 

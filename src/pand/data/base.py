@@ -66,7 +66,7 @@ class ClassificationDataset(torch.utils.data.Dataset):
         self.root = Path(root) if root is not None else None
         self._fingerprint: str | None = None
         n = len(self.classes)
-        bad = [t for t in self.targets if not 0 <= t < n]
+        bad = [t for t in self.targets if not (0 <= t < n or t == -1)]  # -1: an unlabelled training image
         if bad:
             raise PandError(f"{name}/{split}: label {bad[0]} is outside 0..{n - 1} ({n} classes) in {self.root}")
 

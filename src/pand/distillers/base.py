@@ -125,12 +125,51 @@ class Distiller(nn.Module):
         return bool(self.requires) or self.needs_text_embeds or self.needs_teacher_model
 
     @staticmethod
-    def cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    def labelled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B]`` bool: which samples of the batch carry a label (unlabelled training images have label -1)."""
+        mask = batch.get("labelled")
+        return mask.bool() if mask is not None else batch["label"] >= 0
+
+    @classmethod
+    def cross_entropy(cls, logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                      label_smoothing: float = 0.0) -> torch.Tensor:
         """Cross-entropy against the batch's labels, or against its soft labels when the engine mixed the batch
-        (Mixup / CutMix, :mod:`pand.engine.mixing`; their smoothing is already in the soft labels)."""
+        (Mixup / CutMix, :mod:`pand.engine.mixing`; their smoothing is already in the soft labels).
+
+        The mean is over the labelled samples only: unlabelled ones neither add to it nor dilute it, so adding them
+        to a batch leaves this term and its gradient unchanged. A batch without a labelled sample gives 0.
+        """
+        mask = cls.labelled(batch)
+        if not bool(mask.any()):
+            return logits.float().sum() * 0.0
+        if not bool(mask.all()):
+            logits = logits[mask]
+            batch = {k: batch[k][mask] for k in ("label", "soft_label") if k in batch}
         if "soft_label" in batch:
             return F.cross_entropy(logits.float(), batch["soft_label"])
         return F.cross_entropy(logits.float(), batch["label"], label_smoothing=label_smoothing)
+
+    @classmethod
+    def teacher_soft_cross_entropy(cls, logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                                   teacher_logits: torch.Tensor) -> torch.Tensor | None:
+        """Cross-entropy of the unlabelled samples against the teacher's class distribution ``softmax(z_t)``, mean over
+        them; None when every sample has a label.
+
+        The classifier term of an unlabelled sample, for methods whose teacher terms do not reach the classifier head
+        (VL2Lite distils the student's features, never its head): without it the head would learn from the labelled
+        samples alone, and in a label-free run not at all.
+        """
+        unlabelled = ~cls.labelled(batch)
+        if not bool(unlabelled.any()):
+            return None
+        p_t = F.softmax(teacher_logits[unlabelled].float(), dim=-1)
+        return -(p_t * F.log_softmax(logits[unlabelled].float(), dim=-1)).sum(-1).mean()
+
+    @classmethod
+    def target_classes(cls, batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor) -> torch.Tensor:
+        """One class per sample for terms built around a target class (DKD's split, OFA's target boost): the label
+        of a labelled sample, the teacher's top-1 class of an unlabelled one (its pseudo-label)."""
+        return torch.where(cls.labelled(batch), batch["label"], teacher_logits.argmax(-1))
 
     def teacher_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """The CLIP teacher's zero-shot logits ``s * t_img @ T_txt^T`` (template embeddings unless given)."""

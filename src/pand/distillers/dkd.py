@@ -49,7 +49,7 @@ class DKD(Distiller):
     def training_losses(self, batch, teacher, progress: Progress) -> DistillerOutput:
         logits = self.student(batch["image"])
         s, t = standardized(logits, teacher[LOGITS], self.standardize)
-        tckd, nckd = dkd_terms(s, t, batch["label"], self.temperature)
+        tckd, nckd = dkd_terms(s, t, self.target_classes(batch, teacher[LOGITS]), self.temperature)
         warm = self.warmup(progress)
         return DistillerOutput(
             logits,

@@ -84,7 +84,8 @@ class OFA(Distiller):
             feats = self._tap.take()
         finally:
             self._tap.enabled = False
-        t, y = teacher[LOGITS], batch["label"]
+        t = teacher[LOGITS]
+        y = self.target_classes(batch, t)
         losses = {
             "ce": self.ce_weight * self.cross_entropy(logits, batch),
             "ofa": self.kd_weight * ofa_loss(logits, t, y, eps=self.eps, temperature=self.temperature),

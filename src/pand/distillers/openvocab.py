@@ -119,6 +119,10 @@ class OpenVocab(Distiller):
             losses["distill"] = self.distill_weight * embedding_distill_loss(embeds, teacher[IMAGE_EMBEDS],
                                                                              self.distill)
         if self.align_weight > 0:
-            losses["align"] = self.align_weight * label_infonce_loss(similarity, batch["label"], self.temperature,
-                                                                     self.symmetric)
+            # labelled samples only: an unlabelled image has no class text to align with (the distillation term
+            # above already covers it)
+            mask = self.labelled(batch)
+            align = (label_infonce_loss(similarity[mask], batch["label"][mask], self.temperature, self.symmetric)
+                     if bool(mask.any()) else similarity.sum() * 0.0)
+            losses["align"] = self.align_weight * align
         return DistillerOutput(student.logit_scale * similarity, losses)

@@ -6,6 +6,11 @@
 * ``L_img = mean |norm(h) - a_img|``;
 * ``L_kd = scale * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` with ``z_s = s * norm(h) @ A_txt^T`` and
   ``z_t = s * t_img @ T_txt^T``.
+
+Both distillation terms act on the student's features ``h``, never on its classifier head. An unlabelled training
+image (``data.unlabelled``) therefore gets the head's term from the teacher instead of a label:
+``teacher_ce = w_cls * CE(out, softmax(z_t))``, mean over the unlabelled samples (CE keeps the labelled ones), so the
+head learns from every image and a label-free run trains one at all.
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ class VL2Lite(Distiller):
             * w_kd
             * vl2lite_linguistic_loss(student_text_logits, teacher_logits, self.temperature, self.linguistic_scale),
         }
+        soft = self.teacher_soft_cross_entropy(logits, batch, teacher_logits)
+        if soft is not None:  # unlabelled samples: the teacher's (zero-shot or CoOp) distribution trains the head
+            losses["teacher_ce"] = w_cls * soft
         return logits, teacher_logits, losses, {"w_cls": w_cls, "w_kd": w_kd}
 
     def training_losses(self, batch, teacher, progress: Progress) -> DistillerOutput:

@@ -1,8 +1,11 @@
 """Batches for training and evaluation, as a Lightning data module.
 
-A training item is a dict ``{image, label, index, aug}``: ``aug`` holds the parameters of the random augmentation,
-drawn from a generator seeded by ``(seed, epoch, index)``, so the exact view can be rebuilt later (for the teacher
-cache) and an interrupted run replays the same views after resuming. Evaluation items are ``{image, label, index}``.
+A training item is a dict ``{image, label, index, labelled, aug}``: ``aug`` holds the parameters of the random
+augmentation, drawn from a generator seeded by ``(seed, epoch, index)``, so the exact view can be rebuilt later (for
+the teacher cache) and an interrupted run replays the same views after resuming. ``labelled`` is False for an
+unlabelled training image (``data.unlabelled``; its label is -1): training then iterates over a
+:class:`~pand.data.unlabelled.TrainingPool` with :class:`MixedEpochSampler` batches. Evaluation items are
+``{image, label, index}``.
 
 pand shards batches across processes itself (``use_distributed_sampler=False``): the training sampler needs the epoch
 to seed the views, and evaluation shards without the padding duplicates a ``DistributedSampler`` adds.
@@ -30,6 +33,7 @@ from pand.data import (
     subset,
     verify_splits,
 )
+from pand.data.unlabelled import UNLABELLED, HiddenLabels, TeacherLabelled, TrainingPool, check_unlabelled_setting, choose, unlabelled_folder
 from pand.data.transforms import AugmentConfig, ReplayableAugment, eval_transform, view_generator
 from pand.errors import ConfigError
 
@@ -55,7 +59,8 @@ class TrainViews(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, epoch = key
         image = self.dataset.load_image(index)
-        item: dict[str, Any] = {"label": self.dataset.targets[index], "index": index}
+        label = self.dataset.targets[index]
+        item: dict[str, Any] = {"label": label, "index": index, "labelled": label != UNLABELLED}
         if self.teacher_cache is None:
             item["image"], item["aug"] = self.augment(image, view_generator(self.seed, epoch, index))
         else:
@@ -105,21 +110,80 @@ class EpochSampler(Sampler):
             return self.size // self.world_size
         return math.ceil(self.size / self.world_size)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
-        else:
-            order = list(range(self.size))
-        n = len(self)
+    def _permutation(self, size: int, salt: int = 0) -> list[int]:
+        if not self.shuffle:
+            return list(range(size))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + salt * 1_000_003)
+        return torch.randperm(size, generator=g).tolist()
+
+    def _shard(self, order: list[int], n: int) -> list[int]:
+        """This rank's ``n`` items of ``order`` (cut to, or padded up to, ``n * world_size`` first)."""
         total = n * self.world_size
-        order = order[:total] if self.drop_last else (order + order[: total - len(order)])
-        mine = order[self.rank : total : self.world_size]
+        order = order[:total] if len(order) >= total else (order + order[: total - len(order)])
+        return order[self.rank : total : self.world_size]
+
+    def _keys(self) -> list[int]:
+        return self._shard(self._permutation(self.size), len(self))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        mine = self._keys()
         if self._resume is not None and self._resume[0] == self.epoch:
             mine = mine[self._resume[1] :]
         self._resume = None
         for index in mine:
             yield index, self.epoch
+
+
+class MixedEpochSampler(EpochSampler):
+    """Batches of ``labelled_per_batch`` labelled images followed by unlabelled ones, as a flat stream of keys.
+
+    Indices follow :class:`~pand.data.unlabelled.TrainingPool`: ``0 .. n_labelled - 1`` labelled, then the unlabelled
+    images. An epoch is one pass over (this rank's share of) the unlabelled images; the labelled pool, usually much
+    smaller, is cycled: reshuffled each time it runs out, so within an epoch every labelled image is seen about
+    equally often. Both orders are seeded by (seed, epoch), so a mid-epoch resume skips exactly what was trained on.
+    """
+
+    def __init__(self, n_labelled: int, n_unlabelled: int, batch_size: int, labelled_per_batch: int, *, seed: int,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> None:
+        super().__init__(n_labelled + n_unlabelled, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
+                         drop_last=drop_last)
+        self.n_labelled, self.n_unlabelled = int(n_labelled), int(n_unlabelled)
+        self.batch_size = int(batch_size)
+        self.labelled_per_batch = int(labelled_per_batch) if self.n_labelled else 0
+        if not 0 <= self.labelled_per_batch < self.batch_size:
+            raise ConfigError(f"{labelled_per_batch} labelled images in a batch of {batch_size} leave no room for "
+                              "unlabelled ones")
+
+    def _batches(self) -> tuple[int, int]:
+        """(full batches, unlabelled items of a last partial batch) on this rank."""
+        per_rank = self.n_unlabelled // self.world_size if self.drop_last else math.ceil(
+            self.n_unlabelled / self.world_size)
+        per_batch = self.batch_size - self.labelled_per_batch
+        full, left = divmod(per_rank, per_batch)
+        return full, (0 if self.drop_last else left)
+
+    def __len__(self) -> int:
+        full, left = self._batches()
+        return full * self.batch_size + (left + self.labelled_per_batch if left else 0)
+
+    def _keys(self) -> list[int]:
+        full, left = self._batches()
+        n_batches = full + (1 if left else 0)
+        per_batch = self.batch_size - self.labelled_per_batch
+        unlabelled = self._shard(self._permutation(self.n_unlabelled), full * per_batch + left)
+        need = n_batches * self.labelled_per_batch
+        labelled: list[int] = []
+        cycle = 0
+        while len(labelled) < need:
+            # one pass over the labelled pool per cycle; each rank takes its share of every pass
+            cycle += 1
+            order = self._permutation(self.n_labelled, salt=cycle)
+            labelled += order[self.rank :: self.world_size] if self.n_labelled >= self.world_size else order
+        keys: list[int] = []
+        for b in range(n_batches):
+            keys += labelled[b * self.labelled_per_batch : (b + 1) * self.labelled_per_batch]
+            keys += [self.n_labelled + j for j in unlabelled[b * per_batch : (b + 1) * per_batch]]
+        return keys
 
 
 class ResumableLoader(DataLoader):
@@ -219,21 +283,85 @@ def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset
     )
     name, root = data["name"], data["root"]
     k = data.get("samples_per_class")
+    seed = int(data.get("split_seed", 0))
+    source = unlabelled_source(data)
     test = get_dataset(name, root, "test", val_fraction=float(data["val_fraction"]), **common)
-    if not k:
+    if k is None:
         train = get_dataset(name, root, "train", val_fraction=float(data["val_fraction"]), **common)
         val = get_dataset(name, root, "val", val_fraction=float(data["val_fraction"]), **common)
-        return {"train": train, "val": val, "test": test}
+        splits = {"train": train, "val": val, "test": test}
+        if source is not None:  # a folder (rest needs a labelled pool; refused by unlabelled_source)
+            splits[UNLABELLED_SPLIT] = _limit(unlabelled_folder(source, test.classes, name), data)
+        return splits
     # Few-shot: a labelled pool of k images per class from the official training data; val is carved from the pool
     # so that model selection uses only labels the run is allowed to see.
     full = get_dataset(name, root, "train", val_fraction=0.0, **common)
-    pool = subset(full, per_class_subset(full.targets, int(k), int(data.get("split_seed", 0))))
-    keep, held = stratified_split(pool.targets, float(data["val_fraction"]), int(data.get("split_seed", 0)))
+    chosen = per_class_subset(full.targets, int(k), seed)
+    if source == "rest":
+        taken = set(chosen)
+        extra = HiddenLabels(subset(full, [i for i in range(len(full)) if i not in taken]))
+    elif source is not None:
+        extra = unlabelled_folder(source, full.classes, name)
+    else:
+        extra = None
+    if int(k) == 0:
+        return _label_free_splits(full, extra, test, data)
+    pool = subset(full, chosen)
+    keep, held = stratified_split(pool.targets, float(data["val_fraction"]), seed)
     if not held:
         raise ConfigError(
             f"data.samples_per_class={k} with data.val_fraction={data['val_fraction']} leaves no validation images"
         )
-    return {"train": subset(pool, keep), "val": subset(pool, held, split="val"), "test": test}
+    splits = {"train": subset(pool, keep), "val": subset(pool, held, split="val"), "test": test}
+    if extra is not None:
+        splits[UNLABELLED_SPLIT] = _limit(extra, data)
+    return splits
+
+
+#: The split of the unlabelled training images (``data.unlabelled``), next to train / val / test.
+UNLABELLED_SPLIT = "unlabelled"
+
+
+def unlabelled_source(data: Mapping[str, Any]) -> str | None:
+    """``rest``, a folder, or None; a label-free run (``samples_per_class=0``) uses ``rest`` unless told otherwise."""
+    k = data.get("samples_per_class")
+    source = check_unlabelled_setting(data.get("unlabelled"), k)
+    if source is None and k is not None and int(k) == 0:
+        return "rest"
+    return source
+
+
+def label_free(data: Mapping[str, Any]) -> bool:
+    """True when the run has no labelled training image at all (``data.samples_per_class=0``)."""
+    k = data.get("samples_per_class")
+    return k is not None and int(k) == 0
+
+
+def _limit(dataset: ClassificationDataset, data: Mapping[str, Any]) -> ClassificationDataset:
+    limit = data.get("unlabelled_limit")
+    if limit is None or int(limit) >= len(dataset):
+        return dataset
+    return subset(dataset, choose(len(dataset), int(limit), int(data.get("split_seed", 0))))
+
+
+def _label_free_splits(full: ClassificationDataset, extra: ClassificationDataset, test: ClassificationDataset,
+                       data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
+    """No labelled image: train is empty, val a seeded share of the unlabelled images that the teacher labels
+    (:func:`pand.engine.teacher_side.label_val_with_teacher`), so model selection picks the student that agrees best
+    with its teacher; the test split keeps its real labels."""
+    n = len(extra)
+    g = torch.Generator().manual_seed(int(data.get("split_seed", 0)) * 7_907 + 3)
+    perm = torch.randperm(n, generator=g).tolist()
+    n_val = max(1, round(float(data["val_fraction"]) * n))
+    if n_val >= n:
+        raise ConfigError(f"data.val_fraction={data['val_fraction']} of {n} unlabelled images leaves none to train on")
+    held, rest = sorted(perm[:n_val]), sorted(perm[n_val:])
+    return {
+        "train": subset(full, [], split="train"),
+        "val": HiddenLabels(subset(extra, held), split="val"),
+        "test": test,
+        UNLABELLED_SPLIT: _limit(subset(extra, rest), data),
+    }
 
 
 class PandDataModule(L.LightningDataModule):
@@ -249,6 +377,7 @@ class PandDataModule(L.LightningDataModule):
             int(self.cfg["image_size"]), int(self.cfg["resize_size"]), tuple(self.cfg["mean"]), tuple(self.cfg["std"])
         )
         self._splits: dict[str, ClassificationDataset] | None = None
+        self._pool: ClassificationDataset | None = None
 
     @property
     def splits(self) -> dict[str, ClassificationDataset]:
@@ -263,6 +392,34 @@ class PandDataModule(L.LightningDataModule):
                           for name, ds in splits.items()}
             self._splits = splits
         return self._splits
+
+    @property
+    def train_pool(self) -> ClassificationDataset:
+        """What training iterates over: the labelled training images, then the unlabelled ones if the run has any
+        (:class:`~pand.data.unlabelled.TrainingPool`); the teacher cache covers exactly this."""
+        if self._pool is None:
+            extra = self.splits.get(UNLABELLED_SPLIT)
+            self._pool = self.splits["train"] if extra is None else TrainingPool(self.splits["train"], extra)
+        return self._pool
+
+    @property
+    def label_free(self) -> bool:
+        return label_free(self.cfg)
+
+    def set_val_labels(self, labels: list[int]) -> None:
+        """Give the label-free run's val images their labels (the teacher's predictions)."""
+        val = self.splits["val"]
+        if len(labels) != len(val):
+            raise ValueError(f"{len(labels)} labels for {len(val)} val images")
+        self.splits["val"] = TeacherLabelled(val, labels)
+
+    def labelled_per_batch(self) -> int:
+        """Labelled images in each training batch when unlabelled ones are mixed in (``data.labelled_fraction``)."""
+        pool = self.train_pool
+        if not isinstance(pool, TrainingPool) or pool.n_labelled == 0:
+            return 0
+        batch = int(self.cfg["batch_size"])
+        return min(batch - 1, max(1, round(float(self.cfg.get("labelled_fraction", 0.25)) * batch)))
 
     @property
     def classes(self) -> list[str]:
@@ -300,11 +457,18 @@ class PandDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        train = self.splits["train"]
+        pool = self.train_pool
         batch = int(self.cfg["batch_size"])
-        drop_last = bool(self.cfg.get("drop_last", True)) and len(train) // world >= batch
-        sampler = EpochSampler(len(train), seed=self.seed, rank=rank, world_size=world, drop_last=drop_last)
-        return self._loader(TrainViews(train, self.augment, self.seed, self.teacher_cache), sampler, drop_last,
+        if isinstance(pool, TrainingPool):
+            unlabelled_per_batch = batch - self.labelled_per_batch()
+            drop_last = bool(self.cfg.get("drop_last", True)) and pool.n_unlabelled // world >= unlabelled_per_batch
+            sampler: EpochSampler = MixedEpochSampler(
+                pool.n_labelled, pool.n_unlabelled, batch, self.labelled_per_batch(), seed=self.seed, rank=rank,
+                world_size=world, drop_last=drop_last)
+        else:
+            drop_last = bool(self.cfg.get("drop_last", True)) and len(pool) // world >= batch
+            sampler = EpochSampler(len(pool), seed=self.seed, rank=rank, world_size=world, drop_last=drop_last)
+        return self._loader(TrainViews(pool, self.augment, self.seed, self.teacher_cache), sampler, drop_last,
                             ResumableLoader, batches_done=self._train_batches_done)
 
     def eval_dataloader(self, split: str) -> DataLoader:

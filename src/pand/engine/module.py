@@ -93,9 +93,11 @@ class DistillationModule(L.LightningModule):
                 + ". Training stopped; lower optim.lr (or check the inputs) and resume from the last checkpoint"
             )
         batch_size = batch["label"].shape[0]
-        self.train_acc(out.logits.detach(), batch["label"])
+        labelled = self.distiller.labelled(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/acc1", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+        if bool(labelled.any()):  # on the labelled samples; a label-free run has no training accuracy
+            self.train_acc(out.logits.detach()[labelled], batch["label"][labelled])
+            self.log("train/acc1", self.train_acc, on_step=False, on_epoch=True, batch_size=int(labelled.sum()))
         for name, value in out.losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=batch_size)
         for name, value in out.logs.items():

@@ -29,10 +29,10 @@ from pand.engine.checkpoints import (
     run_record,
 )
 from pand.engine.csv_log import CsvMetricsLogger
-from pand.engine.data import PandDataModule
+from pand.engine.data import UNLABELLED_SPLIT, PandDataModule
 from pand.engine.mixing import BatchMixer
 from pand.engine.module import DistillationModule
-from pand.engine.teacher_side import build_cache, build_teacher_side  # noqa: F401 - build_cache: `pand cache build`
+from pand.engine.teacher_side import build_cache, build_teacher_side, label_val_with_teacher  # noqa: F401 - build_cache: `pand cache build`
 from pand.errors import ConfigError, MismatchError, OutputError
 from pand.io import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text
 from pand.students import build_student
@@ -78,6 +78,8 @@ def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, Distillat
     classes = data.classes
     method_cls = get_distiller_class(config["method"]["name"])
     context, source = build_teacher_side(config, data, method_cls)
+    if data.label_free:
+        label_val_with_teacher(config, data, context, source)
     student = build_student_from(config, len(classes))
     distiller = build_distiller(config["method"], student, len(classes), context)
     mixer = BatchMixer.from_config(config.get("mixing"), len(classes), seed=int(config["seed"]))
@@ -161,7 +163,11 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "best_epoch": checkpoints.best_epoch,
         "val_acc1": _as_float(checkpoints.best_score),
         "test_acc1": None,
+        "labelled_images": len(data.splits["train"]),
+        "unlabelled_images": len(data.splits.get(UNLABELLED_SPLIT, ())),
     }
+    if data.label_free:
+        summary["val_labels"] = "teacher"  # val_acc1 is the student's agreement with the teacher's top-1
     if config.get("test", True):
         # Training is done and selected: write that down first, so a failure while testing loses nothing.
         _write_summary(trainer, run_dir, {**summary, "status": "testing"})
@@ -229,6 +235,11 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         precision=config["trainer"].get("precision", "32-true"),
     )
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
+    if data.label_free and "val" in splits:
+        # its val images have no labels of their own: training labelled them with the teacher's predictions
+        splits = tuple(s for s in splits if s != "val")
+        results["val_skipped"] = "label-free run: its val images carry no labels (training scored them by agreement " \
+                                 "with the teacher)"
     for split in splits:
         loader = data.eval_dataloader(split)
         metrics = (trainer.validate if split == "val" else trainer.test)(module, dataloaders=loader, verbose=False)[0]

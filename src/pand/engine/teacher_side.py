@@ -123,7 +123,7 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
     Returns None on a process that built only its share and is not the one that completes the cache.
     """
     settings = cache_settings(config)
-    train = data.splits["train"]
+    train = data.train_pool
     classifier = teacher_kind(config) == "classifier"
     templates = None if classifier else list(config["data"]["templates"])
     expected = cache_record(teacher_spec=teacher_spec(config), dataset=train, augment=data.augment,
@@ -280,6 +280,33 @@ def _clip_side(config: Mapping[str, Any], data: PandDataModule, method: type[Dis
         text = context.prompt_embeds if context.prompt_embeds is not None else context.text_embeds
         source = ZeroShotLogits(source, text, context.logit_scale)
     return context, source
+
+
+def label_val_with_teacher(config: Mapping[str, Any], data: PandDataModule, context: TeacherContext | None,
+                           source: nn.Module | None) -> None:
+    """Label a label-free run's val images with the teacher's top-1 class, so that ``val/acc1`` (and with it the
+    choice of ``best.ckpt``) measures how often the student agrees with its teacher.
+
+    The classifier is the one the student distils from: a classifier teacher's own head, or a CLIP teacher's text
+    matrix (learned CoOp features when ``teacher.text_features`` is set, else the template embeddings). A run training
+    from the teacher cache loads the teacher for this one pass over the val images.
+    """
+    live = live_source(source)
+    teacher = live.teacher if live is not None else load_teacher_from(config, classes=data.classes)
+    mean, std = config["data"]["mean"], config["data"]["std"]
+    labeller: nn.Module = LiveTeacherSource(teacher, mean, std)
+    if teacher_kind(config) != "classifier":
+        text = None if context is None else (
+            context.prompt_embeds if context.prompt_embeds is not None else context.text_embeds)
+        if text is None:
+            text = teacher.class_embeddings(data.classes, list(config["data"]["templates"]))
+        scale = context.logit_scale if context is not None and context.logit_scale else teacher.logit_scale
+        labeller = ZeroShotLogits(labeller, text.to(teacher.device), scale)
+    labels = []
+    for batch in data.eval_dataloader("val"):
+        logits = labeller({"image": batch["image"].to(teacher.device)}, {LOGITS})[LOGITS]
+        labels += logits.argmax(-1).tolist()
+    data.set_val_labels(labels)
 
 
 def _check_cache_covers(method: type[Distiller], reads: frozenset[str], holds: frozenset[str]) -> None:

@@ -1,0 +1,121 @@
+"""Training images nobody labelled, and the training pool that puts them next to the labelled ones.
+
+Every teacher-driven loss can learn from an image without a label; only the cross-entropy term needs one. A run
+names its unlabelled images with ``data.unlabelled``:
+
+* ``rest``: the official training images outside the labelled pool of ``data.samples_per_class`` (their labels are
+  hidden, never read);
+* a folder: every image file under it, in any layout (searched recursively; sub-folder names are not read as labels);
+* ``null``: none.
+
+An unlabelled item has the label :data:`UNLABELLED` (-1). :class:`TrainingPool` indexes the labelled images first
+(``0 .. n_labelled - 1``), then the unlabelled ones, so one index addresses a training image for the sampler, the
+data loader and the teacher cache alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pand.data.base import ClassificationDataset, FileDataset, SubsetDataset
+from pand.errors import ConfigError, DatasetNotFoundError
+
+#: The label of a training image without one.
+UNLABELLED = -1
+
+
+class HiddenLabels(SubsetDataset):
+    """``dataset`` with every label replaced by :data:`UNLABELLED` (the images and their identity unchanged).
+
+    A subset of all of ``dataset``'s items, so that whatever unwraps subsets (image verification, the decoded-image
+    cache) reaches the files or arrays underneath.
+    """
+
+    def __init__(self, dataset: ClassificationDataset, split: str = "unlabelled") -> None:
+        super().__init__(dataset, range(len(dataset)), split=split)
+        self.targets = [UNLABELLED] * len(dataset)
+
+
+class TeacherLabelled(HiddenLabels):
+    """Unlabelled images with labels given by the teacher (the val split of a label-free run)."""
+
+    def __init__(self, dataset: ClassificationDataset, labels: Sequence[int]) -> None:
+        super().__init__(dataset, split=dataset.split)
+        n = len(self.classes)
+        self.targets = [int(t) for t in labels]
+        if any(not 0 <= t < n for t in self.targets):
+            raise ValueError(f"teacher labels must lie in 0..{n - 1}")
+
+
+def unlabelled_folder(folder: str | os.PathLike, classes: Sequence[str], name: str) -> ClassificationDataset:
+    """Every image under ``folder`` (recursive, sorted paths) as unlabelled items of a run with ``classes``."""
+    from pand.data.imagefolder import images_under
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"data.unlabelled: folder {root} does not exist. Expected a folder of images in any layout (jpg, jpeg, "
+            "png, bmp or webp files, searched recursively), or data.unlabelled=rest for the training images outside "
+            "the labelled pool")
+    paths = images_under(root)
+    if not paths:
+        raise DatasetNotFoundError(f"data.unlabelled: no image files (jpg, jpeg, png, bmp, webp) under {root}")
+    return FileDataset(name, "unlabelled", classes, root, paths, [UNLABELLED] * len(paths))
+
+
+def choose(n: int, limit: int | None, seed: int) -> list[int]:
+    """Sorted indices of ``min(limit, n)`` of ``n`` items, a seeded choice (all of them when ``limit`` is None)."""
+    if limit is None or int(limit) >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(int(seed) * 7_919 + 17)
+    return sorted(torch.randperm(n, generator=g)[: int(limit)].tolist())
+
+
+class TrainingPool(ClassificationDataset):
+    """The labelled training images, then the unlabelled ones, as one dataset (label -1 for the latter)."""
+
+    def __init__(self, labelled: ClassificationDataset, unlabelled: ClassificationDataset | None) -> None:
+        extra = unlabelled if unlabelled is not None else None
+        targets = list(labelled.targets) + ([UNLABELLED] * len(extra) if extra is not None else [])
+        super().__init__(labelled.name, "train", labelled.classes, targets, labelled.transform, labelled.root)
+        self.labelled, self.unlabelled = labelled, extra
+        self.n_labelled = len(labelled)
+        self.n_unlabelled = len(extra) if extra is not None else 0
+
+    def _part(self, i: int) -> tuple[ClassificationDataset, int]:
+        i = self._check_index(i)
+        return (self.labelled, i) if i < self.n_labelled else (self.unlabelled, i - self.n_labelled)
+
+    def load_image(self, i: int) -> Image.Image:
+        part, j = self._part(i)
+        return part.load_image(j)
+
+    def sample_id(self, i: int) -> str:
+        part, j = self._part(i)
+        return part.sample_id(j) if part is self.labelled else f"unlabelled:{part.sample_id(j)}"
+
+    def _hash_items(self, h: Any, indices: Sequence[int]) -> None:
+        ours = [i for i in indices if i < self.n_labelled]
+        theirs = [i - self.n_labelled for i in indices if i >= self.n_labelled]
+        if ours:
+            self.labelled._hash_items(h, ours)
+        if theirs:
+            h.update(b"\0unlabelled\0")
+            self.unlabelled._hash_items(h, theirs)
+
+
+def check_unlabelled_setting(value: Any, samples_per_class: Any) -> str | None:
+    """``rest``, a folder path, or None, from ``data.unlabelled`` (``none``/``null``/empty mean None)."""
+    if value is None or str(value).strip().lower() in ("", "none", "null", "false"):
+        return None
+    value = str(value)
+    if value == "rest" and samples_per_class is None:
+        raise ConfigError("data.unlabelled=rest means the training images outside the labelled pool; set "
+                          "data.samples_per_class=K (K labelled images per class, 0 for none) to have a rest")
+    return value
