@@ -34,7 +34,7 @@ def test_cached_views_replay_exactly_and_match_the_online_teacher(cub_root, tmp_
 
     data.setup()
     batch = next(iter(data.train_dataloader()))
-    assert set(batch) == {"image", "label", "index", "aug", "view"}
+    assert set(batch) == {"image", "label", "index", "labelled", "aug", "view"}
     # the student's image is rebuilt from the cached parameters of the chosen view
     views = data.train_dataloader().dataset
     i, v = int(batch["index"][0]), int(batch["view"][0])

@@ -83,6 +83,9 @@ class Distiller(nn.Module):
     # True for methods whose student embeds images in the teacher's joint space (classifying by a text matrix):
     # the engine then adds the open-vocabulary report (base / novel accuracy, retrieval) to the run.
     embeds_images: ClassVar[bool] = False
+    # The loss terms that need a label: computed on the labelled samples of a batch only (0 in a batch without any);
+    # every other term uses all samples, unlabelled training images (``data.unlabelled``) included.
+    label_terms: ClassVar[frozenset[str]] = frozenset({"ce"})
 
     @classmethod
     def requires_for(cls, options: Mapping[str, Any]) -> frozenset[str]:

@@ -34,6 +34,7 @@ from pand.validation import BOOL, POSITIVE, WEIGHT, choice, integer, number
 @register_distiller("openvocab")
 class OpenVocab(Distiller):
     requires = frozenset({IMAGE_EMBEDS})
+    label_terms = frozenset({"align"})
     needs_text_embeds = True
     #: The student embeds images in the teacher's joint space, so the engine adds the open-vocabulary report
     #: (base / novel / harmonic mean, text -> image retrieval) to the run.
