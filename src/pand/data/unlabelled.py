@@ -80,13 +80,11 @@ def choose(n: int, limit: int | None, seed: int) -> list[int]:
 class TrainingPool(ClassificationDataset):
     """The labelled training images, then the unlabelled ones, as one dataset (label -1 for the latter)."""
 
-    def __init__(self, labelled: ClassificationDataset, unlabelled: ClassificationDataset | None) -> None:
-        extra = unlabelled if unlabelled is not None else None
-        targets = list(labelled.targets) + ([UNLABELLED] * len(extra) if extra is not None else [])
+    def __init__(self, labelled: ClassificationDataset, unlabelled: ClassificationDataset) -> None:
+        targets = list(labelled.targets) + [UNLABELLED] * len(unlabelled)
         super().__init__(labelled.name, "train", labelled.classes, targets, labelled.transform, labelled.root)
-        self.labelled, self.unlabelled = labelled, extra
-        self.n_labelled = len(labelled)
-        self.n_unlabelled = len(extra) if extra is not None else 0
+        self.labelled, self.unlabelled = labelled, unlabelled
+        self.n_labelled, self.n_unlabelled = len(labelled), len(unlabelled)
 
     def _part(self, i: int) -> tuple[ClassificationDataset, int]:
         i = self._check_index(i)

@@ -33,7 +33,15 @@ from pand.data import (
     subset,
     verify_splits,
 )
-from pand.data.unlabelled import UNLABELLED, HiddenLabels, TeacherLabelled, TrainingPool, check_unlabelled_setting, choose, unlabelled_folder
+from pand.data.unlabelled import (
+    UNLABELLED,
+    HiddenLabels,
+    TeacherLabelled,
+    TrainingPool,
+    check_unlabelled_setting,
+    choose,
+    unlabelled_folder,
+)
 from pand.data.transforms import AugmentConfig, ReplayableAugment, eval_transform, view_generator
 from pand.errors import ConfigError
 
@@ -324,11 +332,8 @@ UNLABELLED_SPLIT = "unlabelled"
 
 def unlabelled_source(data: Mapping[str, Any]) -> str | None:
     """``rest``, a folder, or None; a label-free run (``samples_per_class=0``) uses ``rest`` unless told otherwise."""
-    k = data.get("samples_per_class")
-    source = check_unlabelled_setting(data.get("unlabelled"), k)
-    if source is None and k is not None and int(k) == 0:
-        return "rest"
-    return source
+    source = check_unlabelled_setting(data.get("unlabelled"), data.get("samples_per_class"))
+    return "rest" if source is None and label_free(data) else source
 
 
 def label_free(data: Mapping[str, Any]) -> bool:
@@ -460,10 +465,10 @@ class PandDataModule(L.LightningDataModule):
         pool = self.train_pool
         batch = int(self.cfg["batch_size"])
         if isinstance(pool, TrainingPool):
-            unlabelled_per_batch = batch - self.labelled_per_batch()
-            drop_last = bool(self.cfg.get("drop_last", True)) and pool.n_unlabelled // world >= unlabelled_per_batch
+            labelled = self.labelled_per_batch()
+            drop_last = bool(self.cfg.get("drop_last", True)) and pool.n_unlabelled // world >= batch - labelled
             sampler: EpochSampler = MixedEpochSampler(
-                pool.n_labelled, pool.n_unlabelled, batch, self.labelled_per_batch(), seed=self.seed, rank=rank,
+                pool.n_labelled, pool.n_unlabelled, batch, labelled, seed=self.seed, rank=rank,
                 world_size=world, drop_last=drop_last)
         else:
             drop_last = bool(self.cfg.get("drop_last", True)) and len(pool) // world >= batch
