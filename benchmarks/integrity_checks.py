@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "teacher cache": cache(root, ns.cache_images, ns.views, ns.dim),
             "checkpoint": checkpoint(root),
         }
-    print(f"| check | seconds | ratio to the first row of its section |\n| --- | ---: | ---: |")
+    print("| check | seconds | ratio to the first row of its section |\n| --- | ---: | ---: |")
     for rows in sections.values():
         for label, seconds, ratio in rows:
             print(f"| {label} | {seconds:.3f} | {ratio:.2f} |")

@@ -101,7 +101,7 @@ def report(results: dict[str, Any]) -> str:
         cells = [f"{100 * p['test_acc']:.2f} ± {100 * p['test_acc_std']:.2f}" if n > 1 else f"{100 * p['test_acc']:.2f}"
                  for p in points]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append(f"| train seconds (kd) | " + " | ".join(
+    lines.append("| train seconds (kd) | " + " | ".join(
         f"{p['train_seconds']:.0f}" for p in results["methods"][next(iter(results["methods"]))]) + " |")
     teacher = results["teacher_zero_shot"]
     lines += ["", f"Teacher zero-shot {100 * teacher:.2f} %, CoOp teacher {100 * results['teacher_coop']:.2f} % "

@@ -62,7 +62,7 @@ def common(args: argparse.Namespace, per_class: int, seed: int, run_dir: Path, e
         f"data.split_seed={seed}", f"seed={seed}", "data.num_workers=0", f"data.batch_size={args.batch_size}",
         "trainer=cpu", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "optim=adamw", f"optim.lr={args.lr}", "optim.weight_decay=0.05",
-        "optim.scheduler=cosine", f"run_dir={run_dir}",
+        "scheduler=cosine", f"run_dir={run_dir}",
     ]
     if args.test_fraction < 1:
         out.append(f"trainer.limit_test_batches={args.test_fraction}")

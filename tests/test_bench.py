@@ -56,7 +56,7 @@ def _within_rounding(images_per_s: float, batch: int, ms: float) -> bool:
 
 
 def test_bench_latency_times_student_and_teacher_at_each_batch_size(capsys, monkeypatch):
-    from pand.bench import print_result
+    from pand.bench.measure import print_result
     from pand.students import build_student
     from pand.teachers import load_clip_teacher
 
@@ -98,7 +98,7 @@ def test_bench_latency_times_student_and_teacher_at_each_batch_size(capsys, monk
 def test_latency_flops_of_the_tiny_vit_teacher_count_every_product():
     import torch
 
-    from pand.bench import _forward_flops
+    from pand.bench.measure import _forward_flops
     from pand.teachers import load_clip_teacher
 
     # On CPU torch's plain counter misses the attention blocks (MHA fast path, CPU attention kernel) and gives 2/3 of

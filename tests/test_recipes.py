@@ -32,7 +32,7 @@ def test_mdistiller_cifar_protocol_settings():
     kd, dkd = _recipe("cifar100_r32x4_r8x4_kd"), _recipe("cifar100_r32x4_r8x4_dkd")
     for c in (kd, dkd):
         assert (c["teacher"]["model"], c["student"]["name"], c["data"]["image_size"]) == ("resnet32x4", "resnet8x4", 32)
-        assert c["optim"]["milestones"] == [150, 180, 210] and c["trainer"]["max_epochs"] == 240
+        assert c["scheduler"]["milestones"] == [150, 180, 210] and c["trainer"]["max_epochs"] == 240
     assert dkd["method"] == {"name": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 8.0, "ce_weight": 1.0,
                              "warmup_epochs": 20, "standardize": False}
     ls = _recipe("cifar100_r32x4_r8x4_kd_ls")["method"]
@@ -41,7 +41,7 @@ def test_mdistiller_cifar_protocol_settings():
 
 def test_vit_student_recipe_mixes_and_refuses_a_cache():
     c = _recipe("cifar100_224_convnext_t_deit_t_pat")
-    assert c["mixing"]["mixup_alpha"] == 0.8 and c["mixing"]["cutmix_alpha"] == 1.0 and c["ema"]["decay"] == 0.99996
+    assert c["mixing"]["mixup_alpha"] == 0.8 and c["mixing"]["cutmix_alpha"] == 1.0 and c["callbacks"]["ema"]["decay"] == 0.99996
     c["teacher"]["pretrained"] = "random"
     c["cache"]["dir"] = "/tmp/some-cache"
     with pytest.raises(ConfigError, match="unmixed views"):

@@ -19,19 +19,81 @@
     pand teacher fit [--out PATH]        re-fit the compact Fashion-MNIST CLIP teacher the quickstart ships with
     pand export ckpt_path=PATH format=onnx|torch_export|safetensors out=DIR [class_names=a,b,...]
                                          the student alone, for use without pand, with student.json beside it
+
+    pand COMMAND --help                  a command's options; for train, config, features, prompts and cache also
+                                         the config groups with their options, the settings and examples
+    pand --version                       pand's version
+
+Results (JSON; YAML for pand config) are the only output on stdout, logs and progress bars go to stderr:
+    pand train ... | jq .test_acc1
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
+import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
-from pand.errors import PandError
+from pand.errors import ConfigError, PandError
 from pand.io import OUTPUT_ERRNOS
 
+# Nothing heavy at module level (no torch, Lightning, Hydra): `pand --help`, `pand COMMAND --help`, `pand --version`
+# and the refusal of a misspelt command or override answer in a fraction of a second.
+
 USAGE = __doc__
+
+_HELP_FLAGS = ("-h", "--help")
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+# ------------------------------------------------------------------------------------------------ stdout = results
+_result_streams: list[TextIO] = []
+
+
+def emit(text: str) -> None:
+    """Write a command's result (its JSON, the YAML of ``pand config``) to the stdout that was current when the command
+    started, while everything else the command prints (progress bars, library prints) goes to stderr."""
+    out = _result_streams[-1] if _result_streams else sys.stdout
+    out.write(text if text.endswith("\n") else text + "\n")
+    out.flush()
+
+
+def _results_on_stdout(command: Callable[[Sequence[str]], int]) -> Callable[[Sequence[str]], int]:
+    """Run ``command`` with ``sys.stdout`` pointing at stderr; only :func:`emit` reaches the real stdout, so that
+    ``pand train ... | jq .`` reads the summary alone (Lightning's progress bar writes to ``sys.stdout``)."""
+
+    @functools.wraps(command)
+    def run(args: Sequence[str]) -> int:
+        _result_streams.append(sys.stdout)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return command(args)
+        finally:
+            _result_streams.pop()
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def _refuse_flags(command: str, args: Sequence[str], allowed: Sequence[str] = ()) -> None:
+    bad = [a for a in args if a.startswith("-") and a not in allowed]
+    if bad:
+        takes = ", ".join([*allowed, "-h/--help"])
+        raise ConfigError(f"unknown option {bad[0]!r}; pand {command} takes overrides KEY=VALUE and {takes} "
+                          f"(pand {command} --help)")
+
+
+def _compose_train(args: Sequence[str]) -> dict[str, Any]:
+    """The resolved ``train`` config for ``args``; nothing heavy is imported (Hydra, OmegaConf only)."""
+    from pand.config import compose, to_plain
+
+    return to_plain(compose("train", list(args)))
 
 
 def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
@@ -46,28 +108,20 @@ def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
     return OmegaConf.to_container(own), overrides
 
 
-def cmd_train(args: Sequence[str]) -> int:
-    if args and args[0] in ("-m", "--multirun"):
-        return cmd_sweep(args[1:])
-    from pand.config import compose, to_plain
-    from pand.engine.run import train
-
-    summary = train(to_plain(compose("train", args)))
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
 def _key_value_options(command: str, args: Sequence[str], allowed: Sequence[str], required: Sequence[str],
                        usage: str) -> dict:
     """The ``key=value`` options of a command that takes no config overrides (lists as ``key=[a,b]``); an unknown
     key or a missing required one is refused with the usage line."""
     from omegaconf import OmegaConf
 
-    from pand.errors import ConfigError
+    from pand.cli_help import close_matches, did_you_mean
 
     bad = [a for a in args if a.partition("=")[0] not in allowed or "=" not in a]
     if bad:
-        raise ConfigError(f"unknown argument {bad[0]!r}; pand {command} takes {', '.join(allowed)}; usage: {usage}")
+        key = bad[0].partition("=")[0]
+        hint = did_you_mean([f"{m}=..." for m in close_matches(key, allowed)])
+        raise ConfigError(f"unknown argument {bad[0]!r}{hint or ';'} pand {command} takes {', '.join(allowed)}; "
+                          f"usage: {usage}")
     opts = OmegaConf.to_container(OmegaConf.from_dotlist(list(args)))
     missing = [k for k in required if opts.get(k) in (None, "")]
     if missing:
@@ -75,67 +129,118 @@ def _key_value_options(command: str, args: Sequence[str], allowed: Sequence[str]
     return opts
 
 
+# ------------------------------------------------------------------------------------------------------ commands
+def cmd_train(args: Sequence[str]) -> int:
+    if any(a in _MULTIRUN_FLAGS for a in args):
+        return cmd_sweep([a for a in args if a not in _MULTIRUN_FLAGS])
+    return _train(args)
+
+
+@_results_on_stdout
+def _train(args: Sequence[str]) -> int:
+    from pand.validation import validate_train_settings
+
+    _refuse_flags("train", args, _MULTIRUN_FLAGS)
+    config = _compose_train(args)
+    validate_train_settings(config)  # a value out of range is refused before torch is imported
+    from pand.engine.run import train
+
+    emit(json.dumps(train(config), indent=2))
+    return 0
+
+
 _PREDICT_KEYS = ("ckpt_path", "images", "topk", "classes", "classes_file", "out", "batch_size", "num_workers",
                  "device")
 
 
+@_results_on_stdout
 def cmd_predict(args: Sequence[str]) -> int:
+    from pand.cli_help import PREDICT_USAGE
+
+    opts = _key_value_options("predict", args, _PREDICT_KEYS, ("ckpt_path", "images"), PREDICT_USAGE)
     from pand.predict import format_predictions, predict
 
-    usage = "pand predict ckpt_path=PATH images=FILE|DIR|GLOB [topk=5] [classes=[a,b]|classes_file=F] [out=F.csv]"
-    opts = _key_value_options("predict", args, _PREDICT_KEYS, ("ckpt_path", "images"), usage)
     rows = predict(str(opts["ckpt_path"]), str(opts["images"]), topk=int(opts.get("topk", 5)),
                    classes=opts.get("classes"), classes_file=opts.get("classes_file"), out=opts.get("out"),
                    batch_size=int(opts.get("batch_size", 64)), num_workers=int(opts.get("num_workers", 0)),
                    device=str(opts.get("device", "auto")))
     if opts.get("out"):
         print(format_predictions(rows), file=sys.stderr)
-        print(json.dumps({"images": len(rows), "out": str(opts["out"])}, indent=2))
+        emit(json.dumps({"images": len(rows), "out": str(opts["out"])}, indent=2))
     else:
-        print(json.dumps(rows, indent=2))  # stdout stays machine-readable
+        emit(json.dumps(rows, indent=2))
     return 0
 
 
+@_results_on_stdout
 def cmd_eval(args: Sequence[str]) -> int:
+    from pand.cli_help import EVAL_USAGE
+
+    _refuse_flags("eval", args)
+    ckpt = [a.partition("=")[2].strip() for a in args if a.startswith("ckpt_path=")]
+    if not ckpt or ckpt[-1] in ("", "null", "None", "???"):
+        raise ConfigError(f"pand eval needs ckpt_path=PATH (a checkpoint such as "
+                          f"runs/<run>/checkpoints/best.ckpt); usage: {EVAL_USAGE}")
+    own, overrides = _split_eval_args(args)
     from pand.engine.run import evaluate
 
-    own, overrides = _split_eval_args(args)
     results = evaluate(own["ckpt_path"], overrides, splits=tuple(own["splits"]), out=own.get("out"))
-    print(json.dumps(results, indent=2))
+    emit(json.dumps(results, indent=2))
     return 0
 
 
+@_results_on_stdout
 def cmd_config(args: Sequence[str]) -> int:
     from omegaconf import OmegaConf
 
-    from pand.config import compose
+    from pand.config import compose, to_plain
 
-    print(OmegaConf.to_yaml(compose("train", args)))
+    resolve = "--resolve" in args
+    overrides = [a for a in args if a != "--resolve"]
+    _refuse_flags("config", overrides, ("--resolve",))
+    cfg = compose("train", overrides)
+    emit(OmegaConf.to_yaml(to_plain(cfg) if resolve else cfg))
     return 0
 
 
+def _stage1_config(command: str, args: Sequence[str], *, writes_prompts: bool) -> dict[str, Any]:
+    from pand.validation import validate_coop_config
+
+    _refuse_flags(command, args)
+    config = _compose_train(args)
+    validate_coop_config(config, writes_prompts=writes_prompts)  # before the engine (torch) is imported
+    return config
+
+
+@_results_on_stdout
 def cmd_features(args: Sequence[str]) -> int:
-    from pand.config import compose, to_plain
+    config = _stage1_config("features", args, writes_prompts=False)
     from pand.engine.stage1 import run_features
 
-    cfg = to_plain(compose("coop", args))
-    for split, (embeds, _) in run_features(cfg).items():
-        print(f"{split}: {tuple(embeds.shape)} -> {cfg['features']['dir']}/{split}.safetensors")
+    stored = {}
+    for split, (embeds, _) in run_features(config).items():
+        path = f"{config['features']['dir']}/{split}.safetensors"
+        print(f"{split}: {tuple(embeds.shape)} -> {path}", file=sys.stderr)
+        stored[split] = {"shape": list(embeds.shape), "file": path}
+    emit(json.dumps(stored, indent=2))
     return 0
 
 
+@_results_on_stdout
 def cmd_prompts(args: Sequence[str]) -> int:
-    from pand.config import compose, to_plain
+    config = _stage1_config("prompts", args, writes_prompts=True)
     from pand.engine.stage1 import run_prompts
 
-    summary = run_prompts(to_plain(compose("coop", args)))
+    summary = run_prompts(config)
     print(
         f"teacher zero-shot: val {summary['zero_shot_val_acc']:.4f} test {summary['zero_shot_test_acc']:.4f}\n"
         f"teacher CoOp:      val {summary['coop_val_acc']:.4f} test {summary['coop_test_acc']:.4f} "
         f"(best epoch {summary['best_epoch']})\n"
         f"learned text features: {summary['text_features']}\n"
-        f"stage 2: pand train method=pand teacher.text_features={summary['text_features']} ..."
+        f"stage 2: pand train method=pand teacher.text_features={summary['text_features']} ...",
+        file=sys.stderr,
     )
+    emit(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -163,18 +268,38 @@ def cmd_quickstart(args: Sequence[str]) -> int:
     return main_quickstart(list(args))
 
 
+def _subcommand(command: str, args: Sequence[str], subcommands: Sequence[str], usage: str) -> None:
+    """Refuse a missing or misspelt subcommand (``pand cache biuld``) with the closest one and the usage."""
+    from pand.cli_help import close_matches, did_you_mean
+
+    if not args:
+        raise ConfigError(f"pand {command} needs a subcommand ({', '.join(subcommands)}); usage: {usage}")
+    if args[0] not in subcommands:
+        hint = did_you_mean([f"pand {command} {m}" for m in close_matches(args[0], subcommands)])
+        raise ConfigError(f"unknown subcommand {args[0]!r}{hint or ';'} usage: {usage}")
+
+
 def cmd_cache(args: Sequence[str]) -> int:
-    if not args or args[0] != "build":
-        print("usage: pand cache build cache.dir=DIR cache.views=K [overrides...]", file=sys.stderr)
-        return 2
-    from pand.config import compose, to_plain
+    _subcommand("cache", args, ("build",), "pand cache build cache.dir=DIR cache.views=K [overrides...]")
+    return _cache_build(args[1:])
+
+
+@_results_on_stdout
+def _cache_build(args: Sequence[str]) -> int:
+    from pand.validation import validate_train_settings
+
+    _refuse_flags("cache", args)
+    config = _compose_train(args)
+    validate_train_settings(config)
     from pand.engine.run import build_cache
 
-    cache = build_cache(to_plain(compose("train", args[1:])))
+    cache = build_cache(config)
     if cache is not None:
         m = cache.meta
         print(f"teacher cache complete: {cache.folder} ({m['num_samples']} images x {m['views']} views, "
-              f"{cache.describe_outputs()})")
+              f"{cache.describe_outputs()})", file=sys.stderr)
+        emit(json.dumps({"cache": str(cache.folder), "images": m["num_samples"], "views": m["views"],
+                         "outputs": cache.describe_outputs()}, indent=2))
     return 0
 
 
@@ -185,9 +310,9 @@ def cmd_bench(args: Sequence[str]) -> int:
 
 
 def cmd_teacher(args: Sequence[str]) -> int:
-    if not args or args[0] != "fit":
-        print("usage: pand teacher fit [--out PATH] [--epochs N] [--seed S]", file=sys.stderr)
-        return 2
+    from pand.cli_help import TEACHER_USAGE
+
+    _subcommand("teacher", args, ("fit",), TEACHER_USAGE)
     from pand.teachers.fit import main_fit
 
     return main_fit(list(args[1:]))
@@ -196,12 +321,14 @@ def cmd_teacher(args: Sequence[str]) -> int:
 _EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names")
 
 
+@_results_on_stdout
 def cmd_export(args: Sequence[str]) -> int:
+    from pand.cli_help import EXPORT_USAGE
+
+    opts = _key_value_options("export", args, _EXPORT_KEYS, ("ckpt_path", "format", "out"), EXPORT_USAGE)
     from pand.export import export_student
     from pand.predict import read_class_names
 
-    usage = "pand export ckpt_path=PATH format=onnx|torch_export|safetensors out=DIR [class_names=a,b,...]"
-    opts = _key_value_options("export", args, _EXPORT_KEYS, ("ckpt_path", "format", "out"), usage)
     names = read_class_names(opts.get("class_names"), None)
     result = export_student(str(opts["ckpt_path"]), str(opts["format"]), str(opts["out"]), class_names=names)
     vocab = result["student"].get("open_vocabulary")
@@ -210,10 +337,11 @@ def cmd_export(args: Sequence[str]) -> int:
         rows, dim = vocab["text_matrix_shape"]
         vocab = {**vocab, "text_matrix": f"<{rows} x {dim}, in {result['files'][-1]}>"}
         result = {**result, "student": {**result["student"], "open_vocabulary": vocab}}
-    print(json.dumps(result, indent=2))
+    emit(json.dumps(result, indent=2))
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------- logging
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a line is logged, not the stream that was current at set-up."""
 
@@ -226,9 +354,35 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _DropLightningTips(logging.Filter):
+    """Lightning's advertisements for its cloud products (``💡 Tip: ... litlogger`` / ``litmodels``); its other lines
+    (GPU / TPU available, ...) pass."""
+
+    _TIP = re.compile(r"^\s*💡 Tip:.*\b(litlogger|litmodels|LitLogger|LitModelCheckpoint)\b", re.DOTALL)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self._TIP.match(str(record.msg))
+
+
+#: The loggers through which Lightning's ``rank_zero_info`` lines go (the lightning package and the standalone ones).
+_LIGHTNING_RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning_utilities.core.rank_zero",
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
+)
+
+#: Deprecation warnings that libraries emit about their own use of torch internals; nothing a pand user can act on.
+#: Matched by the start of the message, each for its category only.
+_KNOWN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # torch >= 2.9 when Lightning flattens a batch (lightning/pytorch/utilities/_pytree.py builds LeafSpec())
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+
 def _setup_logging() -> None:
-    # Warnings from libraries once (Lightning's own INFO lines already reach the terminal through its handler);
-    # pand's INFO lines through their own handler.
+    # Warnings from libraries once, through the root handler; pand's INFO lines through their own handler.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.WARNING)
@@ -239,8 +393,20 @@ def _setup_logging() -> None:
         pand_log.addHandler(handler)
     pand_log.setLevel(logging.INFO)
     pand_log.propagate = False
+    # `import lightning` gives the "lightning" logger its own console handler ("INFO: GPU available: ..."); without
+    # this, its warnings would also propagate to the root handler and be printed twice.
+    logging.getLogger("lightning").propagate = False
+    # huggingface_hub installs its own handler too (its retry lines were printed twice when a download failed).
+    logging.getLogger("huggingface_hub").propagate = False
+    for name in _LIGHTNING_RANK_ZERO_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in log.filters):
+            log.addFilter(_DropLightningTips())
+    for message, category in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
+# ---------------------------------------------------------------------------------------------------------- main
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -259,15 +425,57 @@ COMMANDS = {
 }
 
 
+def _own_help(command: str, args: Sequence[str]) -> bool:
+    """Whether ``pand COMMAND args`` asks for help that pand prints itself (the argparse commands print their own:
+    sweep, gather, tsne, quickstart, bench, teacher fit)."""
+    from pand.cli_help import HELP
+
+    if command not in HELP:
+        return False
+    if command == "teacher":  # `pand teacher fit --help` is fit's own (argparse) help
+        return bool(args) and args[0] in _HELP_FLAGS
+    return any(a in _HELP_FLAGS for a in args)
+
+
+def _print_help(command: str | None) -> int:
+    from pand.cli_help import HELP
+
+    if command is None:
+        print(USAGE)
+    elif command in HELP:
+        sys.stdout.write(HELP[command]())
+    else:
+        return main([command, "--help"])
+    return 0
+
+
+def _unknown_command(command: str) -> int:
+    from pand.cli_help import close_matches, did_you_mean
+
+    hint = did_you_mean([f"pand {m}" for m in close_matches(command, COMMANDS)])
+    print(f"pand: error: unknown command {command!r}{hint}\n  commands: {', '.join(COMMANDS)} "
+          "(pand --help describes them)", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+    if not argv or argv[0] in _HELP_FLAGS:
+        return _print_help(None)
+    if argv[0] in ("-V", "--version"):
+        from pand import __version__
+
+        print(f"pand {__version__}")
         return 0
+    if argv[0] == "help":  # pand help [COMMAND]
+        if len(argv) > 1 and argv[1] not in COMMANDS:
+            return _unknown_command(argv[1])
+        return _print_help(argv[1] if len(argv) > 1 else None)
     command, args = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"pand: unknown command {command!r}\n{USAGE}", file=sys.stderr)
-        return 2
+        return _unknown_command(command)
+    if _own_help(command, args):
+        return _print_help(command)
     _setup_logging()
     try:
         return COMMANDS[command](args)
@@ -279,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         where = f": {err.filename}" if err.filename else ""
         return _fail(command, f"{OUTPUT_ERRNOS[err.errno]}{where} ({err.strerror or err})")
+    except SystemExit as exit_:
+        # argparse (sweep, gather, tsne, quickstart, bench, teacher fit): --help (0) or a usage error (2), already
+        # printed; returned, so that main() called from Python gets the status like every other command.
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        raise
 
 
 def _fail(command: str, message: str) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +20,213 @@ if not OmegaConf.has_resolver("csc_tag"):
     OmegaConf.register_new_resolver("csc_tag", lambda csc: "-csc" if csc else "")
 
 
+#: The keyword arguments of ``lightning.Trainer`` (Lightning 2.6), in its signature's order: ``trainer.NAME=VALUE`` sets
+#: any of them without Hydra's ``+``, and without importing Lightning to find out (tests/test_cli.py compares this
+#: tuple with ``inspect.signature(lightning.Trainer.__init__)``, so that it follows Lightning).
+TRAINER_ARGS: tuple[str, ...] = (
+    "accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
+    "limit_test_batches", "limit_predict_batches", "overfit_batches", "val_check_interval", "check_val_every_n_epoch",
+    "num_sanity_val_steps", "log_every_n_steps", "enable_checkpointing", "enable_progress_bar", "enable_model_summary",
+    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "deterministic", "benchmark",
+    "inference_mode", "use_distributed_sampler", "profiler", "detect_anomaly", "barebones", "plugins", "sync_batchnorm",
+    "reload_dataloaders_every_n_epochs", "default_root_dir", "enable_autolog_hparams", "model_registry",
+)
+
+
+def _choices(group: str, fallback: str) -> str:
+    from pand.cli_help import config_groups
+
+    options = config_groups().get(group)
+    return f"{group}={'|'.join(options)}" if options else fallback
+
+
+#: Trainer arguments that pand sets itself, each with where the setting lives instead (a function: the group options
+#: are scanned when the message is written).
+PAND_TRAINER_ARGS: dict[str, Callable[[], str]] = {
+    "logger": lambda: f"choose the loggers with {_choices('logger', 'logger=csv|tensorboard|wandb|mlflow|none')} "
+                      "(their options: logger.<name>.*)",
+    "callbacks": lambda: f"choose callbacks with {_choices('callbacks', 'callbacks=...')} (each entry of the "
+                         "callbacks section is a Lightning callback; `pand config` shows them)",
+    "plugins": lambda: "pand installs its own checkpoint writer (atomic saves); precision is "
+                       "trainer.precision=..., the distributed setting trainer.strategy=...",
+    "enable_checkpointing": lambda: "pand always writes checkpoints/last.ckpt (every epoch) and best.ckpt (on "
+                                    "val/acc1); checkpoint.every_n_steps=N also writes last.ckpt every N steps",
+    "default_root_dir": lambda: "the run folder is run_dir=PATH (default: <paths.runs_dir>/<data>-<method>-<student>-"
+                                "<time>; paths.runs_dir=DIR moves them all)",
+    "use_distributed_sampler": lambda: "pand's data module shards the data between processes itself (select DDP "
+                                       "with trainer=ddp or trainer.strategy=ddp trainer.devices=N)",
+}
+
+_SET_BY_PAND = "is set by pand, not on the command line"
+
+
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The config ``config_name`` (``train``, ``eval``) with Hydra overrides such as ``data=cub trainer.devices=4``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    """The config ``config_name`` (``train``, ``eval``) with Hydra overrides such as ``data=cub trainer.devices=4``.
+
+    ``trainer.NAME=VALUE`` works for any ``lightning.Trainer`` argument (no ``+`` needed). A misspelt key, group
+    option or group, a sweep without ``-m`` and a trainer argument that pand sets itself are refused with a
+    :class:`ConfigError` that names the closest valid choices.
+    """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    GlobalHydra.instance().clear()
+    prepared = _prepare_overrides(list(overrides))
     try:
-        with initialize_config_module(config_module="pand.configs", version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+        cfg = _hydra_compose(config_name, prepared)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"bad configuration or override: {err}") from err
+        raise ConfigError(_explain(config_name, prepared, err)) from err
+    trainer = cfg.get("trainer") if "trainer" in cfg else None
+    if isinstance(trainer, DictConfig):
+        owned = [k for k in PAND_TRAINER_ARGS if k in trainer]
+        if owned:
+            raise ConfigError(f"trainer.{owned[0]} (from a config file) {_SET_BY_PAND}: "
+                              f"{PAND_TRAINER_ARGS[owned[0]]()}")
+    return cfg
+
+
+def _hydra_compose(config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="pand.configs", version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def _parse_override(line: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides([line])[0]
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot read the override {line!r}: {err}".rstrip()) from err
+
+
+def _prepare_overrides(overrides: list[str]) -> list[str]:
+    """Refuse what Hydra would refuse obscurely (a sweep, an unknown group option, a trainer argument pand sets) and
+    turn ``trainer.NAME=VALUE`` into ``++trainer.NAME=VALUE`` for every Trainer argument (set or add)."""
+    from pand.cli_help import close_matches, config_groups, did_you_mean
+
+    groups = config_groups()
+    prepared = []
+    for line in overrides:
+        o = _parse_override(line)
+        key = o.key_or_group
+        if o.is_sweep_override():
+            raise ConfigError(f"{line} gives several values (a sweep): add -m to run one training per value "
+                              f"(pand train -m {line} ...) or use pand sweep; quote a single value that contains "
+                              "commas, e.g. 'key=\"a,b\"'")
+        if key in groups and o.package is None and not o.is_delete():
+            value = o.value()
+            if isinstance(value, str) and value not in groups[key]:
+                hint = did_you_mean([f"{key}={m}" for m in close_matches(value, groups[key])])
+                raise ConfigError(f"unknown {key} option {value!r} (in {line}){hint}\n  {key} options: "
+                                  f"{', '.join(groups[key])}")
+        if key.startswith("trainer.") and o.package is None:
+            name = key.split(".")[1]
+            if name in PAND_TRAINER_ARGS and not o.is_delete():
+                raise ConfigError(f"trainer.{name} {_SET_BY_PAND} (in {line}): {PAND_TRAINER_ARGS[name]()}")
+            if key == f"trainer.{name}" and name in TRAINER_ARGS and not o.is_delete():
+                line = "++" + line.lstrip("+")
+        prepared.append(line)
+    return prepared
+
+
+def _explain(config_name: str, overrides: list[str], err: Exception) -> str:
+    """A pand message for a failed composition: the override whose key does not exist, with the closest keys."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pand.cli_help import config_groups
+
+    hydra_text = f"bad configuration or override: {err}"
+    groups = config_groups()
+    parsed = [(line, _parse_override(line)) for line in overrides]
+    group_lines = [line for line, o in parsed if o.key_or_group in groups or "/" in o.key_or_group]
+    try:
+        base = OmegaConf.to_container(_hydra_compose(config_name, group_lines), resolve=False)
+    except (HydraException, OmegaConfBaseException):
+        return hydra_text
+    for line, o in parsed:
+        key = o.key_or_group
+        if line in group_lines or o.package is not None or key.startswith("hydra.") or o.is_force_add():
+            continue
+        found = _lookup(base, key)
+        if o.is_add() and found:
+            return (f"{key} is already in the config (in {line}): write {line.lstrip('+')} without the +, which "
+                    "only adds a key the config does not have")
+        if not o.is_add() and not found:
+            return _unknown_key(line, o, base, groups)
+    return hydra_text
+
+
+def _lookup(config: Any, key: str) -> bool:
+    node = config
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            keys.append(path)
+            keys.extend(_dotted_keys(v, path + "."))
+    return keys
+
+
+def _unknown_key(line: str, o: Any, base: dict, groups: dict[str, list[str]]) -> str:
+    from pand.cli_help import close_matches, did_you_mean
+
+    key = o.key_or_group
+    value = line.split("=", 1)[1] if "=" in line else ""
+    parent, _, name = key.rpartition(".")
+    parent_node = base
+    if parent:
+        for part in parent.split("."):
+            parent_node = parent_node.get(part) if isinstance(parent_node, dict) else None
+    what = "cannot remove" if o.is_delete() else "unknown setting"
+    if parent and isinstance(parent_node, dict) or not parent:
+        siblings = list(parent_node) if isinstance(parent_node, dict) else []
+        if not parent:
+            siblings += list(groups)
+        if parent == "trainer":
+            siblings += [a for a in TRAINER_ARGS if a not in PAND_TRAINER_ARGS]
+        matches = [f"{parent}.{m}" if parent else m for m in close_matches(name, siblings)]
+    else:
+        matches = []
+    if not matches and not isinstance(parent_node, dict):  # a misspelt section: compare whole dotted keys
+        extra = [f"trainer.{a}" for a in TRAINER_ARGS if a not in PAND_TRAINER_ARGS]
+        matches = close_matches(key, [*_dotted_keys(base), *groups, *extra], cutoff=0.75)
+
+    def spelled(k: str) -> str:
+        return f"~{k}" if o.is_delete() else f"{k}={value}"
+
+    message = f"{what} {key!r} (in {line})" + did_you_mean([spelled(m) for m in matches])
+    if o.is_delete():
+        return message if matches else message + ": it is not in the config (`pand config` prints every setting)"
+    if parent == "trainer" and not matches:
+        message += (f"\n  {name} is not an argument of lightning.Trainer; trainer.NAME takes any of them (see "
+                    "`pand train --help`)")
+    elif not matches:
+        if isinstance(parent_node, dict) and parent_node and len(parent_node) <= 30:
+            message += f"\n  {parent or 'the top level'} has: {', '.join(map(str, parent_node))}"
+        message += "\n  `pand config` prints every setting"
+    if isinstance(parent_node, dict) and parent and (not parent_node or parent.endswith("kwargs")) \
+            and not o.is_delete():
+        # A free-form mapping (e.g. student.kwargs, passed to the model's constructor) takes new keys.
+        message += f"\n  {parent} is free-form: +{line} adds {key} as a new key"
+    return message
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

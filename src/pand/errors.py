@@ -41,3 +41,21 @@ class OutputError(PandError):
 
 class TrainingDivergedError(PandError, FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the terms."""
+
+
+def closest(word: str, options) -> str | None:
+    """The option closest to a mistyped ``word``, or None if none is close."""
+    import difflib
+
+    options = [str(o) for o in options]
+    same_letters = [o for o in options if o.lower() == str(word).lower()]  # a wrong case is the likeliest typo
+    if same_letters:
+        return same_letters[0]
+    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, options) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options`` to a mistyped ``word``, or an empty string."""
+    match = closest(word, options)
+    return f" (did you mean {match!r}?)" if match else ""

@@ -1,7 +1,8 @@
 """Loss functions as plain functions on tensors.
 
-Each one is written from the formula in METHODS.md and unit-tested against an independent computation. All reduce to
-a scalar, compute in float32 whatever the autocast dtype, and average over the batch.
+Each one is written from the formula of its method's paper (the method is named in each docstring, and the formula
+restated there) and unit-tested against an independent computation. All reduce to a scalar, compute in float32
+whatever the autocast dtype, and average over the batch.
 """
 
 from __future__ import annotations

@@ -69,3 +69,39 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if _META_KEY not in meta:
         raise MismatchError(f"{path} has no pand provenance record; it was not written by pand")
     return tensors, json.loads(meta[_META_KEY])
+
+
+_VERSIONED = ("torch", "torchvision", "lightning", "open_clip_torch", "timm")
+
+
+def software_record() -> dict[str, Any]:
+    """The versions of pand and of the libraries that decide a run's numbers, and pand's git commit when pand runs
+    from a git checkout (with ``dirty`` when tracked files differ from it), for a run's summary.json."""
+    from importlib import metadata
+
+    import pand
+
+    versions: dict[str, Any] = {"pand": pand.__version__}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"versions": versions, "git": _git_commit(Path(pand.__file__).resolve().parent)}
+
+
+def _git_commit(folder: Path) -> dict[str, Any] | None:
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None  # installed from a wheel, or git is not there
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+

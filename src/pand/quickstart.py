@@ -67,7 +67,7 @@ def run_stage1(args: argparse.Namespace, seed: int, seed_dir: Path) -> dict[str,
         f"prompts.ctx_init={args.ctx_init}",
         f"prompts.out={seed_dir / 'learned_text_features.safetensors'}",
     ]
-    return run_prompts(to_plain(compose("coop", overrides)))
+    return run_prompts(to_plain(compose("train", overrides)))
 
 
 def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str, prompts: Path,
@@ -89,7 +89,7 @@ def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str
         "data.num_workers=0",
         f"data.batch_size={args.batch_size}",
         "optim.lr=1e-3",
-        "optim.scheduler=cosine",
+        "scheduler=cosine",
         f"run_dir={seed_dir / (run_name or method)}",
     ]
     if unlabelled:

@@ -173,17 +173,21 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.augment.saturation": NON_NEGATIVE,
     "data.augment.hue": number(0, 0.5),
     "data.augment.flip_p": PROBABILITY,
-    "optim.name": choice("adamw", "sgd"),
     "optim.lr": NON_NEGATIVE,
     "optim.weight_decay": NON_NEGATIVE,
     "optim.momentum": number(0, 1, high_open=True),
-    "optim.scheduler": choice("step", "multistep", "cosine", "none"),
-    "optim.milestones": Rule("ints", low=1, optional=True),
-    "optim.step_size": integer(1),
-    "optim.gamma": POSITIVE,
-    "optim.warmup_epochs": integer(0),
+    "scheduler.interval": choice("epoch", "step"),
+    "scheduler.warmup_epochs": integer(0),
+    "scheduler.milestones": Rule("ints", low=1),
+    "scheduler.step_size": integer(1),
+    "scheduler.gamma": POSITIVE,
+    "scheduler.T_max": integer(1, optional=True),
+    "scheduler.t_initial": integer(1, optional=True),
+    "scheduler.eta_min": NON_NEGATIVE,
+    "scheduler.lr_min": NON_NEGATIVE,
+    "callbacks.ema.decay": number(0, 1, low_open=True, high_open=True),
+    "callbacks.early_stopping.patience": integer(0),
     "teacher.logit_scale": number(0, low_open=True, optional=True, also=("learned",)),
-    "ema.decay": number(0, 1, low_open=True, high_open=True, optional=True),
     "mixing.mixup_alpha": NON_NEGATIVE,
     "mixing.cutmix_alpha": NON_NEGATIVE,
     "mixing.prob": PROBABILITY,
@@ -198,6 +202,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "checkpoint.allow_older": BOOL,
 }
 
+# `pand features` / `pand prompts` (PAND stage 1): the `features` and `prompts` sections of the train config.
 COOP_RULES: dict[str, Rule] = {
     "seed": integer(0),
     "features.batch_size": integer(1),
@@ -213,6 +218,7 @@ COOP_RULES: dict[str, Rule] = {
     "prompts.weight_decay": NON_NEGATIVE,
     "prompts.warmup_epochs": integer(0),
     "prompts.warmup_lr": NON_NEGATIVE,
+    "prompts.logit_scale": number(0, low_open=True, optional=True, also=("learned",)),
     "data.val_fraction": number(0, 1, high_open=True),
     "data.samples_per_class": integer(1, optional=True),
     "data.image_size": integer(1),
@@ -315,11 +321,59 @@ def _unlabelled_errors(config: Mapping[str, Any], cls: Any) -> list[str]:
     return errors
 
 
+# Trainer arguments pand sets itself, and where each is configured instead.
+PAND_TRAINER_KEYS = {
+    "logger": "the logger group: logger=csv|tensorboard|wandb|mlflow|none",
+    "callbacks": "the callbacks group: callbacks=default|ema|early_stopping|rich_summary|none",
+    "enable_checkpointing": "pand's checkpointing (always on; see the checkpoint section)",
+    "plugins": "pand (its atomic checkpoint writer)",
+    "default_root_dir": "run_dir=...",
+    "use_distributed_sampler": "pand's samplers (they shard the data across processes themselves)",
+}
+
+
+def _engine_setting_errors(config: Mapping[str, Any]) -> list[str]:
+    """Trainer keys pand owns, optional loggers whose package is missing, a warm-up as long as the run."""
+    import importlib.util
+
+    errors = [f"trainer.{key} is set by pand; use {where}" for key, where in PAND_TRAINER_KEYS.items()
+              if (config.get("trainer") or {}).get(key) is not None]
+    for name, spec in (config.get("logger") or {}).items():
+        target = str((spec or {}).get("_target_") if isinstance(spec, Mapping) else "")
+        for cls, (modules, extra) in _LOGGER_PACKAGES.items():
+            if target.endswith("." + cls) and not any(importlib.util.find_spec(m) for m in modules):
+                errors.append(f"logger {name} ({cls}) needs the {modules[0]} package: pip install 'pand[{extra}]'")
+    warmup, epochs = lookup(config, "scheduler.warmup_epochs"), lookup(config, "trainer.max_epochs")
+    if isinstance(warmup, int) and isinstance(epochs, int) and 0 < epochs <= warmup:
+        errors.append(f"scheduler.warmup_epochs={warmup} is not below trainer.max_epochs={epochs}: training would "
+                      "end inside the warm-up")
+    return errors
+
+
+# The Python package each optional logger needs, and the pand extra that installs it.
+_LOGGER_PACKAGES = {
+    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "WandbLogger": (("wandb",), "wandb"),
+    "MLFlowLogger": (("mlflow",), "mlflow"),
+}
+
+
+def _settings_errors(config: Mapping[str, Any]) -> list[str]:
+    """The checks that need no model code (plain values and their ranges); see :func:`validate_train_settings`."""
+    return check_rules(config, TRAIN_RULES) + _data_errors(config) + _engine_setting_errors(config)
+
+
+def validate_train_settings(config: Mapping[str, Any]) -> None:
+    """The part of :func:`validate_train_config` that imports nothing heavy (no torch, no Lightning), so that the
+    command line refuses a value out of range in a fraction of a second, before it loads the engine."""
+    _raise(_settings_errors(config), "training")
+
+
 def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = False) -> None:
     """Refuse a training (or ``pand cache build``) config with any invalid, inconsistent or ignored setting."""
     from pand.distillers import get_distiller_class
 
-    errors = check_rules(config, TRAIN_RULES) + _data_errors(config)
+    errors = _settings_errors(config)
     cache = config.get("cache") or {}
     if cache.get("dir") and cache.get("views") == 0:
         errors.append("cache.views=0 with cache.dir set: a teacher cache needs at least 1 view (cache.views >= 1), "
@@ -336,11 +390,10 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
     if isinstance(devices, bool) or (isinstance(devices, int) and devices < 1 and devices != -1):
         errors.append(f"trainer.devices={_show(devices)} is not allowed: expected a count >= 1, -1 (all), 'auto' "
                       "or a list of device ids")
-    warmup, epochs = lookup(config, "optim.warmup_epochs"), trainer.get("max_epochs")
-    if isinstance(warmup, int) and isinstance(epochs, int) and 0 < epochs <= warmup:
-        errors.append(f"optim.warmup_epochs={warmup} is not below trainer.max_epochs={epochs}: training would end "
-                      "inside the warm-up")
     if not for_cache_build:
+        from pand.engine.builders import target_errors
+
+        errors += target_errors(config)
         method = config.get("method") or {}
         cls = get_distiller_class(method.get("name"))
         from pand.distillers.registry import method_options
@@ -371,6 +424,10 @@ def validate_coop_config(config: Mapping[str, Any], *, writes_prompts: bool) -> 
     splits = lookup(config, "features.splits")
     if splits is not _MISSING and (not splits or any(s not in ("train", "val", "test") for s in splits)):
         errors.append(f"features.splits={_show(splits)} is not allowed: expected a non-empty list of train, val, test")
+    device = lookup(config, "features.device")
+    if device not in (_MISSING, None) and not (isinstance(device, str) and (
+            device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()))):
+        errors.append(f"features.device={_show(device)} is not allowed: expected auto, cpu, cuda, cuda:N or mps")
     _raise(errors, "stage-1")
     check_writable(config["features"]["dir"], "the features folder (features.dir)")
     if writes_prompts:

@@ -168,3 +168,33 @@ def test_zip_member_escaping_root_is_rejected(tmp_path):
     with pytest.raises(PandError, match="outside"):
         download_and_extract(archive.as_uri(), tmp_path / "root", None)
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_download_shows_a_progress_bar(tmp_path, capsys):
+    f = tmp_path / "payload.bin"
+    f.write_bytes(b"x" * 300_000)
+    download_file(f.as_uri(), tmp_path / "out" / "payload.bin", md5sum(f))
+    err = capsys.readouterr().err
+    assert "payload.bin" in err and "100%" in err  # tqdm's bar, named after the file, run to the end
+
+
+def test_interrupted_download_leaves_no_file_under_the_real_name(tmp_path, monkeypatch):
+    import urllib.request
+
+    from pand.data import download
+
+    class Dropping(io.BytesIO):
+        headers = {"Content-Length": "10000"}
+        reads = 0
+
+        def read(self, n=-1):
+            self.reads += 1
+            if self.reads > 1:
+                raise ConnectionResetError("connection reset by peer")
+            return b"y" * 1000
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Dropping())
+    dest = tmp_path / "out" / "big.tgz"
+    with pytest.raises(PandError, match="connection reset"):
+        download.download_file("https://example.invalid/big.tgz", dest, None)
+    assert not dest.exists() and not list(dest.parent.glob("*"))

@@ -126,7 +126,9 @@ def _resume(cub_root, run, *extra):
 @pytest.mark.parametrize(
     ("override", "field"),
     [
-        ("optim=sgd", "optim.name: checkpoint 'adamw', this run 'sgd'"),
+        ("optim=sgd", "optim._target_: checkpoint 'torch.optim.AdamW', this run 'torch.optim.SGD'"),
+        ("scheduler=cosine", "scheduler._target_"),
+        ("callbacks=ema", "callbacks.ema"),
         ("method.temperature=4.0", "method.temperature: checkpoint 2.0, this run 4.0"),
         ("student=mobilenet_v2", "student.name: checkpoint 'resnet18', this run 'mobilenet_v2'"),
         ("teacher=fmnist_clip", "teacher.model"),
@@ -303,22 +305,22 @@ def test_a_checkpoint_without_a_record_resumes_on_its_settings_alone(finished_ru
 
 def test_an_ema_run_keeps_the_average_in_its_checkpoints_and_resumes_exactly(cub_root, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    ema = ("ema.decay=0.5", "trainer.max_epochs=3")
+    ema = ("callbacks=ema", "callbacks.ema.decay=0.5", "trainer.max_epochs=3")
     assert main(_ce(cub_root, straight, *ema)) == 0
     ckpt = read_checkpoint(straight / "checkpoints" / "last.ckpt")
     # the average is the checkpoint's model (what eval and teacher.ckpt read); the raw weights ride along to resume
     raw = ckpt["current_model_state"]
     averaged = ckpt["state_dict"]
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw if k.startswith("distiller.student."))
-    assert main(_ce(cub_root, split, "ema.decay=0.5", "trainer.max_epochs=2")) == 0
-    assert main(_ce(cub_root, split, "ema.decay=0.5", "trainer.max_epochs=3",
+    assert main(_ce(cub_root, split, "callbacks=ema", "callbacks.ema.decay=0.5", "trainer.max_epochs=2")) == 0
+    assert main(_ce(cub_root, split, "callbacks=ema", "callbacks.ema.decay=0.5", "trainer.max_epochs=3",
                     f"ckpt_path={split / 'checkpoints' / 'last.ckpt'}")) == 0
     _same_weights(straight / "checkpoints" / "last.ckpt", split / "checkpoints" / "last.ckpt")
 
 
 def test_best_checkpoint_holds_weights_and_record_only_and_the_ema_average(cub_root, tmp_path):
     run = tmp_path / "run"
-    assert main(_ce(cub_root, run, "ema.decay=0.5", "trainer.max_epochs=1")) == 0
+    assert main(_ce(cub_root, run, "callbacks=ema", "callbacks.ema.decay=0.5", "trainer.max_epochs=1")) == 0
     best, last = read_checkpoint(run / "checkpoints" / "best.ckpt"), read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert "optimizer_states" in last and "current_model_state" in last
     for key in ("optimizer_states", "lr_schedulers", "callbacks", "current_model_state", "averaging_state"):

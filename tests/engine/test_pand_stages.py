@@ -1,4 +1,5 @@
-"""PAND's two stages end to end through the command line, on a fixture dataset with a tiny teacher."""
+"""PAND's two stages end to end on a fixture dataset with a tiny teacher: stage 1 (features, prompts) reads the
+composed ``train`` config, the same config and overrides stage 2 trains with."""
 
 import csv
 import json
@@ -8,9 +9,14 @@ import torch
 
 import pand.features
 from pand.cli import main
+from pand.config import compose, to_plain
+from pand.engine.stage1 import run_features, run_prompts
+from pand.errors import ConfigError, PandError
 from pand.prompts.store import read_record, save_text_features
 from pand.provenance import load_tensors
 from tests.engine.conftest import tiny_overrides
+
+CLASSES = ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
 
 
 def stage1_overrides(data_root, runs_dir, *extra):
@@ -20,14 +26,30 @@ def stage1_overrides(data_root, runs_dir, *extra):
     ]
 
 
+def stage1_config(data_root, runs_dir, *extra):
+    return to_plain(compose("train", stage1_overrides(data_root, runs_dir, *extra)))
+
+
+def test_stage1_settings_live_in_the_train_config(tmp_path):
+    config = to_plain(compose("train", [f"paths.runs_dir={tmp_path}"]))
+    assert "device" not in config  # stage 1's device is features.device now
+    assert config["features"]["device"] == "auto" and config["features"]["splits"] == ["train", "val", "test"]
+    assert config["features"]["dir"] == f"{tmp_path}/features/cub-convnext_xxlarge"
+    assert config["prompts"]["out"] == (f"{tmp_path}/features/cub-convnext_xxlarge/"
+                                        "learned_text_features-nctx16-end.safetensors")
+    assert config["prompts"]["logit_scale"] is None and config["teacher"]["text_features"] is None
+
+
 def test_features_are_stored_with_provenance_reused_and_refused_when_foreign(cub_root, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     assert main(["features", *stage1_overrides(cub_root, runs)]) == 0
+    out = run_features(stage1_config(cub_root, runs))  # reused
     fdir = runs / "features" / "cub-pand-tiny-vit"
+    assert set(out) == {"train", "val", "test"}
     tensors, record = load_tensors(fdir / "train.safetensors")
     assert tensors["embeds"].shape == (15, 32) and tensors["labels"].shape == (15,)
     assert record["teacher"]["model"] == "pand-tiny-vit" and record["split"] == "train"
-    assert record["classes"] == ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
+    assert record["classes"] == CLASSES
     torch.testing.assert_close(tensors["embeds"].norm(dim=1), torch.ones(15))
 
     def no_extraction(*args, **kwargs):
@@ -36,26 +58,97 @@ def test_features_are_stored_with_provenance_reused_and_refused_when_foreign(cub
     monkeypatch.setattr(pand.features, "extract_features", no_extraction)
     assert main(["features", *stage1_overrides(cub_root, runs)]) == 0  # reused, not recomputed
 
+    with pytest.raises(PandError) as refused:
+        run_features(stage1_config(cub_root, runs, "teacher.pretrained=random:1"))
+    assert "refused" in str(refused.value) and "teacher" in str(refused.value)
+    assert "features.rebuild=true" in str(refused.value)
     capsys.readouterr()
     assert main(["features", *stage1_overrides(cub_root, runs, "teacher.pretrained=random:1")]) == 2
     err = capsys.readouterr().err
     assert "refused" in err and "teacher" in err and "features.rebuild=true" in err
     monkeypatch.undo()
-    assert main(["features", *stage1_overrides(cub_root, runs, "teacher.pretrained=random:1", "features.rebuild=true")]) == 0
+    run_features(stage1_config(cub_root, runs, "teacher.pretrained=random:1", "features.rebuild=true"))
     assert load_tensors(fdir / "train.safetensors")[1]["teacher"]["pretrained"] == "random:1"
 
 
-def test_prompts_then_stage2_round_trip(cub_root, tmp_path, capsys):
+def test_features_device_is_where_stage1_runs(cub_root, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_teacher(config, device=None, classes=None):
+        seen["device"] = device
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("pand.engine.stage1.load_teacher_from", fake_teacher)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_features(stage1_config(cub_root, tmp_path / "runs", "features.device=cpu"))
+    assert seen["device"] == "cpu"
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_prompts(stage1_config(cub_root, tmp_path / "runs"))
+    assert seen["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # auto
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("features.device=tpu", "features.device='tpu' is not allowed"),
+        ("prompts.logit_scale=0", "prompts.logit_scale=0 is not allowed"),
+        ("prompts.logit_scale=fixed", "prompts.logit_scale='fixed' is not allowed"),
+    ],
+)
+def test_new_stage1_keys_are_validated_before_the_teacher_loads(cub_root, tmp_path, monkeypatch, override, message):
+    monkeypatch.setattr("pand.engine.stage1.load_teacher_from",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher loaded")))
+    with pytest.raises(ConfigError, match=message):
+        run_prompts(stage1_config(cub_root, tmp_path / "runs", override))
+
+
+@pytest.mark.parametrize("option", [None, "learned", 7.5])
+def test_coop_logit_scale_option(cub_root, tmp_path, tiny_teacher, option):
+    # null: the configured teacher.logit_scale (20 here); learned: the model's own logit_scale.exp() (1/0.07 at init)
+    extra = [] if option is None else [f"prompts.logit_scale={option}"]
+    summary = run_prompts(stage1_config(cub_root, tmp_path / "runs", "prompts.epochs=1", "teacher.logit_scale=20",
+                                        *extra))
+    expected = {None: 20.0, "learned": float(tiny_teacher.model.logit_scale.exp()), 7.5: 7.5}
+    assert summary["logit_scale"] == pytest.approx(expected[option])
+    assert read_record(summary["text_features"])["logit_scale"] == pytest.approx(expected[option])
+
+
+def test_pand_experiment_runs_both_stages_without_a_path(cub_root, tmp_path, capsys):
+    """`pand prompts experiment=pand/...` then `pand train experiment=pand/...`: stage 2 reads ${prompts.out}."""
     runs = tmp_path / "runs"
-    assert main(["prompts", *stage1_overrides(cub_root, runs)]) == 0
-    out = capsys.readouterr().out
-    assert "teacher zero-shot" in out and "teacher CoOp" in out
+    overrides = tiny_overrides(
+        cub_root, tmp_path / "stage2", "experiment=pand/cub_resnet18", f"paths.runs_dir={runs}",
+        # one CPU process instead of the recipe's 4 GPUs
+        "trainer.devices=1", "trainer.sync_batchnorm=false",
+        "features.num_workers=0", "prompts.epochs=3", "prompts.n_ctx=4",
+    )
+    assert main(["prompts", *overrides]) == 0
+    streams = capsys.readouterr()
+    assert "teacher zero-shot" in streams.err and "teacher CoOp" in streams.err
+    assert json.loads(streams.out)["text_features"] == str(runs / "features" / "cub-pand-tiny-vit" /
+                                                           "learned_text_features-nctx4-end.safetensors")
     learned = runs / "features" / "cub-pand-tiny-vit" / "learned_text_features-nctx4-end.safetensors"
+    assert to_plain(compose("train", overrides))["teacher"]["text_features"] == str(learned)
     record = read_record(learned)
-    assert record["n_ctx"] == 4 and len(record["classes"]) == 3
+    assert record["n_ctx"] == 4 and record["classes"] == CLASSES
+    assert record["templates"] == ["a photo of {}, a type of bird"]  # the authors' CUB prompt, from the experiment
     assert 0 <= record["coop_val_acc"] <= 1 and 0 <= record["zero_shot_test_acc"] <= 1
     report = json.loads(learned.with_suffix(".json").read_text())
-    assert {"zero_shot_val_acc", "coop_val_acc", "zero_shot_test_acc", "coop_test_acc"} <= set(report)
+    assert {"zero_shot_val_acc", "coop_val_acc", "zero_shot_test_acc", "coop_test_acc", "logit_scale"} <= set(report)
+
+    run = tmp_path / "stage2"
+    assert main(["train", *overrides]) == 0  # no teacher.text_features on the command line
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert any(r.get("train/nlrd") for r in rows)
+    assert json.loads((run / "summary.json").read_text())["method"] == "pand"
+
+
+def test_prompts_then_stage2_round_trip(cub_root, tmp_path):
+    runs = tmp_path / "runs"
+    summary = run_prompts(stage1_config(cub_root, runs))
+    learned = runs / "features" / "cub-pand-tiny-vit" / "learned_text_features-nctx4-end.safetensors"
+    assert summary["text_features"] == str(learned)
+    assert read_record(learned)["n_ctx"] == 4
 
     run = tmp_path / "stage2"
     assert main(["train", *tiny_overrides(cub_root, run, "method=pand", f"teacher.text_features={learned}")]) == 0
@@ -66,7 +159,7 @@ def test_prompts_then_stage2_round_trip(cub_root, tmp_path, capsys):
 
 @pytest.mark.parametrize("mismatch", ["classes", "teacher"])
 def test_mismatched_text_feature_file_is_refused(cub_root, tmp_path, capsys, mismatch):
-    classes = ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
+    classes = list(CLASSES)
     from pand.teachers import load_clip_teacher
 
     identity = load_clip_teacher("pand-tiny-vit", "random").identity

@@ -112,3 +112,96 @@ def test_live_source_gives_the_teachers_embeddings(tiny_teacher):
     torch.testing.assert_close(out["image_embeds"], tiny_teacher.encode_images(x))
     with pytest.raises(ConfigError, match="cannot provide"):
         source({"image": x}, {"text_logits_of_another_kind"})
+
+
+def _independent_class_embeddings(teacher, names, templates):
+    """Every prompt encoded on its own, normalised, averaged over templates, re-normalised: no library code."""
+    rows = []
+    for name in names:
+        per_template = []
+        for t in templates:
+            with torch.no_grad():
+                e = teacher.model.encode_text(teacher.tokenizer([t.format(name)])).float()[0]
+            per_template.append(e / e.norm())
+        mean = torch.stack(per_template).mean(0)
+        rows.append(mean / mean.norm())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("templates", [["a photo of a {}."],
+                                       ["a photo of a {}.", "a drawing of a {}.", "{}, a kind of thing."]])
+def test_class_embeddings_match_an_independent_computation(tiny_teacher, monkeypatch, templates):
+    import pand.teachers.clip as clip_module
+
+    names = [f"class {i}" for i in range(7)]
+    expected = _independent_class_embeddings(tiny_teacher, names, templates)
+    got = tiny_teacher.class_embeddings(names, templates)
+    assert got.shape == (7, 32) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # several text-tower batches (2 classes of 3 templates per forward) give the same C x D matrix
+    monkeypatch.setattr(clip_module, "_TEXTS_PER_FORWARD", 2 * len(templates))
+    torch.testing.assert_close(tiny_teacher.class_embeddings(names, templates), expected, atol=1e-6, rtol=0)
+
+
+def test_class_embeddings_need_class_names(tiny_teacher):
+    with pytest.raises(ConfigError, match="class name"):
+        tiny_teacher.class_embeddings([], ["a photo of a {}."])
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache under tmp_path, and no network at all: any connection attempt fails the test."""
+    import socket
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # huggingface_hub read the variables at import
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return cache
+
+
+def test_offline_uncached_tag_fails_at_once_without_network(empty_hub_cache, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as e:
+        load_clip_teacher("ViT-B-32", "laion2b_s34b_b79k")
+    assert time.monotonic() - start < 10
+    msg = str(e.value)
+    assert "ViT-B-32" in msg and "laion2b_s34b_b79k" in msg and str(empty_hub_cache) in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "teacher.pretrained=/path/to/" in msg
+
+
+def test_network_failure_suggests_offline_mode(empty_hub_cache, monkeypatch):
+    import open_clip.pretrained
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):  # what huggingface_hub raises after its retries when DNS fails
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as err:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from err
+
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", unreachable)
+    with pytest.raises(WeightsUnavailableError) as e:
+        load_clip_teacher("ViT-B-32", "laion2b_s34b_b79k")
+    msg = str(e.value)
+    assert "ViT-B-32" in msg and "laion2b_s34b_b79k" in msg and "Name or service not known" in msg
+    assert "set HF_HUB_OFFLINE=1" in msg and "teacher.pretrained=/path/to/" in msg

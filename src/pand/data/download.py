@@ -1,9 +1,20 @@
 """Checked, atomic downloads and safe archive extraction, shared by every dataset.
 
-``download_file`` streams a URL (``urllib``; ``file://`` works, which the tests use) to ``dest + ".part"``, checks the
-md5 and renames the file into place, so an interrupted download never leaves a file that looks complete.
-``download_and_extract`` does that and then unpacks ``.tar``, ``.tgz``, ``.tar.gz`` (and other compressed tars),
-``.zip`` or a single ``.gz`` under ``root``, refusing members that would land outside ``root``.
+``download_file`` streams a URL (``urllib``; ``file://`` works, which the tests use) to ``dest + ".part"`` with a
+progress bar on stderr (tqdm, as torchvision shows), checks the md5 and renames the file into place, so an interrupted
+download never leaves a file that looks complete. ``download_and_extract`` does that and then unpacks ``.tar``,
+``.tgz``, ``.tar.gz`` (and other compressed tars), ``.zip`` or a single ``.gz`` under ``root``, refusing members that
+would land outside ``root``. The md5 is torchvision's ``calculate_md5``.
+
+Why not torchvision's ``download_url`` / ``download_and_extract_archive`` (torchvision 0.29), which pand's datasets
+take their URLs and checksums from: they write straight to the final path, so an interrupted download leaves a
+truncated file under the real name (for a source without md5, such as FGVC-Aircraft's, it is then taken as complete);
+they open the URL without a timeout (a stalled connection hangs the run); after a failed https download they retry
+over plain http; a checksum mismatch is reported as "File not found or corrupted." with neither checksum, and the bad
+file is left in place; and their extraction (``tarfile.extractall`` without a filter, ``ZipFile.extractall``) does not
+refuse members or links that leave the target folder. Downloading into a temporary folder and renaming would fix
+only the first. So pand keeps its writer and extraction, and takes from the libraries what they add: the progress
+bar (tqdm, which torchvision uses too) and the md5 helper.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import sys
 import tarfile
 import urllib.error
 import urllib.parse
@@ -29,11 +41,20 @@ _TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".tx
 
 
 def md5sum(path: str | os.PathLike) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The md5 of a file, as torchvision computes it for its datasets (``calculate_md5``)."""
+    from torchvision.datasets.utils import calculate_md5
+
+    return calculate_md5(path, chunk_size=CHUNK)
+
+
+def _progress(response, dest: Path):
+    """A tqdm progress bar on stderr for ``response``, in bytes (the total from Content-Length when it is sent)."""
+    from tqdm.auto import tqdm
+
+    length = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
+    total = int(length) if length and str(length).isdigit() else None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, file=sys.stderr,
+                dynamic_ncols=True)
 
 
 def _offline_hint(url: str, dest: Path, layout: str | None) -> str:
@@ -57,12 +78,14 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None, *, layout:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    h = hashlib.md5()
+    h = hashlib.md5(usedforsecurity=False)  # a checksum, not security: works on FIPS machines, as torchvision
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(part, "wb") as f:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(part, "wb") as f, \
+                _progress(response, dest) as bar:
             for chunk in iter(lambda: response.read(CHUNK), b""):
                 f.write(chunk)
                 h.update(chunk)
+                bar.update(len(chunk))
     except (OSError, http.client.HTTPException, ValueError) as e:
         part.unlink(missing_ok=True)
         reason = e.reason if isinstance(e, urllib.error.URLError) else e

@@ -15,7 +15,8 @@ Therefore:
   ``(seed, epoch, index)`` so that a view can be re-drawn without replaying the
   whole data stream.
 
-The recipe follows VL2Lite's training defaults (see ``METHODS.md``)::
+The recipe follows the training defaults of VL2Lite (Jang, Ma and Lee, "VL2Lite: Task-Specific Knowledge
+Distillation from Large Vision-Language Models to Lightweight Networks", CVPR 2025), parameterised::
 
     Resize(short side -> resize_size) -> RandomCrop(image_size)
     -> random square crop of side s in [min_crop_frac*image_size, image_size],
@@ -25,6 +26,10 @@ The recipe follows VL2Lite's training defaults (see ``METHODS.md``)::
     -> ColorJitter(brightness, contrast, saturation, hue; random op order)
     -> horizontal flip with probability flip_p
     -> float in [0, 1] -> Normalize(mean, std)
+
+Why not torchvision's random transforms: they draw from the global generator and keep no record of what they drew,
+so a view could not be rebuilt from stored values. The operations themselves are torchvision's functional ones
+(``torchvision.transforms.v2.functional``); only the drawing of their parameters is pand's.
 
 Implementation: PIL -> uint8 tensor once; the resize / crop steps run on uint8
 (fast antialiased kernel); everything after the crops runs on float32 in

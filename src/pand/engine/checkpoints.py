@@ -256,7 +256,11 @@ _IGNORED_ON_RESUME = {
     "student": {"pretrained", "weights"},
     "method": set(),
     "optim": set(),
+    "scheduler": set(),
 }
+# Sections of which only some entries define the training: of the callbacks, the weight average (the rest log or
+# stop early, which a resume may change).
+_COMPARED_ON_RESUME = {"callbacks": {"ema"}}
 
 
 def _flatten(obj: Any, prefix: str) -> dict[str, Any]:
@@ -273,9 +277,11 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
     diffs = []
     if stored.get("seed") != current.get("seed"):
         diffs.append(f"seed: checkpoint {stored.get('seed')!r}, this run {current.get('seed')!r}")
-    for group, ignored in _IGNORED_ON_RESUME.items():
-        a = {k: v for k, v in (stored.get(group) or {}).items() if k not in ignored}
-        b = {k: v for k, v in (current.get(group) or {}).items() if k not in ignored}
+    sections = [(group, lambda k, ignored=ignored: k not in ignored) for group, ignored in _IGNORED_ON_RESUME.items()]
+    sections += [(group, lambda k, kept=kept: k in kept) for group, kept in _COMPARED_ON_RESUME.items()]
+    for group, compared in sections:
+        a = {k: v for k, v in (stored.get(group) or {}).items() if compared(k)}
+        b = {k: v for k, v in (current.get(group) or {}).items() if compared(k)}
         fa, fb = _flatten(a, group), _flatten(b, group)
         for key in sorted(set(fa) | set(fb)):
             if fa.get(key, "<unset>") != fb.get(key, "<unset>"):

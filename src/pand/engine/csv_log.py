@@ -19,9 +19,9 @@ from pand.io import atomic_write_text
 
 
 class CsvMetricsLogger(Logger):
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
+    def __init__(self, save_dir: str | Path, resume_step: int | None = None) -> None:
         super().__init__()
-        self.path = Path(run_dir) / "metrics.csv"
+        self.path = Path(save_dir) / "metrics.csv"
         self._rows: list[dict[str, Any]] = []
         if resume_step is not None and self.path.is_file():
             with self.path.open(newline="") as f:

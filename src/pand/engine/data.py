@@ -95,6 +95,10 @@ class EvalItems(Dataset):
 class EpochSampler(Sampler):
     """Shuffles per epoch (seeded), shards across ranks, and yields ``(index, epoch)`` keys.
 
+    Not torch's ``DistributedSampler``: the dataset needs the epoch with each index (it draws the view of that epoch,
+    the one the teacher cache stored), and a mid-epoch resume must skip what was already trained on, which torch's
+    sampler cannot do.
+
     :meth:`resume_at` makes the next pass over a given epoch skip the items already trained on, so a run resumed from a
     mid-epoch checkpoint sees exactly the rest of that epoch.
     """

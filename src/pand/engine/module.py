@@ -7,7 +7,6 @@ so the teacher never runs outside training steps.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +34,7 @@ class DistillationModule(L.LightningModule):
         teacher_source: torch.nn.Module | None = None,
         *,
         optim: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
         config: Mapping[str, Any] | None = None,
         mixer: BatchMixer | None = None,
     ) -> None:
@@ -42,7 +42,9 @@ class DistillationModule(L.LightningModule):
         self.distiller = distiller
         self.mixer = mixer
         self._teacher_holder = TeacherRef(teacher_source)
-        self.optim_cfg = dict(optim or {})
+        # Without a config (evaluation), AdamW at a constant rate: configure_optimizers is never called then.
+        self.optim_cfg = dict(optim or {"_target_": "torch.optim.AdamW", "lr": 1e-4})
+        self.scheduler_cfg = dict(scheduler or {"_target_": None})
         self.seed = int((config or {}).get("seed", 0))
         if config is not None:
             self.save_hyperparameters({"config": dict(config)})
@@ -122,46 +124,20 @@ class DistillationModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
+        from pand.engine.builders import build_optimizer, build_scheduler
+
         params = [p for p in self.distiller.parameters() if p.requires_grad]
-        name = cfg.get("name", "adamw")
-        lr, wd = float(cfg.get("lr", 1e-4)), float(cfg.get("weight_decay", 0.0))
-        if name == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-        elif name == "sgd":
-            optimizer = torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.9)))
-        else:
-            raise ConfigError(f"optim.name must be adamw or sgd, got {name!r}")
-        schedule = cfg.get("scheduler", "none")
+        optimizer = build_optimizer(self.optim_cfg, params)
         max_epochs = max(1, int(self.trainer.max_epochs or 1))
-        warmup = int(cfg.get("warmup_epochs", 0))
-        if schedule == "step":
-            step_size, gamma = int(cfg.get("step_size", 30)), float(cfg.get("gamma", 0.5))
+        interval = self.scheduler_cfg.get("interval", "epoch")
+        total_steps = int(self.trainer.estimated_stepping_batches) if interval == "step" else max_epochs
+        scheduler = build_scheduler(self.scheduler_cfg, optimizer, max_epochs=max_epochs, total_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-            def factor(epoch: int) -> float:
-                return gamma ** (epoch // step_size)
-        elif schedule == "multistep":
-            milestones = sorted(int(m) for m in cfg.get("milestones") or [])
-            gamma = float(cfg.get("gamma", 0.1))
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        from pand.engine.builders import step_timm_scheduler
 
-            def factor(epoch: int) -> float:
-                return gamma ** sum(epoch >= m for m in milestones)
-        elif schedule == "cosine":
-
-            def factor(epoch: int) -> float:
-                span = max(1, max_epochs - warmup)
-                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (epoch - warmup) / span)))
-        elif schedule == "none":
-
-            def factor(epoch: int) -> float:
-                return 1.0
-        else:
-            raise ConfigError(f"optim.scheduler must be step, multistep, cosine or none, got {schedule!r}")
-
-        def with_warmup(epoch: int) -> float:
-            if epoch < warmup:
-                return (epoch + 1) / (warmup + 1)
-            return factor(epoch)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, with_warmup)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        # Lightning steps torch's schedulers itself; timm's take the epoch (or update count) they are at.
+        interval = self.scheduler_cfg.get("interval", "epoch")
+        if not step_timm_scheduler(scheduler, interval, self.current_epoch + 1, self.global_step):
+            super().lr_scheduler_step(scheduler, metric)

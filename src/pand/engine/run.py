@@ -28,13 +28,15 @@ from pand.engine.checkpoints import (
     check_resume_record,
     run_record,
 )
-from pand.engine.csv_log import CsvMetricsLogger
+from pand.engine.builders import build_callbacks, build_loggers
+from pand.engine.callbacks import ParameterSummary
 from pand.engine.data import UNLABELLED_SPLIT, PandDataModule
 from pand.engine.mixing import BatchMixer
 from pand.engine.module import DistillationModule
 from pand.engine.teacher_side import build_cache, build_teacher_side, label_val_with_teacher  # noqa: F401 - build_cache: `pand cache build`
 from pand.errors import ConfigError, MismatchError, OutputError
 from pand.io import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text
+from pand.provenance import software_record
 from pand.students import build_student
 from pand.validation import validate_eval_options, validate_train_config
 
@@ -83,7 +85,8 @@ def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, Distillat
     student = build_student_from(config, len(classes))
     distiller = build_distiller(config["method"], student, len(classes), context)
     mixer = BatchMixer.from_config(config.get("mixing"), len(classes), seed=int(config["seed"]))
-    module = DistillationModule(distiller, source, optim=config["optim"], config=config, mixer=mixer)
+    module = DistillationModule(distiller, source, optim=config["optim"], scheduler=config.get("scheduler"),
+                                config=config, mixer=mixer)
     return data, module
 
 
@@ -94,18 +97,12 @@ def build_trainer(
     checkpoints = RunCheckpoints(
         run_dir / "checkpoints", record, every_n_steps=int((config.get("checkpoint") or {}).get("every_n_steps") or 0)
     )
-    callbacks: list[L.Callback] = [checkpoints]
-    decay = (config.get("ema") or {}).get("decay")
-    if decay:
-        # An exponential moving average of the trainable weights (the ViT / MLP student recipes): validation, the
-        # checkpoints' weights and the final model are the average; last.ckpt also keeps the raw weights to resume.
-        from lightning.pytorch.callbacks import WeightAveraging
-        from torch.optim.swa_utils import get_ema_multi_avg_fn
-
-        callbacks.insert(0, WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True))
+    loggers = build_loggers(config.get("logger"), run_dir, resume_step)
+    # pand's checkpointing runs last, after any callback that changes the weights it saves (the EMA's average).
+    callbacks = [*build_callbacks(config.get("callbacks"), has_logger=bool(loggers)), ParameterSummary(), checkpoints]
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
-        logger=CsvMetricsLogger(run_dir, resume_step),
+        logger=loggers or False,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=False,  # RunCheckpoints writes them; Lightning's default would add epoch=*.ckpt files
@@ -121,6 +118,8 @@ def train(config: Mapping[str, Any]) -> dict[str, Any]:
     validate_train_config(config)
     L.seed_everything(int(config["seed"]), workers=True, verbose=False)
     run_dir = resolve_run_dir(config).resolve()
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        log.info("run folder: %s", run_dir)
     os.environ[_RUN_DIR_ENV] = str(run_dir)
     try:
         return _train(config, run_dir)
@@ -147,6 +146,7 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    software = software_record()
     start = time.time()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = time.time() - start
@@ -165,6 +165,7 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "test_acc1": None,
         "labelled_images": len(data.splits["train"]),
         "unlabelled_images": len(data.splits.get(UNLABELLED_SPLIT, ())),
+        **software,
     }
     if data.label_free:
         summary["val_labels"] = "teacher"  # val_acc1 is the student's agreement with the teacher's top-1

@@ -4,6 +4,9 @@ Teacher image embeddings of each split are extracted once and stored (:mod:`pand
 are then trained on the stored training embeddings, selected on the val embeddings, and the resulting class text
 features are written with their provenance for stage 2 (``teacher.text_features=...``). The test split is scored
 once for the report.
+
+Both read the composed ``train`` config, the one stage 2 trains with: its ``features`` and ``prompts`` sections (and
+``data``, ``teacher``, ``paths``, ``seed``), so one experiment file and one set of overrides serve both stages.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ log = logging.getLogger("pand")
 
 
 def _device(config: Mapping[str, Any]) -> str:
-    device = config.get("device", "auto")
-    if device == "auto":
+    """``features.device``: where stage 1 runs the teacher (``auto``: the GPU if there is one)."""
+    device = (config.get("features") or {}).get("device", "auto")
+    if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
@@ -49,6 +53,15 @@ def run_features(config: Mapping[str, Any], teacher=None, splits=None) -> dict[s
             batch_size=int(feats["batch_size"]), num_workers=int(feats["num_workers"]),
         )
     return out
+
+
+def _coop_logit_scale(option: Any, teacher) -> float:
+    """``prompts.logit_scale``: null keeps the teacher's configured scale, ``learned`` takes the model's own."""
+    if option is None:
+        return float(teacher.logit_scale)
+    if option == "learned":
+        return float(teacher.model.logit_scale.exp())
+    return float(option)
 
 
 def _accuracy(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> float:
@@ -72,13 +85,14 @@ def run_prompts(config: Mapping[str, Any]) -> dict[str, Any]:
 
     templates = list(config["data"]["templates"])
     zero_shot = teacher.class_embeddings(classes, templates).cpu()
+    scale = _coop_logit_scale(p.get("logit_scale"), teacher)
     start = time.time()
     learner = PromptLearner(
         teacher.model, teacher.tokenizer, classes, n_ctx=int(p["n_ctx"]), ctx_init=p.get("ctx_init"),
         csc=bool(p["csc"]), class_token_position=p["class_token_position"],
     )
     result = train_coop(
-        learner, tr_x, tr_y, va_x, va_y, logit_scale=teacher.logit_scale, epochs=int(p["epochs"]),
+        learner, tr_x, tr_y, va_x, va_y, logit_scale=scale, epochs=int(p["epochs"]),
         batch_size=int(p["batch_size"]), lr=float(p["lr"]), momentum=float(p["momentum"]),
         weight_decay=float(p["weight_decay"]), warmup_epochs=int(p["warmup_epochs"]), warmup_lr=float(p["warmup_lr"]),
         seed=int(config["seed"]), device=device,
@@ -94,6 +108,7 @@ def run_prompts(config: Mapping[str, Any]) -> dict[str, Any]:
         "csc": bool(p["csc"]),
         "class_token_position": p["class_token_position"],
         "epochs": int(p["epochs"]),
+        "logit_scale": scale,
         "best_epoch": int(result.best_epoch),
         "zero_shot_val_acc": _accuracy(va_x, va_y, zero_shot),
         "zero_shot_test_acc": _accuracy(te_x, te_y, zero_shot),

@@ -117,29 +117,88 @@ def _measure_feature_dim(backbone: nn.Module, name: str, hw: tuple[int, int]) ->
     return int(out.shape[1])
 
 
+#: Wrapper keys timm's ``load_state_dict`` does not unwrap: PyTorch's tutorial checkpoints keep the weights here.
+_EXTRA_WRAPPER_KEYS = ("model_state_dict",)
+
+
 def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file, never unpickling arbitrary objects."""
+    """A state dict from ``.safetensors`` or a torch file, never unpickling arbitrary objects.
+
+    Reading is timm's ``timm.models.load_state_dict``: ``.safetensors`` through safetensors, other files through
+    ``torch.load(weights_only=True)``; it unwraps training checkpoints (``{'state_dict': ...}``, ``{'model': ...}``)
+    and strips the ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (torch.compile) prefixes. pand keeps:
+
+    * ``weights_only=True`` passed explicitly, so a user's file is never unpickled whatever timm's default is (a timm
+      whose ``load_state_dict`` has no ``weights_only`` is refused rather than used); timm adds only
+      ``argparse.Namespace`` to torch's weights-only allowlist, for its own training checkpoints;
+    * ``use_ema=False``: the trained weights themselves, as pand always loaded, not an EMA copy stored beside them;
+    * its own messages: a missing file is named (timm raises a bare ``FileNotFoundError``), a file that is not a
+      plain state dict is refused with the reason (pickled objects are named; timm's text advises
+      ``weights_only=False``, which pand never does), and a checkpoint with no tensors at the top is refused with its
+      keys;
+    * unwrapping ``model_state_dict``, which timm does not know.
+
+    Key mismatches with the model are reported by the callers, which know which keys (the classifier) they replace.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    import inspect
 
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling refusal becomes one clear message
-            raise WeightsUnavailableError(
-                f"could not load {path} as a plain state dict ({err}); save it with torch.save(model.state_dict()) "
-                "or as .safetensors"
-            ) from err
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if any(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    import timm
+    from timm.models import load_state_dict
+
+    if "weights_only" not in inspect.signature(load_state_dict).parameters:
+        raise WeightsUnavailableError(
+            f"cannot load {path} safely: timm {timm.__version__} reads weights files without torch.load's "
+            "weights_only=True; upgrade timm (pip install -U timm)"
+        )
+    try:
+        state = load_state_dict(str(path), use_ema=False, device="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any refusal to read becomes one clear message
+        raise WeightsUnavailableError(
+            f"could not load {path} as a plain state dict: {_unreadable_reason(path, err)}. Save the weights with "
+            "torch.save(model.state_dict(), path) or safetensors.torch.save_file(model.state_dict(), path)"
+        ) from err
+    for key in _EXTRA_WRAPPER_KEYS:
+        if isinstance(state.get(key), dict):
+            from timm.models import clean_state_dict
+
+            state = clean_state_dict(state[key])
+    # A module's get_extra_state() may be any object; every other entry of a state dict is a tensor.
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor) and not k.endswith("_extra_state")]
+    if not_tensors:
+        listed = ", ".join(map(repr, not_tensors[:5])) + (", ..." if len(not_tensors) > 5 else "")
+        raise WeightsUnavailableError(
+            f"{path} is not a plain state dict: its entries {listed} are not tensors (pand unwraps checkpoints that "
+            "keep the weights under 'state_dict', 'model' or 'model_state_dict'). Save the weights with "
+            "torch.save(model.state_dict(), path)"
+        )
     return state
+
+
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    import pickle
+
+    unpickling = next((e for e in (err, err.__cause__, err.__context__) if isinstance(e, pickle.UnpicklingError)), None)
+    if unpickling is None:
+        if isinstance(err, AttributeError) and "items" in str(err):
+            return "it holds no dict of tensors"
+        return f"it is not a torch.save or .safetensors file, or it is damaged ({type(err).__name__}: {err})"
+    names: list[str] = []
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint (a plain pickle, or no pickle at all)
+        pass
+    text = str(unpickling)
+    if names or "Unsupported global" in text:
+        objects = f" ({', '.join(names[:5])})" if names else ""
+        return (f"it holds pickled Python objects{objects} besides tensors, and pand never unpickles objects from a "
+                "weights file, since unpickling can run arbitrary code")
+    # torch's text: "... WeightsUnpickler error: <the reason>\n\nCheck the documentation ..."
+    core = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip() or text
+    return (f"torch.load(weights_only=True) cannot read it ({core}): it is not a file written by torch.save, or it "
+            "holds pickled Python objects, which pand never unpickles since unpickling can run arbitrary code")
 
 
 def _strip_torchvision_head(model: nn.Module, name: str) -> nn.Module:
@@ -170,22 +229,124 @@ def _torchvision_backbone(
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(f"{name!r} is not a torchvision classification model")
     weights = "DEFAULT" if pretrained and weights_file is None else None
+    local = (f"train from scratch with student.pretrained=false or give a local file: "
+             f"student.weights=/path/to/{name}.pth")
+    if weights is not None:
+        _torchvision_offline_check(name, local)
     try:
         model = torchvision.models.get_model(name, weights=weights, **kwargs)
     except (TypeError, ValueError) as err:  # torchvision refuses unknown options and ones that contradict the weights
         raise ConfigError(f"torchvision model {name!r} does not take student.kwargs {dict(kwargs)}: {err}") from err
     except Exception as err:  # noqa: BLE001 - network failures come in many types
+        from pand.teachers.hub import OFFLINE_SUGGESTION, is_network_error
+
+        hint = f"{OFFLINE_SUGGESTION}. Offline, either {local}" if is_network_error(err) else f"Offline, either {local}"
         raise WeightsUnavailableError(
-            f"could not download the ImageNet weights of student {name!r} ({err}). Offline, either train from "
-            f"scratch with student.pretrained=false or give a local file: student.weights=/path/to/{name}.pth"
+            f"could not download the ImageNet weights of student {name!r} ({err}). {hint}"
         ) from err
     if weights_file is not None:
-        missing, unexpected = model.load_state_dict(load_weights_file(weights_file), strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(load_weights_file(weights_file), strict=False)
+        except RuntimeError as err:  # shape mismatches are raised even with strict=False
+            detail = "; ".join(line.strip() for line in str(err).splitlines()[1:4]) or str(err)
+            raise WeightsUnavailableError(f"{weights_file} does not fit torchvision {name}: {detail}") from err
         if unexpected or [k for k in missing if not k.startswith(_TORCHVISION_HEADS)]:
             raise WeightsUnavailableError(
                 f"{weights_file} does not fit torchvision {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
     return _strip_torchvision_head(model, name)
+
+
+def _torchvision_offline_check(name: str, local: str) -> None:
+    """With HF_HUB_OFFLINE=1, refuse at once torchvision weights that are not in torch hub's cache
+    (see :mod:`pand.teachers.hub`): torchvision would otherwise try to download them."""
+    from pand.teachers.hub import hub_offline, torch_hub_checkpoint
+
+    if not hub_offline():
+        return
+    import torchvision
+
+    try:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+    except Exception:  # noqa: BLE001 - no weights enum: torchvision will say so itself
+        return
+    target = torch_hub_checkpoint(url)
+    if not target.is_file():
+        raise WeightsUnavailableError(
+            f"the ImageNet weights of student {name!r} ({os.path.basename(url)}, from {url}) are not in the local "
+            f"cache {target.parent}, and HF_HUB_OFFLINE=1 forbids downloading them. Offline, either {local}"
+        )
+
+
+def _timm_weights_source(name: str) -> tuple[str, str, Path | None, list[str]]:
+    """(tag, where from, local cache folder, file names) of timm's default pretrained weights of ``name``, for messages
+    and the offline check. The file names are the ones timm's ``load_state_dict_from_hf`` tries (a ``.safetensors``
+    twin, then the configured name) or torch hub's file of a url; the folder is None when timm has no source."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - unknown tag or no pretrained cfg: nothing to tell
+        cfg = None
+    if cfg is None:
+        return name, "", None, []
+    tag = f"{cfg.architecture}.{cfg.tag}" if getattr(cfg, "tag", None) else name
+    from pand.teachers.hub import hf_cache_dir, torch_hub_checkpoint
+
+    if cfg.file:
+        return tag, str(cfg.file), None, []
+    if cfg.hf_hub_id:
+        filename = getattr(cfg, "hf_hub_filename", None) or "pytorch_model.bin"
+        names = [filename]
+        if filename == "pytorch_model.bin":
+            names.insert(0, "model.safetensors")
+        elif filename.endswith(".bin"):
+            names.insert(0, filename[:-4] + ".safetensors")
+        return tag, f"hf-hub:{cfg.hf_hub_id}", hf_cache_dir(), names
+    if cfg.url:
+        return tag, cfg.url, torch_hub_checkpoint(cfg.url).parent, [torch_hub_checkpoint(cfg.url).name]
+    return tag, "", None, []
+
+
+def _timm_offline_check(name: str, local: str, kwargs: Mapping[str, Any]) -> None:
+    """With HF_HUB_OFFLINE=1, refuse at once timm weights that are not in the local cache (see
+    :mod:`pand.teachers.hub`), before timm asks Hugging Face hub or torch hub for them."""
+    from pand.teachers.hub import hf_cached, hub_offline
+
+    if not hub_offline() or {"pretrained_cfg", "pretrained_cfg_overlay"} & set(kwargs):
+        return  # online, or the user points timm at other weights (e.g. a local file): timm decides
+    tag, source, folder, names = _timm_weights_source(name)
+    if folder is None or not names:
+        return  # timm knows no download for it: it will say so itself
+    if source.startswith("hf-hub:"):
+        repo, _, revision = source[len("hf-hub:"):].partition("@")
+        cached = hf_cached(repo, names, revision=revision or None) is not None
+    else:
+        cached = (folder / names[0]).is_file()
+    if not cached:
+        raise WeightsUnavailableError(
+            f"the pretrained weights of timm model {name!r} ({tag}, from {source}) are not in the local cache "
+            f"{folder} (looked for {', '.join(names)}), and HF_HUB_OFFLINE=1 forbids downloading them. Offline, "
+            f"{local}"
+        )
+
+
+def _timm_download_failed(name: str, local: str, err: Exception) -> WeightsUnavailableError:
+    from pand.teachers.hub import OFFLINE_SUGGESTION, hub_offline, is_network_error, root_reason
+
+    tag, source, folder, _ = _timm_weights_source(name)
+    what = f"timm model {name!r} ({tag}{', from ' + source if source else ''})"
+    if hub_offline():
+        return WeightsUnavailableError(
+            f"the pretrained weights of {what} are not in the local cache {folder or '(timm default)'}, and "
+            f"HF_HUB_OFFLINE=1 forbids downloading them ({root_reason(err)}). Offline, {local}"
+        )
+    if is_network_error(err):
+        return WeightsUnavailableError(
+            f"could not download the pretrained weights of {what} into {folder or 'the cache'}: the network cannot "
+            f"be reached ({root_reason(err)}). {OFFLINE_SUGGESTION}. Offline, {local}"
+        )
+    return WeightsUnavailableError(f"could not download the pretrained weights of {what} ({err}). Offline, {local}")
 
 
 def _create_timm(name: str, download: bool, image_size: tuple[int, int] | None, kwargs: Mapping[str, Any]):
@@ -211,6 +372,9 @@ def _timm_backbone(
     if not timm.list_models(name) and not timm.is_model(name):
         raise ConfigError(f"{name!r} is not a timm model name")
     download = pretrained and weights_file is None
+    local = "use student.pretrained=false or student.weights=/path/to/weights.safetensors (a local file)"
+    if download:
+        _timm_offline_check(name, local, kwargs)
     try:
         model = _create_timm(name, download, image_size, kwargs)
     except Exception as err:  # noqa: BLE001 - network failures come in many types
@@ -228,10 +392,7 @@ def _timm_backbone(
             ) from err
         if not download:
             raise ConfigError(f"could not build timm model {name!r} with student.kwargs {dict(kwargs)}: {err}") from err
-        raise WeightsUnavailableError(
-            f"could not download the pretrained weights of timm model {name!r} ({err}). Offline, use "
-            f"student.pretrained=false or student.weights=/path/to/weights.safetensors"
-        ) from err
+        raise _timm_download_failed(name, local, err) from err
     if weights_file is not None:
         state = {k: v for k, v in load_weights_file(weights_file).items() if not k.startswith(("fc.", "head.fc.", "classifier.", "head."))}
         try:

@@ -1,22 +1,34 @@
-"""Frozen teachers and the sources that deliver their outputs to distillers."""
+"""Frozen teachers and the sources that deliver their outputs to distillers.
 
-from pand.teachers.classifier import ClassifierTeacher, load_classifier_teacher
-from pand.teachers.clip import DEFAULT_LOGIT_SCALE, RANDOM_WEIGHTS, ClipTeacher, load_clip_teacher, weights_digest
-from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES, FrozenTeacher
-from pand.teachers.source import LiveTeacherSource, ZeroShotLogits
+The names below load their module (and torch) on first use, so that importing a light submodule such as
+:mod:`pand.teachers.fit` (the ``pand teacher fit`` command line) does not.
+"""
 
-__all__ = [
-    "DEFAULT_LOGIT_SCALE",
-    "IMAGE_EMBEDS",
-    "LOGITS",
-    "RANDOM_WEIGHTS",
-    "STAGE_FEATURES",
-    "ClassifierTeacher",
-    "ClipTeacher",
-    "FrozenTeacher",
-    "LiveTeacherSource",
-    "ZeroShotLogits",
-    "load_classifier_teacher",
-    "load_clip_teacher",
-    "weights_digest",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ClassifierTeacher": "classifier",
+    "load_classifier_teacher": "classifier",
+    "DEFAULT_LOGIT_SCALE": "clip",
+    "RANDOM_WEIGHTS": "clip",
+    "ClipTeacher": "clip",
+    "load_clip_teacher": "clip",
+    "weights_digest": "clip",
+    "IMAGE_EMBEDS": "frozen",
+    "LOGITS": "frozen",
+    "STAGE_FEATURES": "frozen",
+    "FrozenTeacher": "frozen",
+    "LiveTeacherSource": "source",
+    "ZeroShotLogits": "source",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"pand.teachers.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

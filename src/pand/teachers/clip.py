@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pand.errors import ConfigError, WeightsUnavailableError
+from pand.errors import ConfigError, PandError, WeightsUnavailableError
 from pand.teachers.frozen import IMAGE_EMBEDS, STAGE_FEATURES, FrozenTeacher
+from pand.teachers.hub import OFFLINE_SUGGESTION, hf_cache_dir, hf_cached, hub_offline, is_network_error, root_reason
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,22 @@ def weights_digest(module: nn.Module) -> str:
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+#: Prompts encoded per text-tower forward by :meth:`ClipTeacher.class_embeddings`.
+_TEXTS_PER_FORWARD = 1024
+
+
+class _Float32Text:
+    """What ``build_zero_shot_classifier`` calls (``encode_text(tokens, normalize=...)``), in float32 like pand's
+    :meth:`ClipTeacher.encode_texts`: the text tower's output is cast before it is normalised."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        out = self.model.encode_text(tokens).float()
+        return F.normalize(out, dim=-1) if normalize else out
 
 
 class ClipTeacher(FrozenTeacher):
@@ -120,16 +137,39 @@ class ClipTeacher(FrozenTeacher):
 
     @torch.no_grad()
     def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """C x D class embeddings: the mean over templates of normalised text embeddings, re-normalised."""
+        """C x D class embeddings: the mean over templates of normalised text embeddings, re-normalised (float32).
+
+        The computation is open_clip's ``build_zero_shot_classifier`` (every template formatted per class, encoded,
+        normalised, averaged over the templates and re-normalised; with one template the average is that template's
+        embedding), which returns D x C, hence the transpose. pand keeps only what the library does not do:
+
+        * clear errors: no templates, a template without ``{}`` or no class names raise :class:`ConfigError` (the
+          library asserts, or formats a template without ``{}`` into the same prompt for every class);
+        * float32: the library normalises and averages in the text tower's dtype (and under any enclosing autocast);
+          pand's contract, like :meth:`encode_texts`, is float32 embeddings, so the text tower's output is cast to
+          float32 before it is normalised (a no-op for a float32 teacher);
+        * batches of about ``_TEXTS_PER_FORWARD`` prompts (the library's default is 10 classes, however many
+          templates), so that 80 templates do not mean 80 x the memory of one.
+        """
         if not templates:
             raise ConfigError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
         for t in templates:
             if "{}" not in t:
                 raise ConfigError(f"prompt template {t!r} has no '{{}}' where the class name goes")
-        per_template = torch.stack(
-            [self.encode_texts([t.format(c) for c in classnames]) for t in templates]
-        )  # [n_templates, C, D]
-        return F.normalize(per_template.mean(0), dim=-1)
+        if not classnames:
+            raise ConfigError("class_embeddings needs at least one class name")
+        from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+        weights = build_zero_shot_classifier(
+            _Float32Text(self.model),
+            self.tokenizer,
+            list(classnames),
+            list(templates),
+            num_classes_per_batch=max(1, _TEXTS_PER_FORWARD // len(templates)),
+            device=self.device,
+            use_tqdm=False,
+        )  # [D, C]
+        return weights.t().contiguous()
 
     @torch.no_grad()
     def class_token_features(self, classnames: Sequence[str],
@@ -196,6 +236,88 @@ def _describe_pretrained(model_name: str, pretrained: str | None) -> str:
     return str(pretrained)
 
 
+def _local_weights_hint(model: str) -> str:
+    folder = ("teacher.model=local-dir:/path/to/folder with open_clip_config.json and the weights inside (a local "
+              "copy of the repo's files).")
+    if model.startswith(("hf-hub:", "local-dir:")):  # teacher.pretrained is ignored for these
+        return "download the files on a machine with network access and point pand at them: " + folder
+    return (
+        "download the weights on a machine with network access and point pand at them: "
+        f"teacher.model={model} teacher.pretrained=/path/to/open_clip_pytorch_model.bin (or .safetensors, a local "
+        f"file), or {folder}"
+    )
+
+
+def _weights_source(model: str, pretrained: str | None, cache_dir: str | None) -> tuple[str, Path, list[str]]:
+    """What pand asks open_clip to download: (hub repo or url, the cache folder it lands in, candidate file names).
+
+    The file names are the ones open_clip's ``download_pretrained`` tries (a ``.safetensors`` twin first, then the
+    configured name); any of them being cached means open_clip can load without network.
+    """
+    from open_clip import constants as oc
+
+    if model.startswith("hf-hub:"):
+        return model[len("hf-hub:"):], hf_cache_dir(cache_dir), [oc.HF_CONFIG_NAME]
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # 'org/repo/' means open_clip's default file name
+        filename = filename or oc.HF_WEIGHTS_NAME
+        names = [filename]
+        if filename == oc.HF_WEIGHTS_NAME:
+            names.insert(0, oc.HF_SAFE_WEIGHTS_NAME)
+        elif filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        return repo, hf_cache_dir(cache_dir), names
+    if cfg.get("url"):
+        folder = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/clip").expanduser()
+        return cfg["url"], folder, [os.path.basename(cfg["url"])]
+    return "", hf_cache_dir(cache_dir), []
+
+
+def _refuse_uncached_offline(model: str, pretrained: str | None, cache_dir: str | None) -> None:
+    """With ``HF_HUB_OFFLINE=1``, refuse at once weights that are not in the local cache (:mod:`pand.teachers.hub`)."""
+    source, folder, names = _weights_source(model, pretrained, cache_dir)
+    if not names or model.startswith("local-dir:"):
+        return  # nothing open_clip would download
+    if source.startswith(("http://", "https://")):
+        cached = (folder / names[0]).is_file()
+    else:
+        cached = hf_cached(source, names, cache_dir) is not None
+    if cached:
+        return
+    what = model if model.startswith("hf-hub:") else f"{model!r} (pretrained={pretrained!r}, from {source})"
+    raise WeightsUnavailableError(
+        f"the weights of teacher {what} are not in the local cache {folder} (looked for {', '.join(names)}), and "
+        "HF_HUB_OFFLINE=1 forbids downloading them. Offline, " + _local_weights_hint(model)
+    )
+
+
+def _download_failed(model: str, pretrained: str | None, cache_dir: str | None, err: Exception) -> PandError:
+    """pand's message for weights open_clip could not obtain; a network failure suggests HF_HUB_OFFLINE=1."""
+    try:
+        source, folder, _ = _weights_source(model, pretrained, cache_dir)
+    except Exception:  # noqa: BLE001 - the message must not fail; the tag was checked before
+        source, folder = "", hf_cache_dir(cache_dir)
+    what = model if model.startswith("hf-hub:") else f"{model!r} (pretrained={pretrained!r})"
+    origin = f" from {source}" if source else ""
+    if hub_offline():
+        return WeightsUnavailableError(
+            f"could not load the weights of teacher {what} from the local cache {folder}, and HF_HUB_OFFLINE=1 "
+            f"forbids downloading them ({root_reason(err)}). Offline, " + _local_weights_hint(model)
+        )
+    if is_network_error(err):
+        return WeightsUnavailableError(
+            f"could not download the weights of teacher {what}{origin} into {folder}: the network cannot be reached "
+            f"({root_reason(err)}). {OFFLINE_SUGGESTION}. Offline, " + _local_weights_hint(model)
+        )
+    return WeightsUnavailableError(
+        f"could not obtain the weights of teacher {what}{origin}: {err}\nWithout network access, "
+        + _local_weights_hint(model)
+    )
+
+
 def load_clip_teacher(
     model: str,
     pretrained: str | None,
@@ -212,6 +334,10 @@ def load_clip_teacher(
     ``hf-hub:org/repo`` / ``local-dir:/path`` (then ``pretrained`` is ignored). ``pretrained`` is a pretrained tag,
     a local ``.pt/.bin/.safetensors`` file, or ``"random"`` for random weights. ``image_size`` overrides the
     image tower's input size (position embeddings are resized where open_clip supports it).
+
+    With ``HF_HUB_OFFLINE=1`` weights that are not in the local cache are refused at once, naming the model, the tag
+    and the cache folder; a download that fails for a network reason suggests ``HF_HUB_OFFLINE=1`` and a local file
+    (see :mod:`pand.teachers.hub`).
     """
     import open_clip
 
@@ -250,6 +376,8 @@ def load_clip_teacher(
                 f"{pretrained!r} is neither a file nor a pretrained tag of {model!r}; known tags: "
                 f"{open_clip.list_pretrained_tags_by_model(model)}"
             )
+    if weights_file is None and not random_init and hub_offline():
+        _refuse_uncached_offline(model, pretrained, cache_dir)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(random_seed)
@@ -269,12 +397,7 @@ def load_clip_teacher(
             raise WeightsUnavailableError(
                 f"could not load teacher weights from {weights_file} into {model}: {err}"
             ) from err
-        raise WeightsUnavailableError(
-            f"could not obtain the weights of teacher {model!r} (pretrained={pretrained!r}): {err}\n"
-            "Without network access, download the weights elsewhere and point pand at them: "
-            f"teacher.model={model} teacher.pretrained=/path/to/open_clip_pytorch_model.bin (or .safetensors), "
-            "or teacher.model=local-dir:/path/to/folder with open_clip_config.json and the weights inside."
-        ) from err
+        raise _download_failed(model, pretrained, cache_dir, err) from err
     pp = clip_model.visual.preprocess_cfg if hasattr(clip_model.visual, "preprocess_cfg") else {}
     size = pp.get("size", getattr(clip_model.visual, "image_size", 224))
     size = size[0] if isinstance(size, (tuple, list)) else size

@@ -1,23 +1,6 @@
-"""``pand bench``: milliseconds per training step of the student alone and of distillation with the teacher online
-or cached, measured side by side in one process on the same batches.
+"""The measurements of ``pand bench`` (see :mod:`pand.bench` for what each option times).
 
-Every configuration runs the same full step (teacher outputs, distiller losses, backward, optimizer step) on the same
-synthetic batches, in round-robin order so that drift of the machine affects all alike; the median is reported. Models
-have random weights (nothing is downloaded). The one-time cost of building the cache is the teacher's forward pass,
-reported in the same units (``teacher_forward_ms`` per batch of views; a cache of K views costs K of them per batch).
-
-``--zoo`` adds the heterogeneous-distillation methods with a classifier teacher (``--zoo-teacher``, a timm or
-torchvision name, random weights): the student alone, then KD, KD + LS, DKD, OFA, NRKD and PAT with the teacher live,
-and the logit methods from a cache of the teacher's logits. NRKD's feature term and PAT cannot use a cache; PAT runs
-the teacher twice per step (plain, then prompted with gradients), which its row shows.
-
-``--latency`` measures inference instead of training: the student (``--student`` at ``--image-size``, classifier
-logits) and the CLIP teacher's image tower (``--teacher`` at its own input size or ``--teacher-image-size``,
-``encode_images``) under ``torch.inference_mode()``, at every batch size of ``--latency-batches``, round-robin over
-models and batch sizes, inputs already on the device. It reports the median milliseconds per batch, images/s,
-parameters, forward FLOPs per image (``torch.utils.flop_counter``, one batch-1 forward) and teacher ms / student ms.
-``--latency`` replaces the training-step table (it does not add to it); ``--zoo`` and ``--loader`` still add their
-parts when given with it, so the training-step table needs a second run without ``--latency``.
+Kept apart from the command line so that ``pand bench --help`` answers without importing torch.
 """
 
 from __future__ import annotations
@@ -280,16 +263,6 @@ def _zoo_bench(args: argparse.Namespace, device: torch.device, autocast) -> dict
     return out
 
 
-def _parse_batches(text: str) -> list[int]:
-    try:
-        batches = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive batch sizes such as 1,32, got {text!r}")
-    return list(dict.fromkeys(batches))
-
-
 def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """The two products of attention, as torch counts them for the GPU kernels (``q k^T`` and ``p v``)."""
     b, h, s_q, d = query_shape
@@ -457,48 +430,3 @@ def _print_latency(console, lat: dict[str, Any], c: dict[str, Any]) -> None:
     console.print(t)
     console.print(f"teacher parameters: {teacher['params'] / 1e6:.3g} M in the image tower (timed), "
                   f"{teacher['params_with_text_tower'] / 1e6:.3g} M with the text tower")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pand bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="ViT-B-16", help="open_clip model (random weights unless --pretrained)")
-    p.add_argument("--pretrained", default=None, help="teacher weights (default: random, nothing downloaded)")
-    p.add_argument("--student", default="resnet18")
-    p.add_argument("--image-size", type=int, default=64, help="the student's input size")
-    p.add_argument("--teacher-image-size", type=int, default=None,
-                   help="teacher input size (default: --image-size for the training steps, where the teacher sees "
-                        "the student's image; the teacher's own size for --latency)")
-    p.add_argument("--batch", type=int, default=32, help="batch of the training steps")
-    p.add_argument("--classes", type=int, default=200)
-    p.add_argument("--steps", type=int, default=8,
-                   help="measured steps per configuration (per model and batch size with --latency)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--loader", action="store_true", help="also measure data-loader throughput with/without decoding")
-    p.add_argument("--loader-images", type=int, default=256)
-    p.add_argument("--loader-workers", type=int, default=2)
-    p.add_argument("--zoo", action="store_true",
-                   help="also time kd, kd+LS, dkd, ofa, nrkd and pat with a classifier teacher, live and cached")
-    p.add_argument("--zoo-teacher", default="resnet50", help="classifier teacher of --zoo (timm / torchvision name)")
-    p.add_argument("--latency", action="store_true",
-                   help="time inference instead of training: the student and the teacher's image tower at each "
-                        "--latency-batches size (ms, images/s, params, FLOPs, teacher/student). Replaces the "
-                        "training-step table; --zoo and --loader still add theirs")
-    p.add_argument("--latency-batches", type=_parse_batches, default="1,32",
-                   help="comma-separated batch sizes of --latency (default 1,32)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p
-
-
-def main_bench(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    result = run_bench(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_result(result)
-    return 0

@@ -1,0 +1,380 @@
+"""What ``pand COMMAND --help`` prints, and the catalogue of packaged configs it shows.
+
+Everything here reads the YAML files of ``pand/configs`` as text: no torch, Lightning, Hydra or OmegaConf is imported,
+so that help is instant. The config groups and their options are scanned from the folders at run time (a group is a
+sub-folder of ``configs``; its options are the ``.yaml`` files under it, ``experiment/pand/cub_resnet18.yaml`` being
+option ``pand/cub_resnet18``), and the settings of ``train.yaml`` are listed with their comments.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+
+_WIDTH = 118
+_COLUMN = 28  # where the descriptions start
+
+
+# ------------------------------------------------------------------------------------------------ config catalogue
+def config_groups(configs_dir: Path = CONFIGS_DIR) -> dict[str, list[str]]:
+    """``{group: [option, ...]}`` for every config group folder (options sorted, sub-folders as ``sub/name``)."""
+    groups: dict[str, list[str]] = {}
+    if not configs_dir.is_dir():
+        return groups
+    for folder in sorted(p for p in configs_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        options = sorted(f.relative_to(folder).with_suffix("").as_posix() for f in folder.rglob("*.yaml")
+                         if not any(part.startswith(("_", ".")) for part in f.relative_to(folder).parts))
+        if options:
+            groups[folder.name] = options
+    return groups
+
+
+def group_defaults(config_name: str = "train", configs_dir: Path = CONFIGS_DIR) -> dict[str, str | None]:
+    """The ``defaults:`` list of a primary config as ``{group: option}`` (in its order; ``null`` as None)."""
+    defaults: dict[str, str | None] = {}
+    inside = False
+    for line in _read_lines(configs_dir / f"{config_name}.yaml"):
+        if re.match(r"^defaults:\s*(#.*)?$", line):
+            inside = True
+            continue
+        if inside:
+            if line.strip().startswith("#") or not line.strip():
+                continue
+            m = re.match(r"^\s+-\s+(?:override\s+)?/?([\w/@.-]+):\s*([^\s#]+)", line)
+            if m:
+                value = m.group(2)
+                defaults[m.group(1)] = None if value in ("null", "~") else value
+            elif not line.startswith((" ", "-")):
+                break
+    return defaults
+
+
+@dataclass
+class Setting:
+    """One key of a primary config as written in its YAML file: value text, comment, and the keys of a section."""
+
+    key: str
+    value: str
+    comment: str = ""
+    children: list[Setting] = field(default_factory=list)
+
+
+def config_settings(config_name: str = "train", configs_dir: Path = CONFIGS_DIR) -> list[Setting]:
+    """The top-level keys of ``<config_name>.yaml`` (besides ``defaults``), each section with its direct keys."""
+    settings: list[Setting] = []
+    last: Setting | None = None  # the entry whose comment an aligned comment line continues
+    last_col = -1  # the column of that entry's ``#``
+    section_indent = None  # the indentation of the current section's keys
+    for line in _read_lines(configs_dir / f"{config_name}.yaml"):
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip(" "))
+        if stripped.startswith("#"):
+            # A comment aligned under the previous entry's comment continues it; any other is a block comment.
+            if last is not None and last.comment and indent > 0 and indent >= last_col - 2:
+                last.comment = f"{last.comment} {stripped.lstrip('#').strip()}"
+            else:
+                last = None
+            continue
+        m = re.match(r"^([A-Za-z_][\w-]*):(.*)$", stripped)
+        if not m:
+            last = None
+            continue
+        value, comment = _split_comment(m.group(2))
+        entry = Setting(m.group(1), value, comment)
+        last, last_col = entry, (line.rfind("#") if comment else -1)
+        if indent == 0:
+            section_indent = None
+            if entry.key == "defaults":
+                last = None
+                continue
+            settings.append(entry)
+        elif settings and settings[-1].key != "defaults" and section_indent in (None, indent):
+            section_indent = indent
+            settings[-1].children.append(entry)
+        else:
+            last = None
+    return settings
+
+
+def _split_comment(text: str) -> tuple[str, str]:
+    """``" value   # comment"`` -> ``("value", "comment")`` (a ``#`` inside quotes or ``${...}`` is not a comment)."""
+    quote = None
+    depth = 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        elif ch == "#" and depth == 0 and (i == 0 or text[i - 1] in " \t"):
+            return text[:i].strip(), text[i + 1:].strip()
+    return text.strip(), ""
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------- suggestions
+def close_matches(word: str, candidates: Iterable[str], *, cutoff: float = 0.6, spread: float = 0.1,
+                  limit: int = 3) -> list[str]:
+    """The candidates most similar to ``word`` (difflib): the best one and those nearly as good."""
+    scored = []
+    for c in dict.fromkeys(candidates):
+        if c == word:
+            continue
+        ratio = difflib.SequenceMatcher(None, word, c).ratio()
+        if ratio >= cutoff:
+            scored.append((ratio, c))
+    scored.sort(key=lambda rc: (-rc[0], rc[1]))
+    if not scored:
+        return []
+    best = scored[0][0]
+    return [c for r, c in scored if r >= best - spread][:limit]
+
+
+def did_you_mean(suggestions: Sequence[str]) -> str:
+    """``"; did you mean a?"`` / ``"; did you mean a or b?"`` / ``""``."""
+    if not suggestions:
+        return ""
+    return "; did you mean " + " or ".join(suggestions) + "?"
+
+
+# ----------------------------------------------------------------------------------------------------- help texts
+def _wrap(label: str, text: str, *, indent: int = 2, column: int = _COLUMN) -> list[str]:
+    head = " " * indent + label
+    if not text:
+        return [head]
+    sub = " " * column
+    if len(head) >= column - 1:
+        return [head, *textwrap.wrap(text, _WIDTH, initial_indent=sub, subsequent_indent=sub)]
+    return textwrap.wrap(text, _WIDTH, initial_indent=head.ljust(column), subsequent_indent=sub)
+
+
+def _short(value: str, limit: int = 40) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def groups_text(config_name: str = "train") -> str:
+    groups = config_groups()
+    defaults = group_defaults(config_name)
+    order = [g for g in defaults if g in groups] + [g for g in groups if g not in defaults]
+    lines = ["config groups (GROUP=OPTION; the default in [brackets]):"]
+    width = max((len(g) for g in order), default=0) + 4
+    for g in order:
+        opts = " ".join(f"[{o}]" if o == defaults.get(g) else o for o in groups[g])
+        lines.extend(textwrap.wrap(opts, _WIDTH, initial_indent=f"  {g}".ljust(width),
+                                   subsequent_indent=" " * width, break_on_hyphens=False))
+    return "\n".join(lines)
+
+
+def settings_text(config_name: str = "train", expand: Sequence[str] = ()) -> str:
+    """The settings of ``config_name.yaml`` with their comments; sections in ``expand`` key by key, the others in one
+    line each."""
+    lines = [f"settings of {config_name}.yaml besides the groups (KEY=VALUE; `pand config` prints the composed config):"]
+    for s in config_settings(config_name):
+        if s.children and s.key in expand:
+            lines.extend(_wrap(f"{s.key}.*", s.comment))
+            for c in s.children:
+                lines.extend(_wrap(f"{s.key}.{c.key}={_short(c.value, 100)}", c.comment, indent=4))
+        elif s.children:
+            lines.extend(_wrap(f"{s.key}.*", s.comment))
+            keys = " ".join(c.key for c in s.children)
+            lines.extend(textwrap.wrap(f"({keys})", _WIDTH, initial_indent=" " * _COLUMN,
+                                       subsequent_indent=" " * (_COLUMN + 1)))
+        else:
+            lines.extend(_wrap(f"{s.key}={_short(s.value)}", s.comment))
+    return "\n".join(lines)
+
+
+_OVERRIDES = """\
+overrides (Hydra syntax):
+  GROUP=OPTION              choose a config of a group (listed below), e.g. data=cub method=pand trainer=gpu
+  KEY=VALUE                 set a setting, e.g. optim.lr=3e-4 data.batch_size=128 data.root=/data/CUB_200_2011
+  trainer.NAME=VALUE        any argument of lightning.Trainer, e.g. trainer.max_epochs=30 trainer.benchmark=true
+                            (not logger, callbacks, plugins, enable_checkpointing, default_root_dir or
+                            use_distributed_sampler, which pand sets: use logger=..., callbacks=..., run_dir=...)
+  +KEY=VALUE, ~KEY          add a key the config does not have (e.g. +student.kwargs.drop_path_rate=0.1) / remove one
+  A misspelt key or option is refused with the closest ones (did you mean ...?)."""
+
+_OFFLINE = """\
+environment:
+  HF_HUB_OFFLINE=1          on a machine without network access: use only weights already in the Hugging Face cache
+                            (pand never sets or changes it); local files: teacher.pretrained=/path/to/weights"""
+
+_EXAMPLES_TRAIN = """\
+examples:
+  pand train data=cub method=vl2lite student=resnet18 trainer=gpu
+  pand train experiment=pand/cub_resnet18
+  pand train -m optim.lr=1e-3,3e-3          one run per value, then a table (see pand sweep --help)
+  pand train trainer=ddp trainer.devices=4 data.batch_size=128
+  pand train ... ckpt_path=runs/<run>/checkpoints/last.ckpt     resume an interrupted run exactly
+  pand config --resolve data=cub            the composed config, interpolations resolved
+  pand train ... | jq .test_acc1            the summary is the only thing on stdout"""
+
+
+def _config_help(usage: str, description: str, examples: str, *, expand: Sequence[str] = (),
+                 offline: bool = True, extra: str = "") -> str:
+    parts = [usage, textwrap.fill(description, _WIDTH)]
+    if extra:
+        parts.append(extra)
+    parts += [_OVERRIDES, groups_text("train"), settings_text("train", expand), examples]
+    if offline:
+        parts.append(_OFFLINE)
+    return "\n\n".join(parts) + "\n"
+
+
+def train_help() -> str:
+    return _config_help(
+        "usage: pand train [-m|--multirun] [OVERRIDE ...]",
+        "Distil a frozen teacher into a student: train, select on val, test once. The run folder (run_dir) gets "
+        "config.yaml, metrics.csv, checkpoints/{best,last}.ckpt and summary.json; the summary is printed as JSON on "
+        "stdout, while logs and the progress bar go to stderr. Settings are checked before anything is loaded.",
+        _EXAMPLES_TRAIN,
+        extra="options:\n  -m, --multirun            anywhere among the overrides: one run per combination of the "
+              "comma-separated\n                            values (as pand sweep)\n  -h, --help                "
+              "this help",
+    )
+
+
+def config_help() -> str:
+    return _config_help(
+        "usage: pand config [--resolve] [OVERRIDE ...]",
+        "Print the training config that `pand train` with the same overrides would run, as YAML on stdout.",
+        "examples:\n  pand config data=cub method=pand\n  pand config --resolve data=cub            "
+        "interpolations such as ${paths.runs_dir} resolved\n  pand config experiment=pand/cub_resnet18 | less",
+        offline=False,
+        extra="options:\n  --resolve                 resolve interpolations (${...}), as the run folder's "
+              "config.yaml stores them\n  -h, --help                this help",
+    )
+
+
+def features_help() -> str:
+    return _config_help(
+        "usage: pand features [OVERRIDE ...]",
+        "PAND stage 1: store the teacher's image embeddings of the train / val / test splits in features.dir "
+        "(reused when they exist). The same config and overrides as pand train (features.* is read here only).",
+        "examples:\n  pand features data=cub teacher=convnext_xxlarge\n  pand features experiment=pand/cub_resnet18",
+        expand=("features",),
+    )
+
+
+def prompts_help() -> str:
+    return _config_help(
+        "usage: pand prompts [OVERRIDE ...]",
+        "PAND stage 1: learn CoOp prompts on the stored teacher embeddings (made first if missing), selected on val; "
+        "writes the learned text features to prompts.out, which stage 2 reads through teacher.text_features. The same "
+        "config and overrides as pand train.",
+        "examples:\n  pand prompts data=cub prompts.n_ctx=16 prompts.csc=false\n"
+        "  pand prompts experiment=pand/cub_resnet18    then    pand train experiment=pand/cub_resnet18",
+        expand=("features", "prompts"),
+    )
+
+
+def cache_help() -> str:
+    return _config_help(
+        "usage: pand cache build cache.dir=DIR cache.views=K [OVERRIDE ...]",
+        "Store K augmented views of every training image with the teacher's output for each, so that training "
+        "(the same overrides plus cache.dir=DIR) does not run the teacher. torchrun --nproc_per_node=N splits the "
+        "work. Prints one line describing the finished cache.",
+        "examples:\n  pand cache build data=cub cache.dir=caches/cub-k10 cache.views=10\n"
+        "  pand train data=cub method=vl2lite cache.dir=caches/cub-k10",
+        expand=("cache",),
+    )
+
+
+EVAL_USAGE = "pand eval ckpt_path=PATH [splits=[val,test]] [out=FILE.json] [OVERRIDE ...]"
+
+
+def eval_help() -> str:
+    return f"""usage: {EVAL_USAGE}
+
+Evaluate a student checkpoint on val and test with the config stored in it; the results are printed as JSON on stdout
+and written to eval.json next to the checkpoint (or out=...).
+
+options:
+  ckpt_path=PATH            the checkpoint (e.g. runs/<run>/checkpoints/best.ckpt); required
+  splits=[val,test]         the splits to evaluate
+  out=FILE.json             where to write the results (default: eval.json next to the checkpoint)
+  KEY=VALUE                 overrides of the checkpoint's config, e.g. data.root=/new/place data.batch_size=256
+
+examples:
+  pand eval ckpt_path=runs/cub-vl2lite-resnet18-20250101-120000/checkpoints/best.ckpt
+  pand eval ckpt_path=best.ckpt splits=[test] data.root=/data/CUB_200_2011 | jq .test_acc1
+"""
+
+
+PREDICT_USAGE = ("pand predict ckpt_path=PATH images=FILE|DIR|GLOB [topk=5] [classes=[a,b]|classes_file=F] "
+                 "[out=F.csv|F.json]")
+
+
+def predict_help() -> str:
+    return f"""usage: {PREDICT_USAGE}
+
+The top-k classes of image files; an open-vocabulary student takes any class names. The predictions are printed as
+JSON on stdout (with out=..., a table goes to stderr and the file is written).
+
+options:
+  ckpt_path=PATH            a student checkpoint; required
+  images=FILE|DIR|GLOB      the images; required
+  topk=5                    classes per image
+  classes=[a,b] | classes_file=F    the class names (open-vocabulary students)
+  out=F.csv | F.json        write the predictions to a file
+  batch_size=64 num_workers=0 device=auto
+
+example:
+  pand predict ckpt_path=runs/<run>/checkpoints/best.ckpt images='photos/*.jpg' topk=3
+"""
+
+
+EXPORT_USAGE = "pand export ckpt_path=PATH format=onnx|torch_export|safetensors out=DIR [class_names=a,b,...]"
+
+
+def export_help() -> str:
+    return f"""usage: {EXPORT_USAGE}
+
+The student alone, for use without pand, with student.json (preprocessing, classes) beside it; the result is printed
+as JSON on stdout.
+
+options:
+  ckpt_path=PATH            a student checkpoint; required
+  format=onnx|torch_export|safetensors    required
+  out=DIR                   the output folder; required
+  class_names=a,b,...       class names to store (or a file with one per line)
+
+example:
+  pand export ckpt_path=runs/<run>/checkpoints/best.ckpt format=onnx out=exported/
+"""
+
+
+TEACHER_USAGE = "pand teacher fit [--out PATH] [--epochs N] [--seed S] ...   (pand teacher fit --help: all options)"
+
+
+def teacher_help() -> str:
+    return f"usage: {TEACHER_USAGE}\n\nRe-fit the compact Fashion-MNIST CLIP teacher that the quickstart ships with.\n"
+
+
+HELP = {
+    "train": train_help,
+    "config": config_help,
+    "features": features_help,
+    "prompts": prompts_help,
+    "cache": cache_help,
+    "eval": eval_help,
+    "predict": predict_help,
+    "export": export_help,
+    "teacher": teacher_help,
+}
