@@ -114,7 +114,8 @@ def _key_value_options(command: str, args: Sequence[str], allowed: Sequence[str]
     key or a missing required one is refused with the usage line."""
     from omegaconf import OmegaConf
 
-    from pand.cli_help import close_matches, did_you_mean
+    from pand.cli_help import did_you_mean
+    from pand.errors import close_matches
 
     bad = [a for a in args if a.partition("=")[0] not in allowed or "=" not in a]
     if bad:
@@ -270,7 +271,8 @@ def cmd_quickstart(args: Sequence[str]) -> int:
 
 def _subcommand(command: str, args: Sequence[str], subcommands: Sequence[str], usage: str) -> None:
     """Refuse a missing or misspelt subcommand (``pand cache biuld``) with the closest one and the usage."""
-    from pand.cli_help import close_matches, did_you_mean
+    from pand.cli_help import did_you_mean
+    from pand.errors import close_matches
 
     if not args:
         raise ConfigError(f"pand {command} needs a subcommand ({', '.join(subcommands)}); usage: {usage}")
@@ -450,7 +452,8 @@ def _print_help(command: str | None) -> int:
 
 
 def _unknown_command(command: str) -> int:
-    from pand.cli_help import close_matches, did_you_mean
+    from pand.cli_help import did_you_mean
+    from pand.errors import close_matches
 
     hint = did_you_mean([f"pand {m}" for m in close_matches(command, COMMANDS)])
     print(f"pand: error: unknown command {command!r}{hint}\n  commands: {', '.join(COMMANDS)} "

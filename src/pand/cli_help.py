@@ -8,12 +8,12 @@ option ``pand/cub_resnet18``), and the settings of ``train.yaml`` are listed wit
 
 from __future__ import annotations
 
-import difflib
 import re
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -129,23 +129,6 @@ def _read_lines(path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- suggestions
-def close_matches(word: str, candidates: Iterable[str], *, cutoff: float = 0.6, spread: float = 0.1,
-                  limit: int = 3) -> list[str]:
-    """The candidates most similar to ``word`` (difflib): the best one and those nearly as good."""
-    scored = []
-    for c in dict.fromkeys(candidates):
-        if c == word:
-            continue
-        ratio = difflib.SequenceMatcher(None, word, c).ratio()
-        if ratio >= cutoff:
-            scored.append((ratio, c))
-    scored.sort(key=lambda rc: (-rc[0], rc[1]))
-    if not scored:
-        return []
-    best = scored[0][0]
-    return [c for r, c in scored if r >= best - spread][:limit]
-
-
 def did_you_mean(suggestions: Sequence[str]) -> str:
     """``"; did you mean a?"`` / ``"; did you mean a or b?"`` / ``""``."""
     if not suggestions:
@@ -184,7 +167,8 @@ def groups_text(config_name: str = "train") -> str:
 def settings_text(config_name: str = "train", expand: Sequence[str] = ()) -> str:
     """The settings of ``config_name.yaml`` with their comments; sections in ``expand`` key by key, the others in one
     line each."""
-    lines = [f"settings of {config_name}.yaml besides the groups (KEY=VALUE; `pand config` prints the composed config):"]
+    lines = [f"settings of {config_name}.yaml besides the groups "
+             "(KEY=VALUE; `pand config` prints the composed config):"]
     for s in config_settings(config_name):
         if s.children and s.key in expand:
             lines.extend(_wrap(f"{s.key}.*", s.comment))

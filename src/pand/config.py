@@ -108,7 +108,8 @@ def _parse_override(line: str):
 def _prepare_overrides(overrides: list[str]) -> list[str]:
     """Refuse what Hydra would refuse obscurely (a sweep, an unknown group option, a trainer argument pand sets) and
     turn ``trainer.NAME=VALUE`` into ``++trainer.NAME=VALUE`` for every Trainer argument (set or add)."""
-    from pand.cli_help import close_matches, config_groups, did_you_mean
+    from pand.cli_help import config_groups, did_you_mean
+    from pand.errors import close_matches
 
     groups = config_groups()
     prepared = []
@@ -186,7 +187,8 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(line: str, o: Any, base: dict, groups: dict[str, list[str]]) -> str:
-    from pand.cli_help import close_matches, did_you_mean
+    from pand.cli_help import did_you_mean
+    from pand.errors import close_matches
 
     key = o.key_or_group
     value = line.split("=", 1)[1] if "=" in line else ""

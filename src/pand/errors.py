@@ -43,19 +43,23 @@ class TrainingDivergedError(PandError, FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the terms."""
 
 
-def closest(word: str, options) -> str | None:
-    """The option closest to a mistyped ``word``, or None if none is close."""
+def close_matches(word: str, candidates, *, cutoff: float = 0.6, spread: float = 0.1, limit: int = 3) -> list[str]:
+    """The candidates most similar to a mistyped ``word``: one that differs only in case first (the likeliest typo),
+    then by difflib's ratio the best one and those nearly as good."""
     import difflib
 
-    options = [str(o) for o in options]
-    same_letters = [o for o in options if o.lower() == str(word).lower()]  # a wrong case is the likeliest typo
+    candidates = [str(c) for c in dict.fromkeys(candidates) if str(c) != word]
+    same_letters = [c for c in candidates if c.lower() == str(word).lower()]
     if same_letters:
-        return same_letters[0]
-    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
-    return close[0] if close else None
+        return same_letters[:limit]
+    scored = sorted((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates)
+    scored = sorted(((r, c) for r, c in scored if r >= cutoff), key=lambda rc: (-rc[0], rc[1]))
+    if not scored:
+        return []
+    return [c for r, c in scored if r >= scored[0][0] - spread][:limit]
 
 
-def did_you_mean(word: str, options) -> str:
+def suggest(word: str, options) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``options`` to a mistyped ``word``, or an empty string."""
-    match = closest(word, options)
-    return f" (did you mean {match!r}?)" if match else ""
+    match = close_matches(word, options, limit=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""

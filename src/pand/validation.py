@@ -321,14 +321,11 @@ def _unlabelled_errors(config: Mapping[str, Any], cls: Any) -> list[str]:
     return errors
 
 
-# Trainer arguments pand sets itself, and where each is configured instead.
-PAND_TRAINER_KEYS = {
-    "logger": "the logger group: logger=csv|tensorboard|wandb|mlflow|none",
-    "callbacks": "the callbacks group: callbacks=default|ema|early_stopping|rich_summary|none",
-    "enable_checkpointing": "pand's checkpointing (always on; see the checkpoint section)",
-    "plugins": "pand (its atomic checkpoint writer)",
-    "default_root_dir": "run_dir=...",
-    "use_distributed_sampler": "pand's samplers (they shard the data across processes themselves)",
+# The Python package each optional logger needs, and the pand extra that installs it.
+_LOGGER_PACKAGES = {
+    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "WandbLogger": (("wandb",), "wandb"),
+    "MLFlowLogger": (("mlflow",), "mlflow"),
 }
 
 
@@ -336,7 +333,10 @@ def _engine_setting_errors(config: Mapping[str, Any]) -> list[str]:
     """Trainer keys pand owns, optional loggers whose package is missing, a warm-up as long as the run."""
     import importlib.util
 
-    errors = [f"trainer.{key} is set by pand; use {where}" for key, where in PAND_TRAINER_KEYS.items()
+    from pand.config import PAND_TRAINER_ARGS
+
+    # compose() refuses these in overrides and config files; a config built in Python reaches this check instead
+    errors = [f"trainer.{key} is set by pand: {where()}" for key, where in PAND_TRAINER_ARGS.items()
               if (config.get("trainer") or {}).get(key) is not None]
     for name, spec in (config.get("logger") or {}).items():
         target = str((spec or {}).get("_target_") if isinstance(spec, Mapping) else "")
@@ -348,14 +348,6 @@ def _engine_setting_errors(config: Mapping[str, Any]) -> list[str]:
         errors.append(f"scheduler.warmup_epochs={warmup} is not below trainer.max_epochs={epochs}: training would "
                       "end inside the warm-up")
     return errors
-
-
-# The Python package each optional logger needs, and the pand extra that installs it.
-_LOGGER_PACKAGES = {
-    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "tensorboard"),
-    "WandbLogger": (("wandb",), "wandb"),
-    "MLFlowLogger": (("mlflow",), "mlflow"),
-}
 
 
 def _settings_errors(config: Mapping[str, Any]) -> list[str]:

@@ -81,6 +81,18 @@ def test_run_sweep_records_a_failed_run_and_goes_on(cub_root, tmp_path):  # noqa
     assert main_sweep([*overrides, "--sweep-dir", str(tmp_path / "cli"), "data.num_classes=5"]) == 1
 
 
+def test_a_bad_value_in_any_combination_refuses_the_sweep_before_the_first_run(tmp_path, monkeypatch):
+    def no_training(config):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr("pand.engine.run.train", no_training)
+    sweep_dir = tmp_path / "sweep"
+    with pytest.raises(ConfigError, match="the sweep was not started") as err:
+        run_sweep(["optim.lr=1e-3,-1", "trainer.max_epochs=1"], str(sweep_dir))
+    assert "optim.lr=-1 is not allowed" in str(err.value) and "in 1 of 2 run(s)" in str(err.value)
+    assert not sweep_dir.exists()
+
+
 def _fake_run(folder, lr, seed, val, test):
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(

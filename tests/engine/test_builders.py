@@ -102,8 +102,6 @@ def test_a_wrong_class_or_argument_is_refused_with_a_suggestion(overrides, messa
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["+trainer.logger=false"], "trainer.logger is set by pand; use the logger group"),
-        (["+trainer.callbacks=[]"], "trainer.callbacks is set by pand; use the callbacks group"),
         (["scheduler.warmup_epochs=300"], "scheduler.warmup_epochs=300 is not below trainer.max_epochs=300"),
         (["scheduler.interval=batch"], "expected one of 'epoch', 'step'"),
         (["callbacks=ema", "callbacks.ema.decay=1.5"], "callbacks.ema.decay=1.5 is not allowed"),
@@ -113,6 +111,15 @@ def test_engine_settings_are_checked_without_building_anything(overrides, messag
     with pytest.raises(ConfigError, match="invalid training setting") as err:
         validate_train_settings(to_plain(compose("train", overrides)))
     assert message in str(err.value)
+
+
+def test_trainer_arguments_pand_sets_are_refused_from_the_command_line_and_from_config_files():
+    with pytest.raises(ConfigError, match="trainer.logger is set by pand, not on the command line"):
+        compose("train", ["trainer.logger=false"])
+    config = to_plain(compose("train", []))
+    config["trainer"]["callbacks"] = []  # a config built in Python
+    with pytest.raises(ConfigError, match="trainer.callbacks is set by pand: choose callbacks with callbacks="):
+        validate_train_settings(config)
 
 
 def test_an_optional_logger_without_its_package_names_the_extra(monkeypatch):

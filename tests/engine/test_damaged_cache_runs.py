@@ -20,6 +20,7 @@ def test_a_truncated_cache_is_refused_then_rebuilt_on_request(cub_root, tmp_path
     assert not (tmp_path / "second" / "checkpoints").exists()  # refused before training
 
     assert main(["train", *tiny_overrides(cub_root, tmp_path / "third", *common, "cache.rebuild=true")]) == 0
+    capsys.readouterr()
     assert main(["cache", "build", *tiny_overrides(cub_root, tmp_path / "x", *common)[:-1]]) == 0
     streams = capsys.readouterr()
     assert "teacher cache complete" in streams.err and json.loads(streams.out)["views"] >= 1

@@ -105,6 +105,24 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _check_every_combination(combos: Sequence[Sequence[str]]) -> None:
+    """Compose and check the settings of every run before the first one starts, so that a typo or a value out of range
+    in one combination is refused in a second instead of failing that run hours into the sweep."""
+    from pand.config import compose, to_plain
+    from pand.validation import validate_train_settings
+
+    problems: dict[str, list[str]] = {}
+    for combo in combos:
+        try:
+            validate_train_settings(to_plain(compose("train", combo)))
+        except PandError as err:
+            problems.setdefault(str(err), []).append(" ".join(combo))
+    if problems:
+        raise ConfigError("the sweep was not started; " + "\n".join(
+            f"{message}\n  (in {len(runs)} of {len(combos)} run(s), e.g. {runs[0]})"
+            for message, runs in problems.items()))
+
+
 def run_sweep(overrides: list[str], sweep_dir: str | None = None) -> list[dict]:
     """Train every combination of the swept overrides in turn, then tabulate and plot them in ``sweep_dir``.
 
@@ -112,7 +130,6 @@ def run_sweep(overrides: list[str], sweep_dir: str | None = None) -> list[dict]:
     pand error, ``{"run_dir", "overrides", "status": "failed", "error"}``.
     """
     from pand.config import compose, to_plain
-    from pand.engine.run import train
 
     user = list(overrides)
     dropped = [o for o in user if o.lstrip("+~").split("=", 1)[0] == "run_dir"]
@@ -121,6 +138,8 @@ def run_sweep(overrides: list[str], sweep_dir: str | None = None) -> list[dict]:
         user = [o for o in user if o not in dropped]
     combos = expand_sweep(user)
     swept = _swept_keys(user)
+    _check_every_combination(combos)
+    from pand.engine.run import train
     if sweep_dir is None:
         runs_dir = to_plain(compose("train", combos[0]))["paths"]["runs_dir"]
         sweep_path = Path(runs_dir) / f"sweep-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pand.errors import ConfigError, closest, did_you_mean
+from pand.errors import ConfigError, close_matches, suggest
 
 log = logging.getLogger("pand")
 
@@ -45,8 +45,8 @@ def import_class(path: Any, key: str) -> type:
     cls = getattr(module, name, None)
     if not inspect.isclass(cls):
         public = [n for n in dir(module) if not n.startswith("_") and inspect.isclass(getattr(module, n))]
-        match = closest(name, public)
-        hint = f" (did you mean {module_name}.{match}?)" if match else ""
+        match = close_matches(name, public, limit=1)
+        hint = f" (did you mean {module_name}.{match[0]}?)" if match else ""
         raise ConfigError(f"{key}={path}: {module_name} has no class {name!r}{hint}")
     return cls
 
@@ -60,7 +60,7 @@ def keyword_errors(cls: type, kwargs: Mapping[str, Any], prefix: str, *, skip: t
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
     accepted = [n for n, p in params.items() if n not in skip and p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    return [f"{prefix}.{k}: {cls.__module__}.{cls.__qualname__} takes no argument {k!r}{did_you_mean(k, accepted)}; "
+    return [f"{prefix}.{k}: {cls.__module__}.{cls.__qualname__} takes no argument {k!r}{suggest(k, accepted)}; "
             f"it takes {', '.join(accepted)}" for k in kwargs if k not in accepted]
 
 

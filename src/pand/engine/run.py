@@ -118,8 +118,6 @@ def train(config: Mapping[str, Any]) -> dict[str, Any]:
     validate_train_config(config)
     L.seed_everything(int(config["seed"]), workers=True, verbose=False)
     run_dir = resolve_run_dir(config).resolve()
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        log.info("run folder: %s", run_dir)
     os.environ[_RUN_DIR_ENV] = str(run_dir)
     try:
         return _train(config, run_dir)
@@ -138,6 +136,8 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             f"run folder {run_dir} already holds checkpoints; resume with "
             f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} or choose another run_dir"
         )
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        log.info("run folder: %s", run_dir)  # before the data and the teacher load, which may take minutes
     data, module = build_training(config)
     record = run_record(run_dir, data.splits, module.distiller.context)
     if resume is not None:
