@@ -47,5 +47,5 @@ class ParameterSummary(Callback):
         trainable = sum(p.numel() for p in distiller.parameters() if p.requires_grad)
         heads = trainable - sum(p.numel() for p in distiller.student.parameters() if p.requires_grad)
         log.info("student %s: %s parameters; method %s: %s trainable in its heads; %s trainable in all",
-                 type(distiller.student).__name__, _millions(student), distiller.name, _millions(heads),
+                 getattr(distiller.student, "name", type(distiller.student).__name__), _millions(student), distiller.name, _millions(heads),
                  _millions(trainable))
