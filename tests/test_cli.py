@@ -43,6 +43,7 @@ def run_in_clean_interpreter(*argv: str) -> tuple[int, str, str, list[str]]:
     ["train", "--help"], ["config", "-h"], ["features", "--help"], ["prompts", "--help"], ["cache", "build", "--help"],
     ["eval", "--help"], ["predict", "-h"], ["export", "--help"], ["teacher", "--help"], ["sweep", "--help"],
     ["gather", "--help"], ["quickstart", "--help"], ["--help"], ["train", "data=cub", "-m", "--help"],
+    ["bench", "--help"], ["teacher", "fit", "--help"],
 ])
 def test_help_is_printed_without_importing_torch_lightning_or_hydra(argv):
     rc, out, err, heavy = run_in_clean_interpreter(*argv)

@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from pand.errors import ConfigError, PandError
+from pand.errors import ConfigError, PandError, close_matches
 from pand.io import OUTPUT_ERRNOS
 
 # Nothing heavy at module level (no torch, Lightning, Hydra): `pand --help`, `pand COMMAND --help`, `pand --version`
@@ -115,7 +115,6 @@ def _key_value_options(command: str, args: Sequence[str], allowed: Sequence[str]
     from omegaconf import OmegaConf
 
     from pand.cli_help import did_you_mean
-    from pand.errors import close_matches
 
     bad = [a for a in args if a.partition("=")[0] not in allowed or "=" not in a]
     if bad:
@@ -272,7 +271,6 @@ def cmd_quickstart(args: Sequence[str]) -> int:
 def _subcommand(command: str, args: Sequence[str], subcommands: Sequence[str], usage: str) -> None:
     """Refuse a missing or misspelt subcommand (``pand cache biuld``) with the closest one and the usage."""
     from pand.cli_help import did_you_mean
-    from pand.errors import close_matches
 
     if not args:
         raise ConfigError(f"pand {command} needs a subcommand ({', '.join(subcommands)}); usage: {usage}")
@@ -453,7 +451,6 @@ def _print_help(command: str | None) -> int:
 
 def _unknown_command(command: str) -> int:
     from pand.cli_help import did_you_mean
-    from pand.errors import close_matches
 
     hint = did_you_mean([f"pand {m}" for m in close_matches(command, COMMANDS)])
     print(f"pand: error: unknown command {command!r}{hint}\n  commands: {', '.join(COMMANDS)} "

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pand.errors import ConfigError
+from pand.errors import ConfigError, close_matches
 
 # Resolvers used by the packaged configs to build file names.
 if not OmegaConf.has_resolver("sanitize"):
@@ -59,6 +59,7 @@ PAND_TRAINER_ARGS: dict[str, Callable[[], str]] = {
 }
 
 _SET_BY_PAND = "is set by pand, not on the command line"
+_NOT_FOUND = object()
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -109,7 +110,6 @@ def _prepare_overrides(overrides: list[str]) -> list[str]:
     """Refuse what Hydra would refuse obscurely (a sweep, an unknown group option, a trainer argument pand sets) and
     turn ``trainer.NAME=VALUE`` into ``++trainer.NAME=VALUE`` for every Trainer argument (set or add)."""
     from pand.cli_help import config_groups, did_you_mean
-    from pand.errors import close_matches
 
     groups = config_groups()
     prepared = []
@@ -142,6 +142,7 @@ def _explain(config_name: str, overrides: list[str], err: Exception) -> str:
     from omegaconf.errors import OmegaConfBaseException
 
     from pand.cli_help import config_groups
+    from pand.validation import lookup
 
     hydra_text = f"bad configuration or override: {err}"
     groups = config_groups()
@@ -155,25 +156,13 @@ def _explain(config_name: str, overrides: list[str], err: Exception) -> str:
         key = o.key_or_group
         if line in group_lines or o.package is not None or key.startswith("hydra.") or o.is_force_add():
             continue
-        found = _lookup(base, key)
+        found = lookup(base, key, _NOT_FOUND) is not _NOT_FOUND
         if o.is_add() and found:
             return (f"{key} is already in the config (in {line}): write {line.lstrip('+')} without the +, which "
                     "only adds a key the config does not have")
         if not o.is_add() and not found:
             return _unknown_key(line, o, base, groups)
     return hydra_text
-
-
-def _lookup(config: Any, key: str) -> bool:
-    node = config
-    for part in key.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False
-    return True
 
 
 def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
@@ -188,15 +177,12 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
 
 def _unknown_key(line: str, o: Any, base: dict, groups: dict[str, list[str]]) -> str:
     from pand.cli_help import did_you_mean
-    from pand.errors import close_matches
+    from pand.validation import lookup
 
     key = o.key_or_group
     value = line.split("=", 1)[1] if "=" in line else ""
     parent, _, name = key.rpartition(".")
-    parent_node = base
-    if parent:
-        for part in parent.split("."):
-            parent_node = parent_node.get(part) if isinstance(parent_node, dict) else None
+    parent_node = lookup(base, parent, None) if parent else base
     what = "cannot remove" if o.is_delete() else "unknown setting"
     if parent and isinstance(parent_node, dict) or not parent:
         siblings = list(parent_node) if isinstance(parent_node, dict) else []

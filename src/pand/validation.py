@@ -106,12 +106,16 @@ WEIGHT = NON_NEGATIVE
 PROBABILITY = number(0, 1)
 
 
-def lookup(config: Mapping[str, Any], key: str) -> Any:
+def lookup(config: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
+    """The value at dotted ``key`` (list items by index, ``a.0.b``), or ``default`` where there is none."""
     node: Any = config
     for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
-        node = node[part]
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return default
     return node
 
 

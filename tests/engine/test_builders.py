@@ -75,6 +75,18 @@ def test_timm_cosine_follows_timm_with_its_own_warm_up():
     assert rates == pytest.approx([reference._get_lr(e)[0] for e in range(10)])
 
 
+def test_reduce_on_plateau_follows_val_acc1_and_refuses_a_warm_up():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = build_optimizer({"_target_": "torch.optim.SGD", "lr": 1.0}, [param])
+    cfg = {"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "mode": "max", "patience": 0,
+           "interval": "epoch", "warmup_epochs": 0}
+    entry = build_scheduler(cfg, optimizer, max_epochs=5, total_steps=5)
+    assert entry["monitor"] == "val/acc1" and isinstance(entry["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau)
+    config = to_plain(compose("train", []))
+    config["scheduler"] = {**cfg, "warmup_epochs": 2}
+    assert any("it follows val/acc1, not a timetable" in e for e in target_errors(config))
+
+
 def test_any_torch_optimizer_by_class_path():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = build_optimizer({"_target_": "torch.optim.RAdam", "lr": 3e-4, "weight_decay": 0.01}, [param])

@@ -45,6 +45,8 @@ def test_features_are_stored_with_provenance_reused_and_refused_when_foreign(cub
     assert main(["features", *stage1_overrides(cub_root, runs)]) == 0
     out = run_features(stage1_config(cub_root, runs))  # reused
     fdir = runs / "features" / "cub-pand-tiny-vit"
+    stored = json.loads(capsys.readouterr().out)  # the result alone on stdout
+    assert stored["train"] == {"shape": [15, 32], "file": f"{fdir}/train.safetensors"}
     assert set(out) == {"train", "val", "test"}
     tensors, record = load_tensors(fdir / "train.safetensors")
     assert tensors["embeds"].shape == (15, 32) and tensors["labels"].shape == (15,)

@@ -4,7 +4,7 @@
 progress bar on stderr (tqdm, as torchvision shows), checks the md5 and renames the file into place, so an interrupted
 download never leaves a file that looks complete. ``download_and_extract`` does that and then unpacks ``.tar``,
 ``.tgz``, ``.tar.gz`` (and other compressed tars), ``.zip`` or a single ``.gz`` under ``root``, refusing members that
-would land outside ``root``. The md5 is torchvision's ``calculate_md5``.
+would land outside ``root``.
 
 Why not torchvision's ``download_url`` / ``download_and_extract_archive`` (torchvision 0.29), which pand's datasets
 take their URLs and checksums from: they write straight to the final path, so an interrupted download leaves a
@@ -14,7 +14,7 @@ over plain http; a checksum mismatch is reported as "File not found or corrupted
 file is left in place; and their extraction (``tarfile.extractall`` without a filter, ``ZipFile.extractall``) does not
 refuse members or links that leave the target folder. Downloading into a temporary folder and renaming would fix
 only the first. So pand keeps its writer and extraction, and takes from the libraries what they add: the progress
-bar (tqdm, which torchvision uses too) and the md5 helper.
+bar (tqdm, which torchvision uses too).
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ _TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".tx
 
 
 def md5sum(path: str | os.PathLike) -> str:
-    """The md5 of a file, as torchvision computes it for its datasets (``calculate_md5``)."""
-    from torchvision.datasets.utils import calculate_md5
-
-    return calculate_md5(path, chunk_size=CHUNK)
+    h = hashlib.md5(usedforsecurity=False)  # a checksum, not security: works on FIPS machines
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _progress(response, dest: Path):
@@ -78,7 +79,7 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None, *, layout:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    h = hashlib.md5(usedforsecurity=False)  # a checksum, not security: works on FIPS machines, as torchvision
+    h = hashlib.md5(usedforsecurity=False)  # a checksum, not security: works on FIPS machines
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(part, "wb") as f, \
                 _progress(response, dest) as bar:

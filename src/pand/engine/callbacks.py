@@ -43,9 +43,9 @@ class ParameterSummary(Callback):
         if not trainer.is_global_zero:
             return
         distiller = pl_module.distiller
-        student = sum(p.numel() for p in distiller.student.parameters())
+        student = list(distiller.student.parameters())
         trainable = sum(p.numel() for p in distiller.parameters() if p.requires_grad)
-        heads = trainable - sum(p.numel() for p in distiller.student.parameters() if p.requires_grad)
-        log.info("student %s: %s parameters; method %s: %s trainable in its heads; %s trainable in all",
-                 getattr(distiller.student, "name", type(distiller.student).__name__), _millions(student), distiller.name, _millions(heads),
-                 _millions(trainable))
+        heads = trainable - sum(p.numel() for p in student if p.requires_grad)
+        name = getattr(distiller.student, "name", type(distiller.student).__name__)
+        log.info("student %s: %s parameters; method %s: %s trainable in its heads; %s trainable in all", name,
+                 _millions(sum(p.numel() for p in student)), distiller.name, _millions(heads), _millions(trainable))

@@ -272,16 +272,20 @@ def _flatten(obj: Any, prefix: str) -> dict[str, Any]:
     return {prefix: obj}
 
 
+def _compared_part(config: Mapping[str, Any], group: str) -> dict[str, Any]:
+    section = config.get(group) or {}
+    if group in _COMPARED_ON_RESUME:
+        return {k: v for k, v in section.items() if k in _COMPARED_ON_RESUME[group]}
+    return {k: v for k, v in section.items() if k not in _IGNORED_ON_RESUME[group]}
+
+
 def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"<key>: checkpoint <a>, this run <b>"`` for every training-defining config key that differs."""
     diffs = []
     if stored.get("seed") != current.get("seed"):
         diffs.append(f"seed: checkpoint {stored.get('seed')!r}, this run {current.get('seed')!r}")
-    sections = [(group, lambda k, ignored=ignored: k not in ignored) for group, ignored in _IGNORED_ON_RESUME.items()]
-    sections += [(group, lambda k, kept=kept: k in kept) for group, kept in _COMPARED_ON_RESUME.items()]
-    for group, compared in sections:
-        a = {k: v for k, v in (stored.get(group) or {}).items() if compared(k)}
-        b = {k: v for k, v in (current.get(group) or {}).items() if compared(k)}
+    for group in (*_IGNORED_ON_RESUME, *_COMPARED_ON_RESUME):
+        a, b = _compared_part(stored, group), _compared_part(current, group)
         fa, fb = _flatten(a, group), _flatten(b, group)
         for key in sorted(set(fa) | set(fb)):
             if fa.get(key, "<unset>") != fb.get(key, "<unset>"):

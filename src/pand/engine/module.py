@@ -42,9 +42,8 @@ class DistillationModule(L.LightningModule):
         self.distiller = distiller
         self.mixer = mixer
         self._teacher_holder = TeacherRef(teacher_source)
-        # Without a config (evaluation), AdamW at a constant rate: configure_optimizers is never called then.
-        self.optim_cfg = dict(optim or {"_target_": "torch.optim.AdamW", "lr": 1e-4})
-        self.scheduler_cfg = dict(scheduler or {"_target_": None})
+        self.optim_cfg = dict(optim or {})  # empty for evaluation, which never builds an optimizer
+        self.scheduler_cfg = dict(scheduler or {})
         self.seed = int((config or {}).get("seed", 0))
         if config is not None:
             self.save_hyperparameters({"config": dict(config)})

@@ -291,17 +291,13 @@ def _timm_weights_source(name: str) -> tuple[str, str, Path | None, list[str]]:
     if cfg is None:
         return name, "", None, []
     tag = f"{cfg.architecture}.{cfg.tag}" if getattr(cfg, "tag", None) else name
-    from pand.teachers.hub import hf_cache_dir, torch_hub_checkpoint
+    from pand.teachers.hub import hf_cache_dir, hub_file_names, torch_hub_checkpoint
 
     if cfg.file:
         return tag, str(cfg.file), None, []
     if cfg.hf_hub_id:
         filename = getattr(cfg, "hf_hub_filename", None) or "pytorch_model.bin"
-        names = [filename]
-        if filename == "pytorch_model.bin":
-            names.insert(0, "model.safetensors")
-        elif filename.endswith(".bin"):
-            names.insert(0, filename[:-4] + ".safetensors")
+        names = hub_file_names(filename, ("pytorch_model.bin", "model.safetensors"), (".bin",))
         return tag, f"hf-hub:{cfg.hf_hub_id}", hf_cache_dir(), names
     if cfg.url:
         return tag, cfg.url, torch_hub_checkpoint(cfg.url).parent, [torch_hub_checkpoint(cfg.url).name]

@@ -19,7 +19,15 @@ from torch import nn
 
 from pand.errors import ConfigError, PandError, WeightsUnavailableError
 from pand.teachers.frozen import IMAGE_EMBEDS, STAGE_FEATURES, FrozenTeacher
-from pand.teachers.hub import OFFLINE_SUGGESTION, hf_cache_dir, hf_cached, hub_offline, is_network_error, root_reason
+from pand.teachers.hub import (
+    OFFLINE_SUGGESTION,
+    hf_cache_dir,
+    hf_cached,
+    hub_file_names,
+    hub_offline,
+    is_network_error,
+    root_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +271,8 @@ def _weights_source(model: str, pretrained: str | None, cache_dir: str | None) -
     cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
     if cfg.get("hf_hub"):
         repo, filename = os.path.split(cfg["hf_hub"])  # 'org/repo/' means open_clip's default file name
-        filename = filename or oc.HF_WEIGHTS_NAME
-        names = [filename]
-        if filename == oc.HF_WEIGHTS_NAME:
-            names.insert(0, oc.HF_SAFE_WEIGHTS_NAME)
-        elif filename.endswith((".bin", ".pth")):
-            names.insert(0, filename[:-4] + ".safetensors")
+        names = hub_file_names(filename or oc.HF_WEIGHTS_NAME, (oc.HF_WEIGHTS_NAME, oc.HF_SAFE_WEIGHTS_NAME),
+                               (".bin", ".pth"))
         return repo, hf_cache_dir(cache_dir), names
     if cfg.get("url"):
         folder = Path(cache_dir).expanduser() if cache_dir else Path("~/.cache/clip").expanduser()

@@ -73,6 +73,20 @@ def hf_cached(repo_id: str, filenames: Iterable[str], cache_dir: str | os.PathLi
     return None
 
 
+def hub_file_names(filename: str, default: tuple[str, str], twins: tuple[str, ...]) -> list[str]:
+    """The files a library tries for a hub repo's weights ``filename``, in its order: the ``.safetensors`` twin first.
+
+    open_clip and timm both prefer safetensors: the twin of their default file is a fixed name (``default`` is
+    ``(pickle name, safetensors name)``), that of any other file with a suffix in ``twins`` swaps the suffix.
+    """
+    if filename == default[0]:
+        return [default[1], filename]
+    for suffix in twins:
+        if filename.endswith(suffix):
+            return [filename[: -len(suffix)] + ".safetensors", filename]
+    return [filename]
+
+
 def torch_hub_checkpoint(url: str) -> Path:
     """Where ``torch.hub.load_state_dict_from_url`` (torchvision's and timm's url weights) keeps ``url``'s file."""
     import torch.hub
