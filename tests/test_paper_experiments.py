@@ -56,7 +56,7 @@ def test_cell_composes_validates_and_follows_the_shared_settings(name, tmp_path)
     assert (config["data"]["name"], config["data"]["num_classes"]) == (dataset, NUM_CLASSES[dataset])
     assert config["data"]["templates"] == [TEMPLATES[dataset]]
     assert (config["student"]["name"], config["student"]["source"], config["student"]["pretrained"]) == (
-        student, "torchvision", True)
+        student, "torchvision", "IMAGENET1K_V1")
     t = config["teacher"]
     assert (t["kind"], t["model"], t["pretrained"]) == ("clip", "convnext_xxlarge", "laion2b_s34b_b82k_augreg_soup")
     assert t["logit_scale"] == pytest.approx(1 / 0.07)
@@ -93,7 +93,7 @@ def test_pand_recipe_for_both_stages(name, tmp_path):
     # stage 1 (CoOp on stored teacher features)
     assert config["prompts"] == {
         "n_ctx": 16, "ctx_init": None, "csc": False, "class_token_position": "end", "epochs": 200, "batch_size": 32,
-        "lr": 0.002, "momentum": 0.9, "weight_decay": 0.0, "warmup_epochs": 1, "warmup_lr": 1.0e-5,
+        "lr": 0.002, "momentum": 0.9, "weight_decay": 0.0, "warmup_epochs": 0, "warmup_lr": 1.0e-5,
         "logit_scale": "learned", "out": config["prompts"]["out"],
     }
     dataset = name.split("/")[1].split("_")[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from pand.errors import WeightsUnavailableError
+from pand.errors import ConfigError, WeightsUnavailableError
 from pand.students import build_student, load_weights_file
 
 
@@ -115,6 +115,23 @@ def test_offline_uncached_torchvision_weights_fail_at_once(offline_empty_caches)
     msg = str(e.value)
     assert "resnet18-f37072fd.pth" in msg and str(offline_empty_caches / "torch" / "hub" / "checkpoints") in msg
     assert "HF_HUB_OFFLINE=1" in msg and "student.weights=" in msg
+
+
+@pytest.mark.parametrize(("pretrained", "file"), [(True, "mobilenet_v2-7ebf99e0.pth"),
+                                                 ("IMAGENET1K_V1", "mobilenet_v2-b0353104.pth")])
+def test_torchvision_weights_can_be_named(offline_empty_caches, pretrained, file):
+    # true is torchvision's DEFAULT (IMAGENET1K_V2 for MobileNetV2); a name picks other weights, e.g. the V1 ones
+    # that pretrained=True meant in the torchvision the VL2Lite and PAND authors used
+    with pytest.raises(WeightsUnavailableError, match=file):
+        build_student("mobilenet_v2", 5, source="torchvision", pretrained=pretrained)
+
+
+def test_an_unknown_weights_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="not a weights name of torchvision 'mobilenet_v2'; it has IMAGENET1K_V1, "
+                                          "IMAGENET1K_V2"):
+        build_student("mobilenet_v2", 5, source="torchvision", pretrained="IMAGENET1K_V3")
+    with pytest.raises(ConfigError, match="names torchvision weights, but 'resnet18' is a timm model"):
+        build_student("resnet18", 5, source="timm", pretrained="IMAGENET1K_V1")
 
 
 def test_network_failure_suggests_offline_mode(monkeypatch):

@@ -66,9 +66,14 @@ def build_student_from(config: Mapping[str, Any], num_classes: int):
     # Built for the run's input size (timm ViTs, Mixers, Swins take img_size); methods that attach heads to the
     # student's stages size them with a dry run at it (student.input_size).
     return build_student(
-        s["name"], num_classes, source=s.get("source", "auto"), pretrained=bool(s.get("pretrained", True)),
+        s["name"], num_classes, source=s.get("source", "auto"), pretrained=_pretrained(s.get("pretrained", True)),
         weights=s.get("weights"), image_size=int(config["data"]["image_size"]), kwargs=s.get("kwargs"),
     )
+
+
+def _pretrained(value: Any) -> bool | str:
+    """``student.pretrained``: true / false, or the name of a torchvision model's weights (``IMAGENET1K_V1``)."""
+    return value if isinstance(value, str) else bool(value)
 
 
 def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, DistillationModule]:

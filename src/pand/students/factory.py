@@ -221,18 +221,35 @@ def _strip_torchvision_head(model: nn.Module, name: str) -> nn.Module:
     raise ConfigError(f"cannot find the classifier of torchvision model {name!r} to replace it")
 
 
+def _torchvision_weights(name: str, pretrained: bool | str) -> str:
+    """The torchvision weights of ``name`` to download: ``DEFAULT`` for ``pretrained=True``, else the named ones
+    (``IMAGENET1K_V1``: the first ImageNet weights, which ``pretrained=True`` meant before torchvision 0.13)."""
+    if pretrained is True:
+        return "DEFAULT"
+    import torchvision
+
+    try:
+        known = [w.name for w in torchvision.models.get_model_weights(name)]
+    except (ValueError, KeyError):
+        known = []
+    if pretrained not in known:
+        raise ConfigError(f"student.pretrained={pretrained!r} is not a weights name of torchvision {name!r}; it has "
+                          f"{', '.join(known) or 'none'} (or true for DEFAULT, false for none)")
+    return str(pretrained)
+
+
 def _torchvision_backbone(
-    name: str, pretrained: bool, weights_file: str | None, kwargs: Mapping[str, Any]
+    name: str, pretrained: bool | str, weights_file: str | None, kwargs: Mapping[str, Any]
 ) -> nn.Module:
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(f"{name!r} is not a torchvision classification model")
-    weights = "DEFAULT" if pretrained and weights_file is None else None
+    weights = _torchvision_weights(name, pretrained) if pretrained and weights_file is None else None
     local = (f"train from scratch with student.pretrained=false or give a local file: "
              f"student.weights=/path/to/{name}.pth")
     if weights is not None:
-        _torchvision_offline_check(name, local)
+        _torchvision_offline_check(name, weights, local)
     try:
         model = torchvision.models.get_model(name, weights=weights, **kwargs)
     except (TypeError, ValueError) as err:  # torchvision refuses unknown options and ones that contradict the weights
@@ -257,7 +274,7 @@ def _torchvision_backbone(
     return _strip_torchvision_head(model, name)
 
 
-def _torchvision_offline_check(name: str, local: str) -> None:
+def _torchvision_offline_check(name: str, weights: str, local: str) -> None:
     """With HF_HUB_OFFLINE=1, refuse at once torchvision weights that are not in torch hub's cache
     (see :mod:`pand.teachers.hub`): torchvision would otherwise try to download them."""
     from pand.teachers.hub import hub_offline, torch_hub_checkpoint
@@ -267,7 +284,7 @@ def _torchvision_offline_check(name: str, local: str) -> None:
     import torchvision
 
     try:
-        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        url = torchvision.models.get_model_weights(name)[weights].url
     except Exception:  # noqa: BLE001 - no weights enum: torchvision will say so itself
         return
     target = torch_hub_checkpoint(url)
@@ -477,7 +494,7 @@ def build_student(
     num_classes: int,
     *,
     source: str = "auto",
-    pretrained: bool = True,
+    pretrained: bool | str = True,
     weights: str | None = None,
     image_size: int | Sequence[int] | None = None,
     kwargs: Mapping[str, Any] | None = None,
@@ -486,7 +503,8 @@ def build_student(
 
     ``auto`` takes torchvision if it knows the name, else ``cifar`` for a name that only pand's CIFAR networks have
     (:func:`pand.students.cifar.list_cifar_models`), else timm. ``pretrained`` downloads ImageNet weights (the CIFAR
-    networks have none: pass ``pretrained=False`` or ``weights``); ``weights`` loads a local checkpoint instead.
+    networks have none: pass ``pretrained=False`` or ``weights``); for a torchvision model it may also name the weights
+(``"IMAGENET1K_V1"``); ``weights`` loads a local checkpoint instead.
 
     ``image_size`` is the run's input side (or ``(H, W)``): timm models whose constructor takes ``img_size`` are built
     for it, the feature width is measured at it and it is kept as ``student.input_size``; a model that cannot run
@@ -499,6 +517,9 @@ def build_student(
     kwargs = dict(kwargs or {})
     if source == "auto":
         source = _resolve_auto(name)
+    if isinstance(pretrained, str) and source != "torchvision":
+        raise ConfigError(f"student.pretrained={pretrained!r} names torchvision weights, but {name!r} is a {source} "
+                          "model: use true or false (timm models take a tag in the name, e.g. resnet18.a1_in1k)")
     if source == "torchvision":
         backbone = _torchvision_backbone(name, pretrained, weights, kwargs)
     elif source == "timm":
