@@ -79,6 +79,14 @@ def test_stage1_help_shows_its_section_and_the_offline_hint(command, capsys):
     assert "features.batch_size=" in out and "config groups" in out
 
 
+def test_shared_base_configs_are_not_offered_as_options():
+    from pand.cli_help import config_groups
+
+    groups = config_groups()
+    assert "cub" in groups["data"] and "vit_b16" in groups["teacher"] and "vl2lite/cub_resnet18" in groups["experiment"]
+    assert not [o for g in groups.values() for o in g if o.split("/")[-1].startswith("_") or o == "base"]
+
+
 def test_help_command_and_help_flag_agree(capsys):
     assert main(["help", "config"]) == 0
     via_help = capsys.readouterr().out
