@@ -87,6 +87,27 @@ def test_reduce_on_plateau_follows_val_acc1_and_refuses_a_warm_up():
     assert any("it follows val/acc1, not a timetable" in e for e in target_errors(config))
 
 
+def test_an_open_wandb_run_is_finished_before_the_result_is_printed():
+    from pand.engine.builders import close_loggers
+
+    finished = []
+
+    class Run:
+        def finish(self):
+            finished.append(True)
+
+    class WandbLogger:  # stands in for Lightning's, whose finalize() leaves the W&B run open until exit
+        def __init__(self, run):
+            self._experiment = run
+
+        @property
+        def experiment(self):
+            return self._experiment
+
+    close_loggers([WandbLogger(Run()), WandbLogger(None), object()])
+    assert finished == [True]
+
+
 def test_any_torch_optimizer_by_class_path():
     param = torch.nn.Parameter(torch.zeros(1))
     opt = build_optimizer({"_target_": "torch.optim.RAdam", "lr": 3e-4, "weight_decay": 0.01}, [param])

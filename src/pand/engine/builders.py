@@ -153,6 +153,17 @@ def build_loggers(cfg: Mapping[str, Any] | None, run_dir: Path, resume_step: int
     return loggers
 
 
+def close_loggers(loggers) -> None:
+    """End the runs that a logger leaves open until the interpreter exits.
+
+    Lightning's ``WandbLogger.finalize`` does not finish the W&B run, so W&B finishes it at exit and prints its "wandb
+    sync ..." lines on stdout after pand's JSON result; finishing it here keeps them on stderr with the other logs.
+    """
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
+
+
 def build_callbacks(cfg: Mapping[str, Any] | None, *, has_logger: bool) -> list:
     from lightning.pytorch.callbacks import LearningRateMonitor
 

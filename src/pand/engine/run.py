@@ -28,7 +28,7 @@ from pand.engine.checkpoints import (
     check_resume_record,
     run_record,
 )
-from pand.engine.builders import build_callbacks, build_loggers
+from pand.engine.builders import build_callbacks, build_loggers, close_loggers
 from pand.engine.callbacks import ParameterSummary
 from pand.engine.data import UNLABELLED_SPLIT, PandDataModule
 from pand.engine.mixing import BatchMixer
@@ -189,6 +189,7 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     summary["status"] = "done"
     summary["total_seconds"] = round(time.time() - start, 2)
     _write_summary(trainer, run_dir, summary)
+    close_loggers(trainer.loggers)
     return summary
 
 
