@@ -19,9 +19,9 @@ from pand.teachers.fit import (
     DEFAULT_LR,
     DEFAULT_NUM_THREADS,
     DEFAULT_SEED,
-    fit_teacher,
     report_path,
 )
+from pand.teachers.fitting import fit_teacher
 
 
 def main() -> int:

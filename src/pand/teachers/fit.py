@@ -27,7 +27,6 @@ import argparse
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 #: open_clip model name of the fitted teacher (``model_configs/pand-fmnist-clip.json``).
 ARCHITECTURE = "pand-fmnist-clip"
@@ -74,15 +73,6 @@ def file_sha256(path: str | Path) -> str:
 def report_path(out_path: str | Path) -> Path:
     """The fit report next to the weights: same stem, ``.json``."""
     return Path(out_path).with_suffix(".json")
-
-
-def __getattr__(name: str) -> Any:
-    # The fitting code imports torch; kept apart so that `pand teacher fit --help` answers at once.
-    if name in ("fit_teacher", "zero_shot_accuracy"):
-        from pand.teachers import fitting
-
-        return getattr(fitting, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main_fit(args: Sequence[str] | None = None) -> int:
