@@ -111,3 +111,40 @@ def test_latency_flops_of_the_tiny_vit_teacher_count_every_product():
     teacher = load_clip_teacher("pand-tiny-vit", "random", image_size=side)
     with torch.inference_mode():
         assert _forward_flops(teacher.encode_images, torch.randn(1, 3, side, side)) == expected
+
+
+def test_bench_loader_reports_each_view_path_next_to_the_student(capsys):
+    code = main(["bench", "--teacher", "pand-tiny-vit", "--student", "resnet18", "--image-size", "32", "--batch", "4",
+                 "--classes", "5", "--steps", "1", "--warmup", "1", "--loader", "--loader-images", "8",
+                 "--loader-workers", "0", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loader = result["loader"]
+    assert loader["image_size"] == 32 and loader["batch_size"] == 4
+    assert [(r["mode"], r["workers"]) for r in loader["rows"]] == [("load", 0), ("augment", 0), ("device", 0)]
+    assert all(r["jpeg_img_per_s"] > 0 and r["cache_img_per_s"] > 0 for r in loader["rows"])
+    assert loader["device_augment"]["device"] == "cpu" and loader["device_augment"]["img_per_s"] > 0
+    # the student's rate is the training table's student-alone step of the same run
+    assert abs(loader["student_train_img_per_s"] - 4000 / result["student_only_ms"]) <= 0.1 + 1e-3 * 4000 / (
+        result["student_only_ms"] - 0.005)
+    paths = {(e["augment_on"], e["source"]) for e in loader["estimates"]}
+    assert paths == {("cpu", "jpeg"), ("cpu", "cache"), ("device", "jpeg"), ("device", "cache")}
+    for e in loader["estimates"]:
+        assert e["run_img_per_s"] == min(e["loader_img_per_s"], e["device_side_img_per_s"])
+        assert e["limited_by"] == "loader" if e["loader_img_per_s"] < e["device_side_img_per_s"] else \
+            e["limited_by"].startswith("student step")
+        if e["augment_on"] == "device":  # the batched augmentation shares the device with the training step
+            assert e["device_side_img_per_s"] < loader["student_train_img_per_s"]
+
+
+def test_loader_estimates_name_the_slower_side():
+    from pand.cache.loader_bench import run_estimates
+
+    loader = {"rows": [{"mode": "augment", "workers": 8, "jpeg_img_per_s": 900.0, "cache_img_per_s": 1500.0},
+                       {"mode": "device", "workers": 8, "jpeg_img_per_s": 2500.0, "cache_img_per_s": 20000.0}],
+              "device_augment": {"img_per_s": 12000.0}}
+    rows = {(e["augment_on"], e["source"]): e for e in run_estimates(loader, student_img_per_s=4000.0)}
+    assert rows["cpu", "jpeg"]["run_img_per_s"] == 900.0 and rows["cpu", "jpeg"]["limited_by"] == "loader"
+    assert rows["device", "cache"]["device_side_img_per_s"] == 3000.0  # 1 / (1/4000 + 1/12000)
+    assert rows["device", "cache"]["limited_by"] == "student step + views"
+    assert rows["device", "jpeg"]["run_img_per_s"] == 2500.0 and rows["device", "jpeg"]["limited_by"] == "loader"

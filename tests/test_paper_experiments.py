@@ -94,7 +94,7 @@ def test_pand_recipe_for_both_stages(name, tmp_path):
     assert config["prompts"] == {
         "n_ctx": 16, "ctx_init": None, "csc": False, "class_token_position": "end", "epochs": 200, "batch_size": 32,
         "lr": 0.002, "momentum": 0.9, "weight_decay": 0.0, "warmup_epochs": 0, "warmup_lr": 1.0e-5,
-        "logit_scale": "learned", "out": config["prompts"]["out"],
+        "logit_scale": "learned", "precision": "fp32", "precision_tolerance": 0.02, "out": config["prompts"]["out"],
     }
     dataset = name.split("/")[1].split("_")[0]
     assert config["features"]["dir"] == f"{tmp_path}/features/{dataset}-convnext_xxlarge"

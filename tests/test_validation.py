@@ -52,6 +52,11 @@ def nothing_loads(monkeypatch):
         (["scheduler.warmup_epochs=5"], "scheduler.warmup_epochs=5 is not below trainer.max_epochs=2"),
         (["teacher.logit_scale=-1"], "teacher.logit_scale=-1 is not allowed: expected a number > 0 (or 'learned', null)"),
         (["checkpoint.every_n_steps=-2"], "checkpoint.every_n_steps=-2 is not allowed"),
+        (["cache.dir=/tmp/x", "cache.precision=bf61"],
+         "cache.precision='bf61' is not allowed: expected one of 'fp32', 'bf16', 'fp16' (did you mean 'bf16'?)"),
+        (["cache.dir=/tmp/x", "cache.precision_tolerance=0"],
+         "cache.precision_tolerance=0 is not allowed: expected a number > 0"),
+        (["cache.precision=bf16"], "cache.precision=bf16 is set, but no teacher cache is used (cache.dir is unset)"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_loads(cub_root, tmp_path, overrides, message, nothing_loads, capsys):
@@ -169,6 +174,11 @@ def test_gather_names_a_broken_summary(tmp_path, capsys):
         ("prompts", "prompts.class_token_position=left", "prompts.class_token_position='left' is not allowed"),
         ("features", "features.batch_size=0", "features.batch_size=0 is not allowed"),
         ("features", "features.splits=[train,holdout]", "features.splits=['train', 'holdout'] is not allowed"),
+        ("features", "features.precision=FP16",
+         "features.precision='FP16' is not allowed: expected one of 'fp32', 'bf16', 'fp16' (did you mean 'fp16'?)"),
+        ("features", "features.precision_tolerance=-1", "features.precision_tolerance=-1 is not allowed"),
+        ("prompts", "prompts.precision=half", "prompts.precision='half' is not allowed"),
+        ("prompts", "prompts.precision_tolerance=null", "prompts.precision_tolerance=null is not allowed"),
     ],
 )
 def test_stage1_settings_are_refused_before_the_teacher_loads(cub_root, tmp_path, command, override, message,

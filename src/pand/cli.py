@@ -215,13 +215,17 @@ def _stage1_config(command: str, args: Sequence[str], *, writes_prompts: bool) -
 @_results_on_stdout
 def cmd_features(args: Sequence[str]) -> int:
     config = _stage1_config("features", args, writes_prompts=False)
-    from pand.engine.stage1 import run_features
+    from pand.engine.stage1 import features_agreement, run_features
 
     stored = {}
-    for split, (embeds, _) in run_features(config).items():
+    features = run_features(config)
+    agreement = features_agreement(config)  # only low-precision files have one
+    for split, (embeds, _) in features.items():
         path = f"{config['features']['dir']}/{split}.safetensors"
         print(f"{split}: {tuple(embeds.shape)} -> {path}", file=sys.stderr)
         stored[split] = {"shape": list(embeds.shape), "file": path}
+        if split in agreement:
+            stored[split].update(precision=agreement[split]["precision"], agreement=agreement[split])
     emit(json.dumps(stored, indent=2))
     return 0
 
@@ -298,8 +302,11 @@ def _cache_build(args: Sequence[str]) -> int:
         m = cache.meta
         print(f"teacher cache complete: {cache.folder} ({m['num_samples']} images x {m['views']} views, "
               f"{cache.describe_outputs()})", file=sys.stderr)
-        emit(json.dumps({"cache": str(cache.folder), "images": m["num_samples"], "views": m["views"],
-                         "outputs": cache.describe_outputs()}, indent=2))
+        result = {"cache": str(cache.folder), "images": m["num_samples"], "views": m["views"],
+                  "outputs": cache.describe_outputs()}
+        if m.get("precision"):  # recorded by low-precision caches only
+            result.update(precision=m["precision"], agreement=m.get("agreement"))
+        emit(json.dumps(result, indent=2))
     return 0
 
 

@@ -27,6 +27,11 @@ class MismatchError(PandError):
     """A stored artefact (cache, prompt file, checkpoint) was made with another teacher, class list or data."""
 
 
+class PrecisionError(PandError):
+    """A low-precision (bf16 / fp16) teacher pass does not agree with fp32 within the tolerance, or gave NaN / inf;
+    the message names the pass, the measured error and the tolerance."""
+
+
 class WeightsUnavailableError(PandError):
     """Pretrained weights could not be obtained (offline, missing file); the message says how to supply them."""
 

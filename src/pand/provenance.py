@@ -55,20 +55,29 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], record: 
     return atomic_write_bytes(path, data)
 
 
+def load_record(path: str | Path) -> dict[str, Any]:
+    """The provenance record of a file written by :func:`save_tensors`, without reading its tensors."""
+    return _read(path, tensors=False)[1]
+
+
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and provenance record of a file written by :func:`save_tensors`."""
+    return _read(path, tensors=True)
+
+
+def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise PandError(f"{path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise PandError(f"{path} is not a readable safetensors file ({err}); rebuild it") from err
     if _META_KEY not in meta:
         raise MismatchError(f"{path} has no pand provenance record; it was not written by pand")
-    return tensors, json.loads(meta[_META_KEY])
+    return found, json.loads(meta[_META_KEY])
 
 
 _VERSIONED = ("torch", "torchvision", "lightning", "open_clip_torch", "timm")

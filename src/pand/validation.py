@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pand.errors import ConfigError
+from pand.errors import ConfigError, suggest
 from pand.io import check_writable
+from pand.teachers.precision import PRECISIONS
 
 _MISSING = object()
 
@@ -127,7 +128,10 @@ def check_rules(config: Mapping[str, Any], rules: Mapping[str, Rule], prefix: st
         if value is _MISSING:
             continue
         if rule.problem(value):
-            errors.append(f"{prefix}{key}={_show(value)} is not allowed: expected {rule.describe()}")
+            # a misspelt choice (bf61) gets the closest allowed value
+            hint = suggest(value, [str(c) for c in rule.choices]) if rule.kind == "choice" and \
+                isinstance(value, str) else ""
+            errors.append(f"{prefix}{key}={_show(value)} is not allowed: expected {rule.describe()}{hint}")
     return errors
 
 
@@ -141,6 +145,9 @@ def _show(value: Any) -> str:
 
 # -- options every training run has ---------------------------------------------------------------------------
 _LIMIT = number(0, low_open=True, optional=True)  # a fraction in (0, 1] or a number of batches
+# the teacher's precision in `pand features` / `pand prompts` / `pand cache build` (pand.teachers.precision)
+PRECISION = choice(*PRECISIONS)
+PRECISION_TOLERANCE = POSITIVE
 
 TRAIN_RULES: dict[str, Rule] = {
     "seed": integer(0),
@@ -168,6 +175,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.mean": Rule("floats", length=3),
     "data.std": Rule("floats", low=0, low_open=True, length=3),
     "data.verify_images": BOOL,
+    "data.augment_on": choice("cpu", "device"),
     "data.augment.min_crop_frac": number(0, 1, low_open=True),
     "data.augment.degrees": number(0, 180),
     "data.augment.blur": BOOL,
@@ -202,6 +210,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "cache.batch_size": integer(1),
     "cache.topk": integer(1, optional=True),
     "cache.rebuild": BOOL,
+    "cache.precision": PRECISION,
+    "cache.precision_tolerance": PRECISION_TOLERANCE,
     "checkpoint.every_n_steps": integer(0, optional=True),
     "checkpoint.allow_older": BOOL,
 }
@@ -212,6 +222,8 @@ COOP_RULES: dict[str, Rule] = {
     "features.batch_size": integer(1),
     "features.num_workers": integer(0),
     "features.rebuild": BOOL,
+    "features.precision": PRECISION,
+    "features.precision_tolerance": PRECISION_TOLERANCE,
     "prompts.n_ctx": integer(1),
     "prompts.csc": BOOL,
     "prompts.class_token_position": choice("end", "middle", "front"),
@@ -223,6 +235,8 @@ COOP_RULES: dict[str, Rule] = {
     "prompts.warmup_epochs": integer(0),
     "prompts.warmup_lr": NON_NEGATIVE,
     "prompts.logit_scale": number(0, low_open=True, optional=True, also=("learned",)),
+    "prompts.precision": PRECISION,
+    "prompts.precision_tolerance": PRECISION_TOLERANCE,
     "data.val_fraction": number(0, 1, high_open=True),
     "data.samples_per_class": integer(1, optional=True),
     "data.image_size": integer(1),
@@ -280,6 +294,10 @@ def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
             lookup(config, "cache.topk") not in (None, _MISSING):
         errors.append(f"cache.topk={lookup(config, 'cache.topk')} is set, but a {kind} teacher's cache stores image "
                       "embeddings, not logits; remove it")
+    precision = lookup(config, "cache.precision")
+    if cache_dir in (None, _MISSING) and precision not in (None, _MISSING, "fp32"):
+        errors.append(f"cache.precision={precision} is set, but no teacher cache is used (cache.dir is unset), and the "
+                      "live teacher runs in fp32; remove it, or set cache.dir")
     if cache_dir not in (None, _MISSING) and cls.needs_teacher_model:
         errors.append(f"cache.dir={cache_dir} is set, but method {cls.name!r} trains modules inside the teacher, so "
                       "the teacher runs live every step; remove cache.dir")

@@ -288,3 +288,21 @@ def test_topk_is_refused_for_a_clip_teachers_cache(cub_root, tmp_path, capsys):
                                "cache.topk=5")
     assert main(["train", *overrides]) == 2
     assert "cache.topk=5 is set, but a clip teacher's cache stores image embeddings" in capsys.readouterr().err
+
+
+def test_bf16_logit_cache_is_probed_on_its_logits_and_agrees_with_fp32(cub_root, tmp_path):
+    config = _config(cub_root, tmp_path / "fp32")
+    data = PandDataModule(config["data"], seed=0)
+    reference = open_or_build_cache(config, data)
+    low = open_or_build_cache(_config(cub_root, tmp_path / "bf16", "cache.precision=bf16"), data)
+    stats = low.meta["agreement"]
+    assert low.meta["precision"] == "bf16" and "precision" not in reference.meta
+    assert stats["rows"] == 4 and 0 < stats["max_rel_error"] <= 0.02
+    a = np.load(reference.folder / "logits.npy").astype(np.float32)
+    b = np.load(low.folder / "logits.npy").astype(np.float32)
+    rel = np.linalg.norm(b - a, axis=-1) / np.linalg.norm(a, axis=-1)
+    assert 0 < rel.max() <= 0.02
+    with pytest.raises(PandError, match="max relative L2 error .* > tolerance cache.precision_tolerance=1e-09"):
+        open_or_build_cache(_config(cub_root, tmp_path / "strict", "cache.precision=fp16",
+                                    "cache.precision_tolerance=1e-9"), data)
+    assert not (tmp_path / "strict" / "cache" / "meta.json").exists()

@@ -1,6 +1,7 @@
 """The teacher cache: exact view replay, equivalence with the online teacher, resumable and refused when foreign."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from pand.distillers import Progress
 from pand.engine.data import PandDataModule
 from pand.engine.run import build_training
 from pand.engine.teacher_side import open_or_build_cache
-from pand.errors import MismatchError, PandError
+from pand.errors import MismatchError, PandError, PrecisionError
 from pand.teachers.source import LiveTeacherSource
 from tests.engine.conftest import tiny_overrides
 
@@ -126,3 +127,84 @@ def test_training_from_the_cache_never_loads_the_teacher(cub_root, tmp_path, mon
 def test_views_zero_keeps_the_online_teacher(cub_root, tmp_path):
     data, module = build_training(_config(cub_root, tmp_path, "cache.views=0"))
     assert data.teacher_cache is None and isinstance(module.teacher_source, LiveTeacherSource)
+
+
+# -- low-precision builds (cache.precision) -----------------------------------------------------------------------
+def _in(cub_root, folder, *extra):
+    return tiny_overrides(cub_root, folder / "run", f"cache.dir={folder / 'cache'}", "cache.views=2",
+                          "cache.batch_size=4", *extra)
+
+
+def _rel_rows(reference, other):
+    reference, other = reference.astype(np.float32), other.astype(np.float32)
+    return np.linalg.norm(other - reference, axis=-1) / np.linalg.norm(reference, axis=-1)
+
+
+def test_bf16_cache_agrees_with_fp32_row_by_row_and_other_precisions_are_refused(cub_root, tmp_path, capsys):
+    fp32_config = to_plain(compose("train", _in(cub_root, tmp_path / "fp32")))
+    data = PandDataModule(fp32_config["data"], seed=0)
+    reference = open_or_build_cache(fp32_config, data)
+    assert "precision" not in reference.meta and "agreement" not in reference.meta  # fp32 records stay as they were
+
+    capsys.readouterr()
+    assert main(["cache", "build", *_in(cub_root, tmp_path / "bf16", "cache.precision=bf16")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    low = TeacherCache.open(tmp_path / "bf16" / "cache")
+    stats = low.meta["agreement"]
+    assert low.meta["precision"] == "bf16" and printed["precision"] == "bf16" and printed["agreement"] == stats
+    assert printed["images"] == low.meta["num_samples"] and printed["outputs"].startswith("image embeddings")
+    assert stats["precision"] == "bf16" and stats["rows"] == 4 and 0 < stats["max_rel_error"] <= stats["tolerance"]
+    assert stats["float16_storage_rel_error"] > 0 and stats["min_cosine"] > 0.999
+
+    # the same views, their embeddings within the tolerance of fp32's in every row (and not equal to them)
+    ref_folder, low_folder = reference.folder, low.folder
+    assert np.array_equal(np.load(ref_folder / "params.npy"), np.load(low_folder / "params.npy"))
+    rel = _rel_rows(np.load(ref_folder / "embeds.npy"), np.load(low_folder / "embeds.npy"))
+    assert rel.shape == (len(data.train_pool), 2) and 0 < rel.max() <= 0.02
+
+    # a cache of another precision is refused like any other setting, both ways, with the reason
+    with pytest.raises(MismatchError) as refused:
+        open_or_build_cache(to_plain(compose("train", _in(cub_root, tmp_path / "bf16"))), data)
+    assert "precision: stored 'bf16', expected None" in str(refused.value)
+    assert "cache.precision=bf16" in str(refused.value)
+    with pytest.raises(MismatchError, match="precision: stored None, expected 'fp16'"):
+        open_or_build_cache(to_plain(compose("train", _in(cub_root, tmp_path / "fp32", "cache.precision=fp16"))), data)
+    # the same precision is reused
+    assert open_or_build_cache(to_plain(compose("train", _in(cub_root, tmp_path / "bf16", "cache.precision=bf16"))),
+                               data).meta["agreement"] == stats
+
+
+def test_a_build_refused_by_the_agreement_check_writes_nothing(cub_root, tmp_path, monkeypatch):
+    strict = to_plain(compose("train", _in(cub_root, tmp_path, "cache.precision=bf16",
+                                           "cache.precision_tolerance=1e-9")))
+    data = PandDataModule(strict["data"], seed=0)
+    folder = tmp_path / "cache"
+    with pytest.raises(PrecisionError) as refused:
+        open_or_build_cache(strict, data)
+    assert not folder.exists() or not any(folder.iterdir())  # no cache, not even an incomplete one
+    message = str(refused.value)
+    assert f"the teacher cache at {folder}" in message and "tolerance cache.precision_tolerance=1e-09" in message
+    measured = open_or_build_cache(to_plain(compose("train", _in(cub_root, tmp_path, "cache.precision=bf16"))),
+                                   data).meta["agreement"]
+    assert f"max relative L2 error {measured['max_rel_error']:.3g} > tolerance" in message
+
+    # an interrupted build stays as it was when its resumption is refused
+    shutil.rmtree(folder)
+    original = LiveTeacherSource.forward
+    calls = {"n": 0}
+
+    def dies_after_first_chunk(self, batch, keys):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the probe (bf16 + fp32) and the second view of the first chunk, then "killed"
+            raise KeyboardInterrupt
+        return original(self, batch, keys)
+
+    monkeypatch.setattr(LiveTeacherSource, "forward", dies_after_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        open_or_build_cache(to_plain(compose("train", _in(cub_root, tmp_path, "cache.precision=bf16"))), data)
+    monkeypatch.undo()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert np.load(folder / "done.npy").sum() == 4
+    with pytest.raises(PrecisionError):
+        open_or_build_cache(strict, data)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -3,6 +3,7 @@ composed ``train`` config, the same config and overrides stage 2 trains with."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,74 @@ def test_mismatched_text_feature_file_is_refused(cub_root, tmp_path, capsys, mis
     assert code == 2
     err = capsys.readouterr().err
     assert "refused" in err and mismatch in err
+
+
+# -- low-precision teacher passes (features.precision, prompts.precision) ------------------------------------------
+FDIR = ("features", "cub-pand-tiny-vit")
+
+
+def test_bf16_features_agree_with_fp32_and_record_precision_and_agreement(cub_root, tmp_path, capsys):
+    reference = run_features(stage1_config(cub_root, tmp_path / "fp32"))
+    assert "precision" not in load_tensors(tmp_path.joinpath("fp32", *FDIR, "train.safetensors"))[1]  # fp32 unchanged
+    capsys.readouterr()
+    assert main(["features", *stage1_overrides(cub_root, tmp_path / "bf16", "features.precision=bf16")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for split, (ref, labels) in reference.items():
+        tensors, record = load_tensors(tmp_path.joinpath("bf16", *FDIR, f"{split}.safetensors"))
+        assert torch.equal(tensors["labels"], labels)
+        rel = (tensors["embeds"] - ref).norm(dim=1) / ref.norm(dim=1)
+        assert 0 < float(rel.max()) <= 0.02  # not fp32's numbers, but within the tolerance in every row
+        stats = record["agreement"]
+        assert record["precision"] == "bf16" and stats["precision"] == "bf16" and stats["tolerance"] == 0.02
+        assert stats["rows"] == len(labels) and 0 < stats["max_rel_error"] <= 0.02  # one batch holds the split
+        assert printed[split]["agreement"] == stats and printed[split]["precision"] == "bf16"
+        assert printed[split]["shape"] == list(ref.shape)
+
+    # reused by a bf16 run; refused by an fp32 run, and the reason names the precision
+    run_features(stage1_config(cub_root, tmp_path / "bf16", "features.precision=bf16"))
+    with pytest.raises(PandError) as refused:
+        run_features(stage1_config(cub_root, tmp_path / "bf16"))
+    assert "precision: stored 'bf16', expected None" in str(refused.value)
+    assert "features.precision=bf16" in str(refused.value)
+
+
+def test_features_refused_by_the_agreement_check_are_not_written(cub_root, tmp_path):
+    from pand.errors import PrecisionError
+
+    strict = ("features.precision=bf16", "features.precision_tolerance=1e-9")
+    with pytest.raises(PrecisionError) as refused:
+        run_features(stage1_config(cub_root, tmp_path / "runs", *strict))
+    assert not list(tmp_path.joinpath("runs", *FDIR).glob("*.safetensors"))
+    measured = run_features(stage1_config(cub_root, tmp_path / "other", "features.precision=bf16"))
+    assert measured  # the same pass with the default tolerance
+    stats = load_tensors(tmp_path.joinpath("other", *FDIR, "train.safetensors"))[1]["agreement"]
+    assert (f"max relative L2 error {stats['max_rel_error']:.3g} > tolerance features.precision_tolerance=1e-09"
+            in str(refused.value))
+    assert "features.precision=fp32" in str(refused.value)
+
+    # a stored fp32 file that a refused bf16 rebuild would replace stays as it was
+    run_features(stage1_config(cub_root, tmp_path / "runs"))
+    train = tmp_path.joinpath("runs", *FDIR, "train.safetensors")
+    before = train.read_bytes()
+    with pytest.raises(PrecisionError):
+        run_features(stage1_config(cub_root, tmp_path / "runs", *strict, "features.rebuild=true"))
+    assert train.read_bytes() == before
+
+
+def test_bf16_prompts_report_the_agreement_of_their_fp32_text_features(cub_root, tmp_path):
+    summary = run_prompts(stage1_config(cub_root, tmp_path / "runs", "prompts.epochs=2", "prompts.precision=bf16"))
+    stats = summary["text_features_agreement"]
+    assert summary["precision"] == "bf16" and stats["precision"] == "bf16"
+    assert stats["rows"] == 3 and 0 < stats["max_rel_error"] <= 0.02
+    assert "features_agreement" not in summary  # the features themselves are fp32 here
+    record = read_record(summary["text_features"])
+    assert record["text_features_agreement"] == stats and record["precision"] == "bf16"
+    report = json.loads(Path(summary["text_features"]).with_suffix(".json").read_text())
+    assert report["text_features_agreement"] == stats
+
+    both = run_prompts(stage1_config(cub_root, tmp_path / "runs2", "prompts.epochs=1", "prompts.precision=fp16",
+                                     "features.precision=bf16"))
+    assert both["features_precision"] == "bf16" and set(both["features_agreement"]) == {"train", "val", "test"}
+    assert both["text_features_agreement"]["precision"] == "fp16"
+    plain = run_prompts(stage1_config(cub_root, tmp_path / "runs3", "prompts.epochs=1"))
+    assert not {"precision", "text_features_agreement", "features_agreement"} & set(plain)

@@ -100,3 +100,44 @@ def test_progress_bar_runs(tiny_teacher, capsys):
     result = train_coop(learner, tr_x, tr_y, va_x, va_y, logit_scale=10.0, epochs=1, batch_size=4, progress=True)
     assert result.best_epoch == 0
     assert "val_acc" in capsys.readouterr().err
+
+
+def test_bf16_training_stores_the_fp32_encoding_of_the_best_context(tiny_teacher):
+    from pand.teachers.precision import measure_agreement, teacher_autocast
+
+    data = _problem(tiny_teacher.embed_dim)
+    learner, result = _train(tiny_teacher, data, epochs=2, precision="bf16")
+    assert result.precision == "bf16" and result.text_features.dtype == torch.float32
+    with torch.no_grad():
+        fp32 = learner()  # the learner holds the best context
+        with teacher_autocast("cpu", "bf16"):
+            low = learner()
+    torch.testing.assert_close(result.text_features, fp32, atol=0, rtol=0)
+    stats = result.text_features_agreement
+    assert stats == {"precision": "bf16", "tolerance": 0.02, **measure_agreement(fp32, low)}
+    assert stats["rows"] == len(NAMES) and 0 < stats["max_rel_error"] <= 0.02
+    assert 0 < result.probe_agreement["max_rel_error"] <= 0.02  # checked before training
+    val_x, val_y = data[2], data[3]
+    assert (val_x @ fp32.t()).argmax(1).eq(val_y).float().mean().item() == pytest.approx(result.val_acc)
+
+
+def test_low_precision_training_is_refused_before_a_step_when_it_disagrees(tiny_teacher):
+    from pand.errors import PrecisionError
+
+    data = _problem(tiny_teacher.embed_dim)
+    torch.manual_seed(0)
+    learner = PromptLearner(tiny_teacher.model, tiny_teacher.tokenizer, NAMES, n_ctx=4, csc=True)
+    before = learner.ctx.detach().clone()
+    with pytest.raises(PrecisionError, match=r"untrained prompts: the fp16 pass .* > tolerance "
+                                             r"prompts.precision_tolerance=1e-09"):
+        train_coop(learner, *data, logit_scale=tiny_teacher.logit_scale, epochs=1, progress=False, precision="fp16",
+                   tolerance=1e-9)
+    assert torch.equal(learner.ctx.detach(), before)
+
+
+def test_fp16_training_learns_with_a_scaled_loss(tiny_teacher):
+    data = _problem(tiny_teacher.embed_dim)
+    _, result = _train(tiny_teacher, data, precision="fp16")
+    assert result.precision == "fp16" and result.text_features_agreement["max_rel_error"] <= 0.02
+    assert result.val_acc > result.initial_val_acc + 0.1
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]

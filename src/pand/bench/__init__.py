@@ -55,7 +55,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--loader", action="store_true", help="also measure data-loader throughput with/without decoding")
+    p.add_argument("--loader", action="store_true",
+                   help="also measure the data loader: images/s of each view path (augment_on=cpu / device), JPEG and "
+                        "decoded cache, next to the student's training images/s at --image-size and --batch")
     p.add_argument("--loader-images", type=int, default=256)
     p.add_argument("--loader-workers", type=int, default=2)
     p.add_argument("--zoo", action="store_true",

@@ -6,7 +6,6 @@ Kept apart from the command line so that ``pand bench --help`` answers without i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -93,7 +92,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.zoo:
         result["zoo"] = _zoo_bench(args, device, autocast)
     if args.loader:
-        result["loader"] = _loader_bench(args)
+        student_ms = result.get("student_only_ms") or _student_step_ms(args, device, autocast)
+        result["loader"] = _loader_bench(args, device, student_ms)
     return result
 
 
@@ -357,11 +357,31 @@ def _cpu_name() -> str:
     return "cpu"
 
 
-def _loader_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Data-loader images/s with and without the decoded image cache (synthetic JPEGs)."""
-    from pand.cache.loader_bench import measure_loader_throughput
+def _student_step_ms(args: argparse.Namespace, device: torch.device, autocast) -> float:
+    """Median ms of the student's own training step (cross-entropy), for ``--loader`` when no training table ran."""
+    torch.manual_seed(0)
+    step = _Step("ce", build_distiller({"name": "ce"}, build_student(args.student, args.classes, pretrained=False),
+                                       args.classes, None), None, device, autocast, args.channels_last)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(args.warmup + args.steps):
+        batch = {"image": torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g),
+                 "label": torch.randint(0, args.classes, (args.batch,), generator=g)}
+        ms = step(batch)
+        if i >= args.warmup:
+            times.append(ms)
+    return statistics.median(times)
 
-    return measure_loader_throughput(num_images=args.loader_images, workers=(0, args.loader_workers))
+
+def _loader_bench(args: argparse.Namespace, device: torch.device, student_ms: float) -> dict[str, Any]:
+    """Loader images/s on each path (views made per image in the loader, or per batch on the device), JPEG and
+    decoded cache, next to the student's training images/s at the same size and batch, and which one limits a run."""
+    from pand.cache.loader_bench import measure_loader_throughput, run_estimates
+
+    loader = measure_loader_throughput(num_images=args.loader_images, workers=(0, args.loader_workers),
+                                       batch_size=args.batch, image_size=args.image_size, device=device)
+    student = round(args.batch * 1000.0 / student_ms, 1)
+    return {**loader, "student_train_img_per_s": student, "estimates": run_estimates(loader, student)}
 
 
 def print_result(result: dict[str, Any]) -> None:
@@ -401,7 +421,7 @@ def print_result(result: dict[str, Any]) -> None:
                       "" if cached_ms is None else f"{cached_ms / zoo['student_only_ms']:.2f}")
         console.print(t)
     if "loader" in result:
-        console.print(f"data loader: {json.dumps(result['loader'])}")
+        _print_loader(console, result["loader"], c)
 
 
 def _print_latency(console, lat: dict[str, Any], c: dict[str, Any]) -> None:
@@ -430,3 +450,33 @@ def _print_latency(console, lat: dict[str, Any], c: dict[str, Any]) -> None:
     console.print(t)
     console.print(f"teacher parameters: {teacher['params'] / 1e6:.3g} M in the image tower (timed), "
                   f"{teacher['params_with_text_tower'] / 1e6:.3g} M with the text tower")
+
+
+def _print_loader(console, loader: dict[str, Any], c: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"pand bench --loader: {loader['images']} JPEGs {loader['image_hw'][0]}x{loader['image_hw'][1]} -> "
+                    f"{loader['image_size']} px views (resize {loader['resize_size']}), batch {loader['batch_size']}, "
+                    f"{loader['cpu_count']} CPUs; decoded cache built in {loader['build_cache_s']} s")
+    for col in ("what the loader does", "workers", "JPEG images/s", "decoded cache images/s"):
+        t.add_column(col, justify="left" if col.startswith("what") else "right")
+    what = {"load": "load only (decode + resize, or cache read)", "augment": "full view per image (augment_on=cpu)",
+            "device": "load + crop window (augment_on=device)"}
+    for row in loader["rows"]:
+        t.add_row(what[row["mode"]], str(row["workers"]), f"{row['jpeg_img_per_s']:.1f}",
+                  f"{row['cache_img_per_s']:.1f}")
+    console.print(t)
+    share = loader.get("device_augment")
+    if share:
+        console.print(f"device's share of augment_on=device (copy + batched views on {share['device']}): "
+                      f"{share['img_per_s']:.1f} images/s ({share['ms_per_batch']:.1f} ms per batch)")
+    console.print(f"student training step ({c['student']}, {loader['image_size']} px, batch {c['batch']}, "
+                  f"{c['precision']}): {loader['student_train_img_per_s']:.1f} images/s")
+    e = Table(title="estimated run speed: the slower of the loader and the device side")
+    for col in ("augment_on", "source", "workers", "loader images/s", "device side images/s", "run images/s",
+                "limited by"):
+        e.add_column(col, justify="right" if "images" in col or col == "workers" else "left")
+    for row in loader["estimates"]:
+        e.add_row(row["augment_on"], row["source"], str(row["workers"]), f"{row['loader_img_per_s']:.1f}",
+                  f"{row['device_side_img_per_s']:.1f}", f"{row['run_img_per_s']:.1f}", row["limited_by"])
+    console.print(e)

@@ -55,6 +55,14 @@ teacher model is never loaded. A cache made with another teacher (a classifier's
 see :func:`pand.engine.teacher_side.teacher_spec`), data, transform, output storage or format version is refused with
 the reason (:class:`~pand.errors.MismatchError`); an unfinished one is never read as complete.
 
+``cache.precision`` (fp32, the default; bf16; fp16) runs the teacher under autocast while the cache is built. The
+first batch of each build is then also computed in fp32 and the build is refused before it writes a row unless every
+row agrees within ``cache.precision_tolerance`` (relative L2 error; embeddings and logits alike): bf16 agrees with
+fp32 to about 1 %, 20-45x the error of the cache's own float16 storage, fp16 to 2-6x it (measured, see
+:mod:`pand.teachers.precision`). A low-precision cache records ``precision`` (fp32 caches record nothing, so every
+older cache still matches) and is refused by a run asking for another precision, like any other setting; the
+measured agreement is kept in meta.json (``agreement``, not compared).
+
 What :meth:`TeacherCache.open` checks, what it costs, and how a build reserves its disk space: see
 :mod:`pand.cache.integrity`.
 """
@@ -95,10 +103,12 @@ from pand.cache.integrity import (
     verify_cache,
 )
 from pand.data import ClassificationDataset
-from pand.data.transforms import ReplayableAugment, view_generator
-from pand.errors import ConfigError, MismatchError, PandError
+from pand.data.device_augment import view_batcher
+from pand.data.transforms import ReplayableAugment, image_hw, view_generator
+from pand.errors import ConfigError, MismatchError, PandError, PrecisionError
 from pand.io import OUTPUT_ERRNOS, atomic_write_json
 from pand.provenance import check_provenance, load_tensors, save_tensors
+from pand.teachers.precision import DEFAULT_TOLERANCE, AgreementProbe, teacher_autocast
 from pand.teachers.source import IMAGE_EMBEDS, LOGITS
 
 log = logging.getLogger("pand")
@@ -106,7 +116,7 @@ log = logging.getLogger("pand")
 FORMAT_VERSION = 3
 # What must agree between a cache and a run for the run to use it.
 _CHECKED = ("kind", "version", "teacher_spec", "outputs", "logits_topk", "dataset", "split", "fingerprint",
-            "transform", "views", "seed", "classes", "templates")
+            "transform", "views", "seed", "classes", "templates", "precision")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 def encode_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,9 +163,11 @@ def logits_topk(setting: int | None, num_classes: int) -> int | None:
 def cache_record(
     *, teacher_spec: Mapping[str, Any], dataset: ClassificationDataset, augment: ReplayableAugment, views: int,
     seed: int, templates: Sequence[str] | None, outputs: Sequence[str] = (IMAGE_EMBEDS,), topk: int | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """What a cache is made of and for. ``outputs``: ``["image_embeds"]`` (a CLIP teacher; ``templates`` make its
-    class text embeddings) or ``["logits"]`` (a classifier teacher, stored in full or as the ``topk`` largest)."""
+    class text embeddings) or ``["logits"]`` (a classifier teacher, stored in full or as the ``topk`` largest).
+    ``precision``: of the teacher pass that fills it, recorded only when it is not fp32."""
     outputs = list(outputs)
     if outputs not in ([IMAGE_EMBEDS], [LOGITS]):
         raise ValueError(f"a teacher cache stores ['{IMAGE_EMBEDS}'] or ['{LOGITS}'], not {outputs}")
@@ -177,7 +189,18 @@ def cache_record(
         record["logits_topk"] = logits_topk(topk, len(dataset.classes))
     else:
         record["templates"] = list(templates or [])
+    if precision != "fp32":
+        record["precision"] = precision
     return record
+
+
+def _precision_hint(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> str:
+    """Why a cache of another teacher precision is refused, and what to do; empty when the precisions agree."""
+    have, want = stored.get("precision", "fp32"), expected.get("precision", "fp32")
+    if have == want:
+        return ""
+    return (f"The cache was built with cache.precision={have}, this run asks for cache.precision={want}: set "
+            f"cache.precision={have} to use it, or rebuild it (cache.rebuild=true).")
 
 
 class TeacherCache:
@@ -270,8 +293,11 @@ class TeacherCache:
                 "with the same settings to resume it"
             )
         if expected is not None:
-            check_provenance(folder, meta, expected, keys=[k for k in _CHECKED if k in expected],
-                             hint="Build a cache for this run with `pand cache build ...` (or cache.rebuild=true).")
+            # precision is compared even when absent from ``expected``: an fp32 run must refuse a bf16 cache
+            keys = [k for k in _CHECKED if k in expected or k == "precision"]
+            hint = _precision_hint(meta, expected) or \
+                "Build a cache for this run with `pand cache build ...` (or cache.rebuild=true)."
+            check_provenance(folder, meta, expected, keys=keys, hint=hint)
         _check_version(folder, meta)
         verify_cache(folder, meta, verify)
         return cls(folder, meta)
@@ -281,7 +307,7 @@ class TeacherCache:
     def _check_existing(cls, folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
         """Raise MismatchError / CacheDamagedError unless the cache in ``folder`` can be kept (complete) or resumed."""
         meta = read_meta(folder)
-        check_provenance(folder, meta, record, keys=list(_CHECKED))
+        check_provenance(folder, meta, record, keys=list(_CHECKED), hint=_precision_hint(meta, record))
         _check_version(folder, meta)
         stored = meta_layout(folder, meta)
         if stored != layout:
@@ -322,7 +348,7 @@ class TeacherCache:
         augment: ReplayableAugment, teacher_source: nn.Module, text_embeds: torch.Tensor | None,
         teacher_identity: Mapping, *, embed_dim: int | None = None, learned_logit_scale: float | None = None,
         batch_size: int = 64, rank: int = 0, world_size: int = 1, rebuild: bool = False, progress: bool = True,
-        barrier=None,
+        barrier=None, precision_tolerance: float = DEFAULT_TOLERANCE, augment_on: str = "cpu",
     ) -> TeacherCache | None:
         """Build (or resume) this process's share of the cache: rows ``rank, rank + world_size, ...``.
 
@@ -334,8 +360,17 @@ class TeacherCache:
         (:class:`~pand.errors.MismatchError`) is refused, or with ``rebuild=True`` deleted and built again; an
         interrupted one is resumed. With several processes, ``barrier(ok) -> bool`` waits for all of them and says
         whether all are ok, so that an error in one makes every process stop instead of waiting forever.
+
+        The teacher runs in the record's ``precision`` (fp32 unless recorded); a low precision whose first batch does
+        not agree with fp32 within ``precision_tolerance`` raises :class:`~pand.errors.PrecisionError` before a row
+        is written, and the files this call created are removed again (an interrupted cache being resumed is left as
+        it was). The measured agreement of process 0 goes into meta.json (``agreement``).
         """
         folder = Path(folder)
+        probe = AgreementProbe(record.get("precision", "fp32"), precision_tolerance, setting="cache",
+                               what=f"the teacher cache at {folder} ({record['outputs'][0]})")
+        folder_existed = folder.exists()
+        created = False
         n, k = len(dataset), int(record["views"])
         if LOGITS in record["outputs"]:
             extra: dict[str, Any] = {"num_classes": len(record["classes"])}
@@ -351,29 +386,36 @@ class TeacherCache:
         failure: BaseException | None = None
         if rank == 0:
             try:
-                cls._prepare(folder, record, layout, teacher_identity, text, extra, rebuild)
+                created = cls._prepare(folder, record, layout, teacher_identity, text, extra, rebuild)
             except BaseException as err:
                 if barrier is None:
                     raise
                 failure = err
         _agree(barrier, failure, f"process 0 could not prepare the teacher cache at {folder}; its error says why")
         try:
-            cls._fill_share(folder, dataset, augment, teacher_source, int(record["seed"]), k, batch_size, rank,
-                            world_size, progress)
-        except BaseException as err:
-            if barrier is None:
-                raise
-            failure = err
-        _agree(barrier, failure, f"another process failed while building the teacher cache at {folder}; its error "
-               "says why")
+            try:
+                cls._fill_share(folder, dataset, augment, teacher_source, int(record["seed"]), k, batch_size, rank,
+                                world_size, progress, probe, augment_on)
+            except BaseException as err:
+                if barrier is None:
+                    raise
+                failure = err
+            _agree(barrier, failure, f"another process failed while building the teacher cache at {folder}; its "
+                   "error says why")
+        except PrecisionError:
+            if created:  # refused before any row was written: leave no cache behind, as if never started
+                remove_cache_files(folder)
+                if not folder_existed and not any(folder.iterdir()):
+                    folder.rmdir()
+            raise
         if rank == 0 or barrier is None:
-            return cls._finish(folder)
+            return cls._finish(folder, probe.stats)
         return None
 
     @classmethod
     def _prepare(cls, folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any], teacher_identity: Mapping,
-                 text: torch.Tensor | None, extra: Mapping[str, Any], rebuild: bool) -> None:
-        """Process 0: keep, resume, or (re)create the cache folder's files."""
+                 text: torch.Tensor | None, extra: Mapping[str, Any], rebuild: bool) -> bool:
+        """Process 0: keep, resume, or (re)create the cache folder's files; whether it created them."""
         meta_path = folder / "meta.json"
         folder.mkdir(parents=True, exist_ok=True)
         if meta_path.is_file():
@@ -391,12 +433,17 @@ class TeacherCache:
         if not meta_path.is_file():
             meta = {**record, "teacher": dict(teacher_identity), **extra, "arrays": layout, "complete": False}
             cls._create(folder, layout, meta, text, teacher_identity, record["classes"])
+            return True
+        return False
 
     @classmethod
     def _fill_share(cls, folder: Path, dataset: ClassificationDataset, augment: ReplayableAugment,
                     teacher_source: nn.Module, seed: int, k: int, batch_size: int, rank: int, world_size: int,
-                    progress: bool) -> None:
-        """Compute and write this process's rows that are not written yet (or no longer match their digests)."""
+                    progress: bool, probe: AgreementProbe | None = None, augment_on: str = "cpu") -> None:
+        """Compute and write this process's rows that are not written yet (or no longer match their digests).
+
+        ``probe`` runs the teacher in its precision and checks the first batch against fp32 (default: fp32)."""
+        probe = probe or AgreementProbe(what=f"the teacher cache at {folder}", setting="cache")
         n = len(dataset)
         meta = read_meta(folder)
         key = LOGITS if LOGITS in (meta.get("outputs") or []) else IMAGE_EMBEDS
@@ -418,6 +465,7 @@ class TeacherCache:
             if todo:
                 log.info("resuming the teacher cache at %s: %d of %d images left", folder, len(todo), n)
         device = next(iter(teacher_source.parameters()), torch.zeros(())).device
+        make_views = view_batcher(augment, augment_on, device)
         chunks: Iterable = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
         if progress:
             from rich.progress import track
@@ -426,10 +474,11 @@ class TeacherCache:
         for chunk in chunks:
             images = [dataset.load_image(i) for i in chunk]
             for v in range(k):
-                views, ps = zip(*(augment(img, view_generator(seed, v, i)) for i, img in zip(chunk, images)))
-                with torch.no_grad():
-                    out = teacher_source({"image": torch.stack(views).to(device)}, {key})[key]
-                columns["params"][chunk, v] = torch.stack(ps).numpy()
+                ps = torch.stack([augment.sample(view_generator(seed, v, i), image_hw(img))
+                                  for i, img in zip(chunk, images)])
+                batch = make_views(images, ps)
+                out = probe(lambda p, batch=batch: _teacher_outputs(teacher_source, batch, key, p))
+                columns["params"][chunk, v] = ps.numpy()
                 for name, rows in _stored_rows(out.float().cpu(), meta, chunk, v).items():
                     columns[name][chunk, v] = rows
             for array in columns.values():
@@ -443,8 +492,9 @@ class TeacherCache:
         del columns, done, digests
 
     @classmethod
-    def _finish(cls, folder: Path) -> TeacherCache | None:
-        """Once every row is written: verify them all, then mark the cache complete."""
+    def _finish(cls, folder: Path, agreement: Mapping[str, Any] | None = None) -> TeacherCache | None:
+        """Once every row is written: verify them all, then mark the cache complete (with the low-precision probe's
+        ``agreement`` stats, when there are any)."""
         meta_path = folder / "meta.json"
         if bool(np.all(np.load(folder / "done.npy", mmap_mode="r"))):
             meta = read_meta(folder)
@@ -452,6 +502,8 @@ class TeacherCache:
                 return cls.open(folder)
             checksums = {**(meta.get("checksums") or {}), "digests.npy": file_digest(folder / "digests.npy")}
             meta = {**meta, "checksums": checksums, "complete": True}
+            if agreement is not None:
+                meta["agreement"] = dict(agreement)
             try:
                 verify_cache(folder, meta, verify="full")
             except CacheDamagedError as err:
@@ -460,6 +512,12 @@ class TeacherCache:
             atomic_write_json(meta_path, meta)
             return cls(folder, meta)
         return None
+
+
+def _teacher_outputs(teacher_source: nn.Module, images: torch.Tensor, key: str, precision: str) -> torch.Tensor:
+    """The teacher's ``key`` output of a batch of views, under ``precision``'s autocast."""
+    with torch.no_grad(), teacher_autocast(images.device, precision):
+        return teacher_source({"image": images}, {key})[key]
 
 
 def _stored_rows(out: torch.Tensor, meta: Mapping[str, Any], chunk: Sequence[int], view: int) -> dict[str, np.ndarray]:

@@ -61,6 +61,7 @@ __all__ = [
     "denormalize",
     "resized_hw",
     "default_blur_kernel",
+    "image_hw",
 ]
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -118,7 +119,8 @@ def _to_uint8_chw(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
     raise TypeError(f"expected a PIL image or a uint8 tensor, got {type(image).__name__}")
 
 
-def _image_hw(image: PIL.Image.Image | torch.Tensor) -> tuple[int, int]:
+def image_hw(image: PIL.Image.Image | torch.Tensor) -> tuple[int, int]:
+    """``(H, W)`` of a PIL image or a ``[C, H, W]`` tensor (what :meth:`ReplayableAugment.sample` needs)."""
     if isinstance(image, PIL.Image.Image):
         return image.height, image.width
     if isinstance(image, torch.Tensor):
@@ -387,6 +389,25 @@ class ReplayableAugment:
         # Only the float32-rounded values are ever used.
         return params.detach().to("cpu", torch.float32).tolist()
 
+    def window(self, image: PIL.Image.Image | torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The view's zoom window of ``image``: uint8 ``[3, s, s]`` (``s`` = ``zoom_size``), before any arithmetic on
+        pixels. RandomCrop followed by the zoom crop is one crop of the short-side-resized image. Raises
+        ``ValueError`` if the crop parameters do not fit the image (e.g. params sampled for another image)."""
+        size = self.config.image_size
+        v = self._check_params(params)
+        crop_top, crop_left, zoom_size, zoom_top, zoom_left = (int(x) for x in v[0:5])
+        if not (size >= zoom_size >= 1 and 0 <= zoom_top <= size - zoom_size and 0 <= zoom_left <= size - zoom_size):
+            raise ValueError(f"invalid zoom crop params {v[2:5]} for image_size {size}")
+        x = _resize_short(_to_uint8_chw(image), self.config.resize_size)
+        rh, rw = x.shape[-2:]
+        if not (0 <= crop_top <= rh - size and 0 <= crop_left <= rw - size):
+            raise ValueError(
+                f"crop offsets ({crop_top}, {crop_left}) do not fit a resized image of {rh}x{rw}; "
+                "were the params sampled for a different image size?"
+            )
+        top, left = crop_top + zoom_top, crop_left + zoom_left
+        return x[:, top : top + zoom_size, left : left + zoom_size]
+
     def apply(self, image: PIL.Image.Image | torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Apply the augmentation described by ``params`` to ``image``.
 
@@ -398,27 +419,14 @@ class ReplayableAugment:
         cfg = self.config
         size = cfg.image_size
         v = self._check_params(params)
-        crop_top, crop_left, zoom_size, zoom_top, zoom_left = (int(x) for x in v[0:5])
         angle, sigma = v[5], v[6]
         jitter = {"brightness": v[7], "contrast": v[8], "saturation": v[9], "hue": v[10]}
         order = [int(x) for x in v[11:15]]
         flip = v[15]
         if sorted(order) != [0, 1, 2, 3]:
             raise ValueError(f"jitter order must be a permutation of 0..3, got {order}")
-        if not (size >= zoom_size >= 1 and 0 <= zoom_top <= size - zoom_size and 0 <= zoom_left <= size - zoom_size):
-            raise ValueError(f"invalid zoom crop params {v[2:5]} for image_size {size}")
-
-        x = _resize_short(_to_uint8_chw(image), cfg.resize_size)
-        rh, rw = x.shape[-2:]
-        if not (0 <= crop_top <= rh - size and 0 <= crop_left <= rw - size):
-            raise ValueError(
-                f"crop offsets ({crop_top}, {crop_left}) do not fit a resized image of {rh}x{rw}; "
-                "were the params sampled for a different image size?"
-            )
-        # RandomCrop followed by the zoom crop == a single crop of the resized image.
-        top, left = crop_top + zoom_top, crop_left + zoom_left
-        x = x[:, top : top + zoom_size, left : left + zoom_size]
-        if zoom_size != size:
+        x = self.window(image, params)
+        if x.shape[-1] != size:
             x = TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
         x = x.to(torch.float32).div_(255.0)
 
@@ -446,7 +454,7 @@ class ReplayableAugment:
         self, image: PIL.Image.Image | torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample params for ``image`` from ``generator`` and apply them: ``(view, params)``."""
-        p = self.sample(generator, _image_hw(image))
+        p = self.sample(generator, image_hw(image))
         return self.apply(image, p), p
 
     # ------------------------------------------------------------------ identity

@@ -33,6 +33,14 @@ from pand.data import (
     subset,
     verify_splits,
 )
+from pand.data.device_augment import AUGMENT_ON, BatchedAugment, crop_window
+from pand.data.transforms import (
+    AugmentConfig,
+    ReplayableAugment,
+    eval_transform,
+    image_hw,
+    view_generator,
+)
 from pand.data.unlabelled import (
     UNLABELLED,
     HiddenLabels,
@@ -42,7 +50,6 @@ from pand.data.unlabelled import (
     choose,
     unlabelled_folder,
 )
-from pand.data.transforms import AugmentConfig, ReplayableAugment, eval_transform, view_generator
 from pand.errors import ConfigError
 
 
@@ -51,15 +58,23 @@ class TrainViews(Dataset):
 
     Without a teacher cache each (epoch, index) draws fresh parameters; with one, each epoch picks one of the K cached
     views of the image (item key ``view``) and rebuilds exactly that view from its stored parameters.
+
+    With ``augment_on="device"`` an item carries the view's uint8 window (key ``window``, see
+    :func:`~pand.data.device_augment.crop_window`) instead of the float view; :meth:`PandDataModule.on_after_batch_transfer`
+    turns a batch of windows into views on the training device.
     """
 
     def __init__(
-        self, dataset: ClassificationDataset, augment: ReplayableAugment, seed: int, teacher_cache=None
+        self, dataset: ClassificationDataset, augment: ReplayableAugment, seed: int, teacher_cache=None,
+        augment_on: str = "cpu",
     ) -> None:
+        if augment_on not in AUGMENT_ON:
+            raise ConfigError(f"data.augment_on must be one of {list(AUGMENT_ON)}, got {augment_on!r}")
         self.dataset = dataset
         self.augment = augment
         self.seed = int(seed)
         self.teacher_cache = teacher_cache
+        self.augment_on = augment_on
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -70,12 +85,15 @@ class TrainViews(Dataset):
         label = self.dataset.targets[index]
         item: dict[str, Any] = {"label": label, "index": index, "labelled": label != UNLABELLED}
         if self.teacher_cache is None:
-            item["image"], item["aug"] = self.augment(image, view_generator(self.seed, epoch, index))
+            item["aug"] = self.augment.sample(view_generator(self.seed, epoch, index), image_hw(image))
         else:
             view = choose_view(self.seed, epoch, index, self.teacher_cache.views)
             item["aug"] = self.teacher_cache.params(index, view)
-            item["image"] = self.augment.apply(image, item["aug"])
             item["view"] = view
+        if self.augment_on == "device":
+            item["window"] = crop_window(self.augment, image, item["aug"])
+        else:
+            item["image"] = self.augment.apply(image, item["aug"])
         return item
 
 
@@ -382,6 +400,8 @@ class PandDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.teacher_cache = teacher_cache
         self.augment = ReplayableAugment(augment_config(self.cfg))
+        self.augment_on = str(self.cfg.get("augment_on", "cpu"))
+        self.batched_augment = BatchedAugment(self.augment)
         self.eval_transform = eval_transform(
             int(self.cfg["image_size"]), int(self.cfg["resize_size"]), tuple(self.cfg["mean"]), tuple(self.cfg["std"])
         )
@@ -477,8 +497,15 @@ class PandDataModule(L.LightningDataModule):
         else:
             drop_last = bool(self.cfg.get("drop_last", True)) and len(pool) // world >= batch
             sampler = EpochSampler(len(pool), seed=self.seed, rank=rank, world_size=world, drop_last=drop_last)
-        return self._loader(TrainViews(pool, self.augment, self.seed, self.teacher_cache), sampler, drop_last,
-                            ResumableLoader, batches_done=self._train_batches_done)
+        views = TrainViews(pool, self.augment, self.seed, self.teacher_cache, self.augment_on)
+        return self._loader(views, sampler, drop_last, ResumableLoader, batches_done=self._train_batches_done)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``data.augment_on=device``: the batch's uint8 windows become its views, on the training device."""
+        if isinstance(batch, dict) and "window" in batch:
+            batch = dict(batch)
+            batch["image"] = self.batched_augment(batch.pop("window"), batch["aug"])
+        return batch
 
     def eval_dataloader(self, split: str) -> DataLoader:
         rank, world = self._rank_world()

@@ -5,6 +5,10 @@ are then trained on the stored training embeddings, selected on the val embeddin
 features are written with their provenance for stage 2 (``teacher.text_features=...``). The test split is scored
 once for the report.
 
+``features.precision`` and ``prompts.precision`` (fp32 by default; bf16 or fp16 under autocast, checked against fp32
+on the first batch, see :mod:`pand.teachers.precision`) set the precision of the teacher passes; the text features
+``pand prompts`` stores are always encoded in fp32.
+
 Both read the composed ``train`` config, the one stage 2 trains with: its ``features`` and ``prompts`` sections (and
 ``data``, ``teacher``, ``paths``, ``seed``), so one experiment file and one set of overrides serve both stages.
 """
@@ -22,8 +26,9 @@ import torch
 from pand.engine.data import load_splits
 from pand.engine.teacher_side import load_teacher_from
 from pand.errors import ConfigError
-from pand.features import ensure_features
+from pand.features import ensure_features, stored_agreement
 from pand.io import atomic_write_json
+from pand.teachers.precision import DEFAULT_TOLERANCE
 from pand.validation import validate_coop_config
 
 log = logging.getLogger("pand")
@@ -51,8 +56,22 @@ def run_features(config: Mapping[str, Any], teacher=None, splits=None) -> dict[s
         out[split] = ensure_features(
             Path(feats["dir"]) / f"{split}.safetensors", teacher, splits[split], rebuild=bool(feats.get("rebuild")),
             batch_size=int(feats["batch_size"]), num_workers=int(feats["num_workers"]),
+            precision=feats.get("precision", "fp32"),
+            tolerance=float(feats.get("precision_tolerance", DEFAULT_TOLERANCE)),
         )
     return out
+
+
+def features_agreement(config: Mapping[str, Any], splits=None) -> dict[str, dict[str, Any]]:
+    """The measured fp32 agreement stored with each low-precision feature file of ``splits`` (default
+    ``features.splits``), by split; empty for fp32 files."""
+    feats = config["features"]
+    found = {}
+    for split in splits or feats["splits"]:
+        stats = stored_agreement(Path(feats["dir"]) / f"{split}.safetensors")
+        if stats is not None:
+            found[split] = stats
+    return found
 
 
 def _coop_logit_scale(option: Any, teacher) -> float:
@@ -95,7 +114,8 @@ def run_prompts(config: Mapping[str, Any]) -> dict[str, Any]:
         learner, tr_x, tr_y, va_x, va_y, logit_scale=scale, epochs=int(p["epochs"]),
         batch_size=int(p["batch_size"]), lr=float(p["lr"]), momentum=float(p["momentum"]),
         weight_decay=float(p["weight_decay"]), warmup_epochs=int(p["warmup_epochs"]), warmup_lr=float(p["warmup_lr"]),
-        seed=int(config["seed"]), device=device,
+        seed=int(config["seed"]), device=device, precision=p.get("precision", "fp32"),
+        tolerance=float(p.get("precision_tolerance", DEFAULT_TOLERANCE)),
     )
     learned = result.text_features.cpu()
     summary = {
@@ -116,6 +136,14 @@ def run_prompts(config: Mapping[str, Any]) -> dict[str, Any]:
         "coop_test_acc": _accuracy(te_x, te_y, learned),
         "train_seconds": round(time.time() - start, 2),
     }
+    # Only low-precision runs add these: an fp32 summary, and the text-feature record made from it, stay as they were.
+    if result.precision != "fp32":
+        summary["precision"] = result.precision
+        summary["text_features_agreement"] = result.text_features_agreement
+    agreement = features_agreement(config, ["train", "val", "test"])
+    if agreement:
+        summary["features_precision"] = config["features"].get("precision", "fp32")
+        summary["features_agreement"] = agreement
     out = Path(p["out"])
     save_text_features(out, learned, summary)
     summary["text_features"] = str(out)

@@ -37,6 +37,7 @@ from pand.teachers import (
     load_classifier_teacher,
     load_clip_teacher,
 )
+from pand.teachers.precision import DEFAULT_TOLERANCE
 from pand.validation import validate_train_config
 
 TEACHER_KINDS = ("clip", "classifier")
@@ -121,6 +122,8 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
     """The run's teacher cache: opened if it matches, built (or resumed) with the live teacher if not.
 
     Returns None on a process that built only its share and is not the one that completes the cache.
+    ``cache.precision`` (fp32 unless set) is part of what must match; a bf16 / fp16 build is checked against fp32
+    on its first batch within ``cache.precision_tolerance`` (see :mod:`pand.cache.teacher`).
     """
     settings = cache_settings(config)
     train = data.train_pool
@@ -129,7 +132,8 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
     expected = cache_record(teacher_spec=teacher_spec(config), dataset=train, augment=data.augment,
                             views=int(settings["views"]), seed=int(settings.get("seed", 0)), templates=templates,
                             outputs=[LOGITS] if classifier else [IMAGE_EMBEDS],
-                            topk=settings.get("topk") if classifier else None)
+                            topk=settings.get("topk") if classifier else None,
+                            precision=settings.get("precision") or "fp32")
     try:
         return TeacherCache.open(settings["dir"], expected)
     except (MismatchError, CacheDamagedError):
@@ -147,7 +151,8 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
     return TeacherCache.build(
         settings["dir"], expected, train, data.augment, source, text, teacher.identity, **clip,
         batch_size=int(settings.get("batch_size", 64)), rank=rank, world_size=world_size,
-        rebuild=bool(settings.get("rebuild")), barrier=barrier,
+        rebuild=bool(settings.get("rebuild")), barrier=barrier, augment_on=data.augment_on,
+        precision_tolerance=float(settings.get("precision_tolerance", DEFAULT_TOLERANCE)),
     )
 
 

@@ -6,10 +6,19 @@ cosine schedule over ``epochs`` (the learning rate of epoch ``e >= warmup_epochs
 ``0.5 * lr * (1 + cos(pi * e / epochs))``, i.e. the warm-up replaces the first epochs of the cosine curve, as in
 Dassl's ``ConstantWarmupScheduler``). The text features of the epoch with the best validation accuracy are kept
 (first such epoch on ties), and the learner's context is left at that epoch's value.
+
+``precision="bf16"`` / ``"fp16"`` runs the CoOp forward (the text tower re-encoding all class prompts, and the logits)
+under autocast: the frozen text tower dominates the cost of every step (fp16 also scales the loss, as fp16's range
+would flush the context's small gradients to zero). The pass is checked first: the untrained prompts are encoded in
+fp32 and in the low precision and training is refused (:class:`~pand.errors.PrecisionError`) unless they agree within
+``tolerance`` (see :mod:`pand.teachers.precision`). The text features returned are always re-encoded in fp32 from the
+best context, and the agreement of the low-precision encoding of that same context is reported
+(``CoopResult.text_features_agreement``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -18,6 +27,14 @@ import torch.nn.functional as F
 
 from pand.errors import ConfigError
 from pand.prompts.learner import PromptLearner
+from pand.teachers.precision import (
+    DEFAULT_TOLERANCE,
+    AgreementProbe,
+    measure_agreement,
+    teacher_autocast,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CoopResult", "coop_lr", "train_coop"]
 
@@ -30,6 +47,10 @@ class CoopResult:
     ``val_acc``: best validation top-1 (fraction). ``best_epoch``: its 0-based epoch.
     ``history``: one dict per epoch: ``epoch, train_loss, train_acc, val_acc, lr``.
     ``initial_val_acc``: validation top-1 of the untrained prompts (zero-shot with ``ctx_init``), for reference.
+    ``precision``: of the training forward. Unless fp32: ``text_features`` are the fp32 encoding of the best context,
+    ``val_acc`` their validation top-1 (the selection used the low-precision accuracies of ``history``),
+    ``text_features_agreement`` the :func:`~pand.teachers.precision.measure_agreement` stats of the low-precision
+    encoding of that context against them, and ``probe_agreement`` those of the untrained prompts (checked).
     """
 
     text_features: torch.Tensor
@@ -37,6 +58,9 @@ class CoopResult:
     best_epoch: int
     history: list[dict] = field(default_factory=list)
     initial_val_acc: float = float("nan")
+    precision: str = "fp32"
+    text_features_agreement: dict | None = None
+    probe_agreement: dict | None = None
 
 
 def coop_lr(epoch: int, *, epochs: int, lr: float, warmup_epochs: int, warmup_lr: float) -> float:
@@ -93,12 +117,15 @@ def train_coop(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    precision: str = "fp32",
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> CoopResult:
     """Train the learner's context vectors with CoOp on cached, L2-normalised teacher image features.
 
     Features are re-normalised here (a no-op for normalised input). Model selection uses the validation split only.
     The learner (and the clip model it references) is moved to ``device``; on return its context holds the best
-    epoch's value.
+    epoch's value. ``precision`` (fp32, bf16, fp16): of the CoOp forward, checked against fp32 within ``tolerance``
+    before training (see the module docstring).
     """
     if not isinstance(learner, PromptLearner):
         raise ConfigError(f"train_coop needs a PromptLearner, got {type(learner).__name__}")
@@ -116,15 +143,21 @@ def train_coop(
     if tr_x.shape[1] != va_x.shape[1]:
         raise ConfigError(f"train features have D = {tr_x.shape[1]} but val features have D = {va_x.shape[1]}")
 
+    probe = AgreementProbe(precision, tolerance, what="CoOp text features of the untrained prompts",
+                           setting="prompts")
     device = torch.device(device)
     learner.to(device)
     tr_x = F.normalize(tr_x.to(device=device, dtype=torch.float32), dim=-1)
     va_x = F.normalize(va_x.to(device=device, dtype=torch.float32), dim=-1)
     tr_y, va_y = tr_y.to(device), va_y.to(device)
 
+    def encode(precision_name: str) -> torch.Tensor:
+        with teacher_autocast(device, precision_name):
+            return learner()
+
     learner.eval()
     with torch.no_grad():
-        text = learner()
+        text = probe(encode)  # refused here, before any step, if the low precision does not agree
     if text.shape[1] != tr_x.shape[1]:
         raise ConfigError(
             f"image features have D = {tr_x.shape[1]} but the teacher's text features have D = {text.shape[1]}; "
@@ -137,6 +170,9 @@ def train_coop(
     generator = torch.Generator().manual_seed(int(seed))
     n = tr_x.shape[0]
     scale = float(logit_scale)
+
+    # fp16's 5-bit exponent flushes the context's small gradients to zero: scale the loss (bf16 has fp32's range)
+    scaler = torch.amp.GradScaler(device.type) if probe.precision == "fp16" else None
 
     best_acc, best_epoch = -1.0, -1
     best_features = text.detach().float().cpu()
@@ -155,18 +191,24 @@ def train_coop(
             for i in range(0, n, batch_size):
                 idx = order[i : i + batch_size]
                 x, y = tr_x[idx], tr_y[idx]
-                text = learner()  # CoOp: all C prompts are re-encoded every step
-                logits = scale * x @ text.t()
-                loss = F.cross_entropy(logits, y)
+                with teacher_autocast(device, probe.precision):
+                    text = learner()  # CoOp: all C prompts are re-encoded every step
+                    logits = scale * x @ text.t()
+                loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                 loss_sum += float(loss.detach()) * y.shape[0]
                 correct += int((logits.detach().argmax(dim=1) == y).sum())
             learner.eval()
-            with torch.no_grad():
+            with torch.no_grad(), teacher_autocast(device, probe.precision):
                 text = learner()
-            val_acc = _accuracy(va_x, va_y, text)
+            val_acc = _accuracy(va_x, va_y, text.float())
             record = {
                 "epoch": epoch,
                 "train_loss": loss_sum / n,
@@ -185,12 +227,28 @@ def train_coop(
 
     with torch.no_grad():
         learner.ctx.copy_(best_ctx)
+    agreement = None
+    if probe.low:
+        # What is stored must not carry the low precision's ~1 % error: encode the chosen context again in fp32.
+        with torch.no_grad():
+            best_features = learner().float()
+            agreement = {"precision": probe.precision, "tolerance": probe.tolerance,
+                         **measure_agreement(best_features, encode(probe.precision))}
+            best_features = best_features.cpu()
+        best_acc = _accuracy(va_x, va_y, best_features.to(device))
+        if not agreement["max_rel_error"] <= probe.tolerance or agreement["nonfinite"]:
+            log.warning("the %s encoding of the learned prompts is %.3g from fp32 (tolerance %g); the stored text "
+                        "features are fp32, but training saw the %s ones", probe.precision,
+                        agreement["max_rel_error"], probe.tolerance, probe.precision)
     return CoopResult(
         text_features=best_features,
         val_acc=float(best_acc),
         best_epoch=int(best_epoch),
         history=history,
         initial_val_acc=float(initial_val_acc),
+        precision=probe.precision,
+        text_features_agreement=agreement,
+        probe_agreement=probe.stats,
     )
 
 
