@@ -148,3 +148,13 @@ def test_loader_estimates_name_the_slower_side():
     assert rows["device", "cache"]["device_side_img_per_s"] == 3000.0  # 1 / (1/4000 + 1/12000)
     assert rows["device", "cache"]["limited_by"] == "student step + views"
     assert rows["device", "jpeg"]["run_img_per_s"] == 2500.0 and rows["device", "jpeg"]["limited_by"] == "loader"
+
+
+def test_bench_loader_with_latency_times_the_student_step_itself(capsys):
+    code = main(["bench", "--teacher", "pand-tiny-vit", "--student", "resnet18", "--image-size", "32", "--batch", "4",
+                 "--classes", "5", "--steps", "1", "--warmup", "1", "--latency", "--latency-batches", "1", "--loader",
+                 "--loader-images", "4", "--loader-workers", "0", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "student_only_ms" not in result and result["loader"]["student_train_img_per_s"] > 0
+    assert {e["augment_on"] for e in result["loader"]["estimates"]} == {"cpu", "device"}

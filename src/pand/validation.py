@@ -208,6 +208,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "cache.views": integer(0),
     "cache.seed": integer(0),
     "cache.batch_size": integer(1),
+    "cache.num_workers": integer(0),
     "cache.topk": integer(1, optional=True),
     "cache.rebuild": BOOL,
     "cache.precision": PRECISION,

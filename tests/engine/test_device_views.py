@@ -63,11 +63,16 @@ def test_cache_build_with_device_views_stores_the_same_cache(cub_root, tmp_path)
     import numpy as np
 
     folders = {}
-    for on in ("cpu", "device"):
+    for on, workers in (("cpu", 0), ("device", 0), ("device-workers", 2)):
         folders[on] = tmp_path / f"cache-{on}"
         overrides = tiny_overrides(cub_root, tmp_path / f"run-{on}", f"cache.dir={folders[on]}", "cache.views=3",
-                                   f"data.augment_on={on}")
+                                   f"data.augment_on={on.split('-')[0]}", f"cache.num_workers={workers}",
+                                   "cache.batch_size=4")
         assert main(["cache", "build", *overrides]) == 0
+    # loader processes change nothing: every view is a function of (seed, view, index)
+    for name in ("params", "embeds", "digests"):
+        assert np.array_equal(np.load(folders["device"] / f"{name}.npy"),
+                              np.load(folders["device-workers"] / f"{name}.npy")), name
     cpu, device = (np.load(folders[on] / "embeds.npy") for on in ("cpu", "device"))
     assert np.array_equal(np.load(folders["cpu"] / "params.npy"), np.load(folders["device"] / "params.npy"))
     # float16 rows: equal, or one rounding step apart where a value sits on a float16 boundary

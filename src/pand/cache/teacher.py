@@ -81,6 +81,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from pand.cache.integrity import (
     SLACK_BYTES,
@@ -103,7 +104,7 @@ from pand.cache.integrity import (
     verify_cache,
 )
 from pand.data import ClassificationDataset
-from pand.data.device_augment import view_batcher
+from pand.data.device_augment import DeviceShare, loader_share
 from pand.data.transforms import ReplayableAugment, image_hw, view_generator
 from pand.errors import ConfigError, MismatchError, PandError, PrecisionError
 from pand.io import OUTPUT_ERRNOS, atomic_write_json
@@ -348,7 +349,7 @@ class TeacherCache:
         augment: ReplayableAugment, teacher_source: nn.Module, text_embeds: torch.Tensor | None,
         teacher_identity: Mapping, *, embed_dim: int | None = None, learned_logit_scale: float | None = None,
         batch_size: int = 64, rank: int = 0, world_size: int = 1, rebuild: bool = False, progress: bool = True,
-        barrier=None, precision_tolerance: float = DEFAULT_TOLERANCE, augment_on: str = "cpu",
+        barrier=None, precision_tolerance: float = DEFAULT_TOLERANCE, augment_on: str = "cpu", num_workers: int = 0,
     ) -> TeacherCache | None:
         """Build (or resume) this process's share of the cache: rows ``rank, rank + world_size, ...``.
 
@@ -395,7 +396,7 @@ class TeacherCache:
         try:
             try:
                 cls._fill_share(folder, dataset, augment, teacher_source, int(record["seed"]), k, batch_size, rank,
-                                world_size, progress, probe, augment_on)
+                                world_size, progress, probe, augment_on, num_workers)
             except BaseException as err:
                 if barrier is None:
                     raise
@@ -439,7 +440,8 @@ class TeacherCache:
     @classmethod
     def _fill_share(cls, folder: Path, dataset: ClassificationDataset, augment: ReplayableAugment,
                     teacher_source: nn.Module, seed: int, k: int, batch_size: int, rank: int, world_size: int,
-                    progress: bool, probe: AgreementProbe | None = None, augment_on: str = "cpu") -> None:
+                    progress: bool, probe: AgreementProbe | None = None, augment_on: str = "cpu",
+                    num_workers: int = 0) -> None:
         """Compute and write this process's rows that are not written yet (or no longer match their digests).
 
         ``probe`` runs the teacher in its precision and checks the first batch against fp32 (default: fp32)."""
@@ -465,20 +467,25 @@ class TeacherCache:
             if todo:
                 log.info("resuming the teacher cache at %s: %d of %d images left", folder, len(todo), n)
         device = next(iter(teacher_source.parameters()), torch.zeros(())).device
-        make_views = view_batcher(augment, augment_on, device)
-        chunks: Iterable = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+        finish_views = DeviceShare(augment, augment_on)
+        chunks = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+        # Worker processes decode the images and make the views (or crop windows) of whole chunks while this process
+        # runs the teacher on the previous one; every view is a pure function of (seed, view, index), so the cache is
+        # the same with any number of workers. The loader gets its own generator: it would otherwise seed itself from
+        # the global one, and a run that builds its cache would then train differently from a run that opens it.
+        loader: Iterable = DataLoader(
+            _ChunkViews(dataset, augment, augment_on, seed, k, chunks), batch_size=None, num_workers=num_workers,
+            prefetch_factor=2 if num_workers else None, pin_memory=device.type == "cuda",
+            generator=torch.Generator())
         if progress:
             from rich.progress import track
 
-            chunks = track(list(chunks), description=f"teacher cache ({k} views, rank {rank})")
-        for chunk in chunks:
-            images = [dataset.load_image(i) for i in chunk]
+            loader = track(loader, total=len(chunks), description=f"teacher cache ({k} views, rank {rank})")
+        for chunk, params, pixels in loader:
             for v in range(k):
-                ps = torch.stack([augment.sample(view_generator(seed, v, i), image_hw(img))
-                                  for i, img in zip(chunk, images)])
-                batch = make_views(images, ps)
+                batch = finish_views(pixels[v], params[v], device)
                 out = probe(lambda p, batch=batch: _teacher_outputs(teacher_source, batch, key, p))
-                columns["params"][chunk, v] = ps.numpy()
+                columns["params"][chunk, v] = params[v].numpy()
                 for name, rows in _stored_rows(out.float().cpu(), meta, chunk, v).items():
                     columns[name][chunk, v] = rows
             for array in columns.values():
@@ -512,6 +519,29 @@ class TeacherCache:
             atomic_write_json(meta_path, meta)
             return cls(folder, meta)
         return None
+
+
+class _ChunkViews(Dataset):
+    """Item c: chunk c's image indices, and the params ``[K, B, P]`` and views or crop windows ``[K, B, 3, S, S]`` of
+    its K views (view v of image i drawn from ``view_generator(seed, v, i)``); each image is loaded once."""
+
+    def __init__(self, dataset: ClassificationDataset, augment: ReplayableAugment, augment_on: str, seed: int,
+                 views: int, chunks: Sequence[Sequence[int]]) -> None:
+        self.dataset, self.augment, self.seed, self.views, self.chunks = dataset, augment, seed, views, chunks
+        self.make = loader_share(augment, augment_on)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, c: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        chunk = list(self.chunks[c])
+        images = [self.dataset.load_image(i) for i in chunk]
+        params, pixels = [], []
+        for v in range(self.views):
+            ps = [self.augment.sample(view_generator(self.seed, v, i), image_hw(im)) for i, im in zip(chunk, images)]
+            params.append(torch.stack(ps))
+            pixels.append(torch.stack([self.make(im, p) for im, p in zip(images, ps)]))
+        return chunk, torch.stack(params), torch.stack(pixels)
 
 
 def _teacher_outputs(teacher_source: nn.Module, images: torch.Tensor, key: str, precision: str) -> torch.Tensor:

@@ -28,6 +28,7 @@ embeddings; a teacher cache built from CPU views therefore serves training with 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -41,7 +42,7 @@ from pand.data.transforms import (
     ReplayableAugment,
 )
 
-__all__ = ["AUGMENT_ON", "BatchedAugment", "crop_window", "view_batcher"]
+__all__ = ["AUGMENT_ON", "BatchedAugment", "DeviceShare", "crop_window", "loader_share"]
 
 #: Where the training views are made: ``cpu`` (per image, in the loader) or ``device`` (per batch, after transfer).
 AUGMENT_ON = ("cpu", "device")
@@ -232,6 +233,8 @@ class BatchedAugment:
 
     #: On a CPU compute only the views an operation changes; elsewhere compute all and select (no host sync).
     select_rows_on_cpu = True
+    #: Views per slice on a CPU.
+    cpu_chunk = 16
 
     def __init__(self, config: AugmentConfig | ReplayableAugment) -> None:
         self.augment = config if isinstance(config, ReplayableAugment) else ReplayableAugment(config)
@@ -259,9 +262,15 @@ class BatchedAugment:
             raise ValueError(f"windows must be uint8 [B, 3, {size}, {size}], got {windows.dtype} {tuple(windows.shape)}")
         if params.dim() != 2 or params.shape != (windows.shape[0], self.augment.num_params):
             raise ValueError(f"params must be [{windows.shape[0]}, {self.augment.num_params}], got {tuple(params.shape)}")
+        params = params.to(device=windows.device, dtype=torch.float32)
         # Exact integer sums in float32 and float32 formulas: a surrounding autocast must not lower them.
         with torch.autocast(windows.device.type, enabled=False):
-            return self._views(windows, params.to(device=windows.device, dtype=torch.float32))
+            if windows.device.type != "cpu" or len(windows) <= self.cpu_chunk:
+                return self._views(windows, params)
+            # a CPU works through the batch in slices that stay in its caches (measured 8.6 against 12.4 ms per
+            # 224 px view for slices of 16 against one slice of 64)
+            return torch.cat([self._views(windows[i : i + self.cpu_chunk], params[i : i + self.cpu_chunk])
+                              for i in range(0, len(windows), self.cpu_chunk)])
 
     def _views(self, windows: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         size = self.config.image_size
@@ -280,18 +289,24 @@ class BatchedAugment:
         return x.sub_(mean).div_(std)
 
 
-def view_batcher(augment: ReplayableAugment, augment_on: str, device: torch.device | str) -> Callable:
-    """``make(images, params) -> views [B, 3, S, S] on device``: one view per (image, params row), made per image on
-    the CPU (``augment_on="cpu"``) or as a batch on ``device`` from crop windows (``"device"``)."""
+def loader_share(augment: ReplayableAugment, augment_on: str) -> Callable[..., torch.Tensor]:
+    """What a loader makes of ``(image, params)`` on each path: the float view (``cpu``) or the uint8 crop window
+    (``device``). Picklable, so loader worker processes can run it."""
     if augment_on not in AUGMENT_ON:
         raise ValueError(f"augment_on must be one of {list(AUGMENT_ON)}, got {augment_on!r}")
-    device = torch.device(device)
-    if augment_on == "cpu":
-        return lambda images, params: torch.stack([augment.apply(im, p) for im, p in zip(images, params)]).to(device)
-    batched = BatchedAugment(augment)
+    return functools.partial(crop_window, augment) if augment_on == "device" else augment.apply
 
-    def make(images, params: torch.Tensor) -> torch.Tensor:
-        windows = torch.stack([crop_window(augment, im, p) for im, p in zip(images, params)])
-        return batched(windows.to(device), params.to(device))
 
-    return make
+class DeviceShare:
+    """What the training process makes of a loader batch on ``device``: the views themselves (``cpu``: they only
+    move) or the views made from the batch's crop windows (``device``: :class:`BatchedAugment`)."""
+
+    def __init__(self, augment: ReplayableAugment, augment_on: str) -> None:
+        loader_share(augment, augment_on)  # checks augment_on
+        self.batched = BatchedAugment(augment) if augment_on == "device" else None
+
+    def __call__(self, pixels: torch.Tensor, params: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        pixels = pixels.to(device, non_blocking=True)
+        if self.batched is None:
+            return pixels
+        return self.batched(pixels, params.to(device, non_blocking=True))

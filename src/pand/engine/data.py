@@ -33,7 +33,7 @@ from pand.data import (
     subset,
     verify_splits,
 )
-from pand.data.device_augment import AUGMENT_ON, BatchedAugment, crop_window
+from pand.data.device_augment import BatchedAugment, loader_share
 from pand.data.transforms import (
     AugmentConfig,
     ReplayableAugment,
@@ -68,13 +68,12 @@ class TrainViews(Dataset):
         self, dataset: ClassificationDataset, augment: ReplayableAugment, seed: int, teacher_cache=None,
         augment_on: str = "cpu",
     ) -> None:
-        if augment_on not in AUGMENT_ON:
-            raise ConfigError(f"data.augment_on must be one of {list(AUGMENT_ON)}, got {augment_on!r}")
         self.dataset = dataset
         self.augment = augment
         self.seed = int(seed)
         self.teacher_cache = teacher_cache
         self.augment_on = augment_on
+        self._make = loader_share(augment, augment_on)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -90,10 +89,7 @@ class TrainViews(Dataset):
             view = choose_view(self.seed, epoch, index, self.teacher_cache.views)
             item["aug"] = self.teacher_cache.params(index, view)
             item["view"] = view
-        if self.augment_on == "device":
-            item["window"] = crop_window(self.augment, image, item["aug"])
-        else:
-            item["image"] = self.augment.apply(image, item["aug"])
+        item["window" if self.augment_on == "device" else "image"] = self._make(image, item["aug"])
         return item
 
 

@@ -152,6 +152,7 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
         settings["dir"], expected, train, data.augment, source, text, teacher.identity, **clip,
         batch_size=int(settings.get("batch_size", 64)), rank=rank, world_size=world_size,
         rebuild=bool(settings.get("rebuild")), barrier=barrier, augment_on=data.augment_on,
+        num_workers=int(settings.get("num_workers", 0)),
         precision_tolerance=float(settings.get("precision_tolerance", DEFAULT_TOLERANCE)),
     )
 
