@@ -82,3 +82,16 @@ def test_cache_build_with_device_views_stores_the_same_cache(cub_root, tmp_path)
     # and the cache made from device views is the cache a CPU-view run opens
     assert main(["train", *tiny_overrides(cub_root, tmp_path / "train", f"cache.dir={folders['device']}",
                                           "cache.views=3", "trainer.max_epochs=1")]) == 0
+
+
+def test_a_run_may_resume_on_the_other_view_path(cub_root, tmp_path):
+    """Where the views are made is operational (the same views to ~1e-6), like the loader workers: checkpoints made
+    before the setting existed, or on the other path, still resume."""
+    from pand.engine.checkpoints import config_differences
+
+    before = to_plain(compose("train", tiny_overrides(cub_root, tmp_path)))
+    before["data"].pop("augment_on")
+    now = to_plain(compose("train", tiny_overrides(cub_root, tmp_path, "data.augment_on=device")))
+    assert config_differences(before, now) == []
+    now["data"]["image_size"] = 48
+    assert config_differences(before, now) == ["data.image_size: checkpoint 32, this run 48"]

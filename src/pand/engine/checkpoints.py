@@ -249,9 +249,10 @@ def run_record(run_dir: str | os.PathLike, splits: Mapping[str, Any], context: A
 
 
 # Config keys that must agree for a resume to continue the same training. Operational settings (where the data lives,
-# loader workers, devices, the number of epochs) may change; what they point at is checked by the record instead.
+# loader workers, devices, the number of epochs, where the views are made: the same views to ~1e-6) may change; what
+# they point at is checked by the record instead.
 _IGNORED_ON_RESUME = {
-    "data": {"root", "download", "num_workers", "pin_memory", "decoded_cache"},
+    "data": {"root", "download", "num_workers", "pin_memory", "decoded_cache", "augment_on"},
     "teacher": {"pretrained", "cache_dir", "text_features", "weights", "ckpt"},
     "student": {"pretrained", "weights"},
     "method": set(),
