@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pand.cache.images import DecodedImageCache, with_decoded_cache
 from pand.data.base import FileDataset
-from pand.data.device_augment import BatchedAugment, crop_window
+from pand.data.device_augment import BatchedAugment, loader_share
 from pand.data.transforms import (
     AugmentConfig,
     ReplayableAugment,
@@ -65,6 +65,7 @@ class Views(Dataset):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.dataset, self.augment, self.mode = dataset, augment, mode
+        self.make = loader_share(augment, "device" if mode == "device" else "cpu")
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -75,9 +76,7 @@ class Views(Dataset):
             x = _resize_short(_to_uint8_chw(image), self.augment.config.resize_size)
             return x.shape[-2] * x.shape[-1], self.dataset.targets[i]
         params = self.augment.sample(view_generator(0, 0, i), image_hw(image))
-        if self.mode == "device":
-            return crop_window(self.augment, image, params), params, self.dataset.targets[i]
-        return self.augment.apply(image, params), params, self.dataset.targets[i]
+        return self.make(image, params), params, self.dataset.targets[i]
 
 
 def measure(dataset, augment, mode: str, workers: int, batch_size: int) -> dict:

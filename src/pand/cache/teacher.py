@@ -440,12 +440,10 @@ class TeacherCache:
     @classmethod
     def _fill_share(cls, folder: Path, dataset: ClassificationDataset, augment: ReplayableAugment,
                     teacher_source: nn.Module, seed: int, k: int, batch_size: int, rank: int, world_size: int,
-                    progress: bool, probe: AgreementProbe | None = None, augment_on: str = "cpu",
-                    num_workers: int = 0) -> None:
+                    progress: bool, probe: AgreementProbe, augment_on: str, num_workers: int) -> None:
         """Compute and write this process's rows that are not written yet (or no longer match their digests).
 
-        ``probe`` runs the teacher in its precision and checks the first batch against fp32 (default: fp32)."""
-        probe = probe or AgreementProbe(what=f"the teacher cache at {folder}", setting="cache")
+        ``probe`` runs the teacher in its precision and checks the first batch against fp32."""
         n = len(dataset)
         meta = read_meta(folder)
         key = LOGITS if LOGITS in (meta.get("outputs") or []) else IMAGE_EMBEDS

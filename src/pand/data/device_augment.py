@@ -35,19 +35,15 @@ from collections.abc import Callable
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
-from pand.data.transforms import (
-    JITTER_OPS,
-    AugmentConfig,
-    ReplayableAugment,
-)
+from pand.data.transforms import JITTER_OPS, AugmentConfig, ReplayableAugment, _adjust_hue, _gaussian_kernel1d
 
 __all__ = ["AUGMENT_ON", "BatchedAugment", "DeviceShare", "crop_window", "loader_share"]
 
 #: Where the training views are made: ``cpu`` (per image, in the loader) or ``device`` (per batch, after transfer).
 AUGMENT_ON = ("cpu", "device")
 
-_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = (JITTER_OPS.index(n) for n in ("brightness", "contrast", "saturation",
                                                                             "hue"))
 
@@ -154,11 +150,8 @@ def _rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
 def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Separable Gaussian blur with reflect padding and a per-view sigma (the CPU path's kernel and shifts)."""
     b, _, h, w = x.shape
-    half = (kernel_size - 1) * 0.5
-    xs = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float32, device=x.device).view(1, -1)
-    safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma)).view(-1, 1)
-    pdf = torch.exp(-0.5 * (xs / safe).pow(2))
-    weights = (pdf / pdf.sum(1, keepdim=True)).view(b, kernel_size, 1, 1, 1)
+    safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))  # views without blur are not used
+    weights = _gaussian_kernel1d(kernel_size, safe).view(b, kernel_size, 1, 1, 1)
     pad = kernel_size // 2
     xp = F.pad(x, [pad, pad, 0, 0], mode="reflect")
     y = xp[..., 0:w] * weights[:, 0]
@@ -171,39 +164,20 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tenso
     return out
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(-3)
-    return r.mul(_GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(-3)
-
-
 def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_blend`` with one ratio per view."""
     r = ratio.view(-1, 1, 1, 1)
     return x.mul(r).addcmul_(other, 1.0 - r).clamp_(0.0, 1.0)
-
-
-def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """HSV hue rotation, the same lean formula as the CPU path's ``_adjust_hue``."""
-    r, g, b = x.unbind(-3)
-    minc, maxc = torch.aminmax(x, dim=-3)
-    chroma = maxc - minc
-    safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    h6 = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    h6 = (h6 / 6.0 + shift.view(-1, 1, 1)).remainder_(1.0).mul_(6.0)
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = (h6 + n).remainder_(6.0)
-        out.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(out, dim=-3)
 
 
 def _jitter_op(op: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if op == _BRIGHTNESS:
         return lambda x, f: x.mul(f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
     if op == _CONTRAST:
-        return lambda x, f: _blend(x, _gray(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+        return lambda x, f: _blend(x, TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), f)
     if op == _SATURATION:
-        return lambda x, f: _blend(x, _gray(x), f)
-    return _hue
+        return lambda x, f: _blend(x, TF.rgb_to_grayscale(x), f)
+    return _adjust_hue
 
 
 def _where(x: torch.Tensor, mask: torch.Tensor, fn: Callable[..., torch.Tensor], *values: torch.Tensor,
@@ -289,11 +263,15 @@ class BatchedAugment:
         return x.sub_(mean).div_(std)
 
 
+def _check_augment_on(augment_on: str) -> None:
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"augment_on must be one of {list(AUGMENT_ON)}, got {augment_on!r}")
+
+
 def loader_share(augment: ReplayableAugment, augment_on: str) -> Callable[..., torch.Tensor]:
     """What a loader makes of ``(image, params)`` on each path: the float view (``cpu``) or the uint8 crop window
     (``device``). Picklable, so loader worker processes can run it."""
-    if augment_on not in AUGMENT_ON:
-        raise ValueError(f"augment_on must be one of {list(AUGMENT_ON)}, got {augment_on!r}")
+    _check_augment_on(augment_on)
     return functools.partial(crop_window, augment) if augment_on == "device" else augment.apply
 
 
@@ -302,7 +280,7 @@ class DeviceShare:
     move) or the views made from the batch's crop windows (``device``: :class:`BatchedAugment`)."""
 
     def __init__(self, augment: ReplayableAugment, augment_on: str) -> None:
-        loader_share(augment, augment_on)  # checks augment_on
+        _check_augment_on(augment_on)
         self.batched = BatchedAugment(augment) if augment_on == "device" else None
 
     def __call__(self, pixels: torch.Tensor, params: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -141,12 +141,16 @@ def _normalize_float(x: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return x.sub_(m).div_(s)
 
 
-def _gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
-    # Same definition as torchvision's _get_gaussian_kernel1d, in float32.
+def _gaussian_kernel1d(kernel_size: int, sigma: float | torch.Tensor) -> torch.Tensor:
+    """Same definition as torchvision's _get_gaussian_kernel1d, in float32: ``[k]`` for a number, ``[B, k]`` (one
+    kernel per view, on ``sigma``'s device) for a float32 tensor of B sigmas."""
     half = (kernel_size - 1) * 0.5
-    xs = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float32)
+    device = sigma.device if isinstance(sigma, torch.Tensor) else None
+    xs = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float32, device=device)
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.view(-1, 1)
     pdf = torch.exp(-0.5 * (xs / sigma).pow(2))
-    return pdf / pdf.sum()
+    return pdf / pdf.sum(-1, keepdim=True)
 
 
 def _gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
@@ -171,16 +175,19 @@ def _gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Ten
     return out
 
 
-def _adjust_hue(x: torch.Tensor, hue_factor: float) -> torch.Tensor:
-    """Hue shift of a float RGB ``[3,H,W]`` image in [0,1] (HSV hue rotation).
+def _adjust_hue(x: torch.Tensor, hue_factor: float | torch.Tensor) -> torch.Tensor:
+    """Hue shift of a float RGB ``[3,H,W]`` image in [0,1] (HSV hue rotation), or of a batch ``[B,3,H,W]`` with one
+    factor per image (a tensor of B factors; the batched views of :mod:`pand.data.device_augment`).
 
     Same semantics as torchvision's ``adjust_hue`` (RGB -> HSV, h += factor
     mod 1, HSV -> RGB; equal up to ~1e-6) with a leaner HSV -> RGB formula
     (``c = V - C * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6h) mod 6``),
     about 2x faster.
     """
-    r, g, b = x.unbind(0)
-    minc, maxc = torch.aminmax(x, dim=0)
+    if isinstance(hue_factor, torch.Tensor):
+        hue_factor = hue_factor.view(-1, 1, 1)
+    r, g, b = x.unbind(-3)
+    minc, maxc = torch.aminmax(x, dim=-3)
     chroma = maxc - minc
     safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
     h6 = torch.where(
@@ -193,7 +200,7 @@ def _adjust_hue(x: torch.Tensor, hue_factor: float) -> torch.Tensor:
     for n in (5.0, 3.0, 1.0):  # R, G, B
         k = (h6 + n).remainder_(6.0)
         out.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(out)
+    return torch.stack(out, dim=-3)
 
 
 # --------------------------------------------------------------------------- config
