@@ -158,3 +158,25 @@ def test_bench_loader_with_latency_times_the_student_step_itself(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "student_only_ms" not in result and result["loader"]["student_train_img_per_s"] > 0
     assert {e["augment_on"] for e in result["loader"]["estimates"]} == {"cpu", "device"}
+
+
+def test_bench_refuses_values_out_of_range_and_a_missing_device_before_measuring(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr("pand.bench.measure.run_bench", lambda args: (_ for _ in ()).throw(AssertionError("measured")))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = {
+        ("--batch", "0"): "invalid option: --batch=0 is not allowed: expected an integer >= 1",
+        ("--warmup", "-1"): "invalid option: --warmup=-1 is not allowed: expected an integer >= 0",
+        ("--threads", "0"): "invalid option: --threads=0 is not allowed: expected an integer >= 1",
+        ("--teacher-image-size", "0"): "invalid option: --teacher-image-size=0 is not allowed: expected an "
+                                       "integer >= 1",
+        ("--device", "tpu"): "invalid option: --device='tpu' is not allowed: expected auto, cpu, cuda, cuda:N or mps",
+        ("--device", "cuda:1"): "invalid option: --device='cuda:1' is not available: this machine has no CUDA GPU",
+        ("--loader", "--image-size", "1"): "invalid option: --image-size=1 is too small for --loader",
+        ("--steps", "0", "--loader-workers", "-2"): "2 invalid options:\n  --steps=0 is not allowed: expected an "
+                                                    "integer >= 1\n  --loader-workers=-2 is not allowed",
+    }
+    for argv, message in cases.items():
+        assert main(["bench", *argv]) == 2
+        assert capsys.readouterr().err.startswith(f"pand bench: error: {message}"), argv

@@ -331,3 +331,48 @@ def test_every_command_has_help(capsys):
         args = ["teacher", "--help"] if command == "teacher" else [command, "--help"]
         assert main(args) == 0, command
         assert "usage" in capsys.readouterr().out.lower(), command
+
+
+# --------------------------------------------------------------------------------------------- one line per error
+@pytest.mark.parametrize(("argv", "line"), [
+    (["bench", "--batch", "abc"], "pand bench: error: argument --batch: invalid int value: 'abc' (pand bench --help)"),
+    (["sweep", "--zzz"], "pand sweep: error: unrecognized arguments: --zzz (pand sweep --help)"),
+    (["gather", "runs"], "pand gather: error: the following arguments are required: --out (pand gather --help)"),
+    (["tsne", "--out", "figs"],
+     "pand tsne: error: the following arguments are required: CKPT_OR_OVERRIDE (pand tsne --help)"),
+    (["tsne", "a.ckpt", "foo=1", "--out", "figs"],
+     "pand tsne: error: only data.* overrides are accepted, got foo=1 (pand tsne --help)"),
+    (["quickstart", "--seeds", "two"],
+     "pand quickstart: error: argument --seeds: invalid int value: 'two' (pand quickstart --help)"),
+    (["teacher", "fit", "--epochs", "1.5"],
+     "pand teacher: error: argument --epochs: invalid int value: '1.5' (pand teacher fit --help)"),
+    (["train", "-m", "--sweep-dir"],
+     "pand train: error: argument --sweep-dir: expected one argument (pand sweep --help)"),
+    (["gather", "runs", "--out", "o", "--x", "a", "b\nc"],
+     "pand gather: error: unrecognized arguments: b\\nc (pand gather --help)"),
+])
+def test_usage_errors_of_argparse_commands_are_one_line_like_the_others(argv, line, capsys):
+    import argparse
+
+    usual = argparse.ArgumentParser.error
+    assert main(argv) == 2
+    assert capsys.readouterr().err == line + "\n"
+    assert argparse.ArgumentParser.error is usual  # only for the time of the command
+
+
+def test_argparse_help_still_exits_0(capsys):
+    assert main(["gather", "--help"]) == 0
+    assert "usage: pand gather" in capsys.readouterr().out
+
+
+def test_eval_export_and_bench_options_are_refused_before_torch_is_imported(tmp_path):
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"not read")
+    for argv, message in (
+        (["eval", f"ckpt_path={ckpt}", "splits=[train]"], "splits=['train'] is not allowed"),
+        (["export", f"ckpt_path={ckpt}", "format=tflite", f"out={tmp_path / 'x'}"], "format='tflite' is not allowed"),
+        (["bench", "--steps", "0"], "--steps=0 is not allowed: expected an integer >= 1"),
+    ):
+        rc, out, err, heavy = run_in_clean_interpreter(*argv)
+        assert rc == 2 and out == "" and message in err and err.strip().count("\n") == 0, err
+        assert heavy == [], argv

@@ -140,7 +140,8 @@ def test_missing_onnx_packages_name_the_extra(resnet18_ckpt, tmp_path, monkeypat
         export_student(resnet18_ckpt, "onnx", tmp_path)
     assert not list(tmp_path.iterdir())
     assert main(["export", f"ckpt_path={resnet18_ckpt}", "format=tflite", f"out={tmp_path}"]) == 2
-    assert "onnx, torch_export, safetensors" in capsys.readouterr().err
+    assert "format='tflite' is not allowed: expected one of 'onnx', 'torch_export', 'safetensors'" in \
+        capsys.readouterr().err
 
 
 def test_open_vocabulary_student_exports_its_text_matrix_and_onnx_logits(data, tmp_path):
@@ -169,3 +170,31 @@ def test_open_vocabulary_student_exports_its_text_matrix_and_onnx_logits(data, t
     assert weights["loads_into_library"] is False and "vocabulary" in weights["keys"]
     state = load_file(tmp_path / "st" / "student.safetensors")
     assert state.keys() == loaded.model.state_dict().keys()
+
+
+def test_export_options_are_checked_before_the_student_loads(tmp_path, monkeypatch, capsys):
+    from pand.validation import validate_export_options
+
+    monkeypatch.setattr("pand.deploy.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"not read")
+    names = tmp_path / "names.txt"
+    names.write_text("heron\n\ngull\n")
+    base = {"ckpt_path": str(ckpt), "format": "safetensors", "out": str(tmp_path / "out")}
+    assert validate_export_options({**base, "class_names": str(names)}) == ["heron", "gull"]
+    assert validate_export_options({**base, "class_names": "heron,gull"}) == ["heron", "gull"]
+    assert validate_export_options(base) is None
+    cases = {
+        f"out={ckpt}": f"invalid option: out='{ckpt}' is a file; expected a folder (created if missing)",
+        f"ckpt_path={tmp_path}": f"invalid option: ckpt_path='{tmp_path}' is a folder; expected a checkpoint file",
+        "class_names=names.txt": "invalid option: class_names='names.txt': no such file; expected a text file with "
+                                 "one class name per line",
+        "class_names=[a,a]": "invalid option: class_names=['a', 'a']: class names must be distinct; repeated: 'a'",
+        "format=ONNX": "invalid option: format='ONNX' is not allowed: expected one of 'onnx', 'torch_export', "
+                       "'safetensors' (did you mean 'onnx'?)",
+    }
+    for option, message in cases.items():
+        argv = [f"{k}={v}" for k, v in {**base, **dict([option.split("=", 1)])}.items()]
+        assert main(["export", *argv]) == 2
+        assert capsys.readouterr().err == f"pand export: error: {message}\n", option
+    assert not (tmp_path / "out").exists()

@@ -101,3 +101,107 @@ def test_predict_and_export_refuse_unknown_and_missing_options_before_loading(ca
     assert "pand export needs out=..." in capsys.readouterr().err
     assert main(["export", "ckpt_path=x.ckpt", "format=onnx", "out=o", "classes=[a,b]"]) == 2
     assert "unknown argument 'classes=[a,b]'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- options checked first
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    """A file standing for a checkpoint and a folder of images; loading a student fails the test."""
+    monkeypatch.setattr("pand.deploy.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "student.ckpt").write_bytes(b"not read")
+    (tmp_path / "a_folder").mkdir()
+    return [f"ckpt_path={tmp_path / 'student.ckpt'}", f"images={tmp_path / 'images'}"]
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("topk=abc", "topk='abc' is not allowed: expected an integer >= 1"),
+    ("topk=0", "topk=0 is not allowed: expected an integer >= 1"),
+    ("topk=2.5", "topk=2.5 is not allowed: expected an integer >= 1"),
+    ("batch_size=0", "batch_size=0 is not allowed: expected an integer >= 1"),
+    ("num_workers=-1", "num_workers=-1 is not allowed: expected an integer >= 0"),
+    ("device=tpu", "device='tpu' is not allowed: expected auto, cpu, cuda, cuda:N or mps"),
+    ("device=cuda:x", "device='cuda:x' is not allowed: expected auto, cpu, cuda, cuda:N or mps (did you mean 'cuda'?)"),
+    ("classes=[a,a]", "classes=['a', 'a']: class names must be distinct; repeated: 'a'"),
+    ("classes=[]", "classes=[]: the list of class names is empty"),
+    ("out=preds.txt", "out='preds.txt' is not allowed: the file name must end in .csv or .json"),
+])
+def test_predict_refuses_a_bad_option_in_one_line_before_loading(option, message, inputs, capsys):
+    assert main(["predict", *inputs, option]) == 2
+    assert capsys.readouterr().err == f"pand predict: error: invalid option: {message}\n"
+
+
+def test_predict_refuses_unreadable_lists_missing_inputs_and_a_folder_as_out(inputs, tmp_path, capsys):
+    assert main(["predict", *inputs, "classes=[a,b"]) == 2
+    assert capsys.readouterr().err == ("pand predict: error: cannot read 'classes=[a,b': expected ',' or ']', but got "
+                                       "'<stream end>'; check its brackets and quotes (a list is written key=[a,b])\n")
+    folder = tmp_path / "a_folder"
+    # The folder used to be found when the file was written, after every image had been classified.
+    assert main(["predict", *inputs, f"out={folder}"]) == 2
+    assert capsys.readouterr().err == (f"pand predict: error: invalid option: out='{folder}' is a folder; expected a "
+                                       "file name ending in .csv or .json\n")
+    assert main(["predict", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"images={tmp_path / 'images'}"]) == 2
+    assert f"ckpt_path='{tmp_path / 'nope.ckpt'}': no such file; expected a checkpoint file" in capsys.readouterr().err
+    assert main(["predict", inputs[0], f"images={tmp_path / 'none' / '*.jpg'}"]) == 2
+    assert "the pattern matches no file" in capsys.readouterr().err
+    assert main(["predict", *inputs, f"classes_file={folder}"]) == 2
+    assert "is a folder; expected a text file with one class name per line" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="is a folder; expected a file name ending in .csv or .json"):
+        predict(tmp_path / "student.ckpt", tmp_path / "images", out=str(folder))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_predict_refuses_cuda_on_a_machine_without_one(inputs, capsys):
+    assert main(["predict", *inputs, "device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pand predict: error: invalid option: device='cuda' is not available: this machine has no "
+                          "CUDA GPU (torch ") and err.endswith("; use device=cpu or device=auto\n")
+
+
+def test_predict_options_are_refused_before_torch_is_imported(tmp_path):
+    from tests.test_cli import run_in_clean_interpreter
+
+    (tmp_path / "student.ckpt").write_bytes(b"not read")
+    rc, out, err, heavy = run_in_clean_interpreter("predict", f"ckpt_path={tmp_path / 'student.ckpt'}",
+                                                   f"images={tmp_path}", "topk=abc")
+    assert rc == 2 and out == "" and "topk='abc' is not allowed" in err
+    assert heavy == []
+
+
+# ---------------------------------------------------------------------------------------- CSV safe for spreadsheets
+DANGEROUS = ["=HYPERLINK(\"http://x\",\"y\")", "+SUM(1)", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+
+
+def test_spreadsheet_cells_escape_formula_text_and_keep_numbers():
+    from pand.spreadsheet import spreadsheet_cell
+
+    assert [spreadsheet_cell(s) for s in DANGEROUS] == ["'" + s for s in DANGEROUS]
+    for kept in ("cat", "a=b", " =x", "-0.25", "+1", "-1e-05", "0.5", "", -0.25, 3, None):
+        assert spreadsheet_cell(kept) == kept
+    assert spreadsheet_cell("-inf") == "'-inf" and spreadsheet_cell("-1,5") == "'-1,5"
+
+
+def test_predictions_csv_escapes_class_names_and_paths_but_the_json_keeps_them(tmp_path):
+    from pand.predict import write_predictions
+
+    rows = [{"image": "=image.png", "top": [{"label": name, "probability": 0.5} for name in DANGEROUS]},
+            {"image": "b.png", "top": [{"label": "heron", "probability": 0.125}]}]
+    write_predictions(rows, tmp_path / "p.csv")
+    write_predictions(rows, tmp_path / "p.json")
+    table = list(csv.DictReader((tmp_path / "p.csv").open(newline="")))
+    assert [r["label"] for r in table] == ["'" + s for s in DANGEROUS] + ["heron"]
+    assert table[0]["image"] == "'=image.png" and table[-1]["image"] == "b.png"
+    assert [r["probability"] for r in table] == ["0.500000"] * 6 + ["0.125000"]
+    assert json.loads((tmp_path / "p.json").read_text()) == rows
+
+
+def test_an_open_vocabulary_class_with_a_formula_name_is_escaped_in_the_csv_only(runs, tmp_path):
+    names = DANGEROUS[:4]  # class names are stripped, so a leading tab or CR never reaches them
+    rows = predict(runs["ov"], runs["images"], topk=4, classes=names, out=str(tmp_path / "p.csv"))
+    predict(runs["ov"], runs["images"], topk=4, classes=names, out=str(tmp_path / "p.json"))
+    table = list(csv.DictReader((tmp_path / "p.csv").open(newline="")))
+    assert {r["label"] for r in table} == {"'" + n for n in names}
+    assert all(float(r["probability"]) >= 0 for r in table)
+    assert {t["label"] for r in json.loads((tmp_path / "p.json").read_text()) for t in r["top"]} == set(names)
+    assert {t["label"] for r in rows for t in r["top"]} == set(names)

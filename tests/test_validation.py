@@ -189,3 +189,120 @@ def test_stage1_settings_are_refused_before_the_teacher_loads(cub_root, tmp_path
             f"features.dir={tmp_path / 'features'}", override]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------- image sizes
+def _size_config(size, blur=True, kernel=None):
+    return to_plain(compose("train", [f"data.image_size={size}", f"data.resize_size={size}",
+                                      f"data.augment.blur={str(blur).lower()}",
+                                      f"data.augment.blur_kernel={'null' if kernel is None else kernel}"]))
+
+
+@pytest.mark.parametrize(("size", "blur", "kernel"), [
+    (1, True, None), (2, True, None), (1, False, None), (2, True, 3), (2, True, 5), (3, True, 5), (2, False, 5),
+    (1, True, 1), (4, True, 4),
+])
+def test_the_image_size_rule_matches_what_the_training_views_can_be_made_at(size, blur, kernel):
+    import torch
+    from PIL import Image
+
+    from pand.data.transforms import AugmentConfig, ReplayableAugment
+    from pand.validation import validate_train_settings
+
+    try:
+        validate_train_settings(_size_config(size, blur, kernel))
+        refused = None
+    except ConfigError as err:
+        refused = str(err)
+    try:
+        augment = ReplayableAugment(AugmentConfig(image_size=size, resize_size=size, blur=blur, blur_kernel=kernel))
+        view, _ = augment(Image.new("RGB", (7, 5), (10, 200, 30)), torch.Generator().manual_seed(0))
+        works = view.shape == (3, size, size)
+    except (ValueError, RuntimeError):
+        works = False
+    assert (refused is None) == works, refused
+    assert refused is None or refused.count("\n") == 0  # one line under `pand train: error:`
+
+
+def test_the_smallest_image_sizes_are_named_with_the_way_out(cub_root, tmp_path, capsys, nothing_loads):
+    assert main(["train", *tiny_overrides(cub_root, tmp_path / "run", "data.image_size=1", "data.resize_size=1")]) == 2
+    assert capsys.readouterr().err == (
+        "pand train: error: invalid training setting: data.image_size=1 is too small for the blur of the training "
+        "views (data.augment.blur=true): its smallest kernel, 3 pixels, pads 1 pixel on each side by reflection, "
+        "which needs data.image_size >= 2; use data.image_size >= 2 or data.augment.blur=false\n")
+    with pytest.raises(ConfigError, match=r"data.augment.blur_kernel=5 is too large for data.image_size=2: the "
+                                          r"blur pads 2 pixels on each side by reflection, which needs "
+                                          r"data.image_size >= 3; use a kernel of at most 3 \(or null\)"):
+        validate_train_config(_size_config(2, True, 5))
+    with pytest.raises(ConfigError, match="data.augment.blur_kernel=4 is not allowed: expected an odd number"):
+        validate_train_config(_size_config(8, True, 4))
+
+
+def test_a_student_trains_at_the_smallest_image_size(cub_root, tmp_path):
+    # 2 pixels with the blur on: the boundary the rule above lets through
+    assert main(["train", *tiny_overrides(cub_root, tmp_path / "run", "method=ce", "trainer.max_epochs=1", "test=false",
+                                          "data.image_size=2", "data.resize_size=2")]) == 0
+
+
+# ------------------------------------------------------------------------------------------- devices, eval options
+@pytest.mark.parametrize(("gpus", "device", "problem"), [
+    (0, "cuda", "device='cuda' is not available: this machine has no CUDA GPU"),
+    (0, "cuda:0", "device='cuda:0' is not available: this machine has no CUDA GPU"),
+    (1, "cuda", None), (1, "cuda:0", None),
+    (1, "cuda:1", "device='cuda:1' is not available: this machine has 1 CUDA device(s), cuda:0"),
+    (4, "cuda:3", None),
+    (4, "cuda:4", "device='cuda:4' is not available: this machine has 4 CUDA device(s), cuda:0 to cuda:3"),
+    (0, "cpu", None), (0, "auto", None),
+    (0, "cuda:01", "device='cuda:01' is not allowed: expected auto, cpu, cuda, cuda:N or mps"),
+    (0, 1, "device=1 is not allowed: expected auto, cpu, cuda, cuda:N or mps"),
+])
+def test_a_device_is_refused_where_this_machine_lacks_it(gpus, device, problem, monkeypatch):
+    import torch
+
+    from pand.validation import device_errors
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    errors = device_errors("device", device)
+    assert (errors == []) if problem is None else (len(errors) == 1 and errors[0].startswith(problem)), errors
+
+
+def test_mps_is_refused_where_torch_has_no_apple_gpu(monkeypatch):
+    import torch
+
+    from pand.validation import device_errors
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert device_errors("--device", "mps") == [
+        "--device='mps' is not available: torch finds no Apple GPU (MPS) on this machine; use --device=cpu or "
+        "--device=auto"]
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert device_errors("--device", "mps") == []
+
+
+def test_eval_options_are_checked_before_the_checkpoint_is_loaded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pand.engine.run.evaluate", lambda *a, **k: pytest.fail("evaluated before checking options"))
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"not read")
+    (tmp_path / "a_folder").mkdir()
+    cases = {
+        "splits=[val,train]": "invalid option: splits=['val', 'train'] is not allowed: expected a non-empty list of "
+                              "val and/or test, such as [val,test] or [test]",
+        "splits=[val": "cannot read 'splits=[val': expected ',' or ']', but got '<stream end>'; check its brackets and "
+                       "quotes (a list is written key=[a,b])",
+        f"out={tmp_path / 'a_folder'}": f"invalid option: out='{tmp_path / 'a_folder'}' is a folder; expected a file "
+                                        "name ending in .json",
+        "out=results.txt": "invalid option: out='results.txt' is not allowed: the file name must end in .json",
+        "data.batch_size=0": "invalid option: data.batch_size=0 is not allowed: expected an integer >= 1",
+        "data=cub": "invalid option: data='cub' would replace the whole data section of the checkpoint's config; "
+                    "override single settings (data.NAME=VALUE) instead",
+        "+data.x=1": "unknown argument '+data.x=1': pand eval takes ckpt_path=, splits=, out= and overrides KEY=VALUE "
+                     "of settings of the checkpoint's config (such as data.root=/new/place); usage: pand eval",
+    }
+    for option, message in cases.items():
+        assert main(["eval", f"ckpt_path={ckpt}", option]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pand eval: error: {message}") and err.count("\n") == 1, err
+    assert main(["eval", f"ckpt_path={tmp_path / 'missing.ckpt'}"]) == 2
+    assert capsys.readouterr().err == (f"pand eval: error: invalid option: ckpt_path='{tmp_path / 'missing.ckpt'}': "
+                                       "no such file; expected a checkpoint file\n")

@@ -35,12 +35,15 @@ import functools
 import json
 import logging
 import re
+import shlex
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from pand.errors import ConfigError, PandError, close_matches
+from pand.errors import ConfigError, Interrupted, PandError, close_matches
+from pand.interrupts import exit_status, signal_name, stop_on_signals
 from pand.io import OUTPUT_ERRNOS
 
 # Nothing heavy at module level (no torch, Lightning, Hydra): `pand --help`, `pand COMMAND --help`, `pand --version`
@@ -96,24 +99,55 @@ def _compose_train(args: Sequence[str]) -> dict[str, Any]:
     return to_plain(compose("train", list(args)))
 
 
+def _read_values(args: Sequence[str]) -> dict:
+    """``key=value`` arguments as OmegaConf reads them (``k=[a,b]`` a list, ``k=3`` a number, ``a.b=1`` nested); one
+    it cannot read (``k=[a,b``, an unclosed quote) is refused with its text and the reason."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for arg in args:
+        try:
+            OmegaConf.to_container(OmegaConf.from_dotlist([arg]))
+        except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
+            reason = getattr(err, "problem", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"cannot read {arg!r}: {reason}; check its brackets and quotes (a list is written "
+                              "key=[a,b])") from None
+    return OmegaConf.to_container(OmegaConf.from_dotlist(list(args)))
+
+
+_EVAL_KEYS = ("ckpt_path", "splits", "out")
+_SETTING = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")
+
+
 def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
-    """``pand eval`` options (ckpt_path, splits, out) vs overrides of the checkpoint's config."""
+    """``pand eval`` options (ckpt_path, splits, out; defaults from eval.yaml) vs overrides of the checkpoint's
+    config; nothing heavy is imported (OmegaConf only)."""
     from omegaconf import OmegaConf
 
-    from pand.config import compose
+    from pand.cli_help import CONFIGS_DIR, EVAL_USAGE
+    from pand.validation import EVAL_SPLITS
 
-    own_keys = ("ckpt_path=", "splits=", "out=")
-    own = compose("eval", [a for a in args if a.startswith(own_keys)])
-    overrides = OmegaConf.to_container(OmegaConf.from_dotlist([a for a in args if not a.startswith(own_keys)]))
-    return OmegaConf.to_container(own), overrides
+    own_args = [a for a in args if a.partition("=")[0] in _EVAL_KEYS]
+    overrides = [a for a in args if a not in own_args]
+    bad = [a for a in overrides if not _SETTING.match(a)]
+    if bad:
+        raise ConfigError(f"unknown argument {bad[0]!r}: pand eval takes {', '.join(f'{k}=' for k in _EVAL_KEYS)} "
+                          "and overrides KEY=VALUE of settings of the checkpoint's config (such as "
+                          f"data.root=/new/place); usage: {EVAL_USAGE}")
+    own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONFIGS_DIR / "eval.yaml")).items()
+           if k != "ckpt_path"}  # ??? in eval.yaml: cmd_eval asks for it
+    own.update(_key_value_options("eval", own_args, _EVAL_KEYS, (), EVAL_USAGE, paths=("ckpt_path", "out")))
+    if own.get("splits") in EVAL_SPLITS:  # splits=test
+        own["splits"] = [own["splits"]]
+    return own, _read_values(overrides)
 
 
 def _key_value_options(command: str, args: Sequence[str], allowed: Sequence[str], required: Sequence[str],
-                       usage: str) -> dict:
+                       usage: str, paths: Sequence[str] = ()) -> dict:
     """The ``key=value`` options of a command that takes no config overrides (lists as ``key=[a,b]``); an unknown
-    key or a missing required one is refused with the usage line."""
-    from omegaconf import OmegaConf
-
+    key or a missing required one is refused with the usage line. The ``paths`` keep their text as typed (YAML would
+    read ``out=0x10`` as 16 and ``images=*.jpg`` as an alias); empty or ``null``, they are not given."""
     from pand.cli_help import did_you_mean
 
     bad = [a for a in args if a.partition("=")[0] not in allowed or "=" not in a]
@@ -122,7 +156,11 @@ def _key_value_options(command: str, args: Sequence[str], allowed: Sequence[str]
         hint = did_you_mean([f"{m}=..." for m in close_matches(key, allowed)])
         raise ConfigError(f"unknown argument {bad[0]!r}{hint or ';'} pand {command} takes {', '.join(allowed)}; "
                           f"usage: {usage}")
-    opts = OmegaConf.to_container(OmegaConf.from_dotlist(list(args)))
+    opts = _read_values([a for a in args if a.partition("=")[0] not in paths])
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in paths:
+            opts[key] = None if value in ("", "null") else value
     missing = [k for k in required if opts.get(k) in (None, "")]
     if missing:
         raise ConfigError(f"pand {command} needs {', '.join(f'{k}=...' for k in missing)}; usage: {usage}")
@@ -151,19 +189,23 @@ def _train(args: Sequence[str]) -> int:
 
 _PREDICT_KEYS = ("ckpt_path", "images", "topk", "classes", "classes_file", "out", "batch_size", "num_workers",
                  "device")
+_PREDICT_PATHS = ("ckpt_path", "images", "classes_file", "out")
 
 
 @_results_on_stdout
 def cmd_predict(args: Sequence[str]) -> int:
     from pand.cli_help import PREDICT_USAGE
+    from pand.validation import validate_predict_options
 
-    opts = _key_value_options("predict", args, _PREDICT_KEYS, ("ckpt_path", "images"), PREDICT_USAGE)
+    opts = _key_value_options("predict", args, _PREDICT_KEYS, ("ckpt_path", "images"), PREDICT_USAGE,
+                              paths=_PREDICT_PATHS)
+    validate_predict_options(opts)  # before torch is imported (but for a GPU device) and before the model is loaded
     from pand.predict import format_predictions, predict
 
-    rows = predict(str(opts["ckpt_path"]), str(opts["images"]), topk=int(opts.get("topk", 5)),
-                   classes=opts.get("classes"), classes_file=opts.get("classes_file"), out=opts.get("out"),
-                   batch_size=int(opts.get("batch_size", 64)), num_workers=int(opts.get("num_workers", 0)),
-                   device=str(opts.get("device", "auto")))
+    numbers = {k: int(opts[k]) for k in ("topk", "batch_size", "num_workers") if k in opts}
+    rows = predict(opts["ckpt_path"], opts["images"], classes=opts.get("classes"),
+                   classes_file=opts.get("classes_file"), out=opts.get("out"), device=opts.get("device") or "auto",
+                   **numbers)
     if opts.get("out"):
         print(format_predictions(rows), file=sys.stderr)
         emit(json.dumps({"images": len(rows), "out": str(opts["out"])}, indent=2))
@@ -175,6 +217,7 @@ def cmd_predict(args: Sequence[str]) -> int:
 @_results_on_stdout
 def cmd_eval(args: Sequence[str]) -> int:
     from pand.cli_help import EVAL_USAGE
+    from pand.validation import validate_eval_options
 
     _refuse_flags("eval", args)
     ckpt = [a.partition("=")[2].strip() for a in args if a.startswith("ckpt_path=")]
@@ -182,6 +225,7 @@ def cmd_eval(args: Sequence[str]) -> int:
         raise ConfigError(f"pand eval needs ckpt_path=PATH (a checkpoint such as "
                           f"runs/<run>/checkpoints/best.ckpt); usage: {EVAL_USAGE}")
     own, overrides = _split_eval_args(args)
+    validate_eval_options(own["splits"], own.get("out"), ckpt_path=own["ckpt_path"], overrides=overrides)
     from pand.engine.run import evaluate
 
     results = evaluate(own["ckpt_path"], overrides, splits=tuple(own["splits"]), out=own.get("out"))
@@ -331,13 +375,14 @@ _EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names")
 @_results_on_stdout
 def cmd_export(args: Sequence[str]) -> int:
     from pand.cli_help import EXPORT_USAGE
+    from pand.validation import validate_export_options
 
-    opts = _key_value_options("export", args, _EXPORT_KEYS, ("ckpt_path", "format", "out"), EXPORT_USAGE)
+    opts = _key_value_options("export", args, _EXPORT_KEYS, ("ckpt_path", "format", "out"), EXPORT_USAGE,
+                              paths=("ckpt_path", "out"))
+    names = validate_export_options(opts)  # before torch is imported and the checkpoint loaded
     from pand.export import export_student
-    from pand.predict import read_class_names
 
-    names = read_class_names(opts.get("class_names"), None)
-    result = export_student(str(opts["ckpt_path"]), str(opts["format"]), str(opts["out"]), class_names=names)
+    result = export_student(opts["ckpt_path"], opts["format"], opts["out"], class_names=names)
     vocab = result["student"].get("open_vocabulary")
     if vocab is not None:
         # A vocabulary of thousands of rows belongs in student.json, not on the terminal.
@@ -485,7 +530,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _print_help(command)
     _setup_logging()
     try:
-        return COMMANDS[command](args)
+        with stop_on_signals():
+            return COMMANDS[command](args)
+    except Interrupted as stop:
+        return _interrupted(command, args, stop)
+    except KeyboardInterrupt:  # SIGINT before pand's handler was installed, or from a library's own handler
+        return _interrupted(command, args, Interrupted(signal.SIGINT))
     except PandError as err:
         return _fail(command, str(err))
     except OSError as err:
@@ -495,11 +545,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         return _fail(command, f"{OUTPUT_ERRNOS[err.errno]}{where} ({err.strerror or err})")
     except SystemExit as exit_:
-        # argparse (sweep, gather, tsne, quickstart, bench, teacher fit): --help (0) or a usage error (2), already
-        # printed; returned, so that main() called from Python gets the status like every other command.
+        if type(exit_).__name__ == "SIGTERMException":
+            # Lightning's way of ending on SIGTERM (code None, which would read as success) where its handler ran
+            return _interrupted(command, args, Interrupted(signal.SIGTERM))
+        # argparse (sweep, gather, tsne, quickstart, bench, teacher fit): --help (0), already printed; returned, so
+        # that main() called from Python gets the status like every other command (usage errors are ConfigErrors).
         if exit_.code is None or isinstance(exit_.code, int):
             return exit_.code or 0
         raise
+
+
+def _interrupted(command: str, args: Sequence[str], stop: Interrupted) -> int:
+    """One line for a command a signal stopped: what was saved and the command that continues; exit 128 + signal."""
+    saved = f"saved {stop.saved}" if stop.saved else "nothing was saved"
+    if stop.resume:
+        how = f"continue with: {stop.resume}"
+    elif stop.checkpoint and command == "train" and not any(a in _MULTIRUN_FLAGS for a in args):
+        kept = [a for a in args if not a.startswith("ckpt_path=")]
+        how = f"resume with: {shlex.join(['pand', 'train', *kept, f'ckpt_path={stop.checkpoint}'])}"
+    else:
+        how = f"run it again to continue: {shlex.join(['pand', command, *args])}"
+    print(f"pand {command}: interrupted by {signal_name(stop.signum)}; {saved}; {how}", file=sys.stderr)
+    return exit_status(stop.signum)
 
 
 def _fail(command: str, message: str) -> int:

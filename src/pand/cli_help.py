@@ -287,13 +287,14 @@ def eval_help() -> str:
     return f"""usage: {EVAL_USAGE}
 
 Evaluate a student checkpoint on val and test with the config stored in it; the results are printed as JSON on stdout
-and written to eval.json next to the checkpoint (or out=...).
+and written next to the checkpoint (best.eval.json for best.ckpt; or out=...).
 
-options:
+options (checked before the checkpoint is loaded):
   ckpt_path=PATH            the checkpoint (e.g. runs/<run>/checkpoints/best.ckpt); required
-  splits=[val,test]         the splits to evaluate
-  out=FILE.json             where to write the results (default: eval.json next to the checkpoint)
-  KEY=VALUE                 overrides of the checkpoint's config, e.g. data.root=/new/place data.batch_size=256
+  splits=[val,test]         the splits to evaluate: [val,test], [val] or [test]
+  out=FILE.json             where to write the results (default: next to the checkpoint, best.eval.json for best.ckpt)
+  KEY=VALUE                 overrides of single settings of the checkpoint's config, e.g. data.root=/new/place
+                            data.batch_size=256 (a group such as data=cub cannot change: the checkpoint fixes it)
 
 examples:
   pand eval ckpt_path=runs/cub-vl2lite-resnet18-20250101-120000/checkpoints/best.ckpt
@@ -311,13 +312,16 @@ def predict_help() -> str:
 The top-k classes of image files; an open-vocabulary student takes any class names. The predictions are printed as
 JSON on stdout (with out=..., a table goes to stderr and the file is written).
 
-options:
+options (checked before the model is loaded):
   ckpt_path=PATH            a student checkpoint; required
   images=FILE|DIR|GLOB      the images; required
-  topk=5                    classes per image
-  classes=[a,b] | classes_file=F    the class names (open-vocabulary students)
-  out=F.csv | F.json        write the predictions to a file
-  batch_size=64 num_workers=0 device=auto
+  topk=5                    classes per image (an integer >= 1)
+  classes=[a,b] | classes_file=F    the class names (open-vocabulary students); F: a UTF-8 text file, one per line
+  out=F.csv | F.json        write the predictions to a file (text cells a spreadsheet would run as a formula, such
+                            as =..., get a leading ' in the CSV; the JSON keeps the names exactly)
+  batch_size=64             images per batch (>= 1)
+  num_workers=0             image-decoding processes (>= 0; 0: in the main process)
+  device=auto               auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps
 
 example:
   pand predict ckpt_path=runs/<run>/checkpoints/best.ckpt images='photos/*.jpg' topk=3
@@ -333,11 +337,11 @@ def export_help() -> str:
 The student alone, for use without pand, with student.json (preprocessing, classes) beside it; the result is printed
 as JSON on stdout.
 
-options:
+options (checked before the model is loaded):
   ckpt_path=PATH            a student checkpoint; required
-  format=onnx|torch_export|safetensors    required
-  out=DIR                   the output folder; required
-  class_names=a,b,...       class names to store (or a file with one per line)
+  format=onnx|torch_export|safetensors    required (onnx needs pip install pand[export])
+  out=DIR                   the output folder, created if missing; required
+  class_names=a,b,...       another vocabulary for an open-vocabulary student (or a .txt file with one name per line)
 
 example:
   pand export ckpt_path=runs/<run>/checkpoints/best.ckpt format=onnx out=exported/

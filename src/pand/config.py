@@ -96,14 +96,22 @@ def _hydra_compose(config_name: str, overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def _parse_override(line: str):
+def parse_overrides(lines: list[str]) -> list:
+    """Hydra's parsed overrides of ``lines``; a line its grammar cannot read is a one-line :class:`ConfigError`."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+    from hydra.errors import HydraException
 
     try:
-        return OverridesParser.create().parse_overrides([line])[0]
-    except OverrideParseException as err:
-        raise ConfigError(f"cannot read the override {line!r}: {err}".rstrip()) from err
+        return OverridesParser.create().parse_overrides(list(lines))
+    except HydraException as err:
+        # Hydra's first line says what is wrong; the caret drawing and the link under it do not fit one line.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = f" {lines[0]!r}" if len(lines) == 1 else ""
+        raise ConfigError(f"cannot read the override{where}: {first}") from err
+
+
+def _parse_override(line: str):
+    return parse_overrides([line])[0]
 
 
 def _prepare_overrides(overrides: list[str]) -> list[str]:
@@ -124,7 +132,7 @@ def _prepare_overrides(overrides: list[str]) -> list[str]:
             value = o.value()
             if isinstance(value, str) and value not in groups[key]:
                 hint = did_you_mean([f"{key}={m}" for m in close_matches(value, groups[key])])
-                raise ConfigError(f"unknown {key} option {value!r} (in {line}){hint}\n  {key} options: "
+                raise ConfigError(f"unknown {key} option {value!r} (in {line}){hint}; {key} options: "
                                   f"{', '.join(groups[key])}")
         if key.startswith("trainer.") and o.package is None:
             name = key.split(".")[1]
@@ -144,7 +152,7 @@ def _explain(config_name: str, overrides: list[str], err: Exception) -> str:
     from pand.cli_help import config_groups
     from pand.validation import lookup
 
-    hydra_text = f"bad configuration or override: {err}"
+    hydra_text = f"bad configuration or override: {' '.join(str(err).split())}"
     groups = config_groups()
     parsed = [(line, _parse_override(line)) for line in overrides]
     group_lines = [line for line, o in parsed if o.key_or_group in groups or "/" in o.key_or_group]
@@ -204,16 +212,16 @@ def _unknown_key(line: str, o: Any, base: dict, groups: dict[str, list[str]]) ->
     if o.is_delete():
         return message if matches else message + ": it is not in the config (`pand config` prints every setting)"
     if parent == "trainer" and not matches:
-        message += (f"\n  {name} is not an argument of lightning.Trainer; trainer.NAME takes any of them (see "
+        message += (f"; {name} is not an argument of lightning.Trainer; trainer.NAME takes any of them (see "
                     "`pand train --help`)")
     elif not matches:
         if isinstance(parent_node, dict) and parent_node and len(parent_node) <= 30:
-            message += f"\n  {parent or 'the top level'} has: {', '.join(map(str, parent_node))}"
-        message += "\n  `pand config` prints every setting"
+            message += f"; {parent or 'the top level'} has: {', '.join(map(str, parent_node))}"
+        message += "; `pand config` prints every setting"
     if isinstance(parent_node, dict) and parent and (not parent_node or parent.endswith("kwargs")) \
             and not o.is_delete():
         # A free-form mapping (e.g. student.kwargs, passed to the model's constructor) takes new keys.
-        message += f"\n  {parent} is free-form: +{line} adds {key} as a new key"
+        message += f"; {parent} is free-form: +{line} adds {key} as a new key"
     return message
 
 

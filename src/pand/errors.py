@@ -48,6 +48,29 @@ class TrainingDivergedError(PandError, FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the terms."""
 
 
+class FolderInUseError(PandError):
+    """Another live process owns a run or cache folder (its lock is held); the message names that process."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM stopped a command. ``saved`` says what was kept (a checkpoint, finished cache chunks) and
+    ``resume`` how to continue (``None``: run the same command again).
+
+    A BaseException like KeyboardInterrupt, so that no ``except Exception`` on the way up swallows it, but not a
+    KeyboardInterrupt: Lightning turns that into ``sys.exit(1)``, and the CLI must exit with 128 + the signal number.
+    """
+
+    def __init__(self, signum: int, saved: str | None = None, resume: str | None = None,
+                 checkpoint: str | None = None) -> None:
+        self.signum, self.saved, self.resume, self.checkpoint = int(signum), saved, resume, checkpoint
+        super().__init__(signum, saved)
+
+    def with_saved(self, saved: str, *, checkpoint: str | None = None, resume: str | None = None) -> "Interrupted":
+        """The same interruption, now knowing what the interrupted work had saved."""
+        return Interrupted(self.signum, saved, resume if resume is not None else self.resume,
+                           checkpoint if checkpoint is not None else self.checkpoint)
+
+
 def close_matches(word: str, candidates, *, cutoff: float = 0.6, spread: float = 0.1, limit: int = 3) -> list[str]:
     """The candidates most similar to a mistyped ``word``: one that differs only in case first (the likeliest typo),
     then by difflib's ratio the best one and those nearly as good."""

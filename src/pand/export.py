@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import logging
 import os
 import sys
@@ -36,16 +35,12 @@ from torch import nn
 
 import pand
 from pand.errors import ConfigError, PandError
-from pand.io import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_with,
-    check_writable,
-)
+from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_with
+from pand.validation import EXPORT_FORMATS, validate_export_options
 
 log = logging.getLogger("pand")
 
-FORMATS = ("onnx", "torch_export", "safetensors")
+FORMATS = EXPORT_FORMATS
 FILE_NAMES = {"onnx": "student.onnx", "torch_export": "student.pt2", "safetensors": "student.safetensors"}
 METADATA_NAME = "student.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -64,8 +59,6 @@ _FIXED_BATCH = 1
 # Exported graphs fuse and reorder float32 operations; a real export error is far larger than this.
 _ATOL, _RTOL = 1e-3, 1e-3
 
-_EXPORT_EXTRA = "pip install pand[export]"
-
 
 def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike,
                    class_names: Sequence[str] | None = None) -> dict[str, Any]:
@@ -76,11 +69,8 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
     :func:`pand.deploy.load_student`. Returns ``{"format", "files": [model file, student.json], "student": the
     contents of student.json}``.
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "onnx":
-        _require("onnx", "onnxruntime", "onnxscript", what="format=onnx")
-    out = check_writable(out_dir, "export folder")
+    validate_export_options({"ckpt_path": ckpt_path, "format": fmt, "out": out_dir, "class_names": class_names})
+    out = Path(out_dir).expanduser().absolute()
 
     from pand.deploy import load_student, preprocessing
 
@@ -123,12 +113,6 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
 
 
 # -- metadata ------------------------------------------------------------------------------------------------------
-def _require(*modules: str, what: str) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(f"{what} needs {', '.join(modules)} (missing: {', '.join(missing)}): {_EXPORT_EXTRA}")
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -8,6 +8,10 @@ crop, its mean and std), no augmentation.
 is then also computed in fp32 and the pass is refused unless they agree within ``features.precision_tolerance``
 (see :mod:`pand.teachers.precision`: bf16 agrees to about 1 %, 20-45x float16 storage's own error; fp16 to 2-6x
 it). The precision and the measured agreement are stored in the file's record.
+
+The record also holds a digest of each tensor (:func:`pand.cache.integrity.tensor_digests`), compared whenever the
+file is read: a file altered in place is refused by name (recomputed with ``features.rebuild=true``). A file written
+before digests were recorded has none and is accepted as before.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pand.cache.integrity import TENSOR_DIGESTS, check_tensor_digests, tensor_digests
 from pand.data import ClassificationDataset
 from pand.data.transforms import eval_transform
-from pand.errors import MismatchError
+from pand.errors import MismatchError, PandError
 from pand.provenance import check_provenance, load_record, load_tensors, save_tensors
 from pand.teachers import ClipTeacher
 from pand.teachers.precision import DEFAULT_TOLERANCE, AgreementProbe, teacher_autocast
@@ -111,33 +116,38 @@ def ensure_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load the stored features at ``path`` if they were made by this teacher for these samples; else compute them.
 
-    A file made with another teacher, data, preprocessing, class list or ``precision`` is refused with the reason,
-    unless ``rebuild`` asks to replace it. A low-precision pass that does not agree with fp32 within ``tolerance`` is
-    refused before the file is written (an existing file is left as it was); its measured agreement is stored in the
-    record (:data:`AGREEMENT_KEY`, see :func:`stored_agreement`).
+    A file made with another teacher, data, preprocessing, class list or ``precision``, or whose tensors no longer
+    match the digests in its record, is refused with the reason, unless ``rebuild`` asks to replace it. A
+    low-precision pass that does not agree with fp32 within ``tolerance`` is refused before the file is written (an
+    existing file is left as it was); its measured agreement is stored in the record (:data:`AGREEMENT_KEY`, see
+    :func:`stored_agreement`).
     """
     path = Path(path)
     expected = feature_record(teacher, dataset, precision)
     if path.is_file():
         tensors, stored = load_tensors(path)
-        keys = sorted((set(stored) | set(expected)) - {AGREEMENT_KEY})
+        keys = sorted((set(stored) | set(expected)) - {AGREEMENT_KEY, TENSOR_DIGESTS})
         hint = "Pass features.rebuild=true to recompute it."
         if stored.get("precision") != expected.get("precision"):
             hint = (f"It was made with features.precision={stored.get('precision', 'fp32')}, this run asks for "
                     f"{precision}: set features.precision to match, or pass features.rebuild=true to recompute it.")
         try:
             check_provenance(path, stored, expected, keys=keys, hint=hint)
+            check_tensor_digests(path, tensors, stored, hint="pass features.rebuild=true to recompute it")
             return tensors["embeds"].float(), tensors["labels"].long()
-        except MismatchError:
+        except PandError as err:  # made for something else (MismatchError), or altered in place
             if not rebuild:
                 raise
-            log.warning("rebuilding %s: it was made for something else", path)
+            why = ("it was made for something else" if isinstance(err, MismatchError)
+                   else "its tensors do not match the digests in its record")
+            log.warning("rebuilding %s: %s", path, why)
     probe = AgreementProbe(precision, tolerance, what=f"teacher features of {dataset.name}/{dataset.split} ({path})",
                            setting="features")
     embeds, labels = extract_features(teacher, dataset, batch_size=batch_size, num_workers=num_workers,
                                       progress=progress, probe=probe)
     record = expected if probe.stats is None else {**expected, AGREEMENT_KEY: probe.stats}
-    save_tensors(path, {"embeds": embeds, "labels": labels}, record)
+    tensors = {"embeds": embeds, "labels": labels}
+    save_tensors(path, tensors, {**record, TENSOR_DIGESTS: tensor_digests(tensors)})
     return embeds, labels
 
 

@@ -132,3 +132,22 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     except json.JSONDecodeError as err:
         state = "empty" if not text.strip() else f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
         raise PandError(f"{what} {path} is {state}; it is damaged or was cut short") from None
+
+
+# -------------------------------------------------------------------------------------------- pand's output folders
+#: A file pand leaves in every folder it writes as a whole (run folders, caches, feature and export folders), so that
+#: a directory walk over input images can tell pand's own outputs from the user's data and never read them as inputs.
+OUTPUT_MARKER = ".pand-output"
+
+
+def mark_output_folder(folder: str | os.PathLike, kind: str) -> None:
+    """Record that ``folder`` is a pand output of ``kind`` (``run``, ``teacher-cache``, ``decoded-images``, ...)."""
+    folder = Path(folder)
+    marker = folder / OUTPUT_MARKER
+    if not marker.exists():
+        atomic_write_text(marker, f"{kind}\n")
+
+
+def is_output_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds the :data:`OUTPUT_MARKER` of a pand output."""
+    return (Path(folder) / OUTPUT_MARKER).is_file()

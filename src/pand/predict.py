@@ -10,8 +10,8 @@ or to stdout.
 from __future__ import annotations
 
 import csv
-import glob
 import io
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -21,50 +21,51 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pand.data.base import is_image_file, open_rgb
+from pand.data.base import open_rgb
+from pand.data.walk import check_input_root, listed, reads, walk
+from pand.data.walk import glob as walk_glob
 from pand.errors import ConfigError
+from pand.spreadsheet import spreadsheet_cell
+from pand.validation import PREDICTION_SUFFIXES, read_class_names, validate_predict_options
 
-OUTPUT_SUFFIXES = (".csv", ".json")
+OUTPUT_SUFFIXES = PREDICTION_SUFFIXES
+__all__ = ["find_images", "format_predictions", "predict", "read_class_names", "write_predictions"]
+
+log = logging.getLogger("pand")
 
 
 def find_images(spec: str | os.PathLike) -> list[Path]:
-    """The image files ``spec`` names: one file, every image under a folder (sorted), or a glob's matches."""
+    """The image files ``spec`` names: one file, every image under a folder (sorted), or a glob's matches.
+
+    Folders and globs are searched by :func:`pand.data.walk.walk`: a link loop is refused rather than followed
+    forever, a file reached under two names is listed once, and pand's own output folders are skipped. Image files of
+    a type pand does not read are named in a warning, so that a missing row is never a surprise.
+    """
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p.name))
-        if not found:
-            raise ConfigError(f"images={spec}: the folder holds no image files (.jpg, .png, ...)")
-        return found
-    matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(str(spec)), recursive=True))
-    files = [p for p in matches if p.is_file() and is_image_file(p.name)]
+        check_input_root(path, "images")
+        listing = walk(path)
+        _warn_unread(spec, [path / p for p in listing.unread_images()])
+        if not listing.files:
+            raise ConfigError(f"images={spec}: the folder holds no image file pand reads ({reads()}); it holds "
+                              f"{listing.types_held()}")
+        return sorted(path / p for p in listing.files)
+    files, unread = walk_glob(os.path.expanduser(str(spec)))
+    _warn_unread(spec, unread)
     if not files:
+        if unread:
+            raise ConfigError(f"images={spec} matches only image files of a type pand does not read: "
+                              f"{listed(unread)}; pand reads {reads()}")
         raise ConfigError(f"images={spec} is neither an image file, a folder nor a glob matching image files")
-    return files
+    return sorted(files)
 
 
-def read_class_names(classes: Sequence[str] | str | None, classes_file: str | os.PathLike | None) -> list[str] | None:
-    """Class names from ``classes`` (a list, or one comma-separated string) or a file with one name per line."""
-    if classes is not None and classes_file is not None:
-        raise ConfigError("give classes=... or classes_file=..., not both")
-    if classes_file is not None:
-        path = Path(classes_file).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"classes_file={classes_file} does not exist")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif classes is None:
-        return None
-    elif isinstance(classes, str):
-        names = [c.strip() for c in classes.split(",") if c.strip()]
-    else:
-        names = [str(c).strip() for c in classes if str(c).strip()]
-    if not names:
-        raise ConfigError("the list of class names is empty")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(f"class names must be distinct; repeated: {', '.join(duplicates)}")
-    return names
+def _warn_unread(spec: str | os.PathLike, unread: list[Path]) -> None:
+    if unread:
+        log.warning("images=%s: %d image file%s of a type pand does not read (it reads %s) left out: %s", spec,
+                    len(unread), "s" if len(unread) > 1 else "", reads(), listed(unread))
 
 
 class _Files(Dataset):
@@ -82,18 +83,16 @@ def predict(ckpt_path: str | os.PathLike, images: str | os.PathLike, *, topk: in
             classes: Sequence[str] | str | None = None, classes_file: str | None = None, out: str | None = None,
             batch_size: int = 64, num_workers: int = 0, device: str = "auto",
             progress: bool | None = None) -> list[dict[str, Any]]:
-    """Top-``topk`` (label, probability) per image; written to ``out`` (.csv or .json) when given."""
-    from pand.deploy import load_student
-    from pand.io import check_writable
+    """Top-``topk`` (label, probability) per image; written to ``out`` (.csv or .json) when given.
 
-    if int(topk) < 1:
-        raise ConfigError(f"topk={topk} is not allowed: expected an integer >= 1")
-    if out is not None:
-        if Path(out).suffix.lower() not in OUTPUT_SUFFIXES:
-            raise ConfigError(f"out={out}: the file name must end in .csv or .json")
-        check_writable(Path(out).expanduser().absolute().parent, "the output folder of out=")
+    Every argument is checked before the model is loaded, the folder of ``out`` included, so that predictions are
+    never computed and then lost."""
+    from pand.deploy import load_student
+
+    names = validate_predict_options({"ckpt_path": ckpt_path, "images": images, "topk": topk, "classes": classes,
+                                      "classes_file": classes_file, "out": out, "batch_size": batch_size,
+                                      "num_workers": num_workers, "device": str(device)})
     files = find_images(images)
-    names = read_class_names(classes, classes_file)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     loaded = load_student(ckpt_path, names, device=device)
     k = min(int(topk), len(loaded.class_names))
@@ -127,7 +126,10 @@ def _stderr_console():
 
 
 def write_predictions(rows: list[dict[str, Any]], out: str | os.PathLike) -> None:
-    """CSV (``image, rank, label, probability``, one row per image and rank) or JSON (the rows as they are)."""
+    """CSV (``image, rank, label, probability``, one row per image and rank) or JSON (the rows as they are).
+
+    Text cells of the CSV (image paths, class names) that a spreadsheet would run as a formula are escaped
+    (:func:`pand.spreadsheet.spreadsheet_cell`); the JSON keeps every name exactly."""
     from pand.io import atomic_write_json, atomic_write_text
 
     out = Path(out).expanduser()
@@ -139,7 +141,8 @@ def write_predictions(rows: list[dict[str, Any]], out: str | os.PathLike) -> Non
     writer.writerow(["image", "rank", "label", "probability"])
     for row in rows:
         for rank, top in enumerate(row["top"], start=1):
-            writer.writerow([row["image"], rank, top["label"], f"{top['probability']:.6f}"])
+            writer.writerow([spreadsheet_cell(row["image"]), rank, spreadsheet_cell(top["label"]),
+                             f"{top['probability']:.6f}"])
     atomic_write_text(out, buf.getvalue())
 
 

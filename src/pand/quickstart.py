@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pand.arguments import ArgumentParser
 from pand.errors import PandError
 
 METHODS = ("ce", "kd", "vl2lite", "pand")
@@ -314,7 +315,7 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pand quickstart", description=__doc__,
+    p = ArgumentParser(prog="pand quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (labelled pools and initialisations)")

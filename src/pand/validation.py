@@ -9,13 +9,16 @@ refused too. Output folders are checked for writability up front, so results are
 
 from __future__ import annotations
 
+import glob
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pand.errors import ConfigError, suggest
+from pand.errors import ConfigError, close_matches, suggest
 from pand.io import check_writable
 from pand.teachers.precision import PRECISIONS
 
@@ -180,6 +183,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.augment.degrees": number(0, 180),
     "data.augment.blur": BOOL,
     "data.augment.blur_sigma": Rule("floats", low=0, low_open=True, length=2),
+    "data.augment.blur_kernel": integer(1, optional=True),  # odd, and small enough for the image: _image_size_errors
     "data.augment.brightness": NON_NEGATIVE,
     "data.augment.contrast": NON_NEGATIVE,
     "data.augment.saturation": NON_NEGATIVE,
@@ -246,9 +250,11 @@ COOP_RULES: dict[str, Rule] = {
 
 
 def _raise(errors: Sequence[str], what: str) -> None:
+    # one problem fits on the `pand COMMAND: error: ...` line; several are listed one per line under it
+    if len(errors) == 1:
+        raise ConfigError(f"invalid {what} setting: {errors[0]}")
     if errors:
-        head = f"invalid {what} setting" if len(errors) == 1 else f"{len(errors)} invalid {what} settings"
-        raise ConfigError(head + ":\n  " + "\n  ".join(errors))
+        raise ConfigError(f"{len(errors)} invalid {what} settings:\n  " + "\n  ".join(errors))
 
 
 def _data_errors(config: Mapping[str, Any]) -> list[str]:
@@ -264,6 +270,10 @@ def _data_errors(config: Mapping[str, Any]) -> list[str]:
         else:
             errors.extend(f"data.templates[{i}]={t!r} has no '{{}}' where the class name goes"
                           for i, t in enumerate(templates) if not isinstance(t, str) or "{}" not in t)
+    allow = data.get("allow_overlap", _MISSING)
+    if allow is not _MISSING and not isinstance(allow, bool):
+        errors.append(f"data.allow_overlap={_show(allow)} is not allowed: expected true or false (true: run although "
+                      "a val or test image is also a training image, and record it in the run summary)")
     return errors
 
 
@@ -329,6 +339,13 @@ def _unlabelled_errors(config: Mapping[str, Any], cls: Any) -> list[str]:
     if source is None and not free:
         return []
     errors = []
+    if source not in (None, "rest") and Path(source).expanduser().is_dir():
+        from pand.data.walk import check_input_root
+
+        try:  # a folder pand wrote: refused here, before anything heavy loads
+            check_input_root(source, "data.unlabelled")
+        except ConfigError as err:
+            errors.append(str(err))
     what = "data.samples_per_class=0 (no labelled image)" if free else f"data.unlabelled={source}"
     if not (cls.requires_for(config.get("method") or {}) or cls.needs_text_embeds or cls.needs_teacher_model):
         errors.append(f"{what} with method {cls.name!r}, which learns from labels alone: unlabelled images need a "
@@ -373,9 +390,38 @@ def _engine_setting_errors(config: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+def _image_size_errors(config: Mapping[str, Any]) -> list[str]:
+    """Image sizes the training views cannot be made at. The crops and the student work down to 1 pixel; the Gaussian
+    blur does not: it pads each side by half its (odd) kernel with reflection, which needs more pixels than the padding
+    (pand.data.transforms, on the CPU and on the device alike). Its default kernel, about a tenth of the size and at
+    least 3, pads 1 pixel at small sizes and about a twentieth of the size at large ones, so only a 1-pixel image is
+    too small for it."""
+    image, kernel = lookup(config, "data.image_size"), lookup(config, "data.augment.blur_kernel", None)
+    blur = lookup(config, "data.augment.blur", True)
+    if TRAIN_RULES["data.image_size"].problem(image):
+        return []  # reported by its rule
+    image = int(image)
+    if kernel is not None and not TRAIN_RULES["data.augment.blur_kernel"].problem(kernel):
+        kernel = int(kernel)
+        if kernel % 2 == 0:
+            return [f"data.augment.blur_kernel={kernel} is not allowed: expected an odd number of pixels (the kernel "
+                    "is centred on each pixel), or null for the default"]
+        # AugmentConfig refuses such a kernel even with the blur off
+        if kernel // 2 >= image:
+            return [f"data.augment.blur_kernel={kernel} is too large for data.image_size={image}: the blur pads "
+                    f"{kernel // 2} pixels on each side by reflection, which needs data.image_size >= "
+                    f"{kernel // 2 + 1}; use a kernel of at most {2 * image - 1} (or null)"]
+    elif kernel is None and blur is True and image < 2:
+        return [f"data.image_size={image} is too small for the blur of the training views (data.augment.blur=true): "
+                "its smallest kernel, 3 pixels, pads 1 pixel on each side by reflection, which needs "
+                "data.image_size >= 2; use data.image_size >= 2 or data.augment.blur=false"]
+    return []
+
+
 def _settings_errors(config: Mapping[str, Any]) -> list[str]:
     """The checks that need no model code (plain values and their ranges); see :func:`validate_train_settings`."""
-    return check_rules(config, TRAIN_RULES) + _data_errors(config) + _engine_setting_errors(config)
+    return (check_rules(config, TRAIN_RULES) + _data_errors(config) + _image_size_errors(config)
+            + _engine_setting_errors(config))
 
 
 def validate_train_settings(config: Mapping[str, Any]) -> None:
@@ -449,9 +495,240 @@ def validate_coop_config(config: Mapping[str, Any], *, writes_prompts: bool) -> 
         check_writable(Path(config["prompts"]["out"]).parent, "the output folder of prompts.out=")
 
 
-def validate_eval_options(splits: Sequence[str], out: str | None) -> None:
-    bad = [s for s in splits if s not in ("val", "test")]
-    if not splits or bad:
-        raise ConfigError(f"splits={list(splits)} is not allowed: expected a non-empty list of val and/or test")
-    if out:
-        check_writable(Path(out).expanduser().absolute().parent, "the output folder of out=")
+# -- options of pand eval, predict and export ---------------------------------------------------------------------
+# Checked before torch is imported, except that a GPU device needs torch to ask whether this machine has one.
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def device_errors(key: str, value: Any) -> list[str]:
+    """``auto`` or ``cpu``; ``cuda``, ``cuda:N`` or ``mps`` where this machine has that device."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        # a stricter match than suggest(): tpu or gpu are not typos of cpu
+        match = close_matches(value, ["auto", "cpu", "cuda", "mps"], cutoff=0.75, limit=1) \
+            if isinstance(value, str) else []
+        hint = f" (did you mean {match[0]!r}?)" if match else ""
+        return [f"{key}={_show(value)} is not allowed: expected {DEVICES}{hint}"]
+    if value in ("auto", "cpu"):
+        return []
+    import torch
+
+    instead = f"use {key}=cpu or {key}=auto"
+    if value == "mps":
+        if torch.backends.mps.is_available():
+            return []
+        return [f"{key}={_show(value)} is not available: torch finds no Apple GPU (MPS) on this machine; {instead}"]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        why = (f"torch {torch.__version__} is a build without CUDA" if torch.version.cuda is None
+               else f"torch {torch.__version__} finds none")
+        return [f"{key}={_show(value)} is not available: this machine has no CUDA GPU ({why}); {instead}"]
+    index = int(value.partition(":")[2] or 0)
+    if index >= count:
+        have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        return [f"{key}={_show(value)} is not available: this machine has {count} CUDA device(s), {have}"]
+    return []
+
+
+def _as_path(key: str, value: Any) -> tuple[Path | None, list[str]]:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        return None, [f"{key}={_show(value)} is not allowed: expected a path"]
+    return Path(value).expanduser(), []
+
+
+def input_file_errors(key: str, value: Any, what: str) -> list[str]:
+    """A file the command reads: it exists, is a file and can be read."""
+    path, errors = _as_path(key, value)
+    if errors:
+        return errors
+    shown = _show(os.fspath(value))
+    if path.is_dir():
+        return [f"{key}={shown} is a folder; expected {what}"]
+    if not path.is_file():
+        return [f"{key}={shown}: no such file; expected {what}"]
+    if not os.access(path, os.R_OK):
+        return [f"{key}={shown} cannot be read: permission denied"]
+    return []
+
+
+def output_file_errors(key: str, value: Any, suffixes: Sequence[str]) -> list[str]:
+    """A file the command writes, of the format its suffix names; its folder is checked by :func:`check_writable`."""
+    path, errors = _as_path(key, value)
+    if errors:
+        return errors
+    shown, allowed = _show(os.fspath(value)), " or ".join(suffixes)
+    if path.is_dir():
+        # the write would replace a folder, found only when the results are ready
+        return [f"{key}={shown} is a folder; expected a file name ending in {allowed}"]
+    if path.suffix.lower() not in suffixes:
+        return [f"{key}={shown} is not allowed: the file name must end in {allowed}"]
+    return []
+
+
+def output_folder_errors(key: str, value: Any) -> list[str]:
+    path, errors = _as_path(key, value)
+    if errors:
+        return errors
+    if path.exists() and not path.is_dir():
+        return [f"{key}={_show(os.fspath(value))} is a file; expected a folder (created if missing)"]
+    return []
+
+
+def images_errors(key: str, value: Any) -> list[str]:
+    """An image file, a folder or a glob pattern that matches something (which of them are images is for later)."""
+    path, errors = _as_path(key, value)
+    if errors or path.exists():
+        return errors
+    pattern, shown = str(path), _show(os.fspath(value))
+    if any(c in pattern for c in "*?["):
+        if next(glob.iglob(pattern, recursive=True), None) is None:
+            return [f"{key}={shown}: the pattern matches no file"]
+        return []
+    return [f"{key}={shown}: no such file or folder"]
+
+
+def read_class_names(classes: Sequence[str] | str | None, classes_file: str | os.PathLike | None, *,
+                     key: str = "classes", file_key: str = "classes_file") -> list[str] | None:
+    """Class names from ``classes`` (a list, or one comma-separated string) or a UTF-8 file with one name per line;
+    None when neither is given."""
+    if classes is not None and classes_file is not None:
+        raise ConfigError(f"give {key}=... or {file_key}=..., not both")
+    if classes_file is not None:
+        path, errors = _as_path(file_key, classes_file)
+        errors = errors or input_file_errors(file_key, classes_file, "a text file with one class name per line")
+        if errors:
+            raise ConfigError(errors[0])
+        source = f"{file_key}={_show(os.fspath(classes_file))}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{source} is not UTF-8 text (at byte {err.start})") from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    elif classes is None:
+        return None
+    elif isinstance(classes, str):
+        source = f"{key}={_show(classes)}"
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+    elif isinstance(classes, (list, tuple)) and all(isinstance(c, (str, int, float)) and not isinstance(c, bool)
+                                                     for c in classes):
+        source = f"{key}={_show(list(classes))}"
+        names = [str(c).strip() for c in classes if str(c).strip()]
+    else:
+        raise ConfigError(f"{key}={_show(classes)} is not allowed: expected class names, as {key}=[a,b,c] or "
+                          f"{key}=a,b,c")
+    if not names:
+        raise ConfigError(f"{source}: the list of class names is empty")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{source}: class names must be distinct; repeated: {', '.join(map(repr, duplicates))}")
+    return names
+
+
+def raise_option_errors(errors: Sequence[str]) -> None:
+    """As for training settings: one problem on the error line, several listed under it."""
+    if len(errors) == 1:
+        raise ConfigError(f"invalid option: {errors[0]}")
+    if errors:
+        raise ConfigError(f"{len(errors)} invalid options:\n  " + "\n  ".join(errors))
+
+
+PREDICT_RULES: dict[str, Rule] = {
+    "topk": integer(1),
+    "batch_size": integer(1),
+    "num_workers": integer(0),
+}
+PREDICTION_SUFFIXES = (".csv", ".json")
+
+
+def validate_predict_options(options: Mapping[str, Any]) -> list[str] | None:
+    """Refuse ``pand predict`` options (:func:`pand.predict.predict`'s arguments) before anything is loaded; returns
+    the class names given, if any."""
+    errors = check_rules(options, PREDICT_RULES)
+    errors += input_file_errors("ckpt_path", options.get("ckpt_path"), "a checkpoint file")
+    errors += images_errors("images", options.get("images"))
+    if options.get("device") is not None:
+        errors += device_errors("device", options["device"])
+    names = None
+    try:
+        names = read_class_names(options.get("classes"), options.get("classes_file"))
+    except ConfigError as err:
+        errors.append(str(err))
+    out = options.get("out")
+    if out is not None:
+        errors += output_file_errors("out", out, PREDICTION_SUFFIXES)
+    raise_option_errors(errors)
+    if out is not None:
+        check_writable(Path(out).expanduser().absolute().parent, "the folder of out=")
+    return names
+
+
+EXPORT_FORMATS = ("onnx", "torch_export", "safetensors")
+# what a format needs besides pand's own dependencies (pip install pand[export])
+EXPORT_PACKAGES = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
+EXPORT_RULES: dict[str, Rule] = {"format": choice(*EXPORT_FORMATS)}
+
+
+def _missing_export_packages(fmt: str) -> list[str]:
+    import importlib.util
+
+    return [m for m in EXPORT_PACKAGES.get(fmt, ()) if importlib.util.find_spec(m) is None]
+
+
+def validate_export_options(options: Mapping[str, Any]) -> list[str] | None:
+    """Refuse ``pand export`` options before anything is loaded; returns the class names given, if any
+    (``class_names=a,b,...``, or the path of a file with one name per line)."""
+    errors = check_rules(options, EXPORT_RULES)
+    errors += input_file_errors("ckpt_path", options.get("ckpt_path"), "a checkpoint file")
+    errors += output_folder_errors("out", options.get("out"))
+    fmt = options.get("format")
+    missing = [] if errors or fmt not in EXPORT_PACKAGES else _missing_export_packages(fmt)
+    if missing:
+        errors.append(f"format={fmt} needs {', '.join(EXPORT_PACKAGES[fmt])} (missing: {', '.join(missing)}): "
+                      "pip install pand[export]")
+    names, given = None, options.get("class_names")
+    try:
+        # one name that looks like a file's (a folder in it, or .txt) is a file of names, one per line
+        if isinstance(given, str) and "," not in given and (
+                Path(given).expanduser().is_file() or "/" in given or given.lower().endswith(".txt")):
+            names = read_class_names(None, given, file_key="class_names")
+        else:
+            names = read_class_names(given, None, key="class_names")
+    except ConfigError as err:
+        errors.append(str(err))
+    raise_option_errors(errors)
+    check_writable(options["out"], "the export folder (out=)")
+    return names
+
+
+EVAL_SPLITS = ("val", "test")
+# sections of a training config: `pand eval data=cub` would replace the checkpoint's whole data section by a string
+_SECTIONS = frozenset({k.partition(".")[0] for k in (*TRAIN_RULES, *COOP_RULES) if "." in k}
+                      | {"student", "method", "logger", "paths"})
+
+
+def eval_override_errors(overrides: Mapping[str, Any]) -> list[str]:
+    """Overrides of a checkpoint's config in ``pand eval``: single settings, in range where pand knows the range."""
+    errors = [f"{key}={_show(value)} would replace the whole {key} section of the checkpoint's config; override "
+              f"single settings ({key}.NAME=VALUE) instead" for key, value in overrides.items()
+              if key in _SECTIONS and not isinstance(value, Mapping)]
+    return errors + check_rules(overrides, TRAIN_RULES)
+
+
+def validate_eval_options(splits: Any, out: str | os.PathLike | None, *, ckpt_path: Any = _MISSING,
+                          overrides: Mapping[str, Any] | None = None) -> None:
+    """Refuse ``pand eval`` options before the checkpoint is loaded: the splits, the JSON file of the results, and
+    (from the command line) the checkpoint file and the overrides of its config."""
+    errors = [] if ckpt_path is _MISSING else input_file_errors("ckpt_path", ckpt_path, "a checkpoint file")
+    if not isinstance(splits, (list, tuple)) or not splits or any(s not in EVAL_SPLITS for s in splits):
+        shown = _show(list(splits) if isinstance(splits, tuple) else splits)
+        errors.append(f"splits={shown} is not allowed: expected a non-empty list of val and/or test, such as "
+                      "[val,test] or [test]")
+    if out is not None:
+        errors += output_file_errors("out", out, (".json",))
+    errors += eval_override_errors(overrides or {})
+    raise_option_errors(errors)
+    if out is not None:
+        check_writable(Path(out).expanduser().absolute().parent, "the folder of out=")

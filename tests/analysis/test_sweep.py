@@ -140,3 +140,19 @@ def test_gather_without_any_finished_run_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="summary.json"):
         gather_runs([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_results_csv_escapes_text_a_spreadsheet_would_run_and_keeps_numbers(tmp_path):
+    import yaml
+
+    names = ["=HYPERLINK(\"http://x\",\"y\")", "+cmd", "-x", "@SUM(A1)", "\tx", "\rx"]
+    for i, name in enumerate(names):
+        folder = tmp_path / "runs" / str(i)
+        folder.mkdir(parents=True)
+        config = {"seed": 0, "run_dir": str(folder), "data": {"name": name}, "method": {"shift": -0.5 * i}}
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        (folder / "summary.json").write_text(json.dumps({"run_dir": str(folder), "val_acc1": 0.5, "test_acc1": 0.5}))
+    gather_runs([tmp_path / "runs" / str(i) for i in range(len(names))], tmp_path / "out")
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open(newline="")))
+    assert [r["data.name"] for r in rows] == ["'" + n for n in names]
+    assert [r["method.shift"] for r in rows] == [str(-0.5 * i) for i in range(len(names))]  # numbers stay numbers

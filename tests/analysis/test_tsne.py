@@ -64,8 +64,8 @@ def test_tsne_cli(tiny_ckpts, tmp_path, capsys):
     assert main_tsne(args) == 0
     assert {p.name for p in out.iterdir()} == {"tsne_compare.png", "tsne_0_a.png"}
     assert "tsne_compare.png" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main_tsne([str(ckpts[0]), "--out", str(out), "optim.lr=1"])  # only data.* overrides
+    with pytest.raises(ConfigError, match="only data.\\* overrides are accepted, got optim.lr=1 \\(pand tsne --help\\)"):
+        main_tsne([str(ckpts[0]), "--out", str(out), "optim.lr=1"])
 
 
 def test_tsne_compare_refuses_a_label_count_mismatch(tiny_ckpts, tmp_path):

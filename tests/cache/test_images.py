@@ -84,8 +84,8 @@ def test_interrupted_build_is_not_complete_and_ensure_resumes(cub_train, tmp_pat
     real_commit = DecodedImageCache._commit_chunk
     calls = {"n": 0}
 
-    def failing_commit(folder_, f, rows):
-        real_commit(folder_, f, rows)
+    def failing_commit(folder_, f, rows, chunks):
+        real_commit(folder_, f, rows, chunks)
         calls["n"] += 1
         if calls["n"] == 1:
             f.write(b"garbage of a half-written chunk")  # bytes past the recorded index must be dropped on resume
@@ -193,3 +193,206 @@ def test_dataloader_workers_over_cached_dataset(cub_train, tmp_path):
     batches = list(DataLoader(sub, batch_size=5, num_workers=2, collate_fn=None, shuffle=False))
     assert sum(len(b[0]) for b in batches) == len(square)
     assert batches[0][0].dtype == torch.uint8 and batches[0][0].shape[1:] == (3, 28, 28)
+
+
+# -- integrity: digests per chunk, checked on open; a damaged cache is rebuilt ---------------------------------------
+
+
+def _flip_bytes(path, offset, n=8):
+    """Alter ``n`` bytes of ``path`` in place: same size, other content."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _built(ds, folder, **kw):
+    DecodedImageCache.build(ds, folder, 28, progress=False, chunk_size=4, **kw)
+    return np.load(folder / "index.npy")
+
+
+def _damage_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "decoded-image cache" in
+            r.getMessage()]
+
+
+def test_build_records_a_digest_per_chunk_and_marks_the_folder(cub_train, tmp_path):
+    folder = tmp_path / "c"
+    _built(cub_train, folder)
+    chunks = np.load(folder / "chunks.npy")
+    n = len(cub_train)
+    assert chunks.dtype == images_mod.CHUNK_DTYPE
+    assert chunks["stop"].tolist() == [*range(4, n, 4), n]
+    assert (folder / ".pand-output").read_text().strip() == "decoded-images"
+
+
+def test_pixels_altered_in_place_are_refused_by_open_and_rebuilt_by_the_run(cub_train, tmp_path, caplog):
+    ds, folder = cub_train, tmp_path / "c"
+    index = _built(ds, folder)
+    fresh = [DecodedImageCache.open(folder, ds, 28).image(i) for i in range(len(ds))]
+    size = (folder / "pixels.u8").stat().st_size
+    _flip_bytes(folder / "pixels.u8", int(index[5, 0]) + 10)  # image 5: chunk 1 (images 4..7)
+    assert (folder / "pixels.u8").stat().st_size == size
+
+    with pytest.raises(images_mod.DecodedCacheDamagedError) as err:
+        DecodedImageCache.open(folder, ds, 28)
+    message = str(err.value)
+    assert "\n" not in message and str(folder) in message
+    assert "pixels.u8 chunk 1 (images 4..7, bytes" in message
+    assert "does not match its digest in chunks.npy: the file was altered in place" in message
+
+    caplog.set_level("WARNING")
+    cached = with_decoded_cache(ds, folder, 28, progress=False)  # what a run with data.decoded_cache calls
+    warnings = _damage_warnings(caplog)
+    assert len(warnings) == 1
+    assert str(folder) in warnings[0] and "chunk 1" in warnings[0] and "altered in place" in warnings[0]
+    assert "rebuilding it" in warnings[0]
+    assert all(torch.equal(cached.load_image(i), fresh[i]) for i in range(len(ds)))
+    DecodedImageCache.open(folder, ds, 28, verify="full")
+
+
+def test_truncated_pixels_are_refused_and_rebuilt(cub_train, tmp_path, caplog):
+    ds, folder = cub_train, tmp_path / "c"
+    _built(ds, folder)
+    size = (folder / "pixels.u8").stat().st_size
+    with open(folder / "pixels.u8", "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(images_mod.DecodedCacheDamagedError,
+                       match=rf"pixels\.u8 is {size - 100:,} bytes, expected {size:,}: truncated"):
+        DecodedImageCache.open(folder, ds, 28)
+    caplog.set_level("WARNING")
+    cache = DecodedImageCache.ensure(ds, folder, 28, progress=False)
+    assert len(_damage_warnings(caplog)) == 1 and "truncated" in _damage_warnings(caplog)[0]
+    assert (folder / "pixels.u8").stat().st_size == size
+    assert torch.equal(cache.image(len(ds) - 1), DecodedImageCache.open(folder, ds, 28).image(len(ds) - 1))
+
+
+def test_index_altered_in_place_is_refused(cub_train, tmp_path):
+    ds, folder = cub_train, tmp_path / "c"
+    index = _built(ds, folder)
+    assert tuple(index[1, 2:]) == (28, 42)
+    altered = index.copy()
+    altered[1, 2:] = (42, 28)  # same bytes, same offsets, same short side: only the digest sees it
+    np.save(folder / "index.npy", altered)
+    with pytest.raises(images_mod.DecodedCacheDamagedError,
+                       match=r"the index\.npy rows of chunk 0 \(images 0\.\.3, .*\) do not match their digest"):
+        DecodedImageCache.open(folder, ds, 28)
+    altered = index.copy()
+    altered[2, 0] += 1
+    np.save(folder / "index.npy", altered)
+    with pytest.raises(images_mod.DecodedCacheDamagedError, match=r"index\.npy row 2 is .*, expected offset"):
+        DecodedImageCache.open(folder, ds, 28)
+
+
+def test_a_sampled_check_always_covers_the_first_and_the_last_chunk(cub_train, tmp_path, monkeypatch):
+    ds, folder = cub_train, tmp_path / "c"
+    DecodedImageCache.build(ds, folder, 28, progress=False, chunk_size=1)  # 12 chunks of one image
+    checked = []
+    real_damage = images_mod._chunk_damage
+    monkeypatch.setattr(images_mod, "_chunk_damage", lambda *a: checked.append(a[-1]) or real_damage(*a))
+    monkeypatch.setattr(images_mod, "SAMPLE_BYTES", 1)  # one random chunk besides the first and the last
+    DecodedImageCache.open(folder, ds, 28, verify="sample")
+    assert len(checked) <= 3 and {0, len(ds) - 1} <= set(checked)  # the random one may be one of them
+    checked.clear()
+    DecodedImageCache.open(folder, ds, 28)  # "auto": all of a cache of up to 1 GiB
+    assert checked == list(range(len(ds)))
+
+    index = np.load(folder / "index.npy")
+    _flip_bytes(folder / "pixels.u8", int(index[-1, 0]))
+    with pytest.raises(images_mod.DecodedCacheDamagedError, match=rf"chunk {len(ds) - 1} \(images 11\.\.11"):
+        DecodedImageCache.open(folder, ds, 28, verify="sample")
+
+
+def test_a_reader_names_a_pixels_file_cut_after_open(cub_train, tmp_path):
+    ds, folder = cub_train, tmp_path / "c"
+    _built(ds, folder)
+    cache = DecodedImageCache.open(folder, ds, 28)
+    with open(folder / "pixels.u8", "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(images_mod.DecodedCacheDamagedError,
+                       match=r"pixels\.u8 is 50 bytes, expected .*: it changed after the cache was opened"):
+        cache.image(0)
+
+
+def test_resume_decodes_again_from_the_first_damaged_chunk(cub_train, tmp_path, monkeypatch, caplog):
+    ds, folder = cub_train, tmp_path / "c"
+    real_commit = DecodedImageCache._commit_chunk
+    calls = {"n": 0}
+
+    def failing_commit(*args):
+        real_commit(*args)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(DecodedImageCache, "_commit_chunk", staticmethod(failing_commit))
+    with pytest.raises(KeyboardInterrupt):
+        DecodedImageCache.build(ds, folder, 28, progress=False, chunk_size=4)
+    monkeypatch.setattr(DecodedImageCache, "_commit_chunk", staticmethod(real_commit))
+    index = np.load(folder / "index.npy")
+    assert len(index) == 8
+    _flip_bytes(folder / "pixels.u8", int(index[6, 0]))  # chunk 1 of the interrupted build
+
+    decoded = []
+    real_decode = images_mod._decode_resized
+    monkeypatch.setattr(images_mod, "_decode_resized", lambda d, i, s: decoded.append(i) or real_decode(d, i, s))
+    caplog.set_level("WARNING")
+    cache = DecodedImageCache.ensure(ds, folder, 28, progress=False, chunk_size=4)
+    assert decoded == list(range(4, len(ds)))  # chunk 0 kept, chunk 1 and after decoded again
+    warnings = _damage_warnings(caplog)
+    assert len(warnings) == 1 and "chunk 1 (images 4..7" in warnings[0] and "from image 4" in warnings[0]
+    fresh = DecodedImageCache.build(ds, tmp_path / "fresh", 28, progress=False)
+    assert all(torch.equal(cache.image(i), fresh.image(i)) for i in range(len(ds)))
+
+
+def test_a_cache_of_the_previous_format_is_rebuilt_not_trusted(cub_train, tmp_path, caplog):
+    ds, folder = cub_train, tmp_path / "c"
+    _built(ds, folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    (folder / "chunks.npy").unlink()
+    caplog.set_level("WARNING")
+    DecodedImageCache.ensure(ds, folder, 28, progress=False)
+    assert any("stale (format_version: stored 1, expected 2)" in w for w in _damage_warnings(caplog))
+    assert (folder / "chunks.npy").is_file()
+
+
+def test_a_garbled_index_or_chunk_file_is_refused_and_rebuilt(cub_train, tmp_path, caplog):
+    ds, folder = cub_train, tmp_path / "c"
+    _built(ds, folder)
+    data = (folder / "index.npy").read_bytes()
+    (folder / "index.npy").write_bytes(data[: len(data) - 16])
+    with pytest.raises(images_mod.DecodedCacheDamagedError, match=r"index\.npy cannot be read"):
+        DecodedImageCache.open(folder, ds, 28)
+    caplog.set_level("WARNING")
+    DecodedImageCache.ensure(ds, folder, 28, progress=False)
+    assert len(_damage_warnings(caplog)) == 1 and "index.npy cannot be read" in _damage_warnings(caplog)[0]
+
+    # an interrupted build whose chunks.npy is garbled starts again from the first image
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    (folder / "chunks.npy").write_bytes(b"\x93NUMPY garbage")
+    caplog.clear()
+    cache = DecodedImageCache.ensure(ds, folder, 28, progress=False)
+    assert len(_damage_warnings(caplog)) == 1 and "decoding every image again" in _damage_warnings(caplog)[0]
+    DecodedImageCache.open(folder, ds, 28, verify="full")
+    assert len(cache) == len(ds)
+
+
+def test_a_second_build_of_a_folder_waits_for_the_first(cub_train, tmp_path):
+    import threading
+
+    from pand.locks import FolderLock
+
+    folder = tmp_path / "decoded"
+    first = FolderLock(folder, "decoded-image cache").acquire()  # another build, in the middle of its work
+    done = []
+    second = threading.Thread(target=lambda: done.append(DecodedImageCache.build(cub_train, folder, 28, progress=False)))
+    second.start()
+    second.join(1.0)
+    assert second.is_alive() and not (folder / "meta.json").exists()  # waiting, writing nothing
+    first.release()
+    second.join(60)
+    assert done and len(done[0]) == len(cub_train)
+    assert not second.is_alive()

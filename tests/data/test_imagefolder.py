@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from pand.data import get_dataset
-from pand.errors import ConfigError, DatasetNotFoundError
+from pand.errors import ConfigError, DatasetNotFoundError, PandError
 from tests.fixtures.datasets import make_imagefolder, write_image
 
 
@@ -110,3 +110,57 @@ def test_class_names_file_folder_named_twice(tmp_path):
     with pytest.raises(ConfigError) as e:
         get_dataset("imagefolder", tmp_path, "train", class_names_file=f)
     assert str(e.value) == f"line 3 of {f}: class folder 'red_square' is already named at line 1"
+
+
+# -- nothing silently empty: image files pand does not read are named, not dropped -----------------------------------
+
+
+def _save(path, fmt="GIF"):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path, format=fmt)
+    return path
+
+
+def test_a_class_with_no_usable_training_image_is_named_with_what_it_holds(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b"), per_class=2, test_per_class=1)
+    for i in range(12):
+        _save(tmp_path / "train" / "cat" / f"{i:02d}.gif")
+    for i in range(3):
+        _save(tmp_path / "train" / "cat" / "deep" / f"{i}.tif", "TIFF")
+    with pytest.raises(PandError) as e:
+        get_dataset("imagefolder", tmp_path, "val")  # carved from train
+    assert str(e.value) == (f"class 'cat' ({tmp_path / 'train' / 'cat'}) has no usable image: it holds 12 .gif, 3 .tif "
+                            "files; pand reads .jpg .jpeg .png .bmp .webp")
+    (tmp_path / "train" / "empty").mkdir()
+    for f in (tmp_path / "train" / "cat").rglob("*.*"):
+        f.unlink()
+    with pytest.raises(PandError, match=r"^class 'cat' \(.*\) has no usable image: it holds no file; pand reads"):
+        get_dataset("imagefolder", tmp_path, "train")
+
+
+def test_the_display_name_is_the_one_named(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b_c"), per_class=1, test_per_class=1)
+    for f in (tmp_path / "train" / "b_c").iterdir():
+        f.rename(f.with_suffix(".txt"))
+    with pytest.raises(PandError, match=r"^class 'b c' \(.*b_c\) has no usable image: it holds 1 .txt file;"):
+        get_dataset("imagefolder", tmp_path, "train")
+
+
+@pytest.mark.parametrize("split", ["test", "val", "train"])
+def test_a_split_folder_holding_images_pand_skips_is_refused(tmp_path, split):
+    make_imagefolder(tmp_path, classes=("a", "b"), per_class=2, test_per_class=2, val_per_class=1)
+    skipped = [_save(tmp_path / split / "a" / "x.gif"), _save(tmp_path / split / "b" / "sub" / "y.TIFF", "TIFF")]
+    with pytest.raises(PandError) as e:
+        get_dataset("imagefolder", tmp_path, split)
+    assert str(e.value) == (f"2 image files in {tmp_path / split} are of a type pand does not read: {skipped[0]}, "
+                            f"{skipped[1]}; pand reads .jpg .jpeg .png .bmp .webp: convert them (e.g. to .png) or move "
+                            "them out, so that every image of the split counts")
+
+
+def test_other_files_next_to_the_images_are_still_ignored(tmp_path):
+    make_imagefolder(tmp_path, classes=("a", "b"), per_class=1, test_per_class=1)
+    (tmp_path / "test" / "a" / "labels.csv").write_text("x")
+    (tmp_path / "test" / "a" / "README").write_text("x")
+    assert len(get_dataset("imagefolder", tmp_path, "test")) == 2

@@ -5,7 +5,7 @@ import pytest
 
 from pand.data.unlabelled import UNLABELLED, TrainingPool, choose, unlabelled_folder
 from pand.engine.data import UNLABELLED_SPLIT, load_splits, unlabelled_source
-from pand.errors import ConfigError, DatasetNotFoundError
+from pand.errors import ConfigError, DatasetNotFoundError, PandError
 from tests.fixtures.datasets import write_image
 
 
@@ -82,3 +82,53 @@ def test_training_pool_indexes_labelled_images_first_and_fingerprints_both_parts
     fewer = load_splits(_data(cub_root, unlabelled="rest", unlabelled_limit=11))
     assert TrainingPool(fewer["train"], fewer[UNLABELLED_SPLIT]).fingerprint() != pool.fingerprint()
     assert TrainingPool(splits["train"], splits[UNLABELLED_SPLIT]).fingerprint() == pool.fingerprint()
+
+
+def test_the_image_folder_root_as_unlabelled_images_is_refused_for_its_test_images(tmp_path):
+    from tests.fixtures.datasets import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "shapes", per_class=3, test_per_class=1)
+    data = _data(root, name="imagefolder", num_classes=3, samples_per_class=None, unlabelled=str(root))
+    with pytest.raises(ConfigError) as e:
+        load_splits(data)
+    text = str(e.value)
+    assert "3 unlabelled images are also test images (the same bytes): " in text
+    assert f"{root / 'test' / 'blue_triangle' / 'blue_triangle_000.jpg'} (one file in both)" in text
+    assert text.endswith("set data.allow_overlap=true to run anyway (the run summary records the overlap)")
+    splits = load_splits({**data, "allow_overlap": True})
+    assert len(splits[UNLABELLED_SPLIT]) == 12
+
+
+def test_image_files_pand_does_not_read_are_named_in_a_warning(cub_root, tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    folder = tmp_path / "mine"
+    write_image(folder / "a.jpg", 0, 3)
+    (folder / "sub").mkdir()
+    for name in ("b.gif", "c.tif"):
+        Image.new("RGB", (8, 8)).save(folder / "sub" / name)
+    with caplog.at_level(logging.WARNING, logger="pand"):
+        assert _ids(unlabelled_folder(folder, ["a"], "x")) == {"a.jpg"}
+    assert caplog.records[-1].getMessage() == (
+        f"data.unlabelled: 2 image files under {folder} are left out, of a type pand does not read (it reads .jpg "
+        f".jpeg .png .bmp .webp): {folder / 'sub' / 'b.gif'}, {folder / 'sub' / 'c.tif'}")
+    (folder / "a.jpg").unlink()
+    with pytest.raises(DatasetNotFoundError) as e:
+        unlabelled_folder(folder, ["a"], "x")
+    assert str(e.value) == (f"data.unlabelled: no image files under {folder}: it holds 1 .gif, 1 .tif files; pand "
+                            "reads .jpg .jpeg .png .bmp .webp")
+
+
+def test_a_class_without_training_images_cannot_have_a_few_shot_pool(cub_root):
+    split = cub_root / "train_test_split.txt"
+    labels = dict(line.split() for line in (cub_root / "image_class_labels.txt").read_text().splitlines())
+    # every image of class 3 moved to the test split
+    split.write_text("".join(f"{i} {'0' if labels[i] == '3' else flag}\n"
+                             for i, flag in (line.split() for line in split.read_text().splitlines())))
+    with pytest.raises(PandError) as e:
+        load_splits(_data(cub_root, samples_per_class=2))
+    assert str(e.value) == (f"data.samples_per_class=2: class 'Sooty Albatross' has no image in the training split of "
+                            f"cub at {cub_root}, so its labelled pool would be empty; add images of it, or use a "
+                            "dataset without that class")

@@ -61,3 +61,16 @@ def test_per_class_subset_is_seeded_and_balanced():
     a = per_class_subset(targets, 4, seed=1)
     assert a == per_class_subset(targets, 4, seed=1)
     assert sum(targets[i] == 0 for i in a) == 4 and sum(targets[i] == 1 for i in a) == 3
+
+
+def test_a_resumed_epoch_is_replayed_even_when_iteration_starts_before_the_epoch_is_set():
+    # Loader workers prefetch as soon as Lightning creates the iterator, before it calls set_epoch on a resume:
+    # the sampler must already iterate the resumed epoch, minus what was trained on.
+    straight = EpochSampler(12, seed=5)
+    straight.set_epoch(2)
+    whole_epoch = list(straight)
+    resumed = EpochSampler(12, seed=5)
+    resumed.resume_at(2, 4)
+    assert list(resumed) == whole_epoch[4:]
+    resumed.set_epoch(3)
+    assert len(list(resumed)) == 12  # the skip applies to the resumed epoch only

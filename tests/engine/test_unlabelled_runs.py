@@ -126,3 +126,33 @@ def test_resume_with_unlabelled_images_is_exact(cub_root, tmp_path):
 def test_settings_that_do_not_go_with_unlabelled_images_are_refused(cub_root, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         validate_train_config(_config(cub_root, tmp_path / "run", *extra))
+
+
+def test_the_datasets_own_images_as_unlabelled_images_stop_the_run_before_training(cub_root, tmp_path, capsys):
+    images = cub_root / "images"
+    unlabelled = ("method=kd", "data.samples_per_class=2", f"data.unlabelled={images}")
+    assert main(["train", *tiny_overrides(cub_root, tmp_path / "run", *unlabelled)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("pand train: error: ")
+    assert "unlabelled images are also test images (the same bytes): " in err[0] and str(images) in err[0]
+    assert "data.allow_overlap=true" in err[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # allowed: the run trains, and its summary records the overlap it was allowed
+    again = tmp_path / "again"
+    assert main(["train", *tiny_overrides(cub_root, again, *unlabelled, "data.allow_overlap=true", "test=false",
+                                          "trainer.max_epochs=1")]) == 0
+    summary = json.loads((again / "summary.json").read_text())
+    assert summary["overlap"] == {"allowed": True, "images": {"unlabelled/test": 6, "unlabelled/val": 3}}
+    with pytest.raises(ConfigError, match="data.allow_overlap='yes' is not allowed: expected true or false"):
+        validate_train_config(_config(cub_root, tmp_path / "run", *REST, "data.allow_overlap=yes"))
+
+
+def test_a_folder_pand_wrote_is_refused_as_unlabelled_images_before_anything_loads(cub_root, tmp_path):
+    from pand.io import mark_output_folder
+
+    old_run = tmp_path / "old-run"
+    old_run.mkdir()
+    mark_output_folder(old_run, "run")
+    with pytest.raises(ConfigError, match=f"data.unlabelled={old_run} is a folder pand wrote \\(run output"):
+        validate_train_config(_config(cub_root, tmp_path / "run", "method=kd", "data.samples_per_class=2",
+                                      f"data.unlabelled={old_run}"))

@@ -25,8 +25,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pand.arguments import ArgumentParser
 from pand.errors import ConfigError, PandError
 from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable, read_json
+from pand.spreadsheet import spreadsheet_cell
 
 log = logging.getLogger("pand.sweep")
 
@@ -39,13 +41,9 @@ ERROR_FILE = "error.json"
 
 # --------------------------------------------------------------------------------------------------------- expansion
 def _parse(overrides: Sequence[str]):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    from pand.config import parse_overrides
 
-    try:
-        return OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException as err:
-        raise ConfigError(f"bad override: {err}") from err
+    return parse_overrides(list(overrides))
 
 
 def _sweep_axes(overrides: Sequence[str]) -> list[tuple[str | None, list[str]]]:
@@ -119,7 +117,7 @@ def _check_every_combination(combos: Sequence[Sequence[str]]) -> None:
             problems.setdefault(str(err), []).append(" ".join(combo))
     if problems:
         raise ConfigError("the sweep was not started; " + "\n".join(
-            f"{message}\n  (in {len(runs)} of {len(combos)} run(s), e.g. {runs[0]})"
+            f"{message} (in {len(runs)} of {len(combos)} run(s), e.g. {runs[0]})"
             for message, runs in problems.items()))
 
 
@@ -276,10 +274,13 @@ def _markdown(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
 def _csv(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
     columns = ["run", "run_dir", *keys, *SUMMARY_COLUMNS, "test_acc5", "status", "error"]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    # csv's own line ending (\r\n), as in pand's other CSVs: with "\n" a cell holding a carriage return went unquoted
+    # and split its row in two
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({c: _cell(row.get(c)) for c in columns})
+        # config values and error messages are text the user chose: none may run as a spreadsheet formula
+        writer.writerow({c: spreadsheet_cell(_cell(row.get(c))) for c in columns})
     return buffer.getvalue()
 
 
@@ -404,7 +405,7 @@ def expand_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def main_sweep(args: list[str]) -> int:
     """``pand sweep OVERRIDE... [--sweep-dir DIR]``: exit status 0 if every run finished, 1 if one failed."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pand sweep",
         description="Train every combination of swept Hydra overrides, one run after another, then write\n"
                     "results.csv, results.md and (one numeric swept key) results.png into the sweep folder.\n"
@@ -431,7 +432,7 @@ def main_sweep(args: list[str]) -> int:
 
 def main_gather(args: list[str]) -> int:
     """``pand gather RUN_DIR... --out DIR [--x KEY]``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pand gather",
         description="Tabulate finished runs: results.csv, results.md and, when one numeric config key differs "
                     "between the runs (or --x names it), results.png (val and test top-1 vs that key).",

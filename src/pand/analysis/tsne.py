@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pand.arguments import ArgumentParser
 from pand.errors import ConfigError, MismatchError
 
 _MAX_LEGEND_CLASSES = 20
@@ -195,7 +196,7 @@ def main_tsne(args: list[str]) -> int:
     """``pand tsne CKPT... --labels "a,b" --out DIR [--split test] [--perplexity 30] [data.KEY=VALUE...]``."""
     from omegaconf import OmegaConf
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pand tsne",
         description="t-SNE of the student features of checkpoints on one split, side by side "
                     "(tsne_compare.png) and one image per checkpoint (tsne_<i>_<label>.png).",

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pand.arguments import ArgumentParser
+
 
 def _parse_batches(text: str) -> list[int]:
     try:
@@ -37,7 +39,7 @@ def _parse_batches(text: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pand bench", description=__doc__,
+    p = ArgumentParser(prog="pand bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="ViT-B-16", help="open_clip model (random weights unless --pretrained)")
     p.add_argument("--pretrained", default=None, help="teacher weights (default: random, nothing downloaded)")
@@ -73,8 +75,41 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rules() -> dict:
+    from pand.validation import integer
+
+    return {
+        "--image-size": integer(1),
+        "--teacher-image-size": integer(1),
+        "--batch": integer(1),
+        "--classes": integer(1),
+        "--steps": integer(1),
+        "--warmup": integer(0),
+        "--threads": integer(1),
+        "--loader-images": integer(1),
+        "--loader-workers": integer(0),
+    }
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse values out of range (argparse checks their types only) and a device this machine lacks, before torch is
+    imported for the measurements; one line per problem, as for pand's other commands."""
+    from pand.validation import check_rules, device_errors, raise_option_errors
+
+    rules = _rules()
+    values = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in rules}
+    values = {flag: value for flag, value in values.items() if value is not None}  # not given: the default applies
+    errors = check_rules(values, rules) + device_errors("--device", args.device)
+    if args.loader and args.image_size == 1:
+        # the loader times training views, whose blur needs 2 pixels (pand.validation._image_size_errors)
+        errors.append("--image-size=1 is too small for --loader: the blur of the training views needs an image of 2 "
+                      "pixels or more")
+    raise_option_errors(errors)
+
+
 def main_bench(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    check_args(args)
     from pand.bench.measure import print_result, run_bench
 
     result = run_bench(args)

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pand.errors import OutputError, PandError
 from pand.io import OUTPUT_ERRNOS
@@ -174,6 +175,36 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# -- tensor files --------------------------------------------------------------------------------------------------
+#: The record entry of a safetensors artefact (stored teacher features, learned text features) holding the digest of
+#: each tensor; a file written before it existed has none and is accepted unchecked.
+TENSOR_DIGESTS = "digests"
+
+
+def tensor_digests(tensors: Mapping[str, Any]) -> dict[str, str]:
+    """blake2b-128 (hex) of each tensor's bytes, as :func:`pand.provenance.save_tensors` stores them."""
+    return {name: row_digest(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hex()
+            for name, t in tensors.items()}
+
+
+def check_tensor_digests(path: str | os.PathLike, tensors: Mapping[str, Any], record: Mapping[str, Any],
+                         hint: str = "") -> None:
+    """Raise :class:`~pand.errors.PandError` naming ``path`` when its tensors no longer match the digests in its
+    record (bytes altered in place keep a safetensors file readable); a record without digests passes."""
+    stored = record.get(TENSOR_DIGESTS)
+    if stored is None:
+        return
+    hint = f"; {hint}" if hint else ""
+    if not isinstance(stored, dict) or set(stored) != set(tensors):
+        listed = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
+        raise PandError(f"{path} is damaged: it holds the tensors {sorted(tensors)} but its record has digests of "
+                        f"{listed}{hint}")
+    for name, digest in tensor_digests(tensors).items():
+        if digest != stored[name]:
+            raise PandError(f"{path} is damaged: its tensor {name!r} does not match the digest in its record (the "
+                            f"file was altered after it was written){hint}")
+
+
 # -- verification --------------------------------------------------------------------------------------------------
 def read_meta(folder: Path) -> dict[str, Any]:
     path = folder / "meta.json"
@@ -266,13 +297,17 @@ def _check_text(folder: Path, meta: Mapping[str, Any]) -> None:
         raise CacheDamagedError(folder, reason)
 
 
-def _sample_rows(n: int, total_bytes: int, mode: str) -> np.ndarray:
+def _sample_rows(n: int, total_bytes: int, mode: str, size: int | None = None) -> np.ndarray:
+    """The rows to check: all of them, or ``size`` (default :data:`SAMPLE_ROWS`) random ones plus the first and the
+    last (see the module docstring); ``size`` lets a cache of large rows (the decoded-image cache's chunks) sample
+    fewer."""
     if mode not in ("auto", "full", "sample"):
         raise ValueError(f"verify must be 'auto', 'full' or 'sample', not {mode!r}")
-    if mode == "full" or (mode == "auto" and total_bytes <= FULL_CHECK_BYTES) or n <= SAMPLE_ROWS + 2:
+    size = SAMPLE_ROWS if size is None else size
+    if mode == "full" or (mode == "auto" and total_bytes <= FULL_CHECK_BYTES) or n <= size + 2:
         return np.arange(n)
     # Unseeded on purpose: every open checks other rows, so damage anywhere is found sooner or later.
-    picked = np.random.default_rng().choice(n, size=SAMPLE_ROWS, replace=False)
+    picked = np.random.default_rng().choice(n, size=size, replace=False)
     return np.unique(np.concatenate([picked, [0, n - 1]]))
 
 

@@ -106,8 +106,10 @@ from pand.cache.integrity import (
 from pand.data import ClassificationDataset
 from pand.data.device_augment import DeviceShare, loader_share
 from pand.data.transforms import ReplayableAugment, image_hw, view_generator
-from pand.errors import ConfigError, MismatchError, PandError, PrecisionError
-from pand.io import OUTPUT_ERRNOS, atomic_write_json
+from pand.errors import ConfigError, Interrupted, MismatchError, PandError, PrecisionError
+from pand.interrupts import ignore_stop_signals
+from pand.io import OUTPUT_ERRNOS, atomic_write_json, mark_output_folder
+from pand.locks import FolderLock, remove_if_unused
 from pand.provenance import check_provenance, load_tensors, save_tensors
 from pand.teachers.precision import DEFAULT_TOLERANCE, AgreementProbe, teacher_autocast
 from pand.teachers.source import IMAGE_EMBEDS, LOGITS
@@ -385,18 +387,48 @@ class TeacherCache:
             layout = array_layout(n, k, augment.num_params, int(embed_dim))
             text = text_embeds.float().cpu()
         failure: BaseException | None = None
-        if rank == 0:
-            try:
-                created = cls._prepare(folder, record, layout, teacher_identity, text, extra, rebuild)
-            except BaseException as err:
-                if barrier is None:
-                    raise
-                failure = err
+        # One build writes a cache folder at a time: a second build of it (same settings) waits, then finds the rows
+        # done and opens the cache; without the lock it could rebuild or rewrite rows under the first one. Process 0
+        # holds it for the whole build, the other processes of the same launch follow it through the barriers.
+        lock = FolderLock(folder, "teacher cache") if rank == 0 else None
+        try:
+            if lock is not None:
+                try:
+                    lock.acquire(wait=True)
+                    mark_output_folder(folder, "teacher-cache")
+                    created = cls._prepare(folder, record, layout, teacher_identity, text, extra, rebuild)
+                except BaseException as err:
+                    if barrier is None or isinstance(err, Interrupted):
+                        raise
+                    failure = err
+            return cls._build_locked(folder, dataset, augment, teacher_source, record, k, batch_size, rank,
+                                     world_size, progress, probe, augment_on, num_workers, barrier, failure,
+                                     created, folder_existed)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+                if not folder_existed:  # a build that failed before writing anything leaves no folder behind
+                    remove_if_unused(folder)
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+
+    @classmethod
+    def _build_locked(cls, folder: Path, dataset: ClassificationDataset, augment: ReplayableAugment,
+                      teacher_source: nn.Module, record: Mapping[str, Any], k: int, batch_size: int, rank: int,
+                      world_size: int, progress: bool, probe: AgreementProbe, augment_on: str, num_workers: int,
+                      barrier, failure: BaseException | None, created: bool, folder_existed: bool
+                      ) -> TeacherCache | None:
         _agree(barrier, failure, f"process 0 could not prepare the teacher cache at {folder}; its error says why")
         try:
             try:
                 cls._fill_share(folder, dataset, augment, teacher_source, int(record["seed"]), k, batch_size, rank,
                                 world_size, progress, probe, augment_on, num_workers)
+            except Interrupted as stop:
+                done = int(np.count_nonzero(np.load(folder / "done.npy", mmap_mode="r")))
+                raise stop.with_saved(f"{done} of {len(dataset)} images of the teacher cache at {folder} (every "
+                                      "finished chunk is kept, and the next build continues from there)") from None
             except BaseException as err:
                 if barrier is None:
                     raise
@@ -406,8 +438,6 @@ class TeacherCache:
         except PrecisionError:
             if created:  # refused before any row was written: leave no cache behind, as if never started
                 remove_cache_files(folder)
-                if not folder_existed and not any(folder.iterdir()):
-                    folder.rmdir()
             raise
         if rank == 0 or barrier is None:
             return cls._finish(folder, probe.stats)
@@ -474,7 +504,7 @@ class TeacherCache:
         loader: Iterable = DataLoader(
             _ChunkViews(dataset, augment, augment_on, seed, k, chunks), batch_size=None, num_workers=num_workers,
             prefetch_factor=2 if num_workers else None, pin_memory=device.type == "cuda",
-            generator=torch.Generator())
+            generator=torch.Generator(), worker_init_fn=ignore_stop_signals if num_workers else None)
         if progress:
             from rich.progress import track
 

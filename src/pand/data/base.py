@@ -119,7 +119,11 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` as an RGB PIL image (greyscale, palette and CMYK are converted).
+    """Decode ``path`` as an 8-bit RGB PIL image, the one way pand reads every image file (see :func:`to_rgb`).
+
+    Training, the decoded-image cache, verification, ``pand predict`` and unlabelled folders all come through here,
+    so a file gives the same pixels wherever pand reads it. EXIF orientation is not applied (as before: applying it
+    now would change the inputs of existing runs and caches).
 
     Raises:
         DatasetNotFoundError: the file does not exist.
@@ -127,11 +131,51 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError as e:
         raise DatasetNotFoundError(f"image file not found: {path}") from e
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise CorruptImageError(f"cannot decode image {path}: {e}") from e
+
+
+#: PIL modes of 16-bit greyscale data (16-bit PNG and TIFF greyscale, in either byte order).
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` (any PIL mode) as 8-bit RGB, scaled by its bit depth rather than clipped.
+
+    PIL's own ``convert("RGB")`` clips every value above 255 of a high-bit-depth image to white, so two different
+    16-bit scans both become a white square. Here:
+
+    * 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) keeps the high byte (``v >> 8``). That is what PIL
+      itself does when it loads a 16-bit RGB, RGBA or grey+alpha PNG (it hands them over as 8-bit RGB / RGBA), so a
+      scan stored as 16-bit grey and the same scan stored as 16-bit RGB decode to the same pixels. The scale is the
+      bit depth, never the image's own range: a 16-bit file whose values all lie in 0..255 decodes to black, and
+      12-bit data in a 16-bit container decodes dark, as any viewer that honours the depth shows them.
+    * ``I`` (32-bit integer) is taken to hold 16-bit data, which is how PIL represents 16-bit PGM/PPM greyscale (it
+      rescales a PGM of any maxval to 0..65535) and 16-bit PNG greyscale in older Pillow versions; values outside
+      0..65535 are clipped, then ``v >> 8``.
+    * ``F`` (32-bit float, e.g. a float TIFF) is taken to hold intensities in 0..1, the convention of float images in
+      scikit-image, OpenCV and torchvision; ``round(v * 255)`` after clipping to 0..1, NaN as 0.
+    * Every 8-bit mode goes through PIL's ``convert("RGB")`` as before, so the pixels of existing datasets, caches
+      and runs do not change: alpha (``RGBA``, ``LA``, ``PA``, a palette's transparent entry) is dropped, not
+      composited, leaving the colour stored under it; ``P`` maps through its palette; ``1`` gives 0 / 255; ``CMYK``
+      (JPEG CMYK, Adobe's inverted CMYK included, which PIL un-inverts while decoding) uses PIL's ICC-less formula
+      ``(255 - C) * (255 - K) / 255``; ``L`` and ``YCbCr`` use PIL's conversions.
+    """
+    mode = image.mode
+    if mode in _UINT16_MODES or mode == "I":
+        values = np.asarray(image)
+        if mode == "I":
+            values = np.clip(values, 0, 65535)
+        grey = (values.astype(np.uint16) >> 8).astype(np.uint8)
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
+        grey = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(grey)).convert("RGB")
 
 
 class FileDataset(ClassificationDataset):
@@ -360,7 +404,8 @@ def malformed(path: Path, no: int, line: str, expected: str) -> PandError:
 
 
 def check_files_exist(dataset_dir: Path, relpaths: Sequence[str], listing: Path | str, title: str) -> None:
-    """Raise DatasetNotFoundError naming the first image that ``listing`` references but that does not exist."""
+    """Raise naming the first image that ``listing`` references but that does not exist, or that resolves (through a
+    link or ``..``) to a file outside ``dataset_dir``: a dataset's images are the files inside its folder."""
     missing = [p for p in relpaths if not os.path.exists(os.path.join(dataset_dir, p))]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -368,6 +413,35 @@ def check_files_exist(dataset_dir: Path, relpaths: Sequence[str], listing: Path 
             f"{title}: {listing} references a missing image: {dataset_dir / missing[0]}{more}. "
             "The image folder is incomplete; re-extract the dataset archive."
         )
+    outside = files_outside(dataset_dir, relpaths)
+    if outside:
+        rel, real = outside[0]
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        raise PandError(
+            f"{title}: {listing} lists {dataset_dir / rel}, which resolves to {real}, outside the dataset folder "
+            f"{dataset_dir}{more}; pand reads a dataset's images from inside its folder only: copy the files in "
+            "instead of linking to them"
+        )
+
+
+def files_outside(dataset_dir: str | os.PathLike, relpaths: Sequence[str]) -> list[tuple[str, str]]:
+    """(relative path, real path) of the files of ``relpaths`` whose real path lies outside ``dataset_dir``."""
+    root = os.path.realpath(dataset_dir)
+    prefix = root.rstrip(os.sep) + os.sep
+    real_dirs: dict[str, str] = {}  # a listing holds thousands of files in a few folders: resolve each folder once
+    out = []
+    for rel in relpaths:
+        path = os.path.join(dataset_dir, rel)
+        parent, name = os.path.split(path)
+        real_parent = real_dirs.get(parent)
+        if real_parent is None:
+            real_parent = real_dirs[parent] = os.path.realpath(parent)
+        real = os.path.join(real_parent, name)
+        if os.path.islink(real):
+            real = os.path.realpath(real)
+        if not real.startswith(prefix):
+            out.append((rel, real))
+    return out
 
 
 def check_split(split: str, valid: Sequence[str]) -> None:

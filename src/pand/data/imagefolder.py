@@ -1,10 +1,13 @@
 """Any dataset stored as one folder per class: ``root/train/<class>/*``, ``root/test/<class>/*``, optional ``root/val``.
 
 Classes are the sub-folders of ``root/train`` in sorted order; images are files with a known image extension
-(jpg, jpeg, png, bmp, webp, any case), searched recursively inside each class folder. Display names are the folder names
-with underscores turned into spaces (no prefix is stripped), unless a ``class_names_file`` is given: either one name
-per line in sorted-folder order, or ``folder_name<TAB or comma>display name`` lines. When ``root/val`` exists it is
-the validation split; otherwise ``val`` is carved from ``train``.
+(jpg, jpeg, png, bmp, webp, any case), searched recursively inside each class folder by :func:`pand.data.walk.walk`
+(links followed once, none leading out of ``root`` or into another split's folder, each real file listed once in a
+split). Every train class folder must hold an image, and a split folder holding image files of another type (gif,
+tif, ...) is refused rather than silently left out. Display names are the folder names with underscores turned into
+spaces (no prefix is stripped), unless a ``class_names_file`` is given: either one name per line in sorted-folder
+order, or ``folder_name<TAB or comma>display name`` lines. When ``root/val`` exists it is the validation split;
+otherwise ``val`` is carved from ``train``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pand.data import base
-from pand.errors import ConfigError, DatasetNotFoundError
+from pand.data.walk import check_input_root, listed, reads, walk
+from pand.errors import ConfigError, DatasetNotFoundError, PandError
 
 TITLE = "an image-folder dataset"
 
@@ -34,31 +38,75 @@ def subdirs(d: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
 
 
-def images_under(d: Path) -> list[str]:
-    """Image files under ``d`` (recursive), as sorted POSIX paths relative to ``d``."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-        rel = os.path.relpath(dirpath, d)
-        for f in filenames:
-            if base.is_image_file(f):
-                out.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
-    return sorted(out)
+def images_under(d: Path, *, within: str | os.PathLike | None = None) -> list[str]:
+    """Image files under ``d`` (recursive, each real file once, no link leaving ``within``), as sorted POSIX paths
+    relative to ``d``; see :func:`pand.data.walk.walk`."""
+    return walk(d, within=within).files
+
+
+#: The folders of a one-folder-per-class layout that hold a split each.
+SPLIT_FOLDERS = ("train", "val", "test")
 
 
 def list_images(
-    root: Path, split_dir: str, folders: Sequence[str], index: Mapping[str, int]
+    root: Path, split_dir: str, folders: Sequence[str], index: Mapping[str, int], *,
+    classes: Sequence[str] | None = None,
 ) -> tuple[list[str], list[int]]:
     """(relative paths, labels) of the images in ``root/split_dir/<folder>/`` for every folder of ``folders``.
 
     Paths are ``<split_dir>/<folder>/<file>`` (POSIX, relative to ``root``); the label of a folder is ``index[folder]``.
+    No link may lead out of ``root`` or into another split's folder. In ``train`` every class folder must hold an
+    image pand reads (``classes``: display names for that message), and no split folder may hold image files of a type
+    pand skips: either would leave images out of training or out of the test score without a word.
     """
-    relpaths, targets = [], []
+    split_path = root / split_dir
+    avoid = _other_splits(root, split_dir)
+    relpaths, targets, unread = [], [], []
+    first_name: dict[str, Path] = {}  # real path -> the name it was first listed under in this split
     for folder in folders:
-        for f in images_under(root / split_dir / folder):
+        listing = walk(split_path / folder, within=root, avoid=avoid)
+        if split_dir == "train" and not listing.files:
+            name = classes[index[folder]] if classes is not None else folder
+            raise PandError(
+                f"class {name!r} ({split_path / folder}) has no usable image: it holds {listing.types_held()}; "
+                f"pand reads {reads()}")
+        unread += [split_path / folder / p for p in listing.unread_images()]
+        for f, real in zip(listing.files, listing.real):
+            seen = first_name.setdefault(real, split_path / folder / f)
+            if seen != split_path / folder / f:
+                # two class folders reaching one file through links: one image with two labels
+                raise PandError(f"{split_path / folder / f} and {seen} are one file ({real}), in two class folders; "
+                                "remove the link")
             relpaths.append(f"{split_dir}/{folder}/{f}")
             targets.append(index[folder])
+    if unread:
+        raise PandError(
+            f"{len(unread)} image file{'s' if len(unread) > 1 else ''} in {split_path} "
+            f"{'are' if len(unread) > 1 else 'is'} of a type pand does not read: {listed(unread)}; pand reads "
+            f"{reads()}: convert them (e.g. to .png) or move them out, so that every image of the split counts")
     return relpaths, targets
+
+
+def _other_splits(root: Path, split_dir: str) -> dict[Path, str]:
+    """The other split folders under ``root`` (as folders no link may lead into), after making sure that no two split
+    folders are one folder or lie inside each other (a link such as ``val -> train`` would make them share images)."""
+    here = root / split_dir
+    real_here = os.path.realpath(here)
+    others: dict[Path, str] = {}
+    for name in SPLIT_FOLDERS:
+        other = root / name
+        if name == split_dir or not other.is_dir():
+            continue
+        real = os.path.realpath(other)
+        if real == real_here:
+            raise PandError(f"{here} and {other} are one folder ({real}): the two splits would share their images; "
+                            "give every split its own folder")
+        for a, ra, b, rb in ((here, real_here, other, real), (other, real, here, real_here)):
+            if ra.startswith(rb.rstrip(os.sep) + os.sep):
+                raise PandError(f"{a} ({ra}) lies inside {b} ({rb}): the two splits would share images; give every "
+                                "split its own folder")
+        others[other] = "another split's folder"
+    return others
 
 
 def read_class_names(path: str | os.PathLike, folders: list[str]) -> list[str]:
@@ -129,6 +177,7 @@ def load(
             "imagefolder datasets cannot be downloaded; set download=False and create the folders:\n" + LAYOUT
         )
     train_dir = root / "train"
+    check_input_root(root, "data.root")
     if not train_dir.is_dir():
         raise base.not_found(f"image-folder dataset not found under {root}", train_dir, TITLE, LAYOUT, download=False)
     folders = subdirs(train_dir)
@@ -150,7 +199,7 @@ def load(
                 f"class folder {split_dir / folder} has no counterpart in {train_dir}; "
                 f"every {split} class must also be a train class"
             )
-    relpaths, targets = list_images(root, split, split_folders, index)
+    relpaths, targets = list_images(root, split, split_folders, index, classes=classes)
     if not relpaths:
         raise base.not_found(
             f"no images ({', '.join(base.IMAGE_EXTENSIONS)}) in {split_dir}",

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from pand.data.base import to_rgb
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -104,7 +106,9 @@ def _to_uint8_chw(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
     """PIL (any mode) or uint8 tensor [C,H,W] (C in {1,3}) -> uint8 RGB [3,H,W]."""
     if isinstance(image, PIL.Image.Image):
         if image.mode != "RGB":
-            image = image.convert("RGB")
+            # the conversion open_rgb uses, so an image handed over in memory (a 16-bit one above all) gives the
+            # same pixels as the same image read from a file
+            image = to_rgb(image)
         # [H, W, 3] copy -> [3, H, W] channels-last view: torch's uint8
         # antialiased resize is fastest on this layout (and gives equal results).
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)

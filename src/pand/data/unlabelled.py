@@ -5,7 +5,8 @@ names its unlabelled images with ``data.unlabelled``:
 
 * ``rest``: the official training images outside the labelled pool of ``data.samples_per_class`` (their labels are
   hidden, never read);
-* a folder: every image file under it, in any layout (searched recursively; sub-folder names are not read as labels);
+* a folder: every image file under it, in any layout (searched recursively; sub-folder names are not read as labels;
+  no link may lead out of it, and none of its images may be a val or test image: see :mod:`pand.data.overlap`);
 * ``null``: none.
 
 An unlabelled item has the label :data:`UNLABELLED` (-1). :class:`TrainingPool` indexes the labelled images first
@@ -15,6 +16,7 @@ data loader and the teacher cache alike.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +26,10 @@ import torch
 from PIL import Image
 
 from pand.data.base import ClassificationDataset, FileDataset, SubsetDataset
+from pand.data.walk import check_input_root, listed, reads, walk
 from pand.errors import ConfigError, DatasetNotFoundError
+
+log = logging.getLogger("pand")
 
 #: The label of a training image without one.
 UNLABELLED = -1
@@ -54,18 +59,29 @@ class TeacherLabelled(HiddenLabels):
 
 
 def unlabelled_folder(folder: str | os.PathLike, classes: Sequence[str], name: str) -> ClassificationDataset:
-    """Every image under ``folder`` (recursive, sorted paths) as unlabelled items of a run with ``classes``."""
-    from pand.data.imagefolder import images_under
+    """Every image under ``folder`` (recursive, sorted paths) as unlabelled items of a run with ``classes``.
 
+    The folder is the root of these images: a link leading out of it is refused (see :func:`pand.data.walk.walk`),
+    as is a folder pand wrote; image files of a type pand does not read are named in one warning line (they change no
+    score, but the user should know they are left out).
+    """
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"data.unlabelled: folder {root} does not exist. Expected a folder of images in any layout (jpg, jpeg, "
             "png, bmp or webp files, searched recursively), or data.unlabelled=rest for the training images outside "
             "the labelled pool")
-    paths = images_under(root)
-    if not paths:
-        raise DatasetNotFoundError(f"data.unlabelled: no image files (jpg, jpeg, png, bmp, webp) under {root}")
+    check_input_root(root, "data.unlabelled")
+    listing = walk(root, within=root)
+    if not listing.files:
+        raise DatasetNotFoundError(
+            f"data.unlabelled: no image files under {root}: it holds {listing.types_held()}; pand reads {reads()}")
+    unread = listing.unread_images()
+    if unread:
+        log.warning("data.unlabelled: %d image file%s under %s %s left out, of a type pand does not read (it reads "
+                    "%s): %s", len(unread), "s" if len(unread) > 1 else "", root, "are" if len(unread) > 1 else "is",
+                    reads(), listed([root / p for p in unread]))
+    paths = listing.files
     return FileDataset(name, "unlabelled", classes, root, paths, [UNLABELLED] * len(paths))
 
 

@@ -23,9 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from pand.data.base import ArrayDataset, ClassificationDataset, FileDataset, SubsetDataset
+from pand.data.base import ArrayDataset, ClassificationDataset, FileDataset, SubsetDataset, open_rgb
 from pand.errors import CorruptImageError, DatasetNotFoundError
 from pand.io import atomic_write_json
 
@@ -41,8 +39,6 @@ MAX_LISTED = 5
 #: Decoding is mostly C code that releases the GIL; a few threads saturate a local disk without hogging the machine.
 MAX_WORKERS = 8
 
-# What PIL raises for a file it cannot decode (truncated data, unknown format, broken header, decompression bomb).
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 _MISSING = "file not found"
 
 
@@ -154,13 +150,13 @@ def _image_files(dataset: ClassificationDataset) -> list[Path] | None:
 def _decode_error(path: Path) -> str | None:
     """Why ``path`` cannot be decoded the way training decodes it, or None if it can."""
     try:
-        with Image.open(path) as im:  # header check
-            im.convert("RGB")  # the full decode, once, as open_rgb does it (convert loads the pixels)
-    except FileNotFoundError:
+        open_rgb(path)  # the very decode training, caches and predict use, so "verified" means "trainable"
+    except DatasetNotFoundError:
         return _MISSING
-    except _DECODE_ERRORS as e:
+    except CorruptImageError as e:
+        cause = e.__cause__ or e
         # PIL often repeats the file name; the message names it once already.
-        return str(e).replace(f" {str(path)!r}", "").strip() or type(e).__name__
+        return str(cause).replace(f" {str(path)!r}", "").strip() or type(cause).__name__
     return None
 
 

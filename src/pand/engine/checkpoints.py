@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import pickle
+import signal
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +33,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from pand.errors import CheckpointError, MismatchError
+from pand.errors import CheckpointError, Interrupted, MismatchError
+from pand.interrupts import DeferredStop, signal_name
 from pand.io import atomic_write_with, leftover_temp_files
 
 log = logging.getLogger("pand")
@@ -139,9 +141,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunCheckpoints(Callback):
-    """``best.ckpt`` on ``val/acc1`` improvements, ``last.ckpt`` after every epoch and every ``every_n_steps`` steps.
+    """``best.ckpt`` on ``val/acc1`` improvements, ``last.ckpt`` after every epoch and every ``every_n_steps`` steps,
+    and ``last.ckpt`` at the step where SIGINT / SIGTERM asked training to stop.
 
     ``record`` (see :func:`run_record`) is stored in every checkpoint under ``"pand"`` for :func:`check_resume`.
+
+    A stop signal is acted on after the optimizer step it arrived in (end of a batch; at the last batch of an epoch,
+    after that epoch's validation and checkpoints, since a checkpoint inside the epoch's last step would make the
+    resumed loop think the epoch is still open): ``last.ckpt`` is written there and
+    :class:`~pand.errors.Interrupted` raised, naming it. Training installs its own handlers once Lightning has
+    registered its own (just before the loop starts): Lightning's SIGTERM handling ends ``fit`` with a ``SystemExit``
+    that reports success. With several processes, one process receiving the signal stops all of them at the same step.
     """
 
     def __init__(self, folder: str | os.PathLike, record: Mapping[str, Any], *, monitor: str = "val/acc1",
@@ -153,6 +163,9 @@ class RunCheckpoints(Callback):
         self.best_score: float | None = None
         self.best_epoch: int | None = None
         self._best_pending = False
+        self.stop = DeferredStop()
+        #: (epoch, global step) of the last ``last.ckpt`` this process wrote
+        self.last_saved: tuple[int, int] | None = None
 
     @property
     def state_key(self) -> str:
@@ -173,6 +186,29 @@ class RunCheckpoints(Callback):
         self.best_score = state_dict.get("best_score")
         self.best_epoch = state_dict.get("best_epoch")
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.stop.install()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Here, not in teardown(): Lightning restores the handlers it replaced in its own teardown, which runs before
+        # the callbacks' teardown hooks; ours must be gone by then.
+        self.stop.restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.stop.restore()
+
+    def _stop_requested(self, trainer) -> bool:
+        pending = self.stop.pending is not None
+        if trainer.world_size > 1:
+            pending = bool(trainer.strategy.reduce_boolean_decision(pending, all=False))
+        return pending
+
+    def _stop(self, trainer) -> None:
+        signum = self.stop.pending if self.stop.pending is not None else int(signal.SIGTERM)  # another process's
+        epoch, step = self.last_saved or (trainer.current_epoch, trainer.global_step)
+        raise Interrupted(signum, f"{self.last_path} (epoch {epoch}, step {step}; {signal_name(signum)} arrived "
+                          "during that step)", checkpoint=str(self.last_path))
+
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             # Temporary files of a save that was killed: never under a real name, so never read, only removed.
@@ -186,6 +222,7 @@ class RunCheckpoints(Callback):
     def _save(self, trainer, name: str) -> None:
         if name != BEST:
             trainer.save_checkpoint(self.folder / name, weights_only=False)
+            self.last_saved = (trainer.current_epoch, trainer.global_step)
             return
         # best.ckpt is for evaluating and deploying, never for resuming (last.ckpt resumes), so it keeps the weights
         # and the run's record but not the optimizer state (two extra copies of the weights with AdamW). Lightning's
@@ -216,17 +253,21 @@ class RunCheckpoints(Callback):
                 self._save(trainer, BEST)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not self.every_n_steps or trainer.global_step % self.every_n_steps:
-            return
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            return  # the end-of-epoch save follows right after validation
-        self._save(trainer, LAST)
+            return  # the end-of-epoch save (and a stop) follow right after validation
+        stop = self._stop_requested(trainer)
+        if stop or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+            self._save(trainer, LAST)
+        if stop:
+            self._stop(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer, LAST)
         if self._best_pending:
             self._best_pending = False
             self._save(trainer, BEST)
+        if self._stop_requested(trainer):
+            self._stop(trainer)
 
 
 # -- what a checkpoint was trained on -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pand.io import atomic_write_text
+from pand.spreadsheet import spreadsheet_cell
 
 
 class CsvMetricsLogger(Logger):
@@ -58,7 +59,7 @@ class CsvMetricsLogger(Logger):
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(self._rows)
+        writer.writerows({k: spreadsheet_cell(v) for k, v in r.items()} for r in self._rows)
         atomic_write_text(self.path, buf.getvalue())
 
     @rank_zero_only

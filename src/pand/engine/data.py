@@ -13,14 +13,18 @@ to seed the views, and evaluation shards without the padding duplicates a ``Dist
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pand.cache.teacher import choose_view
@@ -34,6 +38,7 @@ from pand.data import (
     verify_splits,
 )
 from pand.data.device_augment import BatchedAugment, loader_share
+from pand.data.overlap import check_overlap
 from pand.data.transforms import (
     AugmentConfig,
     ReplayableAugment,
@@ -50,7 +55,9 @@ from pand.data.unlabelled import (
     choose,
     unlabelled_folder,
 )
-from pand.errors import ConfigError
+from pand.data.walk import check_input_root
+from pand.errors import ConfigError, PandError
+from pand.interrupts import ignore_stop_signals
 
 
 class TrainViews(Dataset):
@@ -93,6 +100,33 @@ class TrainViews(Dataset):
         return item
 
 
+def input_folders(splits: Mapping[str, ClassificationDataset]) -> dict[str, Path]:
+    """The folder each split's images come from (resolved)."""
+    return {name: Path(ds.root).expanduser().resolve() for name, ds in splits.items() if ds.root is not None}
+
+
+def refuse_outputs_inside(inputs: Mapping[str, Path], outputs: Mapping[str, Any]) -> None:
+    """Refuse an output folder (``{setting: folder}``, None for unused) inside a folder a run reads images from:
+    pand never writes into a dataset, and a later walk over that folder must not meet pand's outputs."""
+    for what, path in outputs.items():
+        if not path:
+            continue
+        out = Path(path).expanduser().resolve()
+        for split, folder in inputs.items():
+            if out == folder or folder in out.parents:
+                raise ConfigError(f"{what}={path} is inside {folder}, the folder of the {split} images; pand never "
+                                  f"writes into a dataset: choose a {what} outside it")
+
+
+def init_worker(worker_id: int, rank: int) -> None:
+    """A loader process: leave SIGINT / SIGTERM to the training process (it saves a checkpoint at the next step and
+    shuts the workers down), and seed the RNGs as Lightning's own ``worker_init_fn`` would, which it adds only to
+    loaders without one."""
+    ignore_stop_signals()
+    if int(os.environ.get("PL_SEED_WORKERS", "0")):
+        pl_worker_init_function(worker_id, rank=rank)
+
+
 class EvalItems(Dataset):
     def __init__(self, dataset: ClassificationDataset, transform) -> None:
         self.dataset = dataset
@@ -129,6 +163,9 @@ class EpochSampler(Sampler):
         self.epoch = int(epoch)
 
     def resume_at(self, epoch: int, items_done: int) -> None:
+        # The epoch too: with loader workers, Lightning starts iterating (the workers prefetch) before it sets the
+        # resumed epoch, so the order and the skip must already be that epoch's.
+        self.epoch = int(epoch)
         self._resume = (int(epoch), int(items_done))
 
     def __len__(self) -> int:
@@ -272,13 +309,21 @@ def augment_config(data: Mapping[str, Any]) -> AugmentConfig:
     )
 
 
-def load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
+def load_splits(data: Mapping[str, Any], *, overlap: dict[str, int] | None = None) -> dict[str, ClassificationDataset]:
     """The train / val / test datasets a data config describes (few-shot pool included).
 
-    Unless ``data.verify_images=false``, every image of every split is decoded once first (remembered per dataset
-    fingerprint), so that a corrupt test image stops the run before training, not after it.
+    The splits are compared by content first (:func:`~pand.data.overlap.check_overlap`): a val or test image that is
+    also a training image stops the run unless ``data.allow_overlap=true``; ``overlap``, if given, receives the counts
+    per pair of splits. Unless ``data.verify_images=false``, every image of every split is then decoded once
+    (remembered per dataset fingerprint), so that a corrupt test image stops the run before training, not after it.
     """
+    if data.get("root") not in (None, ""):
+        check_input_root(data["root"], "data.root")
     splits = _load_splits(data)
+    found = check_overlap(splits, allow=bool(data.get("allow_overlap", False)))
+    if overlap is not None:
+        overlap.clear()
+        overlap.update(found)
     if data.get("verify_images", True):
         verify_splits(splits, progress=sys.stderr.isatty())
     return splits
@@ -322,6 +367,8 @@ def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset
     # Few-shot: a labelled pool of k images per class from the official training data; val is carved from the pool
     # so that model selection uses only labels the run is allowed to see.
     full = get_dataset(name, root, "train", val_fraction=0.0, **common)
+    if int(k) > 0:
+        _check_every_class_has_images(full, int(k))
     chosen = per_class_subset(full.targets, int(k), seed)
     if source == "rest":
         taken = set(chosen)
@@ -342,6 +389,19 @@ def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset
     if extra is not None:
         splits[UNLABELLED_SPLIT] = _limit(extra, data)
     return splits
+
+
+def _check_every_class_has_images(full: ClassificationDataset, k: int) -> None:
+    """A class without a training image would get an empty labelled pool, trained and selected on without a word."""
+    counts = Counter(full.targets)
+    empty = [c for c in range(len(full.classes)) if not counts[c]]
+    if empty:
+        more = f" (and {len(empty) - 1} more: {', '.join(repr(full.classes[c]) for c in empty[1:4])}" \
+               f"{', ...' if len(empty) > 4 else ''})" if len(empty) > 1 else ""
+        raise PandError(
+            f"data.samples_per_class={k}: class {full.classes[empty[0]]!r} has no image in the training split of "
+            f"{full.name} at {full.root}{more}, so its labelled pool would be empty; add images of it, or use a "
+            "dataset without that class")
 
 
 #: The split of the unlabelled training images (``data.unlabelled``), next to train / val / test.
@@ -402,12 +462,18 @@ class PandDataModule(L.LightningDataModule):
             int(self.cfg["image_size"]), int(self.cfg["resize_size"]), tuple(self.cfg["mean"]), tuple(self.cfg["std"])
         )
         self._splits: dict[str, ClassificationDataset] | None = None
+        self._input_folders: dict[str, Path] = {}
         self._pool: ClassificationDataset | None = None
+        #: ``{"<split>/<split>": n}`` once the splits are loaded: for every pair of splits compared by content, how
+        #: many items of the first have the content of an item of the second (see :mod:`pand.data.overlap`).
+        self.overlap: dict[str, int] = {}
 
     @property
     def splits(self) -> dict[str, ClassificationDataset]:
         if self._splits is None:
-            splits = load_splits(self.cfg)
+            splits = load_splits(self.cfg, overlap=self.overlap)
+            self._input_folders = input_folders(splits)
+            refuse_outputs_inside(self._input_folders, {"data.decoded_cache": self.cfg.get("decoded_cache")})
             if self.cfg.get("decoded_cache"):
                 # Decode and resize every image once; epochs then read uint8 pixels from a memory map, no JPEG.
                 from pand.cache.images import with_decoded_cache
@@ -417,6 +483,11 @@ class PandDataModule(L.LightningDataModule):
                           for name, ds in splits.items()}
             self._splits = splits
         return self._splits
+
+    def check_outputs_outside(self, outputs: Mapping[str, Any]) -> None:
+        """:func:`refuse_outputs_inside` the folders of this run's images (before any decoded cache)."""
+        self.splits  # noqa: B018 - loads the splits, and with them the folders
+        refuse_outputs_inside(self._input_folders, outputs)
 
     @property
     def train_pool(self) -> ClassificationDataset:
@@ -473,8 +544,13 @@ class PandDataModule(L.LightningDataModule):
             pin_memory=bool(self.cfg.get("pin_memory", False)) and torch.cuda.is_available(),
             drop_last=drop_last,
             persistent_workers=workers > 0,
+            worker_init_fn=functools.partial(init_worker, rank=self._rank_world()[0]) if workers else None,
             **extra,
         )
+
+    def _next_epoch(self) -> int:
+        trainer = self.trainer
+        return int(trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else 0
 
     def _train_batches_done(self) -> int:
         trainer = self.trainer
@@ -493,6 +569,10 @@ class PandDataModule(L.LightningDataModule):
         else:
             drop_last = bool(self.cfg.get("drop_last", True)) and len(pool) // world >= batch
             sampler = EpochSampler(len(pool), seed=self.seed, rank=rank, world_size=world, drop_last=drop_last)
+        # The epoch the loop runs next: Lightning creates the first iterator (where loader workers start prefetching)
+        # before it sets the epoch, so a run resumed from an end-of-epoch checkpoint would replay the previous
+        # epoch's order. Lightning counts an epoch as processed once its last step is done.
+        sampler.set_epoch(self._next_epoch())
         views = TrainViews(pool, self.augment, self.seed, self.teacher_cache, self.augment_on)
         return self._loader(views, sampler, drop_last, ResumableLoader, batches_done=self._train_batches_done)
 

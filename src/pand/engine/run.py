@@ -34,8 +34,10 @@ from pand.engine.data import UNLABELLED_SPLIT, PandDataModule
 from pand.engine.mixing import BatchMixer
 from pand.engine.module import DistillationModule
 from pand.engine.teacher_side import build_cache, build_teacher_side, label_val_with_teacher  # noqa: F401 - build_cache: `pand cache build`
-from pand.errors import ConfigError, MismatchError, OutputError
-from pand.io import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text
+from pand.errors import ConfigError, Interrupted, MismatchError, OutputError
+from pand.interrupts import signal_name
+from pand.io import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text, mark_output_folder
+from pand.locks import FolderLock, remove_if_unused
 from pand.provenance import software_record
 from pand.students import build_student
 from pand.validation import validate_eval_options, validate_train_config
@@ -44,6 +46,15 @@ log = logging.getLogger("pand")
 
 # Set by rank 0 so that the processes the DDP launcher starts write into the same run folder.
 _RUN_DIR_ENV = "PAND_RUN_DIR"
+
+
+def is_first_process() -> bool:
+    """Whether this is the process that owns the run folder: global rank 0 of a distributed launch (torchrun, SLURM,
+    Lightning's own launcher, which starts the other local ranks with LOCAL_RANK set)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key) not in (None, ""):
+            return os.environ[key] == "0"
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def resolve_run_dir(config: Mapping[str, Any]) -> Path:
@@ -76,13 +87,15 @@ def _pretrained(value: Any) -> bool | str:
     return value if isinstance(value, str) else bool(value)
 
 
-def build_training(config: Mapping[str, Any]) -> tuple[PandDataModule, DistillationModule]:
+def build_training(config: Mapping[str, Any], run_dir: Path | None = None
+                   ) -> tuple[PandDataModule, DistillationModule]:
     """Data module and Lightning module for a resolved training config.
 
     The teacher side (a live teacher, or a teacher cache that spares loading it) is whatever the method reads.
     """
     data = PandDataModule(config["data"], seed=int(config["seed"]))
     classes = data.classes
+    data.check_outputs_outside({"run_dir": run_dir, "cache.dir": (config.get("cache") or {}).get("dir")})
     method_cls = get_distiller_class(config["method"]["name"])
     context, source = build_teacher_side(config, data, method_cls)
     if data.label_free:
@@ -132,6 +145,24 @@ def train(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    if not is_first_process():
+        return _train_locked(config, run_dir)
+    created = not run_dir.exists()
+    # One owner per run folder, taken before the folder is looked at: a second run started in it (or a resume of it
+    # while it still trains) is refused with the owner's pid, instead of both writing checkpoints over each other.
+    lock = FolderLock(run_dir, "run folder").acquire()
+    try:
+        return _train_locked(config, run_dir)
+    except BaseException:
+        lock.release()
+        if created:
+            remove_if_unused(run_dir)
+        raise
+    finally:
+        lock.release()
+
+
+def _train_locked(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     ckpt_path = config.get("ckpt_path")
     resume = None
     if ckpt_path:
@@ -141,19 +172,23 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
             f"run folder {run_dir} already holds checkpoints; resume with "
             f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} or choose another run_dir"
         )
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if is_first_process():
         log.info("run folder: %s", run_dir)  # before the data and the teacher load, which may take minutes
-    data, module = build_training(config)
+    data, module = build_training(config, run_dir)
     record = run_record(run_dir, data.splits, module.distiller.context)
     if resume is not None:
         check_resume_record(ckpt_path, resume["record"], record)
     trainer, checkpoints = build_trainer(config, run_dir, record, resume["global_step"] if resume else None)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
+        mark_output_folder(run_dir, "run")
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
     software = software_record()
     start = time.time()
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    except Interrupted as stop:
+        raise _interrupted_training(stop, trainer, run_dir, checkpoints, config) from None
     train_seconds = time.time() - start
     best = checkpoints.best_path or checkpoints.last_path
     summary: dict[str, Any] = {
@@ -172,6 +207,10 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "unlabelled_images": len(data.splits.get(UNLABELLED_SPLIT, ())),
         **software,
     }
+    shared = {pair: n for pair, n in data.overlap.items() if n}
+    if shared or config["data"].get("allow_overlap"):
+        # images found in two splits by content (data.allow_overlap=true lets a run go on with them): on record
+        summary["overlap"] = {"allowed": bool(config["data"].get("allow_overlap")), "images": shared}
     if data.label_free:
         summary["val_labels"] = "teacher"  # val_acc1 is the student's agreement with the teacher's top-1
     if config.get("test", True):
@@ -179,6 +218,11 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         _write_summary(trainer, run_dir, {**summary, "status": "testing"})
         try:
             results = trainer.test(module, datamodule=data, ckpt_path=str(best), weights_only=True, verbose=False)
+        except Interrupted as stop:
+            _write_summary(trainer, run_dir, {**summary, "status": "test interrupted",
+                                              "signal": signal_name(stop.signum)})
+            raise stop.with_saved(f"the trained run in {run_dir} (selected checkpoint {best}); only its test was "
+                                  "cut short", resume=f"pand eval ckpt_path={best} splits=[test]") from None
         except Exception as err:
             _write_summary(trainer, run_dir, {**summary, "status": "test failed", "test_error": str(err)})
             raise
@@ -191,6 +235,25 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     _write_summary(trainer, run_dir, summary)
     close_loggers(trainer.loggers)
     return summary
+
+
+def _interrupted_training(stop: Interrupted, trainer: L.Trainer, run_dir: Path, checkpoints: RunCheckpoints,
+                          config: Mapping[str, Any]) -> Interrupted:
+    """The interruption of ``fit``, naming the checkpoint a resume continues from, with a summary.json that says the
+    run did not finish (a scheduler or script reading it must not take the run for done)."""
+    last = checkpoints.last_path
+    if stop.checkpoint is None and last.is_file():
+        stop = stop.with_saved(f"{last} (the last checkpoint written before {signal_name(stop.signum)})",
+                               checkpoint=str(last))
+    elif stop.checkpoint is None:
+        stop = stop.with_saved("nothing: no checkpoint had been written yet")
+    _write_summary(trainer, run_dir, {
+        "run_dir": str(run_dir), "status": "interrupted", "signal": signal_name(stop.signum),
+        "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+        "last_checkpoint": stop.checkpoint, "data": config["data"]["name"], "method": config["method"]["name"],
+        "student": config["student"]["name"],
+    })
+    return stop
 
 
 def _open_vocab(config: Mapping[str, Any], data: PandDataModule, module: DistillationModule,

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from pand.engine.data import load_splits
+from pand.engine.data import input_folders, load_splits, refuse_outputs_inside
 from pand.engine.teacher_side import load_teacher_from
 from pand.errors import ConfigError
 from pand.features import ensure_features, stored_agreement
-from pand.io import atomic_write_json
+from pand.io import atomic_write_json, mark_output_folder
 from pand.teachers.precision import DEFAULT_TOLERANCE
 from pand.validation import validate_coop_config
 
@@ -49,6 +49,9 @@ def run_features(config: Mapping[str, Any], teacher=None, splits=None) -> dict[s
         validate_coop_config(config, writes_prompts=False)
         teacher = load_teacher_from(config, _device(config))
     splits = splits or load_splits(config["data"])
+    refuse_outputs_inside(input_folders(splits), {"features.dir": feats["dir"]})
+    folder = Path(feats["dir"])
+    created = not folder.exists()  # marked only when pand makes it: features.dir may name a folder of the user's
     out = {}
     for split in feats["splits"]:
         if split not in splits:
@@ -59,6 +62,8 @@ def run_features(config: Mapping[str, Any], teacher=None, splits=None) -> dict[s
             precision=feats.get("precision", "fp32"),
             tolerance=float(feats.get("precision_tolerance", DEFAULT_TOLERANCE)),
         )
+    if created and folder.is_dir():  # features and learned prompts: never to be walked as input images
+        mark_output_folder(folder, "features")
     return out
 
 

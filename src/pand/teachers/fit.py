@@ -28,6 +28,8 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from pand.arguments import ArgumentParser
+
 #: open_clip model name of the fitted teacher (``model_configs/pand-fmnist-clip.json``).
 ARCHITECTURE = "pand-fmnist-clip"
 #: Where the shipped weights and report live (``${pand_asset:fmnist-clip.safetensors}``).
@@ -77,7 +79,7 @@ def report_path(out_path: str | Path) -> Path:
 
 def main_fit(args: Sequence[str] | None = None) -> int:
     """``pand teacher fit [--out PATH] [--epochs N] [--seed S] ...``; returns the exit status."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pand teacher fit",
         description=f"Fit pand's stand-in CLIP teacher ({ARCHITECTURE}) on the Fashion-MNIST train split.",
     )
