@@ -1,13 +1,16 @@
 """What pand's safety checks cost, each measured side by side with the work it protects, in one run.
 
-* image verification before training (every image decoded once) vs one epoch of the training data path on the same
-  images, and the remembered re-run;
+* image verification before training (every image decoded once) and the content digests that find an image in two
+  splits (sha256 of every file) vs one epoch of the training data path on the same images, and their remembered
+  re-runs;
+* opening the decoded-image cache with its per-chunk digests vs reading one epoch of images from it;
 * ``TeacherCache.open`` with its integrity checks (header and size of every array, per-row blake2b digests) vs reading
   one epoch of embeddings from the same cache;
 * an atomic checkpoint save (temporary file beside the real one, fsync, rename) vs a plain ``torch.save`` of the same
-  ResNet-18 training checkpoint (weights + AdamW state).
+  ResNet-18 training checkpoint (weights + AdamW state), and taking a run folder's lock.
 
     python benchmarks/integrity_checks.py [--images 600] [--cache-images 6000] [--views 10] [--dim 1024]
+                                          [--decoded-images 5000]
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pand.cache.images import DecodedImageCache
 from pand.cache.integrity import allocate_npy, array_layout, file_digest, row_digest, verify_cache
 from pand.cache.loader_bench import make_jpegs
 from pand.cache.teacher import FORMAT_VERSION, TeacherCache
 from pand.data.transforms import AugmentConfig, ReplayableAugment, view_generator
+from pand.data.overlap import item_digests
 from pand.data.verify import verify_splits
 from pand.io import atomic_write_json, atomic_write_with
+from pand.locks import FolderLock
 from pand.provenance import save_tensors
 
 
@@ -54,11 +60,37 @@ def images(root: Path, n: int) -> list[tuple[str, float, float]]:
     first = _median(lambda: verify_splits({"train": dataset}, memo_dir=memo, progress=False), 1)
     one_thread = _median(lambda: verify_splits({"train": dataset}, memo_dir=root / "m1", progress=False, workers=1), 1)
     again = _median(lambda: verify_splits({"train": dataset}, memo_dir=memo, progress=False), 5)
+    digests = _median(lambda: item_digests(dataset, memo_dir=None), 3)
+    digests_first = _median(lambda: item_digests(dataset, memo_dir=root / "digests"), 1)
+    digests_again = _median(lambda: item_digests(dataset, memo_dir=root / "digests"), 5)
     return [
         (f"one epoch of the training data path ({n} JPEGs 375x500, decode + augment, 1 process)", epoch, 1.0),
         ("verify every image, first run (thread pool)", first, first / epoch),
         ("verify every image, first run (1 thread)", one_thread, one_thread / epoch),
         ("verify again (remembered by fingerprint)", again, again / epoch),
+        ("content digests of every file (sha256, no memo)", digests, digests / epoch),
+        ("content digests, first run (and written to the memo)", digests_first, digests_first / epoch),
+        ("content digests again (memo: one stat per file)", digests_again, digests_again / epoch),
+    ]
+
+
+def decoded(root: Path, n: int) -> list[tuple[str, float, float]]:
+    dataset = make_jpegs(root / "decoded-jpegs", n, 72, 96)
+    folder = root / "decoded"
+    DecodedImageCache.build(dataset, folder, 64, progress=False)
+    cache = DecodedImageCache.open(folder, dataset, 64)
+
+    def one_epoch() -> None:
+        for i in range(len(cache)):
+            cache.image(i)
+
+    epoch = _median(one_epoch, 3)
+    opened = _median(lambda: DecodedImageCache.open(folder, dataset, 64), 3)
+    size = (folder / "pixels.u8").stat().st_size / 2**20
+    return [
+        (f"read one epoch of images from the decoded-image cache ({n} images, short side 64, {size:.0f} MiB)", epoch,
+         1.0),
+        ("DecodedImageCache.open: every chunk's digest (<= 1 GiB)", opened, opened / epoch),
     ]
 
 
@@ -130,14 +162,21 @@ def checkpoint(root: Path) -> list[tuple[str, float, float]]:
         atomic_s.append(_median(atomic, 1))
     p, a = statistics.median(plain_s), statistics.median(atomic_s)
     size = (root / "atomic.ckpt").stat().st_size / 2**20
+
+    def lock() -> None:
+        FolderLock(root / "run", "run folder").acquire().release()
+
+    held = _median(lock, 5)
     return [(f"torch.save of a ResNet-18 training checkpoint ({size:.0f} MiB)", p, 1.0),
-            ("pand's atomic save (temporary file beside it, fsync, rename)", a, a / p)]
+            ("pand's atomic save (temporary file beside it, fsync, rename)", a, a / p),
+            ("taking and releasing a run folder's lock (once per run)", held, held / p)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--cache-images", type=int, default=6000)
+    parser.add_argument("--decoded-images", type=int, default=5000)
     parser.add_argument("--views", type=int, default=10)
     parser.add_argument("--dim", type=int, default=1024)
     ns = parser.parse_args(argv)
@@ -147,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         sections = {
             "images": images(root, ns.images),
             "teacher cache": cache(root, ns.cache_images, ns.views, ns.dim),
+            "decoded-image cache": decoded(root, ns.decoded_images),
             "checkpoint": checkpoint(root),
         }
     print("| check | seconds | ratio to the first row of its section |\n| --- | ---: | ---: |")

@@ -28,9 +28,11 @@ def test_integrity_benchmark_prints_every_row():
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "integrity_checks.py"
     out = subprocess.run([sys.executable, str(script), "--images", "4", "--cache-images", "16", "--views", "2",
-                          "--dim", "8"], capture_output=True, text=True, timeout=300, check=True).stdout
+                          "--dim", "8", "--decoded-images", "8"], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check")]
-    assert len(rows) == 1 + 10 and "pand's atomic save" in out and "verify again" in out
+    assert len(rows) == 1 + 16 and "pand's atomic save" in out and "verify again" in out
+    assert "content digests again" in out and "DecodedImageCache.open" in out and "run folder's lock" in out
 
 
 def test_bench_zoo_rows_time_every_method_live_and_the_logit_methods_cached(capsys):
