@@ -10,6 +10,7 @@ from pand.cli import main
 from pand.deploy import load_student, preprocessing
 from pand.errors import ConfigError
 from pand.export import export_student
+from pand.io import is_output_folder
 from tests.engine.conftest import tiny_overrides
 from tests.fixtures.datasets import make_cub
 
@@ -50,6 +51,7 @@ def test_onnx_through_the_cli_gives_the_student_logits_in_onnxruntime(resnet18_c
     assert printed["files"] == [str(out / "student.onnx"), str(out / "student.json")]
     meta = json.loads((out / "student.json").read_text())
     assert meta == printed["student"]
+    assert is_output_folder(out)  # pand made the folder: no image walk will read it as input
 
     x = _images()
     loaded, want = _reference(resnet18_ckpt, x)

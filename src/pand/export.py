@@ -35,7 +35,7 @@ from torch import nn
 
 import pand
 from pand.errors import ConfigError, PandError
-from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_with
+from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_with, mark_output_folder
 from pand.validation import EXPORT_FORMATS, validate_export_options
 
 log = logging.getLogger("pand")
@@ -71,6 +71,7 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
     """
     validate_export_options({"ckpt_path": ckpt_path, "format": fmt, "out": out_dir, "class_names": class_names})
     out = Path(out_dir).expanduser().absolute()
+    created = not out.exists()  # marked only when pand makes it: out may name a folder of the user's
 
     from pand.deploy import load_student, preprocessing
 
@@ -109,6 +110,8 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
     if meta.get("dynamic_batch") is False:
         meta["input"]["shape"][0] = meta["output"]["shape"][0] = meta["batch_size"]
     json_path = atomic_write_json(out / METADATA_NAME, meta)
+    if created:  # an exported model, never to be walked as input images
+        mark_output_folder(out, "export")
     return {"format": fmt, "files": [str(path), str(json_path)], "student": meta}
 
 
