@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pand.cache.images import with_decoded_cache
-from pand.cache.loader_bench import make_jpegs
+from pand.bench.loader import make_jpegs
 from pand.cache.teacher import TeacherCache, cache_record
 from pand.data.transforms import AugmentConfig, ReplayableAugment
 from pand.teachers.source import IMAGE_EMBEDS

@@ -28,7 +28,7 @@ import torch
 
 from pand.cache.images import DecodedImageCache
 from pand.cache.integrity import allocate_npy, array_layout, file_digest, row_digest, verify_cache
-from pand.cache.loader_bench import make_jpegs
+from pand.bench.loader import make_jpegs
 from pand.cache.teacher import FORMAT_VERSION, TeacherCache
 from pand.data.transforms import AugmentConfig, ReplayableAugment, view_generator
 from pand.data.overlap import item_digests

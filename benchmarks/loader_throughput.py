@@ -1,4 +1,4 @@
-"""Data-loader throughput of each view path, JPEG vs decoded cache (see pand.cache.loader_bench).
+"""Data-loader throughput of each view path, JPEG vs decoded cache (see pand.bench.loader).
 
     python benchmarks/loader_throughput.py                   # table, 224 px views, device's share on the CPU
     python benchmarks/loader_throughput.py --device cuda     # the device's share of augment_on=device on a GPU
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pand.cache.loader_bench import MODES, measure_loader_throughput
+from pand.bench.loader import MODES, measure_loader_throughput
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Re-fit the shipped stand-in teacher: src/pand/assets/fmnist-clip.safetensors (+ fmnist-clip.json, the report).
 
-Uses the defaults of pand.teachers.fit, which produced the shipped file, on the system Fashion-MNIST
+Uses the defaults of pand.teachers.standin_fit, which produced the shipped file, on the system Fashion-MNIST
 (/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist). Same as `pand teacher fit`.
 
     .venv/bin/python scripts/fit_fmnist_teacher.py [--out PATH] [--data-root DIR]
@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pand.teachers.fit import (
+from pand.teachers.standin_fit import (
     ASSET_PATH,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     DEFAULT_NUM_THREADS,
     DEFAULT_SEED,
+    fit_teacher,
     report_path,
 )
-from pand.teachers.fitting import fit_teacher
 
 
 def main() -> int:

@@ -140,7 +140,7 @@ def test_bench_loader_reports_each_view_path_next_to_the_student(capsys):
 
 
 def test_loader_estimates_name_the_slower_side():
-    from pand.cache.loader_bench import run_estimates
+    from pand.bench.loader import run_estimates
 
     loader = {"rows": [{"mode": "augment", "workers": 8, "jpeg_img_per_s": 900.0, "cache_img_per_s": 1500.0},
                        {"mode": "device", "workers": 8, "jpeg_img_per_s": 2500.0, "cache_img_per_s": 20000.0}],

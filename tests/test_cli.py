@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import pand
-from pand import cli_help
+from pand import cli_help, config_catalogue
 from pand.cli import COMMANDS, _setup_logging, main
 from pand.config import PAND_TRAINER_ARGS, TRAINER_ARGS, compose, to_plain
 from pand.errors import ConfigError
@@ -55,8 +55,8 @@ def test_help_is_printed_without_importing_torch_lightning_or_hydra(argv):
 def test_train_help_lists_scanned_groups_settings_examples_and_offline_hint(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    groups = cli_help.config_groups()
-    folders = {p.name for p in cli_help.CONFIGS_DIR.iterdir() if p.is_dir() and any(p.rglob("*.yaml"))}
+    groups = config_catalogue.config_groups()
+    folders = {p.name for p in config_catalogue.CONFIGS_DIR.iterdir() if p.is_dir() and any(p.rglob("*.yaml"))}
     assert set(groups) == folders
     for group, options in groups.items():
         line = next(ln for ln in out.splitlines() if ln.startswith(f"  {group} "))
@@ -80,7 +80,7 @@ def test_stage1_help_shows_its_section_and_the_offline_hint(command, capsys):
 
 
 def test_shared_base_configs_are_not_offered_as_options():
-    from pand.cli_help import config_groups
+    from pand.config_catalogue import config_groups
 
     groups = config_groups()
     assert "cub" in groups["data"] and "vit_b16" in groups["teacher"] and "vl2lite/cub_resnet18" in groups["experiment"]
@@ -117,9 +117,9 @@ def test_config_catalogue_is_scanned_from_the_folders(tmp_path):
         # a block comment before a key
         test: true
     """))
-    assert cli_help.config_groups(tmp_path) == {"experiment": ["demo", "vl2lite/cub_resnet18"], "logger": ["csv"]}
-    assert cli_help.group_defaults("train", tmp_path) == {"logger": "csv", "experiment": None}
-    settings = {s.key: s for s in cli_help.config_settings("train", tmp_path)}
+    assert config_catalogue.config_groups(tmp_path) == {"experiment": ["demo", "vl2lite/cub_resnet18"], "logger": ["csv"]}
+    assert config_catalogue.group_defaults("train", tmp_path) == {"logger": "csv", "experiment": None}
+    settings = {s.key: s for s in config_catalogue.config_settings("train", tmp_path)}
     assert list(settings) == ["seed", "run_dir", "cache", "test"]
     assert settings["run_dir"].comment == "where the run goes"
     assert [(c.key, c.comment) for c in settings["cache"].children] == [
@@ -155,7 +155,7 @@ def test_an_unknown_group_option_lists_the_options(capsys):
     assert main(["config", "data=cubb"]) == 2
     err = capsys.readouterr().err
     assert "unknown data option 'cubb'" in err
-    assert "data options: " + ", ".join(cli_help.config_groups()["data"]) in err
+    assert "data options: " + ", ".join(config_catalogue.config_groups()["data"]) in err
 
 
 def test_a_typo_is_refused_before_torch_is_imported():
@@ -233,7 +233,7 @@ def test_trainer_arguments_pand_sets_are_refused_with_the_right_place(override, 
 
 
 def test_the_logger_pointer_lists_the_scanned_options():
-    options = cli_help.config_groups().get("logger")
+    options = config_catalogue.config_groups().get("logger")
     with pytest.raises(ConfigError) as caught:
         compose("train", ["trainer.logger=false"])
     if options:

@@ -175,7 +175,7 @@ def test_open_vocabulary_student_exports_its_text_matrix_and_onnx_logits(data, t
 
 
 def test_export_options_are_checked_before_the_student_loads(tmp_path, monkeypatch, capsys):
-    from pand.validation import validate_export_options
+    from pand.rules import validate_export_options
 
     monkeypatch.setattr("pand.deploy.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
     ckpt = tmp_path / "best.ckpt"

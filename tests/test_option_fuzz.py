@@ -1,7 +1,7 @@
 """Fuzz of the option parsers of every command: a wrong value, key or flag is refused with exit status 2 and one error,
 before any model or data is loaded.
 
-The cases are drawn with a fixed seed from each command's real options (the rules of pand.validation, the argparse
+The cases are drawn with a fixed seed from each command's real options (the rules of pand.rules and pand.engine.config_checks, the argparse
 parsers) and are invalid by construction: every value breaks its option's rule, whatever the parser (Hydra's override
 grammar for the config commands, YAML for eval / predict / export, argparse for the others) makes of it. Each case runs
 ``pand.cli.main`` in this process; nothing is stubbed, but the entry points of the heavy work (training, loading a
@@ -23,8 +23,9 @@ import torch
 from pand.bench import _rules as bench_rules
 from pand.bench import parser as bench_parser
 from pand.cli import _EXPORT_KEYS, _PREDICT_KEYS, main
+from pand.engine.config_checks import COOP_RULES, TRAIN_RULES
 from pand.quickstart import parser as quickstart_parser
-from pand.validation import COOP_RULES, EXPORT_RULES, PREDICT_RULES, TRAIN_RULES, Rule
+from pand.rules import EXPORT_RULES, PREDICT_RULES, Rule
 
 SEED = 22
 
@@ -287,7 +288,7 @@ _HEAVY_WORK = (
     "pand.engine.stage1.run_features", "pand.engine.stage1.run_prompts", "pand.deploy.load_student",
     "pand.predict.predict", "pand.export.export_student", "pand.bench.measure.run_bench",
     "pand.quickstart.quickstart", "pand.analysis.sweep.gather_runs", "pand.analysis.tsne.tsne_compare",
-    "pand.teachers.fitting.fit_teacher",
+    "pand.teachers.standin_fit.fit_teacher",
 )
 
 

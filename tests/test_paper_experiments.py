@@ -8,7 +8,7 @@ import torch
 
 import pand
 from pand.config import compose, to_plain
-from pand.validation import validate_coop_config, validate_train_config, validate_train_settings
+from pand.engine.config_checks import validate_coop_config, validate_train_config, validate_train_settings
 
 EXPERIMENTS = Path(pand.__file__).parent / "configs" / "experiment"
 DATASETS = ("cub", "aircraft", "pets", "dogs")

@@ -7,8 +7,8 @@ import pytest
 
 import pand
 from pand.config import compose, to_plain
+from pand.engine.config_checks import validate_train_config
 from pand.errors import ConfigError
-from pand.validation import validate_train_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(pand.__file__).parent / "configs" / "experiment").glob("*.yaml"))
 

@@ -1,6 +1,6 @@
 """pand: distil vision-language teachers into lightweight students."""
 
-__version__ = "0.1.0"
+from pand.version import __version__
 
 __all__ = ["__version__", "load_student"]
 

@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from pand.errors import ConfigError, Interrupted, PandError, close_matches
+from pand.errors import ConfigError, Interrupted, PandError, close_matches, did_you_mean
 from pand.interrupts import exit_status, signal_name, stop_on_signals
 from pand.io import OUTPUT_ERRNOS
 
@@ -125,8 +125,9 @@ def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
     config; nothing heavy is imported (OmegaConf only)."""
     from omegaconf import OmegaConf
 
-    from pand.cli_help import CONFIGS_DIR, EVAL_USAGE
-    from pand.validation import EVAL_SPLITS
+    from pand.cli_help import EVAL_USAGE
+    from pand.config_catalogue import CONFIGS_DIR
+    from pand.engine.config_checks import EVAL_SPLITS
 
     own_args = [a for a in args if a.partition("=")[0] in _EVAL_KEYS]
     overrides = [a for a in args if a not in own_args]
@@ -148,7 +149,6 @@ def _key_value_options(command: str, args: Sequence[str], allowed: Sequence[str]
     """The ``key=value`` options of a command that takes no config overrides (lists as ``key=[a,b]``); an unknown
     key or a missing required one is refused with the usage line. The ``paths`` keep their text as typed (YAML would
     read ``out=0x10`` as 16 and ``images=*.jpg`` as an alias); empty or ``null``, they are not given."""
-    from pand.cli_help import did_you_mean
 
     bad = [a for a in args if a.partition("=")[0] not in allowed or "=" not in a]
     if bad:
@@ -176,7 +176,7 @@ def cmd_train(args: Sequence[str]) -> int:
 
 @_results_on_stdout
 def _train(args: Sequence[str]) -> int:
-    from pand.validation import validate_train_settings
+    from pand.engine.config_checks import validate_train_settings
 
     _refuse_flags("train", args, _MULTIRUN_FLAGS)
     config = _compose_train(args)
@@ -195,7 +195,7 @@ _PREDICT_PATHS = ("ckpt_path", "images", "classes_file", "out")
 @_results_on_stdout
 def cmd_predict(args: Sequence[str]) -> int:
     from pand.cli_help import PREDICT_USAGE
-    from pand.validation import validate_predict_options
+    from pand.rules import validate_predict_options
 
     opts = _key_value_options("predict", args, _PREDICT_KEYS, ("ckpt_path", "images"), PREDICT_USAGE,
                               paths=_PREDICT_PATHS)
@@ -217,7 +217,7 @@ def cmd_predict(args: Sequence[str]) -> int:
 @_results_on_stdout
 def cmd_eval(args: Sequence[str]) -> int:
     from pand.cli_help import EVAL_USAGE
-    from pand.validation import validate_eval_options
+    from pand.engine.config_checks import validate_eval_options
 
     _refuse_flags("eval", args)
     ckpt = [a.partition("=")[2].strip() for a in args if a.startswith("ckpt_path=")]
@@ -248,7 +248,7 @@ def cmd_config(args: Sequence[str]) -> int:
 
 
 def _stage1_config(command: str, args: Sequence[str], *, writes_prompts: bool) -> dict[str, Any]:
-    from pand.validation import validate_coop_config
+    from pand.engine.config_checks import validate_coop_config
 
     _refuse_flags(command, args)
     config = _compose_train(args)
@@ -318,7 +318,6 @@ def cmd_quickstart(args: Sequence[str]) -> int:
 
 def _subcommand(command: str, args: Sequence[str], subcommands: Sequence[str], usage: str) -> None:
     """Refuse a missing or misspelt subcommand (``pand cache biuld``) with the closest one and the usage."""
-    from pand.cli_help import did_you_mean
 
     if not args:
         raise ConfigError(f"pand {command} needs a subcommand ({', '.join(subcommands)}); usage: {usage}")
@@ -334,7 +333,7 @@ def cmd_cache(args: Sequence[str]) -> int:
 
 @_results_on_stdout
 def _cache_build(args: Sequence[str]) -> int:
-    from pand.validation import validate_train_settings
+    from pand.engine.config_checks import validate_train_settings
 
     _refuse_flags("cache", args)
     config = _compose_train(args)
@@ -364,7 +363,7 @@ def cmd_teacher(args: Sequence[str]) -> int:
     from pand.cli_help import TEACHER_USAGE
 
     _subcommand("teacher", args, ("fit",), TEACHER_USAGE)
-    from pand.teachers.fit import main_fit
+    from pand.teachers.standin_fit import main_fit
 
     return main_fit(list(args[1:]))
 
@@ -375,7 +374,7 @@ _EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names")
 @_results_on_stdout
 def cmd_export(args: Sequence[str]) -> int:
     from pand.cli_help import EXPORT_USAGE
-    from pand.validation import validate_export_options
+    from pand.rules import validate_export_options
 
     opts = _key_value_options("export", args, _EXPORT_KEYS, ("ckpt_path", "format", "out"), EXPORT_USAGE,
                               paths=("ckpt_path", "out"))
@@ -502,7 +501,6 @@ def _print_help(command: str | None) -> int:
 
 
 def _unknown_command(command: str) -> int:
-    from pand.cli_help import did_you_mean
 
     hint = did_you_mean([f"pand {m}" for m in close_matches(command, COMMANDS)])
     print(f"pand: error: unknown command {command!r}{hint}\n  commands: {', '.join(COMMANDS)} "

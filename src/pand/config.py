@@ -8,7 +8,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pand.errors import ConfigError, close_matches
+from pand.config_catalogue import config_groups
+from pand.errors import ConfigError, close_matches, did_you_mean
+from pand.rules import lookup
 
 # Resolvers used by the packaged configs to build file names.
 if not OmegaConf.has_resolver("sanitize"):
@@ -35,7 +37,6 @@ TRAINER_ARGS: tuple[str, ...] = (
 
 
 def _choices(group: str, fallback: str) -> str:
-    from pand.cli_help import config_groups
 
     options = config_groups().get(group)
     return f"{group}={'|'.join(options)}" if options else fallback
@@ -117,7 +118,6 @@ def _parse_override(line: str):
 def _prepare_overrides(overrides: list[str]) -> list[str]:
     """Refuse what Hydra would refuse obscurely (a sweep, an unknown group option, a trainer argument pand sets) and
     turn ``trainer.NAME=VALUE`` into ``++trainer.NAME=VALUE`` for every Trainer argument (set or add)."""
-    from pand.cli_help import config_groups, did_you_mean
 
     groups = config_groups()
     prepared = []
@@ -149,8 +149,6 @@ def _explain(config_name: str, overrides: list[str], err: Exception) -> str:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from pand.cli_help import config_groups
-    from pand.validation import lookup
 
     hydra_text = f"bad configuration or override: {' '.join(str(err).split())}"
     groups = config_groups()
@@ -184,8 +182,6 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(line: str, o: Any, base: dict, groups: dict[str, list[str]]) -> str:
-    from pand.cli_help import did_you_mean
-    from pand.validation import lookup
 
     key = o.key_or_group
     value = line.split("=", 1)[1] if "=" in line else ""

@@ -60,7 +60,7 @@ def load_student(path: str | os.PathLike, class_names: Sequence[str] | None = No
     teacher again (a loaded CLIP teacher).
     """
     from pand.data.transforms import eval_transform
-    from pand.engine.checkpoints import load_checkpoint_student
+    from pand.students.checkpoint import load_checkpoint_student
 
     path = Path(path)
     model, config, record = load_checkpoint_student(path)

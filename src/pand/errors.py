@@ -91,3 +91,10 @@ def suggest(word: str, options) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``options`` to a mistyped ``word``, or an empty string."""
     match = close_matches(word, options, limit=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def did_you_mean(suggestions: Sequence[str]) -> str:
+    """``"; did you mean a?"`` / ``"; did you mean a or b?"`` / ``""``."""
+    if not suggestions:
+        return ""
+    return "; did you mean " + " or ".join(suggestions) + "?"

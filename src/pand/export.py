@@ -36,7 +36,7 @@ from torch import nn
 import pand
 from pand.errors import ConfigError, PandError
 from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_with, mark_output_folder
-from pand.validation import EXPORT_FORMATS, validate_export_options
+from pand.rules import EXPORT_FORMATS, validate_export_options
 
 log = logging.getLogger("pand")
 
@@ -125,12 +125,12 @@ def _sha256(path: Path) -> str:
 
 
 def _architecture(model: nn.Module, config: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    from pand.students.factory import _resolve_auto
+    from pand.networks.backbones import resolve_source
 
     s = config["student"]
     source = s.get("source", "auto")
     if source == "auto":
-        source = _resolve_auto(s["name"])
+        source = resolve_source(s["name"])
     head = getattr(model, "head_name", None)
     return {"source": source, "name": s["name"], "kwargs": dict(s.get("kwargs") or {}),
             "image_size": int(config["data"]["image_size"]), "num_classes": int(num_classes),
@@ -214,7 +214,7 @@ def _library_model(arch: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
         return model, f"timm.create_model({name!r}, num_classes={num_classes}{_call_args(kwargs)})", kwargs
     if source == "cifar":
-        from pand.students.cifar import create_cifar_model
+        from pand.networks.cifar import create_cifar_model
 
         return (create_cifar_model(name, num_classes=num_classes),
                 f"pand.students.cifar.create_cifar_model({name!r}, num_classes={num_classes})", {})

@@ -25,8 +25,8 @@ from pand.data.base import open_rgb
 from pand.data.walk import check_input_root, listed, reads, walk
 from pand.data.walk import glob as walk_glob
 from pand.errors import ConfigError
+from pand.rules import PREDICTION_SUFFIXES, read_class_names, validate_predict_options
 from pand.spreadsheet import spreadsheet_cell
-from pand.validation import PREDICTION_SUFFIXES, read_class_names, validate_predict_options
 
 OUTPUT_SUFFIXES = PREDICTION_SUFFIXES
 __all__ = ["find_images", "format_predictions", "predict", "read_class_names", "write_predictions"]

@@ -18,6 +18,7 @@ from safetensors.torch import save
 
 from pand.errors import MismatchError, PandError
 from pand.io import atomic_write_bytes
+from pand.version import __version__
 
 _META_KEY = "pand"
 
@@ -88,15 +89,13 @@ def software_record() -> dict[str, Any]:
     from a git checkout (with ``dirty`` when tracked files differ from it), for a run's summary.json."""
     from importlib import metadata
 
-    import pand
-
-    versions: dict[str, Any] = {"pand": pand.__version__}
+    versions: dict[str, Any] = {"pand": __version__}
     for name in _VERSIONED:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"versions": versions, "git": _git_commit(Path(pand.__file__).resolve().parent)}
+    return {"versions": versions, "git": _git_commit(Path(__file__).resolve().parent)}
 
 
 def _git_commit(folder: Path) -> dict[str, Any] | None:

@@ -12,7 +12,8 @@ from tests.engine.conftest import tiny_overrides
 def _worker(rank, world, init_file, cub_root, cache_dir, results):
     from pand.config import compose, to_plain
     from pand.engine.data import PandDataModule
-    from pand.engine.teacher_side import _all_ok, load_teacher_from, open_or_build_cache
+    from pand.engine.run import _all_ok
+    from pand.engine.teacher_side import load_teacher_from, open_or_build_cache
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -14,7 +14,8 @@ import pand.data.overlap as overlap
 from pand.data import get_dataset
 from pand.data.base import ArrayDataset
 from pand.data.overlap import check_overlap, compared_pairs, item_digests
-from pand.engine.data import PandDataModule, load_splits
+from pand.data.assembly import load_splits
+from pand.engine.data import PandDataModule
 from pand.errors import ConfigError
 from tests.fixtures import datasets as fx
 

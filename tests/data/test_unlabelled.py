@@ -3,8 +3,8 @@ indexes them after the labelled ones, and the label-free splits."""
 
 import pytest
 
+from pand.data.assembly import UNLABELLED_SPLIT, load_splits, unlabelled_source
 from pand.data.unlabelled import UNLABELLED, TrainingPool, choose, unlabelled_folder
-from pand.engine.data import UNLABELLED_SPLIT, load_splits, unlabelled_source
 from pand.errors import ConfigError, DatasetNotFoundError, PandError
 from tests.fixtures.datasets import write_image
 

@@ -6,6 +6,7 @@ import timm
 import torch
 
 from pand.config import compose, to_plain
+from pand.engine.config_checks import validate_train_config
 from pand.distillers import Progress, TeacherContext, build_distiller, get_distiller_class
 from pand.engine.teacher_side import add_stages
 from pand.errors import ConfigError
@@ -13,7 +14,6 @@ from pand.losses import kd_loss, nlrd_loss, nrkd_feature_loss
 from pand.students import build_student
 from pand.teachers import LOGITS, STAGE_FEATURES, LiveTeacherSource
 from pand.teachers.classifier import ClassifierTeacher
-from pand.validation import validate_train_config
 
 C = 5
 MEAN, STD = (0.5,) * 3, (0.25,) * 3

@@ -10,10 +10,10 @@ import torch
 from pand.distillers import Progress, TeacherContext, build_distiller
 from pand.distillers.pat import PAT
 from pand.engine.teacher_side import add_stages
+from pand.rules import check_rules
 from pand.students import build_student
 from pand.teachers import LOGITS, STAGE_FEATURES, LiveTeacherSource, ZeroShotLogits
 from pand.teachers.classifier import ClassifierTeacher
-from pand.validation import check_rules
 
 C = 5
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

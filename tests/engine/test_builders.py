@@ -9,9 +9,9 @@ import torch
 
 from pand.cli import main
 from pand.config import compose, to_plain
+from pand.engine.config_checks import validate_train_settings
 from pand.engine.builders import build_optimizer, build_scheduler, target_errors
 from pand.errors import ConfigError
-from pand.validation import validate_train_settings
 from tests.engine.conftest import tiny_overrides
 
 
@@ -221,7 +221,7 @@ def test_logger_none_writes_no_metrics_and_still_trains(cub_root, tmp_path):
 @pytest.mark.slow
 def test_ema_callback_changes_the_weights_that_are_evaluated(cub_root, tmp_path, capsys):
     """The same run with and without callbacks=ema: same raw training, different evaluated (best) weights."""
-    from pand.engine.checkpoints import read_checkpoint
+    from pand.checkpoint_files import read_checkpoint
 
     plain, ema = tmp_path / "plain", tmp_path / "ema"
     assert main(["train", *tiny_overrides(cub_root, plain, "method=ce", "test=false", "trainer.max_epochs=1")]) == 0

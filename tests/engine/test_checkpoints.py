@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pand.cli import main
-from pand.engine.checkpoints import check_resume_config, read_checkpoint
+from pand.checkpoint_files import read_checkpoint
+from pand.engine.checkpoints import check_resume_config
 from pand.engine.module import DistillationModule
 from pand.errors import CheckpointError
 from tests.engine.conftest import tiny_overrides

@@ -1,6 +1,6 @@
 import torch
 
-from pand.engine.data import EpochSampler, PandDataModule, ShardSampler, per_class_subset
+from pand.engine.data import EpochSampler, PandDataModule, ShardSampler
 
 
 def _data_cfg(root, **extra):
@@ -54,13 +54,6 @@ def test_few_shot_pool_carves_val_from_the_labelled_images(cub_root):
     ids_train = {train.sample_id(i) for i in range(len(train))}
     ids_val = {val.sample_id(i) for i in range(len(val))}
     assert not ids_train & ids_val
-
-
-def test_per_class_subset_is_seeded_and_balanced():
-    targets = [0] * 10 + [1] * 3
-    a = per_class_subset(targets, 4, seed=1)
-    assert a == per_class_subset(targets, 4, seed=1)
-    assert sum(targets[i] == 0 for i in a) == 4 and sum(targets[i] == 1 for i in a) == 3
 
 
 def test_a_resumed_epoch_is_replayed_even_when_iteration_starts_before_the_epoch_is_set():

@@ -8,9 +8,9 @@ import torch
 
 from pand.cli import main
 from pand.config import compose, to_plain
+from pand.engine.config_checks import validate_train_settings
 from pand.engine.data import PandDataModule
 from pand.errors import ConfigError
-from pand.validation import validate_train_settings
 from tests.engine.conftest import tiny_overrides
 
 

@@ -8,9 +8,10 @@ import torch
 
 from pand.cli import main
 from pand.config import compose, to_plain
+from pand.engine.config_checks import validate_train_config
 from pand.data import base_novel_classes, restrict_classes
-from pand.engine.checkpoints import load_checkpoint_student
-from pand.engine.data import NOVEL_TEST, load_splits
+from pand.students.checkpoint import load_checkpoint_student
+from pand.data.assembly import NOVEL_TEST, load_splits
 from pand.engine.open_vocab_eval import (
     harmonic_mean,
     retrieval_metrics,
@@ -20,7 +21,6 @@ from pand.engine.open_vocab_eval import (
 from pand.engine.teacher_side import load_teacher_from
 from pand.errors import ConfigError
 from pand.teachers.source import LiveTeacherSource
-from pand.validation import validate_train_config
 from tests.engine.conftest import tiny_overrides
 from tests.fixtures.datasets import make_cub
 

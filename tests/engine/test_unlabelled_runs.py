@@ -10,10 +10,10 @@ import torch
 
 from pand.cli import main
 from pand.config import compose, to_plain
+from pand.engine.config_checks import validate_train_config
 from pand.distillers.kd import KD
 from pand.engine.run import build_training
 from pand.errors import ConfigError
-from pand.validation import validate_train_config
 from tests.engine.conftest import tiny_overrides
 
 REST = ("method=kd", "data.samples_per_class=2", "data.unlabelled=rest")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pand.errors import ConfigError
+from pand.networks.stages import StageTap, default_stages, stage_shapes
 from pand.students import build_student
-from pand.students.stages import StageTap, default_stages, stage_shapes
 
 C = 5
 TINY_VIT = ("vit_tiny_patch16_224", {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2})

@@ -107,7 +107,7 @@ def _check_every_combination(combos: Sequence[Sequence[str]]) -> None:
     """Compose and check the settings of every run before the first one starts, so that a typo or a value out of range
     in one combination is refused in a second instead of failing that run hours into the sweep."""
     from pand.config import compose, to_plain
-    from pand.validation import validate_train_settings
+    from pand.engine.config_checks import validate_train_settings
 
     problems: dict[str, list[str]] = {}
     for combo in combos:

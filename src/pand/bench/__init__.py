@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _rules() -> dict:
-    from pand.validation import integer
+    from pand.rules import integer
 
     return {
         "--image-size": integer(1),
@@ -94,14 +94,14 @@ def _rules() -> dict:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse values out of range (argparse checks their types only) and a device this machine lacks, before torch is
     imported for the measurements; one line per problem, as for pand's other commands."""
-    from pand.validation import check_rules, device_errors, raise_option_errors
+    from pand.rules import check_rules, device_errors, raise_option_errors
 
     rules = _rules()
     values = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in rules}
     values = {flag: value for flag, value in values.items() if value is not None}  # not given: the default applies
     errors = check_rules(values, rules) + device_errors("--device", args.device)
     if args.loader and args.image_size == 1:
-        # the loader times training views, whose blur needs 2 pixels (pand.validation._image_size_errors)
+        # the loader times training views, whose blur needs 2 pixels (pand.engine.config_checks._image_size_errors)
         errors.append("--image-size=1 is too small for --loader: the blur of the training views needs an image of 2 "
                       "pixels or more")
     raise_option_errors(errors)

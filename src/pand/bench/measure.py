@@ -376,7 +376,7 @@ def _student_step_ms(args: argparse.Namespace, device: torch.device, autocast) -
 def _loader_bench(args: argparse.Namespace, device: torch.device, student_ms: float) -> dict[str, Any]:
     """Loader images/s on each path (views made per image in the loader, or per batch on the device), JPEG and
     decoded cache, next to the student's training images/s at the same size and batch, and which one limits a run."""
-    from pand.cache.loader_bench import measure_loader_throughput, run_estimates
+    from pand.bench.loader import measure_loader_throughput, run_estimates
 
     loader = measure_loader_throughput(num_images=args.loader_images, workers=(0, args.loader_workers),
                                        batch_size=args.batch, image_size=args.image_size, device=device)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pand.data import base
 from pand.data.download import download_and_extract
+from pand.data.registry import register_dataset
 from pand.errors import PandError
 
 TITLE = "FGVC-Aircraft 2013b"
@@ -51,10 +52,6 @@ def download(root: str | os.PathLike) -> None:
     download_and_extract(src["url"], Path(root).expanduser(), src["md5"], src.get("filename"), layout=LAYOUT)
 
 
-def dataset_dir(root: str | os.PathLike, download_missing: bool = False) -> Path:
-    return base.locate_dataset(root, FOLDER, MARKERS, TITLE, LAYOUT, download, download_missing)
-
-
 def _read_variants(path: Path) -> list[str]:
     """The variant names of variants.txt in label order; a variant listed twice is an error naming both lines."""
     first_line: dict[str, int] = {}
@@ -66,10 +63,11 @@ def _read_variants(path: Path) -> list[str]:
     return list(first_line)
 
 
+@register_dataset("aircraft")
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.FileDataset:
     """The official ``"train"``, ``"val"`` or ``"test"`` split."""
     base.check_split(split, ("train", "val", "test"))
-    d = dataset_dir(root, download)
+    d = base.dataset_dir(__name__, root, download)
     variants_file = base.require(d / "data" / "variants.txt", TITLE, LAYOUT, download=True)
     classes = _read_variants(variants_file)
     index = {v: i for i, v in enumerate(classes)}

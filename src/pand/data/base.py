@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -379,6 +380,27 @@ def locate_dataset(
     if found is None:
         raise not_found(f"{title} not found under {root}", Path(root) / folder, title, layout, download=True)
     return found
+
+
+def dataset_dir(module_name: str, root: str | os.PathLike, download_missing: bool = False) -> Path:
+    """:func:`locate_dataset` for the dataset module ``module_name`` (pass ``__name__``), with its ``FOLDER``,
+    ``MARKERS``, ``TITLE``, ``LAYOUT`` and ``download`` (see :class:`pand.data.registry.DatasetModule`).
+
+    They are read from the module at each call, not bound once, so a test that monkeypatches them is obeyed.
+    """
+    m = sys.modules[module_name]
+    return locate_dataset(root, m.FOLDER, m.MARKERS, m.TITLE, m.LAYOUT, m.download, download_missing)
+
+
+def check_label_range(labels: np.ndarray, n: int, path: Path, what: str, known: str) -> None:
+    """Every label of an array-stored dataset lies in ``0..n-1``; else an error naming ``path``, the index of the first
+    bad label and how many more follow. ``what`` names a label (``"label"``), ``known`` says where ``n`` comes from."""
+    bad = np.flatnonzero((labels < 0) | (labels >= n))
+    if bad.size:
+        i = int(bad[0])
+        k = bad.size - 1
+        more = f"; {k} more label{'s are' if k > 1 else ' is'} out of range after it" if k else ""
+        raise PandError(f"{path}: {what} {int(labels[i])} at index {i} is outside 0..{n - 1} ({known}){more}")
 
 
 def require(path: Path, title: str, layout: str, *, download: bool) -> Path:

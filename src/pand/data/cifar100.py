@@ -28,6 +28,7 @@ import numpy as np
 
 from pand.data import base
 from pand.data.download import download_and_extract
+from pand.data.registry import register_dataset
 from pand.errors import PandError
 
 TITLE = "CIFAR-100"
@@ -140,10 +141,6 @@ def download(root: str | os.PathLike) -> None:
     download_and_extract(src["url"], Path(root).expanduser(), src["md5"], src.get("filename"), layout=LAYOUT)
 
 
-def dataset_dir(root: str | os.PathLike, download_missing: bool = False) -> Path:
-    return base.locate_dataset(root, FOLDER, MARKERS, TITLE, LAYOUT, download, download_missing)
-
-
 def _as_dict(obj: Any, path: Path, kind: str, keys: tuple[str, ...]) -> dict[str, Any]:
     """``obj`` as a dict with str keys (bytes keys decoded) holding ``keys``; else a PandError naming ``path``."""
     if not isinstance(obj, dict):
@@ -205,27 +202,16 @@ def read_split(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _check_labels(labels: np.ndarray, path: Path, meta: Path, n: int) -> None:
-    """Every label names a class of ``meta``; else an error naming the file and the index of the first bad label."""
-    bad = np.flatnonzero((labels < 0) | (labels >= n))
-    if bad.size:
-        i = int(bad[0])
-        k = bad.size - 1
-        more = f"; {k} more label{'s are' if k > 1 else ' is'} out of range after it" if k else ""
-        raise PandError(
-            f"{path}: fine label {int(labels[i])} at index {i} is outside 0..{n - 1} ({meta} lists {n} fine label "
-            f"names){more}"
-        )
-
-
+@register_dataset("cifar100")
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.ArrayDataset:
     """The official ``"train"`` (50k) or ``"test"`` (10k) split."""
     base.check_split(split, ("train", "test"))
-    d = dataset_dir(root, download)
+    d = base.dataset_dir(__name__, root, download)
     meta = base.require(d / META, TITLE, LAYOUT, download=True)
     split_file = base.require(d / FILES[split], TITLE, LAYOUT, download=True)
     classes = read_class_names(meta)
     images, labels = read_split(split_file)
-    _check_labels(labels, split_file, meta, len(classes))
+    n = len(classes)
+    base.check_label_range(labels, n, split_file, "fine label", f"{meta} lists {n} fine label names")
     ids = [f"{split}/{i}" for i in range(len(images))]
     return base.ArrayDataset("cifar100", split, classes, images, labels.tolist(), ids, root=d)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pand.data import base
 from pand.data.download import download_and_extract
+from pand.data.registry import register_dataset
 from pand.errors import PandError
 
 TITLE = "CUB-200-2011"
@@ -40,10 +41,6 @@ LAYOUT = """\
 def download(root: str | os.PathLike) -> None:
     src = SOURCES["archive"]
     download_and_extract(src["url"], Path(root).expanduser(), src["md5"], src.get("filename"), layout=LAYOUT)
-
-
-def dataset_dir(root: str | os.PathLike, download_missing: bool = False) -> Path:
-    return base.locate_dataset(root, FOLDER, MARKERS, TITLE, LAYOUT, download, download_missing)
 
 
 def _id_table(path: Path, what: str) -> dict[str, tuple[int, str]]:
@@ -94,10 +91,11 @@ def _check_labels(labels_file: Path, labels: dict[str, tuple[int, str]], classes
             )
 
 
+@register_dataset("cub")
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.FileDataset:
     """The official ``"train"`` or ``"test"`` split."""
     base.check_split(split, ("train", "test"))
-    d = dataset_dir(root, download)
+    d = base.dataset_dir(__name__, root, download)
     req = lambda name: base.require(d / name, TITLE, LAYOUT, download=True)  # noqa: E731
     images = _id_table(req("images.txt"), "relative path")
     labels = _id_table(req("image_class_labels.txt"), "class id")

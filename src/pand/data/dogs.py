@@ -15,6 +15,7 @@ import numpy as np
 
 from pand.data import base
 from pand.data.download import download_and_extract
+from pand.data.registry import register_dataset
 from pand.errors import PandError
 
 TITLE = "Stanford Dogs"
@@ -51,10 +52,6 @@ def download(root: str | os.PathLike) -> None:
     dest = Path(root).expanduser() / FOLDER
     for src in SOURCES.values():
         download_and_extract(src["url"], dest / src.get("dest", "."), src["md5"], src.get("filename"), layout=LAYOUT)
-
-
-def dataset_dir(root: str | os.PathLike, download_missing: bool = False) -> Path:
-    return base.locate_dataset(root, FOLDER, MARKERS, TITLE, LAYOUT, download, download_missing)
 
 
 def _list_file(d: Path, split: str) -> Path:
@@ -132,10 +129,11 @@ def _class_folders(lists: dict[str, Path], parsed: dict[str, tuple[list[str], li
     return {label: folder for label, (folder, _) in first_of_label.items()}
 
 
+@register_dataset("dogs")
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.FileDataset:
     """The official ``"train"`` or ``"test"`` split."""
     base.check_split(split, ("train", "test"))
-    d = dataset_dir(root, download)
+    d = base.dataset_dir(__name__, root, download)
     base.require(d / "Images", TITLE, LAYOUT, download=True)
     lists = {s: _list_file(d, s) for s in ("train", "test")}
     parsed = {s: read_list(p) for s, p in lists.items()}

@@ -17,6 +17,7 @@ import numpy as np
 
 from pand.data import base
 from pand.data.download import download_file
+from pand.data.registry import register_dataset
 from pand.errors import PandError
 
 TITLE = "Fashion-MNIST"
@@ -140,19 +141,7 @@ def locate(root: str | os.PathLike, split: str, download_missing: bool = False) 
     return found
 
 
-def _check_labels(labels: np.ndarray, path: Path) -> None:
-    """Every label is one of the 10 classes; else an error naming the file and the index of the first bad label."""
-    bad = np.flatnonzero(labels >= len(CLASSES))  # uint8: never negative
-    if bad.size:
-        i = int(bad[0])
-        k = bad.size - 1
-        more = f"; {k} more label{'s are' if k > 1 else ' is'} out of range after it" if k else ""
-        raise PandError(
-            f"{path}: label {int(labels[i])} at index {i} is outside 0..{len(CLASSES) - 1} "
-            f"(Fashion-MNIST has {len(CLASSES)} classes){more}"
-        )
-
-
+@register_dataset("fashion_mnist")
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.ArrayDataset:
     """The official ``"train"`` (60k) or ``"test"`` (10k, the t10k files) split."""
     base.check_split(split, ("train", "test"))
@@ -161,6 +150,6 @@ def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base
     labels = read_idx(labels_path, LABELS_MAGIC)
     if len(images) != len(labels):
         raise PandError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-    _check_labels(labels, labels_path)
+    base.check_label_range(labels, len(CLASSES), labels_path, "label", f"Fashion-MNIST has {len(CLASSES)} classes")
     ids = [f"{split}/{i}" for i in range(len(images))]
     return base.ArrayDataset("fashion_mnist", split, CLASSES, images, labels.tolist(), ids, root=images_path.parent)

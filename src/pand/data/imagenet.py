@@ -12,7 +12,7 @@ Class names: the first name of each synset from a ``class_names_file`` in synset
 Lines for synsets without a folder are ignored (a subset such as ImageNet-100 works with the full file). A few synsets
 share their first name (``crane`` is n02012849 and n03126707, ``maillot`` n03710637 and n03710721); every class
 sharing a name gets its WordNet id appended (``crane (n02012849)``), so that no two classes get the same prompt. A
-``class_names_file`` in another format is read as :func:`pand.data.imagefolder.read_class_names` does (one name per
+``class_names_file`` in another format is read as :func:`pand.data.folders.read_class_names` does (one name per
 line in sorted folder order, or ``wnid<TAB or comma>name`` lines), e.g. CLIP's curated ImageNet class names.
 
 ImageNet cannot be downloaded automatically: it needs an account at image-net.org.
@@ -25,7 +25,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from pand.data import base, imagefolder
+from pand.data import base, folders as class_folders
+from pand.data.registry import register_dataset
 from pand.errors import ConfigError, DatasetNotFoundError
 
 TITLE = "ImageNet (ILSVRC-2012)"
@@ -101,7 +102,7 @@ def class_names(d: Path, folders: Sequence[str], class_names_file: str | os.Path
         if not path.is_file():
             raise DatasetNotFoundError(f"class_names_file not found: {path}")
         names = read_synset_mapping(path, folders, strict=False)
-        return names if names is not None else imagefolder.read_class_names(path, list(folders))
+        return names if names is not None else class_folders.read_class_names(path, list(folders))
     if (d / SYNSET_FILE).is_file():
         return read_synset_mapping(d / SYNSET_FILE, folders)  # type: ignore[return-value]
     return [base.clean_name(f) for f in folders]
@@ -122,6 +123,7 @@ def _check_same_folders(train_dir: Path, val_dir: Path, train: Sequence[str], va
     )
 
 
+@register_dataset("imagenet")
 def load(
     root: str | os.PathLike, split: str, *, download: bool = False, class_names_file: str | os.PathLike | None = None
 ) -> base.FileDataset:
@@ -130,14 +132,14 @@ def load(
     d = dataset_dir(root, download)
     train_dir = base.require(d / "train", TITLE, LAYOUT, download=False)
     val_dir = base.require(d / "val", TITLE, LAYOUT, download=False)
-    folders = imagefolder.subdirs(train_dir)
+    folders = class_folders.subdirs(train_dir)
     if not folders:
         raise base.not_found(f"no class folders in {train_dir}", train_dir / "<wnid>", TITLE, LAYOUT, download=False)
-    _check_same_folders(train_dir, val_dir, folders, imagefolder.subdirs(val_dir))
+    _check_same_folders(train_dir, val_dir, folders, class_folders.subdirs(val_dir))
     classes = class_names(d, folders, class_names_file)
     split_dir = SPLIT_DIRS[split]
     index = {f: i for i, f in enumerate(folders)}
-    relpaths, targets = imagefolder.list_images(d, split_dir, folders, index)
+    relpaths, targets = class_folders.list_images(d, split_dir, folders, index)
     if not relpaths:
         raise base.not_found(
             f"no images ({', '.join(base.IMAGE_EXTENSIONS)}) in {d / split_dir}",

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 from pand.data import base
 from pand.data.download import download_and_extract
+from pand.data.registry import register_dataset
 from pand.errors import PandError
 
 TITLE = "Oxford-IIIT Pet"
@@ -51,10 +52,6 @@ def download(root: str | os.PathLike) -> None:
     dest = Path(root).expanduser() / FOLDER
     for src in sources().values():
         download_and_extract(src["url"], dest, src["md5"], src.get("filename"), layout=LAYOUT)
-
-
-def dataset_dir(root: str | os.PathLike, download_missing: bool = False) -> Path:
-    return base.locate_dataset(root, FOLDER, MARKERS, TITLE, LAYOUT, download, download_missing)
 
 
 class _Row(NamedTuple):
@@ -115,10 +112,11 @@ def _prefix(image: str) -> str:
     return image.rsplit("_", 1)[0] if "_" in image else image
 
 
+@register_dataset("pets")
 def load(root: str | os.PathLike, split: str, *, download: bool = False) -> base.FileDataset:
     """The official ``"train"`` (= trainval.txt) or ``"test"`` split."""
     base.check_split(split, ("train", "test"))
-    d = dataset_dir(root, download)
+    d = base.dataset_dir(__name__, root, download)
     files = {s: base.require(d / "annotations" / f, TITLE, LAYOUT, download=True) for s, f in _SPLIT_FILES.items()}
     base.require(d / "images", TITLE, LAYOUT, download=True)
     rows = {s: _parse(p) for s, p in files.items()}

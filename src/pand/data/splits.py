@@ -1,10 +1,13 @@
-"""Split assembly: :func:`get_dataset` (the one entry point) and the seeded :func:`stratified_split`.
+"""One split of one dataset: :func:`get_dataset` (the one entry point) and the seeded :func:`stratified_split`.
 
 Every dataset exposes ``train``, ``val`` and ``test``. ``test`` is the official test split (for ImageNet, whose test
 labels are not public, the official val split that papers report). ``val`` is the official validation split where one
 exists (FGVC-Aircraft; an image folder with a ``val/`` folder); elsewhere ``val`` is a seeded, stratified
 ``val_fraction`` of the official training split and ``train`` is the rest, so train and val never overlap and together
 make up the official training split.
+
+How a run's splits are put together from these (few-shot pools, unlabelled images, base/novel classes) is
+:mod:`pand.data.assembly`.
 """
 
 from __future__ import annotations
@@ -16,26 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from pand.data import aircraft, cifar100, cub, dogs, fashion_mnist, imagefolder, imagenet, pets
 from pand.data.base import ClassificationDataset, subset
+from pand.data.registry import get_dataset_kind, list_datasets
 from pand.errors import ConfigError
 
-DATASET_NAMES = ("cub", "aircraft", "pets", "dogs", "fashion_mnist", "cifar100", "imagenet", "imagefolder")
 SPLITS = ("train", "val", "test")
-
-_MODULES = {
-    "cub": cub,
-    "aircraft": aircraft,
-    "pets": pets,
-    "dogs": dogs,
-    "fashion_mnist": fashion_mnist,
-    "cifar100": cifar100,
-    "imagenet": imagenet,
-    "imagefolder": imagefolder,
-}
-
-# Datasets whose ``load`` takes ``class_names_file``.
-_CLASS_NAMES_FILE = ("imagefolder", "imagenet")
 
 
 def base_novel_classes(num_classes: int, seed: int) -> tuple[list[int], list[int]]:
@@ -80,12 +68,6 @@ def stratified_split(targets: Iterable[int], fraction: float, seed: int) -> tupl
     return kept, sorted(held)
 
 
-def _has_official_val(name: str, root: str | os.PathLike) -> bool:
-    if name == "imagefolder":
-        return imagefolder.has_official_val(root)
-    return _MODULES[name].HAS_OFFICIAL_VAL
-
-
 def get_dataset(
     name: str,
     root: str | os.PathLike,
@@ -101,7 +83,7 @@ def get_dataset(
     """Build split ``split`` of dataset ``name`` stored under ``root``.
 
     Args:
-        name: one of :data:`DATASET_NAMES`.
+        name: a registered dataset (:func:`pand.data.registry.list_datasets`, also :data:`pand.data.DATASET_NAMES`).
         root: the dataset folder itself, or its parent holding the standard folder name (e.g. ``CUB_200_2011``).
         split: ``"train"``, ``"val"`` or ``"test"``.
         transform: applied to the RGB PIL image by ``__getitem__``.
@@ -116,22 +98,21 @@ def get_dataset(
         ConfigError: unknown name or split, bad ``val_fraction``, a class count mismatch.
         DatasetNotFoundError: a file or folder is missing (the message shows the expected layout).
     """
-    if name not in _MODULES:
-        raise ConfigError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    kind = get_dataset_kind(name)
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    if class_names_file is not None and name not in _CLASS_NAMES_FILE:
-        raise ConfigError(f"class_names_file is only supported for imagefolder and imagenet datasets, not {name!r}")
+    if class_names_file is not None and not kind.takes_class_names_file:
+        takers = " and ".join(sorted(n for n in list_datasets() if get_dataset_kind(n).takes_class_names_file))
+        raise ConfigError(f"class_names_file is only supported for {takers} datasets, not {name!r}")
     root = os.path.expanduser(os.fspath(root))
-    module = _MODULES[name]
     opts: dict[str, Any] = {"download": download}
-    if name in _CLASS_NAMES_FILE:
+    if kind.takes_class_names_file:
         opts["class_names_file"] = class_names_file
 
-    if split == "test" or _has_official_val(name, root):
-        ds = module.load(root, split, **opts)
+    if split == "test" or kind.has_official_val(root):
+        ds = kind.load(root, split, **opts)
     else:
-        full = module.load(root, "train", **opts)
+        full = kind.load(root, "train", **opts)
         kept, held = stratified_split(full.targets, val_fraction, split_seed)
         ds = subset(full, kept if split == "train" else held, split=split)
 

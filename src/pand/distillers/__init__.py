@@ -8,7 +8,7 @@ from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherCo
 from pand.distillers.registry import build_distiller, get_distiller_class, list_distillers, register_distiller
 
 # Registration side effects: each module registers its method.
-from pand.distillers import ce, dkd, kd, nrkd, ofa, openvocab, pand, pat, vl2lite  # noqa: E402,F401  isort: skip
+from pand.distillers import ce, dkd, kd, nrkd, ofa, open_vocab, pand, pat, vl2lite  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "Distiller",

@@ -17,8 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pand.errors import ConfigError
+from pand.rules import Rule
 from pand.students import Student
-from pand.validation import Rule
+
+
+def mixing_enabled(settings: Mapping[str, Any] | None) -> bool:
+    """Whether the ``mixing`` settings mix training batches (Mixup / CutMix, :mod:`pand.engine.mixing`).
+
+    Here rather than in the engine: a method refuses mixed batches it cannot learn from (``check_config``), and the
+    methods sit below the engine that mixes.
+    """
+    s = settings or {}
+    return float(s.get("prob", 1.0)) > 0 and (float(s.get("mixup_alpha", 0)) > 0 or float(s.get("cutmix_alpha", 0)) > 0)
 
 
 @dataclass
@@ -78,7 +88,7 @@ class Distiller(nn.Module):
     # ``context.teacher`` and cannot use a teacher cache.
     needs_teacher_model: ClassVar[bool] = False
     # Allowed values of the method's options (keys as in ``configs/method/<name>.yaml``, dotted for nested ones),
-    # checked with every other setting before anything is built; see :mod:`pand.validation`.
+    # checked with every other setting before anything is built; see :mod:`pand.engine.config_checks`.
     option_rules: ClassVar[Mapping[str, Rule]] = {}
     # True for methods whose student embeds images in the teacher's joint space (classifying by a text matrix):
     # the engine then adds the open-vocabulary report (base / novel accuracy, retrieval) to the run.
@@ -92,6 +102,13 @@ class Distiller(nn.Module):
         """The teacher outputs the method reads with these options (``requires`` unless a term can be switched off,
         as NRKD's feature term: then the rest can come from a teacher cache)."""
         return cls.requires
+
+    @classmethod
+    def uses_teacher_with(cls, reads: frozenset[str]) -> bool:
+        """Whether the method uses the teacher at all when it reads the per-sample outputs ``reads`` (its
+        :meth:`requires_for` its options): those, the class text embeddings, or the teacher model itself. A method
+        that uses none learns from labels alone."""
+        return bool(reads) or cls.needs_text_embeds or cls.needs_teacher_model
 
     @classmethod
     def reads_text_features(cls, options: Mapping[str, Any]) -> bool:
@@ -125,7 +142,8 @@ class Distiller(nn.Module):
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.requires) or self.needs_text_embeds or self.needs_teacher_model
+        # an instance's ``requires`` is already the one for its options (NRKD, openvocab narrow it)
+        return self.uses_teacher_with(self.requires)
 
     @staticmethod
     def labelled(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.registry import register_distiller
+from pand.rules import number
 from pand.students import Student
-from pand.validation import number
 
 
 @register_distiller("ce")

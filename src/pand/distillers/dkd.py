@@ -16,9 +16,9 @@ from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherCo
 from pand.distillers.kd import standardized
 from pand.distillers.registry import register_distiller
 from pand.losses import dkd_terms
+from pand.rules import BOOL, POSITIVE, WEIGHT, integer
 from pand.students import Student
 from pand.teachers.frozen import LOGITS
-from pand.validation import BOOL, POSITIVE, WEIGHT, integer
 
 
 @register_distiller("dkd")

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.registry import register_distiller
 from pand.losses import kd_loss, logit_standardize
+from pand.rules import BOOL, POSITIVE, WEIGHT
 from pand.students import Student
 from pand.teachers.frozen import LOGITS
-from pand.validation import BOOL, POSITIVE, WEIGHT
 
 
 def standardized(student_logits, teacher_logits, standardize: bool):

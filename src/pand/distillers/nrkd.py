@@ -28,8 +28,9 @@ from pand.distillers.kd import standardized
 from pand.distillers.registry import register_distiller
 from pand.errors import ConfigError
 from pand.losses import kd_loss, nlrd_loss, nrkd_feature_loss, token_grid_side
+from pand.rules import BOOL, POSITIVE, WEIGHT, integer
 from pand.students import Student
-from pand.students.stages import (
+from pand.networks.stages import (
     StageTap,
     default_stages,
     pair_deepest,
@@ -37,7 +38,6 @@ from pand.students.stages import (
     stage_shapes,
 )
 from pand.teachers.frozen import LOGITS, STAGE_FEATURES
-from pand.validation import BOOL, POSITIVE, WEIGHT, integer
 
 
 def _positions(shape: Sequence[int]) -> int:

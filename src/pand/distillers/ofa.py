@@ -8,7 +8,7 @@ target ``-sum_c [(p_t + y)^eps - y]_c log p_s,c`` (see :func:`pand.losses.ofa_lo
 
 Only the teacher's final logits are read, so any teacher works and a CLIP teacher's cache serves it. The branches are
 training-only: they live in the distiller (saved in checkpoints, never part of the exported student). Stage features
-come from forward hooks (:class:`~pand.students.stages.StageTap`); branch shapes from a dry run at the run's input
+come from forward hooks (:class:`~pand.networks.stages.StageTap`); branch shapes from a dry run at the run's input
 size, so 32-px CIFAR works as well as 224 px. Channels-last stage outputs (timm's Swin) arrive as ``[B, C, H, W]``:
 the tap rearranges them.
 """
@@ -23,15 +23,15 @@ from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherCo
 from pand.distillers.ofa_branches import build_exit_branch
 from pand.distillers.registry import register_distiller
 from pand.losses import ofa_loss, token_grid_side
+from pand.rules import POSITIVE, WEIGHT, integer
 from pand.students import Student
-from pand.students.stages import (
+from pand.networks.stages import (
     StageTap,
     default_stages,
     require_input_size,
     stage_shapes,
 )
 from pand.teachers.frozen import LOGITS
-from pand.validation import POSITIVE, WEIGHT, integer
 
 
 def _spatial(shape: Sequence[int]) -> int:

@@ -19,8 +19,8 @@ from pand.distillers.registry import register_distiller
 from pand.distillers.vl2lite import VL2Lite
 from pand.errors import ConfigError
 from pand.losses import nlrd_loss
+from pand.rules import BOOL, WEIGHT, choice, integer, number
 from pand.students import Student
-from pand.validation import BOOL, WEIGHT, choice, integer, number
 
 NLRD_DEFAULTS = {"k": 3, "weight": 1.0, "gather": "all"}
 

@@ -65,8 +65,9 @@ from pand.distillers.pat_modules import (
 from pand.distillers.registry import register_distiller
 from pand.errors import ConfigError
 from pand.losses import hcl_loss, kd_loss
+from pand.rules import POSITIVE, WEIGHT, integer
 from pand.students import Student
-from pand.students.stages import (
+from pand.networks.stages import (
     CHANNELS_LAST,
     SEQUENCE_FIRST,
     StageTap,
@@ -77,7 +78,6 @@ from pand.students.stages import (
     to_pand_layout,
 )
 from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES, FrozenTeacher, TeacherRef
-from pand.validation import POSITIVE, WEIGHT, integer
 
 
 def _raw_order(raw: torch.Tensor, pand: torch.Tensor) -> str | None:

@@ -1,7 +1,7 @@
 """PAT's training-only building blocks: feature layouts, feedback prompt blocks, region-aware attention, aligners.
 
 Everything here is sized from per-sample feature shapes that the caller found with a dry run at the run's input size;
-nothing knows an architecture. Stage features come as pand lays them out (:class:`~pand.students.stages.StageTap`):
+nothing knows an architecture. Stage features come as pand lays them out (:class:`~pand.networks.stages.StageTap`):
 CNN maps ``[B, C, H, W]`` or ViT/MLP tokens ``[B, N, C]`` (optional prefix tokens such as a class token, then a
 square patch grid), described by :class:`Layout`. The inputs the prompts rewrite are whatever the teacher passes
 between its stages, which may be channels-last maps ``[B, H, W, C]`` (timm's Swin) or sequence-first tokens
@@ -25,13 +25,13 @@ from torch import nn
 
 from pand.errors import ConfigError
 from pand.losses import token_grid_side
-from pand.students.stages import CHANNELS_LAST, SEQUENCE_FIRST, to_pand_layout
+from pand.networks.stages import CHANNELS_LAST, SEQUENCE_FIRST, to_pand_layout
 
 MAP, TOKENS = "map", "tokens"
 
 
 def from_pand_order(x: torch.Tensor, order: str | None) -> torch.Tensor:
-    """The inverse of :func:`pand.students.stages.to_pand_layout`."""
+    """The inverse of :func:`pand.networks.stages.to_pand_layout`."""
     if order == CHANNELS_LAST:
         return x.permute(0, 2, 3, 1)
     if order == SEQUENCE_FIRST:

@@ -22,9 +22,9 @@ from torch import nn
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.registry import register_distiller
 from pand.losses import vl2lite_linguistic_loss, vl2lite_visual_loss, vl2lite_weights
+from pand.rules import POSITIVE, WEIGHT, choice
 from pand.students import Student
 from pand.teachers.source import IMAGE_EMBEDS
-from pand.validation import POSITIVE, WEIGHT, choice
 
 
 def condensation_mlp(in_dim: int, out_dim: int) -> nn.Sequential:

@@ -21,9 +21,7 @@ import csv
 import hashlib
 import logging
 import os
-import pickle
 import signal
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,98 +31,17 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from pand.checkpoint_files import RECORD_KEY, is_resumable, read_checkpoint, stored_config
 from pand.errors import CheckpointError, Interrupted, MismatchError
 from pand.interrupts import DeferredStop, signal_name
 from pand.io import atomic_write_with, leftover_temp_files
 
 log = logging.getLogger("pand")
 
-RECORD_KEY = "pand"
 # What a resume needs beyond the weights; best.ckpt leaves it out (see RunCheckpoints._save).
 _TRAINING_STATE = ("optimizer_states", "lr_schedulers", "callbacks", "current_model_state", "averaging_state")
 RECORD_VERSION = 1
 BEST, LAST = "best.ckpt", "last.ckpt"
-
-
-# -- reading ------------------------------------------------------------------------------------------------------
-def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
-    """A checkpoint's contents, loaded with ``weights_only=True``; :class:`CheckpointError` if it is not readable.
-
-    ``mmap=True`` maps tensors instead of reading them, for looking at a checkpoint's bookkeeping cheaply.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    prefix = f"{path} is not a readable pand checkpoint"
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{prefix}: the file is empty (a save that was interrupted, or a copy that failed)")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{prefix}: it is not a PyTorch checkpoint archive (truncated by an interrupted copy or save, or another "
-            "kind of file)"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        # torch's own message advises weights_only=False, i.e. executing whatever the file carries: never relay it.
-        raise CheckpointError(
-            f"{prefix}: it holds Python objects other than tensors and plain containers, and pand never loads "
-            "files that could execute code"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{prefix}: it is damaged or truncated ({first_line})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{prefix}: it has no 'state_dict' (not a checkpoint written by pand or Lightning)")
-    return ckpt
-
-
-def stored_config(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
-    """The resolved training config a pand checkpoint was trained with."""
-    try:
-        return ckpt["hyper_parameters"]["config"]
-    except (KeyError, TypeError):
-        raise CheckpointError(f"{path} is not a pand training checkpoint (no stored config)") from None
-
-
-STUDENT_PREFIX = "distiller.student."
-
-
-def load_checkpoint_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """The student of a pand checkpoint (weights loaded, eval mode), its training config and its run record.
-
-    Nothing is downloaded: the student is rebuilt from its stored config without pretrained weights.
-    """
-    from pand.students import build_student
-
-    ckpt = read_checkpoint(path)
-    config = stored_config(ckpt, path)
-    state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
-    # A closed-set student has a linear classifier; an open-vocabulary one a vocabulary (class text matrix).
-    head = state.get("linear_cls.weight", state.get("vocabulary"))
-    if head is None:
-        raise CheckpointError(f"{path} holds no student classifier ('{STUDENT_PREFIX}linear_cls.weight' or "
-                              f"'{STUDENT_PREFIX}vocabulary')")
-    s = config["student"]
-    size = int(config["data"]["image_size"])
-    student = build_student(s["name"], int(head.shape[0]), source=s.get("source", "auto"), pretrained=False,
-                            image_size=size, kwargs=s.get("kwargs"))
-    try:
-        if "vocabulary" in state:
-            from pand.students.open_vocab import OpenVocabStudent
-
-            student = OpenVocabStudent.from_state(student, state, dict(config.get("method") or {}), (3, size, size))
-        else:
-            student.load_state_dict(state)
-    except RuntimeError as err:
-        raise MismatchError(f"the student weights of {path} do not fit its stored student config: "
-                            f"{str(err).splitlines()[0]}") from None
-    return student.eval(), config, dict(ckpt.get(RECORD_KEY) or {})
-
-
-def is_resumable(ckpt: Mapping[str, Any]) -> bool:
-    """Whether a checkpoint holds the training state (loops, optimizers), not only weights."""
-    return "loops" in ckpt and "optimizer_states" in ckpt
 
 
 # -- writing ------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pand.data import ClassificationDataset
+from pand.data.assembly import NOVEL_TEST
 from pand.errors import ConfigError
 
 log = logging.getLogger("pand")
@@ -95,7 +96,6 @@ def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
     ``data`` the run's :class:`~pand.engine.data.PandDataModule`; ``teacher`` the live CLIP teacher, or
     ``load_teacher`` to load it (its text tower makes the class text matrices, its image tower the reference).
     """
-    from pand.engine.data import NOVEL_TEST
     from pand.features import extract_features
 
     teacher = teacher if teacher is not None else load_teacher()

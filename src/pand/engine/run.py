@@ -1,7 +1,7 @@
 """``pand train`` and ``pand eval``: build everything from a config, run Lightning, write the run folder.
 
 A run folder holds ``config.yaml`` (resolved), ``metrics.csv``, ``checkpoints/{best,last}.ckpt`` and ``summary.json``.
-Every setting is validated (:mod:`pand.validation`) and a resumed checkpoint verified (:mod:`pand.engine.checkpoints`)
+Every setting is validated (:mod:`pand.engine.config_checks`) and a resumed checkpoint verified (:mod:`pand.engine.checkpoints`)
 before any model or data is loaded.
 """
 
@@ -19,7 +19,9 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from pand.deploy import load_student
+from pand.cache.teacher import TeacherCache
+from pand.engine.config_checks import validate_eval_options, validate_train_config
+from pand.data.assembly import UNLABELLED_SPLIT
 from pand.distillers import Distiller, build_distiller, get_distiller_class
 from pand.engine.checkpoints import (
     AtomicCheckpointIO,
@@ -30,17 +32,24 @@ from pand.engine.checkpoints import (
 )
 from pand.engine.builders import build_callbacks, build_loggers, close_loggers
 from pand.engine.callbacks import ParameterSummary
-from pand.engine.data import UNLABELLED_SPLIT, PandDataModule
+from pand.engine.data import PandDataModule
 from pand.engine.mixing import BatchMixer
 from pand.engine.module import DistillationModule
-from pand.engine.teacher_side import build_cache, build_teacher_side, label_val_with_teacher  # noqa: F401 - build_cache: `pand cache build`
+from pand.engine.teacher_side import (
+    build_teacher_side,
+    cache_settings,
+    label_val_with_teacher,
+    live_source,
+    load_teacher_from,
+    open_or_build_cache,
+)
 from pand.errors import ConfigError, Interrupted, MismatchError, OutputError
 from pand.interrupts import signal_name
 from pand.io import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text, mark_output_folder
 from pand.locks import FolderLock, remove_if_unused
 from pand.provenance import software_record
 from pand.students import build_student
-from pand.validation import validate_eval_options, validate_train_config
+from pand.students.checkpoint import load_checkpoint_student
 
 log = logging.getLogger("pand")
 
@@ -261,7 +270,6 @@ def _open_vocab(config: Mapping[str, Any], data: PandDataModule, module: Distill
     """Base / novel / HM top-1 and retrieval of the (best-on-val) student and of the teacher's zero-shot classifier;
     the teacher is loaded for this if the run trained from its cache."""
     from pand.engine.open_vocab_eval import format_report, open_vocab_report
-    from pand.engine.teacher_side import live_source, load_teacher_from
 
     live = live_source(module.teacher_source)
     report = open_vocab_report(module.distiller.student, data, config, live.teacher if live is not None else None,
@@ -289,8 +297,7 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     splits = tuple(splits)
     out_path = Path(out) if out else ckpt_path.with_suffix(".eval.json")
     validate_eval_options(splits, str(out_path))  # before the work, so results are never computed and then lost
-    loaded = load_student(ckpt_path)
-    student, config = loaded.model, loaded.config
+    student, config, _ = load_checkpoint_student(ckpt_path)
     if overrides:
         config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(config), OmegaConf.create(dict(overrides))))
     data = PandDataModule(config["data"], seed=int(config["seed"]))
@@ -324,3 +331,39 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         reason = OUTPUT_ERRNOS.get(err.errno, err.strerror or str(err))
         raise OutputError(f"could not write {out_path}: {reason}; the results are printed above") from None
     return results
+
+
+def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
+    """``pand cache build``: one process, or each process of a ``torchrun`` launch building its share.
+
+    Here, beside ``train`` and ``evaluate``, rather than in :mod:`pand.engine.teacher_side`: an entry point checks its
+    config first (:mod:`pand.engine.config_checks`), and those checks import the teacher side.
+    """
+    if not cache_settings(config):
+        raise ConfigError("set cache.dir=/path/to/cache and cache.views=K (> 0) to build a teacher cache")
+    validate_train_config(config, for_cache_build=True)
+    data = PandDataModule(config["data"], seed=int(config["seed"]))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return open_or_build_cache(config, data)
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        teacher = load_teacher_from(config, classes=data.classes)
+        return open_or_build_cache(config, data, teacher, rank=rank, world_size=world, barrier=_all_ok)
+    finally:
+        dist.destroy_process_group()
+
+
+def _all_ok(ok: bool = True) -> bool:
+    """A barrier that also tells every process whether all of them got there without an error."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

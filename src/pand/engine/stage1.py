@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 
-from pand.engine.data import input_folders, load_splits, refuse_outputs_inside
+from pand.engine.config_checks import validate_coop_config
+from pand.data.assembly import load_splits
+from pand.engine.data import input_folders, refuse_outputs_inside
 from pand.engine.teacher_side import load_teacher_from
 from pand.errors import ConfigError
 from pand.features import ensure_features, stored_agreement
 from pand.io import atomic_write_json, mark_output_folder
 from pand.teachers.precision import DEFAULT_TOLERANCE
-from pand.validation import validate_coop_config
 
 log = logging.getLogger("pand")
 

@@ -16,7 +16,6 @@ teacher (``needs_teacher_model``, PAT) also gets the live teacher model in its c
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +37,6 @@ from pand.teachers import (
     load_clip_teacher,
 )
 from pand.teachers.precision import DEFAULT_TOLERANCE
-from pand.validation import validate_train_config
 
 TEACHER_KINDS = ("clip", "classifier")
 
@@ -157,38 +155,6 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
     )
 
 
-def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
-    """``pand cache build``: one process, or each process of a ``torchrun`` launch building its share."""
-    if not cache_settings(config):
-        raise ConfigError("set cache.dir=/path/to/cache and cache.views=K (> 0) to build a teacher cache")
-    validate_train_config(config, for_cache_build=True)
-    data = PandDataModule(config["data"], seed=int(config["seed"]))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return open_or_build_cache(config, data)
-    import torch.distributed as dist
-
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        rank = dist.get_rank()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        teacher = load_teacher_from(config, classes=data.classes)
-        return open_or_build_cache(config, data, teacher, rank=rank, world_size=world, barrier=_all_ok)
-    finally:
-        dist.destroy_process_group()
-
-
-def _all_ok(ok: bool = True) -> bool:
-    """A barrier that also tells every process whether all of them got there without an error."""
-    import torch.distributed as dist
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def build_teacher_side(
     config: Mapping[str, Any], data: PandDataModule, method: type[Distiller]
 ) -> tuple[TeacherContext | None, nn.Module | None]:
@@ -197,7 +163,7 @@ def build_teacher_side(
     The teacher is loaded only when no teacher cache covers what the method reads.
     """
     reads = method.requires_for(config.get("method") or {})
-    if not reads and not method.needs_text_embeds and not method.needs_teacher_model:
+    if not method.uses_teacher_with(reads):
         return None, None
     missing = reads - teacher_provides(config)
     if missing:

@@ -1,9 +1,8 @@
-"""Student networks: a backbone that yields pooled features and a linear classifier on top."""
+"""Student networks: a backbone from :mod:`pand.networks` that yields pooled features and a linear classifier on top."""
 
-from pand.students.cifar import create_cifar_model, list_cifar_models
-from pand.students.factory import Student, build_student, load_weights_file
+from pand.students.factory import Student, build_student
 
-# Registers pand's 32-px ViT and Mixer in timm's registry.
-from pand.students import small_timm  # noqa: E402,F401  isort: skip
+# ``pand.students.cifar.create_cifar_model`` is the call pand's exported metadata names (:mod:`pand.export`).
+from pand.students import cifar  # noqa: E402,F401  isort: skip
 
-__all__ = ["Student", "build_student", "create_cifar_model", "list_cifar_models", "load_weights_file"]
+__all__ = ["Student", "build_student"]

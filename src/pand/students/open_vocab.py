@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pand.errors import ConfigError
+from pand.networks.stages import StageTap, default_stages
 from pand.students.factory import Student
-from pand.students.stages import StageTap, default_stages
 
 HEADS = ("conv", "mlp")
 FUSIONS = ("none", "film", "cross_attention")

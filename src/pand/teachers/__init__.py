@@ -1,7 +1,7 @@
 """Frozen teachers and the sources that deliver their outputs to distillers.
 
 The names below load their module (and torch) on first use, so that importing a light submodule such as
-:mod:`pand.teachers.fit` (the ``pand teacher fit`` command line) does not.
+:mod:`pand.teachers.standin_fit` (the ``pand teacher fit`` command line) does not.
 """
 
 from __future__ import annotations

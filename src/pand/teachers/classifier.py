@@ -67,7 +67,7 @@ def create_classifier(name: str, source: str, num_classes: int) -> nn.Module:
     import timm
     import torchvision
 
-    from pand.students.cifar import create_cifar_model, is_cifar_model
+    from pand.networks.cifar import create_cifar_model, is_cifar_model
 
     in_tv = name in torchvision.models.list_models(module=torchvision.models)
     in_timm = timm.is_model(name)
@@ -107,7 +107,7 @@ def load_classifier_teacher(
     size = teacher.get("image_size") or data.get("image_size")
     mean, std = teacher.get("mean") or data["mean"], teacher.get("std") or data["std"]
     if ckpt:
-        from pand.engine.checkpoints import load_checkpoint_student
+        from pand.students.checkpoint import load_checkpoint_student
 
         model, stored, record = load_checkpoint_student(ckpt)
         stored_data = stored["data"]
@@ -127,7 +127,7 @@ def load_classifier_teacher(
                 model = create_classifier(name, source, num_classes)
             origin = str(pretrained)
         else:
-            from pand.students.factory import load_weights_file
+            from pand.networks.weights import load_weights_file
 
             model = create_classifier(name, source, num_classes)
             try:

@@ -18,16 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pand.errors import ConfigError, PandError, WeightsUnavailableError
-from pand.teachers.frozen import IMAGE_EMBEDS, STAGE_FEATURES, FrozenTeacher
-from pand.teachers.hub import (
-    OFFLINE_SUGGESTION,
+from pand.networks.hub import (
     hf_cache_dir,
     hf_cached,
     hub_file_names,
     hub_offline,
     is_network_error,
-    root_reason,
+    offline_refusal,
+    unreachable_refusal,
 )
+from pand.teachers.frozen import IMAGE_EMBEDS, STAGE_FEATURES, FrozenTeacher
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def _weights_source(model: str, pretrained: str | None, cache_dir: str | None) -
 
 
 def _refuse_uncached_offline(model: str, pretrained: str | None, cache_dir: str | None) -> None:
-    """With ``HF_HUB_OFFLINE=1``, refuse at once weights that are not in the local cache (:mod:`pand.teachers.hub`)."""
+    """With ``HF_HUB_OFFLINE=1``, refuse at once weights that are not in the local cache (:mod:`pand.networks.hub`)."""
     source, folder, names = _weights_source(model, pretrained, cache_dir)
     if not names or model.startswith("local-dir:"):
         return  # nothing open_clip would download
@@ -292,10 +292,10 @@ def _refuse_uncached_offline(model: str, pretrained: str | None, cache_dir: str 
     if cached:
         return
     what = model if model.startswith("hf-hub:") else f"{model!r} (pretrained={pretrained!r}, from {source})"
-    raise WeightsUnavailableError(
-        f"the weights of teacher {what} are not in the local cache {folder} (looked for {', '.join(names)}), and "
-        "HF_HUB_OFFLINE=1 forbids downloading them. Offline, " + _local_weights_hint(model)
-    )
+    raise WeightsUnavailableError(offline_refusal(
+        f"the weights of teacher {what} are not in the local cache {folder} (looked for {', '.join(names)})",
+        _local_weights_hint(model),
+    ))
 
 
 def _download_failed(model: str, pretrained: str | None, cache_dir: str | None, err: Exception) -> PandError:
@@ -307,15 +307,14 @@ def _download_failed(model: str, pretrained: str | None, cache_dir: str | None, 
     what = model if model.startswith("hf-hub:") else f"{model!r} (pretrained={pretrained!r})"
     origin = f" from {source}" if source else ""
     if hub_offline():
-        return WeightsUnavailableError(
-            f"could not load the weights of teacher {what} from the local cache {folder}, and HF_HUB_OFFLINE=1 "
-            f"forbids downloading them ({root_reason(err)}). Offline, " + _local_weights_hint(model)
-        )
+        return WeightsUnavailableError(offline_refusal(
+            f"could not load the weights of teacher {what} from the local cache {folder}", _local_weights_hint(model),
+            err,
+        ))
     if is_network_error(err):
-        return WeightsUnavailableError(
-            f"could not download the weights of teacher {what}{origin} into {folder}: the network cannot be reached "
-            f"({root_reason(err)}). {OFFLINE_SUGGESTION}. Offline, " + _local_weights_hint(model)
-        )
+        return WeightsUnavailableError(unreachable_refusal(
+            f"could not download the weights of teacher {what}{origin} into {folder}", _local_weights_hint(model), err
+        ))
     return WeightsUnavailableError(
         f"could not obtain the weights of teacher {what}{origin}: {err}\nWithout network access, "
         + _local_weights_hint(model)
@@ -341,7 +340,7 @@ def load_clip_teacher(
 
     With ``HF_HUB_OFFLINE=1`` weights that are not in the local cache are refused at once, naming the model, the tag
     and the cache folder; a download that fails for a network reason suggests ``HF_HUB_OFFLINE=1`` and a local file
-    (see :mod:`pand.teachers.hub`).
+    (see :mod:`pand.networks.hub`).
     """
     import open_clip
 

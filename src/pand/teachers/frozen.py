@@ -9,7 +9,7 @@ Per-sample output names:
     ``logits``        B x C class logits: a classifier's own, or a CLIP teacher's zero-shot / CoOp ones.
     ``stage_features`` a list, one tensor per stage of :attr:`FrozenTeacher.stage_names`, shallow to deep: maps
                       ``[B, C, H, W]`` or tokens ``[B, N, C]``. Captured by forward hooks during the same forward
-                      pass (:class:`~pand.students.stages.StageTap`), never cached (too large per view).
+                      pass (:class:`~pand.networks.stages.StageTap`), never cached (too large per view).
 
 ``outputs`` runs with gradients enabled if the caller allows them: a source wraps it in ``torch.no_grad``; a method
 that trains modules inside the teacher (PAT's prompts) calls it with gradients flowing to those modules, while the
@@ -87,7 +87,7 @@ class FrozenTeacher(nn.Module):
     @property
     def stage_names(self) -> list[str]:
         if self._stage_names is None:
-            from pand.students.stages import default_stages
+            from pand.networks.stages import default_stages
 
             self._stage_names = default_stages(self.stage_root)
         return list(self._stage_names)
@@ -107,7 +107,7 @@ class FrozenTeacher(nn.Module):
             yield list
             return
         if self._tap is None:
-            from pand.students.stages import StageTap
+            from pand.networks.stages import StageTap
 
             self._tap = StageTap(self.stage_root, self.stage_names)
         self._tap.enabled = True

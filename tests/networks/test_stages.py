@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pand.errors import ConfigError
+from pand.networks.stages import StageTap, default_stages, stage_shapes
 from pand.students import build_student
-from pand.students.stages import StageTap, default_stages, stage_shapes
 
 
 def test_torchvision_resnet_stages_at_32_px():

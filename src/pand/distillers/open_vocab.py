@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
+from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext, mixing_enabled
 from pand.distillers.registry import register_distiller
 from pand.losses import embedding_distill_loss, label_infonce_loss
+from pand.rules import BOOL, POSITIVE, WEIGHT, choice, integer, number
 from pand.students import Student
 from pand.students.open_vocab import FUSIONS, HEADS, OpenVocabStudent
 from pand.teachers.source import IMAGE_EMBEDS
-from pand.validation import BOOL, POSITIVE, WEIGHT, choice, integer, number
 
 
 @register_distiller("openvocab")
@@ -62,8 +62,6 @@ class OpenVocab(Distiller):
 
     @classmethod
     def check_config(cls, config: Mapping[str, Any]) -> list[str]:
-        from pand.engine.mixing import mixing_enabled
-
         errors = []
         method = config.get("method") or {}
         if float(method.get("distill_weight", 1.0)) == 0 and float(method.get("align_weight", 1.0)) == 0:

@@ -9,8 +9,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from pand.teachers import load_clip_teacher
-from pand.teachers.fit import ARCHITECTURE, ASSET_PATH, file_sha256, main_fit, report_path
-from pand.teachers.fitting import fit_teacher
+from pand.teachers.standin_fit import ARCHITECTURE, ASSET_PATH, file_sha256, fit_teacher, main_fit, report_path
 from tests.fixtures.datasets import make_fashion_mnist
 
 REPORT_KEYS = {"architecture", "params", "epochs", "seconds", "seed", "val_top1", "test_top1"}

@@ -1,4 +1,5 @@
-"""Every setting is checked before any model or data is loaded; errors name the option, the value and the range."""
+"""Every setting of a composed config (:mod:`pand.engine.config_checks`) is checked before any model or data is loaded;
+errors name the option, the value and the range."""
 
 import errno
 import json
@@ -9,9 +10,9 @@ import pytest
 
 from pand.cli import main
 from pand.config import compose, to_plain
+from pand.engine.config_checks import validate_train_config
 from pand.errors import ConfigError, OutputError
 from pand.io import check_writable
-from pand.validation import Rule, integer, number, validate_train_config
 from tests.engine.conftest import tiny_overrides
 
 
@@ -22,7 +23,7 @@ def nothing_loads(monkeypatch):
 
     monkeypatch.setattr("pand.engine.teacher_side.load_clip_teacher", refuse)
     monkeypatch.setattr("pand.engine.run.build_student", refuse)
-    monkeypatch.setattr("pand.engine.data.get_dataset", refuse)
+    monkeypatch.setattr("pand.data.assembly.get_dataset", refuse)
 
 
 @pytest.mark.parametrize(
@@ -83,14 +84,6 @@ def test_the_packaged_configs_are_valid(cub_root, tmp_path):
     validate_train_config(to_plain(compose("train", ["trainer=ddp", "data=fashion_mnist", "optim=sgd"])))
 
 
-def test_rules_describe_their_range():
-    assert integer(1).describe() == "an integer >= 1"
-    assert number(0, 1, high_open=True).describe() == "a number >= 0 and < 1"
-    assert Rule("floats", low=0, low_open=True, length=3).describe() == "a list of 3 numbers, each > 0"
-    assert integer(1).problem(2.5) and integer(1).problem(True) and not integer(1).problem(3)
-    assert number(0).problem(float("nan")) and number(0).problem("1")
-
-
 def test_run_folder_under_a_file_is_refused_up_front(cub_root, tmp_path, capsys, nothing_loads):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -136,7 +129,7 @@ def test_eval_refuses_an_unwritable_out_before_evaluating(cub_root, tmp_path, ca
     assert main(["train", *tiny_overrides(cub_root, run, "method=ce", "trainer.max_epochs=1", "test=false")]) == 0
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setattr("pand.engine.run.load_student",
+    monkeypatch.setattr("pand.engine.run.load_checkpoint_student",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated before checking out")))
     capsys.readouterr()
     assert main(["eval", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"out={blocker / 'eval.json'}"]) == 2
@@ -207,7 +200,7 @@ def test_the_image_size_rule_matches_what_the_training_views_can_be_made_at(size
     from PIL import Image
 
     from pand.data.transforms import AugmentConfig, ReplayableAugment
-    from pand.validation import validate_train_settings
+    from pand.engine.config_checks import validate_train_settings
 
     try:
         validate_train_settings(_size_config(size, blur, kernel))
@@ -244,42 +237,7 @@ def test_a_student_trains_at_the_smallest_image_size(cub_root, tmp_path):
                                           "data.image_size=2", "data.resize_size=2")]) == 0
 
 
-# ------------------------------------------------------------------------------------------- devices, eval options
-@pytest.mark.parametrize(("gpus", "device", "problem"), [
-    (0, "cuda", "device='cuda' is not available: this machine has no CUDA GPU"),
-    (0, "cuda:0", "device='cuda:0' is not available: this machine has no CUDA GPU"),
-    (1, "cuda", None), (1, "cuda:0", None),
-    (1, "cuda:1", "device='cuda:1' is not available: this machine has 1 CUDA device(s), cuda:0"),
-    (4, "cuda:3", None),
-    (4, "cuda:4", "device='cuda:4' is not available: this machine has 4 CUDA device(s), cuda:0 to cuda:3"),
-    (0, "cpu", None), (0, "auto", None),
-    (0, "cuda:01", "device='cuda:01' is not allowed: expected auto, cpu, cuda, cuda:N or mps"),
-    (0, 1, "device=1 is not allowed: expected auto, cpu, cuda, cuda:N or mps"),
-])
-def test_a_device_is_refused_where_this_machine_lacks_it(gpus, device, problem, monkeypatch):
-    import torch
-
-    from pand.validation import device_errors
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    errors = device_errors("device", device)
-    assert (errors == []) if problem is None else (len(errors) == 1 and errors[0].startswith(problem)), errors
-
-
-def test_mps_is_refused_where_torch_has_no_apple_gpu(monkeypatch):
-    import torch
-
-    from pand.validation import device_errors
-
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert device_errors("--device", "mps") == [
-        "--device='mps' is not available: torch finds no Apple GPU (MPS) on this machine; use --device=cpu or "
-        "--device=auto"]
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert device_errors("--device", "mps") == []
-
-
+# ------------------------------------------------------------------------------------------------ eval options
 def test_eval_options_are_checked_before_the_checkpoint_is_loaded(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("pand.engine.run.evaluate", lambda *a, **k: pytest.fail("evaluated before checking options"))
     ckpt = tmp_path / "best.ckpt"

@@ -131,3 +131,17 @@ def root_reason(err: BaseException) -> str:
         seen.add(id(nxt))
         inner = nxt
     return f"{type(inner).__name__}: {inner}"
+
+
+def offline_refusal(missing: str, advice: str, err: BaseException | None = None) -> str:
+    """pand's one message for weights that ``HF_HUB_OFFLINE=1`` keeps from being downloaded, for teachers and
+    students alike: ``missing`` says which weights are not where (``"the weights of ... are not in the local cache
+    ..."``), ``err`` (if any) is the library's refusal, ``advice`` how to go on offline."""
+    reason = f" ({root_reason(err)})" if err is not None else ""
+    return f"{missing}, and HF_HUB_OFFLINE=1 forbids downloading them{reason}. Offline, {advice}"
+
+
+def unreachable_refusal(attempt: str, advice: str, err: BaseException) -> str:
+    """pand's one message for a download that failed for a network reason (``attempt``: ``"could not download ..."``):
+    the cause, the suggestion to set ``HF_HUB_OFFLINE=1`` and ``advice`` for going on offline."""
+    return f"{attempt}: the network cannot be reached ({root_reason(err)}). {OFFLINE_SUGGESTION}. Offline, {advice}"

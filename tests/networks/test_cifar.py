@@ -5,8 +5,9 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from pand.errors import ConfigError, WeightsUnavailableError
-from pand.students import build_student, create_cifar_model, list_cifar_models
-from pand.students.stages import default_stages, stage_shapes
+from pand.networks.cifar import create_cifar_model, list_cifar_models
+from pand.networks.stages import default_stages, stage_shapes
+from pand.students import build_student
 
 # Parameter counts (millions, CIFAR-100 head) as published for the CRD benchmark (Tian et al., "Contrastive
 # Representation Distillation", ICLR 2020) and the mdistiller tables that reuse its networks; they are an

@@ -1,4 +1,4 @@
-"""pand.teachers.hub: offline detection, cache look-ups and network-error classification, all without network."""
+"""pand.networks.hub: offline detection, cache look-ups and network-error classification, all without network."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import urllib.error
 import pytest
 
 from pand.errors import WeightsUnavailableError
-from pand.teachers import hub
+from pand.networks import hub
 from pand.teachers.clip import _refuse_uncached_offline
 
 

@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from pand.errors import ConfigError, WeightsUnavailableError
-from pand.students import build_student, load_weights_file
+from pand.networks import load_weights_file
+from pand.students import build_student
 
 
 def _mark(path):
@@ -137,7 +138,7 @@ def test_an_unknown_weights_name_lists_the_known_ones():
 def test_network_failure_suggests_offline_mode(monkeypatch):
     from huggingface_hub import constants
 
-    from pand.students import factory
+    from pand.networks import timm_models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -149,7 +150,7 @@ def test_network_failure_suggests_offline_mode(monkeypatch):
         except OSError as err:
             raise FileNotFoundError("cannot find the requested files in the local cache") from err
 
-    monkeypatch.setattr(factory, "_create_timm", unreachable)
+    monkeypatch.setattr(timm_models, "create_timm", unreachable)
     with pytest.raises(WeightsUnavailableError) as e:
         build_student("resnet18", 5, source="timm", pretrained=True)
     msg = str(e.value)

@@ -1,0 +1,179 @@
+"""A run's splits from its data config (``cfg.data``): :func:`load_splits`.
+
+On top of the official splits of :func:`~pand.data.get_dataset` this assembles what the config asks for: a few-shot
+labelled pool (``data.samples_per_class=K``, val carved from the pool), unlabelled training images
+(``data.unlabelled``: ``rest`` of the training split or a folder, at most ``data.unlabelled_limit``), a label-free run
+(``data.samples_per_class=0``, :func:`label_free`) and the base-to-novel class split (``data.class_split``). Every
+choice is seeded by ``data.split_seed`` (``data.class_split_seed``), so the same config gives the same splits, bit
+for bit. The splits are then checked for shared images and decoded once (:func:`load_splits`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pand.data.base import ClassificationDataset, restrict_classes, subset
+from pand.data.overlap import check_overlap
+from pand.data.splits import base_novel_classes, get_dataset, stratified_split
+from pand.data.unlabelled import HiddenLabels, check_unlabelled_setting, choose, unlabelled_folder
+from pand.data.verify import verify_splits
+from pand.data.walk import check_input_root
+from pand.errors import ConfigError, PandError
+
+
+def per_class_subset(targets: list[int], per_class: int, seed: int) -> list[int]:
+    """Indices of ``per_class`` items of every class (all of a class that has fewer), chosen with ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(targets):
+        by_class.setdefault(y, []).append(i)
+    chosen: list[int] = []
+    for y in sorted(by_class):
+        items = by_class[y]
+        pick = torch.randperm(len(items), generator=g)[:per_class].tolist()
+        chosen.extend(items[j] for j in pick)
+    return sorted(chosen)
+
+
+def load_splits(data: Mapping[str, Any], *, overlap: dict[str, int] | None = None) -> dict[str, ClassificationDataset]:
+    """The train / val / test datasets a data config describes (few-shot pool included).
+
+    The splits are compared by content first (:func:`~pand.data.overlap.check_overlap`): a val or test image that is
+    also a training image stops the run unless ``data.allow_overlap=true``; ``overlap``, if given, receives the counts
+    per pair of splits. Unless ``data.verify_images=false``, every image of every split is then decoded once
+    (remembered per dataset fingerprint), so that a corrupt test image stops the run before training, not after it.
+    """
+    if data.get("root") not in (None, ""):
+        check_input_root(data["root"], "data.root")
+    splits = _load_splits(data)
+    found = check_overlap(splits, allow=bool(data.get("allow_overlap", False)))
+    if overlap is not None:
+        overlap.clear()
+        overlap.update(found)
+    if data.get("verify_images", True):
+        verify_splits(splits, progress=sys.stderr.isatty())
+    return splits
+
+
+#: The extra split of a base-to-novel run: test images of the classes never trained on, labelled among those classes.
+NOVEL_TEST = "test_novel"
+
+
+def _load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
+    splits = _labelled_splits(data)
+    if data.get("class_split") != "base_novel":
+        return splits
+    # CoOp / CoCoOp base-to-novel, inductive: training and model selection see only the base classes' images and
+    # names; "test" is base test images among the base classes, "test_novel" novel test images among the novel ones.
+    base, novel = base_novel_classes(len(splits["test"].classes), int(data.get("class_split_seed", 0)))
+    out = {name: restrict_classes(ds, base) for name, ds in splits.items()}
+    out[NOVEL_TEST] = restrict_classes(splits["test"], novel, split=NOVEL_TEST)
+    return out
+
+
+def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
+    common = dict(
+        download=bool(data.get("download", False)),
+        split_seed=int(data.get("split_seed", 0)),
+        num_classes=data.get("num_classes"),
+        class_names_file=data.get("class_names_file"),
+    )
+    name, root = data["name"], data["root"]
+    k = data.get("samples_per_class")
+    seed = int(data.get("split_seed", 0))
+    source = unlabelled_source(data)
+    test = get_dataset(name, root, "test", val_fraction=float(data["val_fraction"]), **common)
+    if k is None:
+        train = get_dataset(name, root, "train", val_fraction=float(data["val_fraction"]), **common)
+        val = get_dataset(name, root, "val", val_fraction=float(data["val_fraction"]), **common)
+        splits = {"train": train, "val": val, "test": test}
+        if source is not None:  # a folder (rest needs a labelled pool; refused by unlabelled_source)
+            splits[UNLABELLED_SPLIT] = _limit(unlabelled_folder(source, test.classes, name), data)
+        return splits
+    # Few-shot: a labelled pool of k images per class from the official training data; val is carved from the pool
+    # so that model selection uses only labels the run is allowed to see.
+    full = get_dataset(name, root, "train", val_fraction=0.0, **common)
+    free = label_free(data)
+    if not free:
+        _check_every_class_has_images(full, int(k))
+    chosen = per_class_subset(full.targets, int(k), seed)
+    if source == "rest":
+        taken = set(chosen)
+        extra = HiddenLabels(subset(full, [i for i in range(len(full)) if i not in taken]))
+    elif source is not None:
+        extra = unlabelled_folder(source, full.classes, name)
+    else:
+        extra = None
+    if free:
+        return _label_free_splits(full, extra, test, data)
+    pool = subset(full, chosen)
+    keep, held = stratified_split(pool.targets, float(data["val_fraction"]), seed)
+    if not held:
+        raise ConfigError(
+            f"data.samples_per_class={k} with data.val_fraction={data['val_fraction']} leaves no validation images"
+        )
+    splits = {"train": subset(pool, keep), "val": subset(pool, held, split="val"), "test": test}
+    if extra is not None:
+        splits[UNLABELLED_SPLIT] = _limit(extra, data)
+    return splits
+
+
+def _check_every_class_has_images(full: ClassificationDataset, k: int) -> None:
+    """A class without a training image would get an empty labelled pool, trained and selected on without a word."""
+    counts = Counter(full.targets)
+    empty = [c for c in range(len(full.classes)) if not counts[c]]
+    if empty:
+        more = f" (and {len(empty) - 1} more: {', '.join(repr(full.classes[c]) for c in empty[1:4])}" \
+               f"{', ...' if len(empty) > 4 else ''})" if len(empty) > 1 else ""
+        raise PandError(
+            f"data.samples_per_class={k}: class {full.classes[empty[0]]!r} has no image in the training split of "
+            f"{full.name} at {full.root}{more}, so its labelled pool would be empty; add images of it, or use a "
+            "dataset without that class")
+
+
+#: The split of the unlabelled training images (``data.unlabelled``), next to train / val / test.
+UNLABELLED_SPLIT = "unlabelled"
+
+
+def unlabelled_source(data: Mapping[str, Any]) -> str | None:
+    """``rest``, a folder, or None; a label-free run (``samples_per_class=0``) uses ``rest`` unless told otherwise."""
+    source = check_unlabelled_setting(data.get("unlabelled"), data.get("samples_per_class"))
+    return "rest" if source is None and label_free(data) else source
+
+
+def label_free(data: Mapping[str, Any]) -> bool:
+    """True when the run has no labelled training image at all (``data.samples_per_class=0``)."""
+    k = data.get("samples_per_class")
+    return k is not None and int(k) == 0
+
+
+def _limit(dataset: ClassificationDataset, data: Mapping[str, Any]) -> ClassificationDataset:
+    limit = data.get("unlabelled_limit")
+    if limit is None or int(limit) >= len(dataset):
+        return dataset
+    return subset(dataset, choose(len(dataset), int(limit), int(data.get("split_seed", 0))))
+
+
+def _label_free_splits(full: ClassificationDataset, extra: ClassificationDataset, test: ClassificationDataset,
+                       data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
+    """No labelled image: train is empty, val a seeded share of the unlabelled images that the teacher labels
+    (:func:`pand.engine.teacher_side.label_val_with_teacher`), so model selection picks the student that agrees best
+    with its teacher; the test split keeps its real labels."""
+    n = len(extra)
+    g = torch.Generator().manual_seed(int(data.get("split_seed", 0)) * 7_907 + 3)
+    perm = torch.randperm(n, generator=g).tolist()
+    n_val = max(1, round(float(data["val_fraction"]) * n))
+    if n_val >= n:
+        raise ConfigError(f"data.val_fraction={data['val_fraction']} of {n} unlabelled images leaves none to train on")
+    held, rest = sorted(perm[:n_val]), sorted(perm[n_val:])
+    return {
+        "train": subset(full, [], split="train"),
+        "val": HiddenLabels(subset(extra, held), split="val"),
+        "test": test,
+        UNLABELLED_SPLIT: _limit(subset(extra, rest), data),
+    }
