@@ -106,14 +106,15 @@ def _read_values(args: Sequence[str]) -> dict:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    for arg in args:
+    values = OmegaConf.create()
+    for arg in args:  # one at a time, as OmegaConf.from_dotlist does, so that an error names its argument
         try:
-            OmegaConf.to_container(OmegaConf.from_dotlist([arg]))
+            values.merge_with_dotlist([arg])
         except (yaml.YAMLError, OmegaConfBaseException, ValueError) as err:
             reason = getattr(err, "problem", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ConfigError(f"cannot read {arg!r}: {reason}; check its brackets and quotes (a list is written "
                               "key=[a,b])") from None
-    return OmegaConf.to_container(OmegaConf.from_dotlist(list(args)))
+    return OmegaConf.to_container(values)
 
 
 _EVAL_KEYS = ("ckpt_path", "splits", "out")

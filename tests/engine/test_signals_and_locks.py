@@ -218,3 +218,12 @@ def test_outputs_inside_the_dataset_folder_are_refused_before_anything_is_writte
                    f"train images; pand never writes into a dataset: choose a {setting} outside it")
     assert not inside.exists()
     assert not (tmp_path / "run").exists()  # the refused run leaves no run folder behind
+
+
+def test_a_cache_build_inside_the_dataset_folder_is_refused(cub_root, tmp_path, capsys):
+    inside = cub_root / "pand-cache"
+    assert main(_cache_build(cub_root, tmp_path, inside)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"pand cache: error: cache.dir={inside} is inside {cub_root.resolve()}, the folder of the train "
+                   "images; pand never writes into a dataset: choose a cache.dir outside it")
+    assert not inside.exists()

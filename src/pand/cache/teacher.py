@@ -401,47 +401,33 @@ class TeacherCache:
                     if barrier is None or isinstance(err, Interrupted):
                         raise
                     failure = err
-            return cls._build_locked(folder, dataset, augment, teacher_source, record, k, batch_size, rank,
-                                     world_size, progress, probe, augment_on, num_workers, barrier, failure,
-                                     created, folder_existed)
-        except BaseException:
+            _agree(barrier, failure, f"process 0 could not prepare the teacher cache at {folder}; its error says why")
+            try:
+                try:
+                    cls._fill_share(folder, dataset, augment, teacher_source, int(record["seed"]), k, batch_size,
+                                    rank, world_size, progress, probe, augment_on, num_workers)
+                except Interrupted as stop:
+                    done = int(np.count_nonzero(np.load(folder / "done.npy", mmap_mode="r")))
+                    raise stop.with_saved(f"{done} of {len(dataset)} images of the teacher cache at {folder} (every "
+                                          "finished chunk is kept, and the next build continues from there)") from None
+                except BaseException as err:
+                    if barrier is None:
+                        raise
+                    failure = err
+                _agree(barrier, failure, f"another process failed while building the teacher cache at {folder}; "
+                       "its error says why")
+            except PrecisionError:
+                if created:  # refused before any row was written: leave no cache behind, as if never started
+                    remove_cache_files(folder)
+                raise
+            if rank == 0 or barrier is None:
+                return cls._finish(folder, probe.stats)
+            return None
+        finally:
             if lock is not None:
                 lock.release()
                 if not folder_existed:  # a build that failed before writing anything leaves no folder behind
                     remove_if_unused(folder)
-            raise
-        finally:
-            if lock is not None:
-                lock.release()
-
-    @classmethod
-    def _build_locked(cls, folder: Path, dataset: ClassificationDataset, augment: ReplayableAugment,
-                      teacher_source: nn.Module, record: Mapping[str, Any], k: int, batch_size: int, rank: int,
-                      world_size: int, progress: bool, probe: AgreementProbe, augment_on: str, num_workers: int,
-                      barrier, failure: BaseException | None, created: bool, folder_existed: bool
-                      ) -> TeacherCache | None:
-        _agree(barrier, failure, f"process 0 could not prepare the teacher cache at {folder}; its error says why")
-        try:
-            try:
-                cls._fill_share(folder, dataset, augment, teacher_source, int(record["seed"]), k, batch_size, rank,
-                                world_size, progress, probe, augment_on, num_workers)
-            except Interrupted as stop:
-                done = int(np.count_nonzero(np.load(folder / "done.npy", mmap_mode="r")))
-                raise stop.with_saved(f"{done} of {len(dataset)} images of the teacher cache at {folder} (every "
-                                      "finished chunk is kept, and the next build continues from there)") from None
-            except BaseException as err:
-                if barrier is None:
-                    raise
-                failure = err
-            _agree(barrier, failure, f"another process failed while building the teacher cache at {folder}; its "
-                   "error says why")
-        except PrecisionError:
-            if created:  # refused before any row was written: leave no cache behind, as if never started
-                remove_cache_files(folder)
-            raise
-        if rank == 0 or barrier is None:
-            return cls._finish(folder, probe.stats)
-        return None
 
     @classmethod
     def _prepare(cls, folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any], teacher_identity: Mapping,

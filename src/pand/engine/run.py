@@ -20,7 +20,6 @@ import torch
 from omegaconf import OmegaConf
 
 from pand.cache.teacher import TeacherCache
-from pand.engine.config_checks import validate_eval_options, validate_train_config
 from pand.data.assembly import UNLABELLED_SPLIT
 from pand.distillers import Distiller, build_distiller, get_distiller_class
 from pand.engine.checkpoints import (
@@ -32,6 +31,7 @@ from pand.engine.checkpoints import (
 )
 from pand.engine.builders import build_callbacks, build_loggers, close_loggers
 from pand.engine.callbacks import ParameterSummary
+from pand.engine.config_checks import validate_eval_options, validate_train_config
 from pand.engine.data import PandDataModule
 from pand.engine.mixing import BatchMixer
 from pand.engine.module import DistillationModule
@@ -162,13 +162,10 @@ def _train(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     lock = FolderLock(run_dir, "run folder").acquire()
     try:
         return _train_locked(config, run_dir)
-    except BaseException:
-        lock.release()
-        if created:
-            remove_if_unused(run_dir)
-        raise
     finally:
         lock.release()
+        if created:  # a run refused while its data or teacher loaded leaves no folder behind
+            remove_if_unused(run_dir)
 
 
 def _train_locked(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -343,6 +340,7 @@ def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
         raise ConfigError("set cache.dir=/path/to/cache and cache.views=K (> 0) to build a teacher cache")
     validate_train_config(config, for_cache_build=True)
     data = PandDataModule(config["data"], seed=int(config["seed"]))
+    data.check_outputs_outside({"cache.dir": config["cache"]["dir"]})
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return open_or_build_cache(config, data)
