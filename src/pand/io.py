@@ -44,6 +44,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _WriteErrorRecorder:
+    """A file object that remembers the OSError of a failed write.
+
+    ``torch.save`` turns a failed write (a full disk) into ``RuntimeError: ... unexpected pos 704 vs 598``; keeping
+    the OSError lets the caller report "no space left on the device" and the file instead.
+    """
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def atomic_write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
 
@@ -58,7 +80,13 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorder = _WriteErrorRecorder(f)
+            try:
+                write(recorder)  # type: ignore[arg-type]
+            except Exception as err:
+                if recorder.error is None or recorder.error is err:
+                    raise
+                raise recorder.error from err
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -61,22 +61,43 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_and_the_run_resumes
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(_ce(cub_root, straight)) == 0
 
-    real_save, saves = torch.save, []
+    real_fdopen, saves = os.fdopen, []
 
-    def full_disk_on_the_second_last_save(obj, f, *args, **kwargs):
-        name = os.readlink(f"/proc/self/fd/{f.fileno()}") if hasattr(f, "fileno") else str(f)
-        if ".last.ckpt." in name:
-            saves.append(name)
-            if len(saves) == 2:
-                f.write(b"PK\x03\x04 half a checkpoint")  # the start of a zip archive, then the disk is full
+    class FillsUp:
+        """A file on a disk that fills up after 1 MB. torch.save meets the failed write itself, and reports it as
+        "RuntimeError: unexpected pos": pand must still say that the disk is full."""
+
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(memoryview(data).cast("B"))
+            if self.written > 2**20:
                 raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
+            return self.f.write(data)
 
-    monkeypatch.setattr(torch, "save", full_disk_on_the_second_last_save)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_disk_on_the_second_last_save(fd, *args, **kwargs):
+        f = real_fdopen(fd, *args, **kwargs)
+        if ".last.ckpt." in os.readlink(f"/proc/self/fd/{fd}"):
+            saves.append(fd)
+            if len(saves) == 2:
+                return FillsUp(f)
+        return f
+
+    monkeypatch.setattr("pand.io.os.fdopen", full_disk_on_the_second_last_save)
     assert main(_ce(cub_root, killed)) == 2
     err = capsys.readouterr().err
     assert "no space left on the device" in err and "last.ckpt" in err and "Traceback" not in err
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr("pand.io.os.fdopen", real_fdopen)
 
     folder = killed / "checkpoints"
     assert read_checkpoint(folder / "last.ckpt")["epoch"] == 0  # the previous good file, intact
