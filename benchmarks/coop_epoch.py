@@ -19,7 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pand.prompts import PromptLearner, train_coop
+from pand.stage1.coop import train_coop
+from pand.stage1.learner import PromptLearner
 from pand.teachers import load_clip_teacher
 
 

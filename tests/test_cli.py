@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import pand
-from pand import cli_help, config_catalogue
+from pand import config_catalogue
 from pand.cli import COMMANDS, _setup_logging, main
 from pand.config import PAND_TRAINER_ARGS, TRAINER_ARGS, compose, to_plain
 from pand.errors import ConfigError

@@ -121,7 +121,7 @@ def test_an_unwritable_out_folder_is_refused_before_any_work(resnet18_ckpt, tmp_
     def refuse(*args, **kwargs):
         raise AssertionError("the student was loaded before the out folder was checked")
 
-    monkeypatch.setattr("pand.deploy.load_student", refuse)
+    monkeypatch.setattr("pand.export.load_student", refuse)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert main(["export", f"ckpt_path={resnet18_ckpt}", "format=safetensors", f"out={blocker / 'out'}"]) == 2
@@ -177,7 +177,7 @@ def test_open_vocabulary_student_exports_its_text_matrix_and_onnx_logits(data, t
 def test_export_options_are_checked_before_the_student_loads(tmp_path, monkeypatch, capsys):
     from pand.rules import validate_export_options
 
-    monkeypatch.setattr("pand.deploy.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
+    monkeypatch.setattr("pand.export.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
     ckpt = tmp_path / "best.ckpt"
     ckpt.write_bytes(b"not read")
     names = tmp_path / "names.txt"

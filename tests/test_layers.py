@@ -1,12 +1,57 @@
-"""The shape of the package: the layer contract of pyproject.toml holds (lint-imports), and no module takes part in an
-import cycle (imports inside functions count in both)."""
+"""The shape of the package: the layer contract of pyproject.toml holds (lint-imports), no module takes part in an
+import cycle (imports inside functions count in both), and pand modules are imported inside functions only where
+:data:`DEFERRED_IMPORTS` says why."""
 
+import ast
 from pathlib import Path
 
 import grimp
 from importlinter.cli import lint_imports
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The only modules that import pand modules inside functions, and why. Each reason is start-up time: these modules
+# are loaded to parse a command line or check settings, and what they defer loads torch, Lightning or omegaconf,
+# which `--help` and a refused setting must not wait for. Anywhere else an import goes at the top of the module.
+DEFERRED_IMPORTS = {
+    "pand": "`import pand` stays light; `pand.load_student` loads the deployment module on first use",
+    "pand.cli": "the command layer: each command imports its implementation when it runs, so `pand --help` and "
+                "`pand COMMAND --help` answer in ~0.1 s",
+    "pand.engine.config_checks": "the plain-value checks run before torch is loaded; the checks that need the "
+                                 "methods, the engine or the datasets import them where they run",
+    "pand.quickstart": "argparse command: `pand quickstart --help` answers before the engine is imported",
+    "pand.analysis.sweep": "argparse command (`pand sweep`, `pand gather`): --help and the CSV/plot of `gather` need "
+                           "neither omegaconf nor the engine",
+    "pand.analysis.tsne": "argparse command: --help answers before torch and the engine are imported",
+    "pand.bench": "argparse command: --help answers before the benchmark (torch) is imported",
+    "pand.teachers.standin_fit": "argparse command (`pand teacher fit`): --help answers before torch and open_clip "
+                                 "are imported",
+}
+
+
+def _function_level_pand_imports() -> dict[str, list[str]]:
+    """``{module: ["function: imported module", ...]}`` for every import of a pand module inside a function."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "src" / "pand").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT / "src").with_suffix("").parts).removesuffix(".__init__")
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    names = ["pand (relative)"]
+                found.setdefault(module, []).extend(f"{function.name}: {n}" for n in names
+                                                    if n == "pand" or n.startswith("pand"))
+    return {m: sorted(set(v)) for m, v in found.items() if v}
+
+
+def test_pand_modules_are_imported_inside_functions_only_where_listed_with_a_reason():
+    found = _function_level_pand_imports()
+    unlisted = {m: v for m, v in found.items() if m not in DEFERRED_IMPORTS}
+    assert unlisted == {}, "import these at the top of the module, or add the module to DEFERRED_IMPORTS with why"
+    assert sorted(set(DEFERRED_IMPORTS) - set(found)) == []  # a module that no longer defers leaves the list
 
 
 def test_every_module_imports_only_from_the_layers_below_it(monkeypatch):

@@ -23,9 +23,10 @@ import torch
 from pand.bench import _rules as bench_rules
 from pand.bench import parser as bench_parser
 from pand.cli import _EXPORT_KEYS, _PREDICT_KEYS, main
-from pand.engine.config_checks import COOP_RULES, TRAIN_RULES
+from pand.engine.config_checks import TRAIN_RULES
 from pand.quickstart import parser as quickstart_parser
 from pand.rules import EXPORT_RULES, PREDICT_RULES, Rule
+from pand.stage1.checks import COOP_RULES
 
 SEED = 22
 
@@ -285,7 +286,8 @@ def paths(tmp_path_factory) -> dict[str, str]:
 
 _HEAVY_WORK = (
     "pand.engine.run.train", "pand.engine.run.evaluate", "pand.engine.run.build_cache",
-    "pand.engine.stage1.run_features", "pand.engine.stage1.run_prompts", "pand.deploy.load_student",
+    "pand.stage1.run.run_features", "pand.stage1.run.run_prompts", "pand.deploy.load_student",
+    "pand.predict.load_student", "pand.export.load_student",
     "pand.predict.predict", "pand.export.export_student", "pand.bench.measure.run_bench",
     "pand.quickstart.quickstart", "pand.analysis.sweep.gather_runs", "pand.analysis.tsne.tsne_compare",
     "pand.teachers.standin_fit.fit_teacher",

@@ -8,7 +8,8 @@ import torch
 
 import pand
 from pand.config import compose, to_plain
-from pand.engine.config_checks import validate_coop_config, validate_train_config, validate_train_settings
+from pand.engine.config_checks import validate_train_config, validate_train_settings
+from pand.stage1.checks import validate_coop_config
 
 EXPERIMENTS = Path(pand.__file__).parent / "configs" / "experiment"
 DATASETS = ("cub", "aircraft", "pets", "dogs")

@@ -94,7 +94,7 @@ def test_predict_refuses_bad_input_with_the_reason(runs, tmp_path, capsys):
 
 
 def test_predict_and_export_refuse_unknown_and_missing_options_before_loading(capsys, monkeypatch):
-    monkeypatch.setattr("pand.deploy.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
+    monkeypatch.setattr("pand.predict.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
     assert main(["predict", "ckpt_path=x.ckpt", "images=a.jpg", "top_k=3"]) == 2
     assert "unknown argument 'top_k=3'" in capsys.readouterr().err
     assert main(["export", "ckpt_path=x.ckpt", "format=onnx"]) == 2
@@ -107,7 +107,7 @@ def test_predict_and_export_refuse_unknown_and_missing_options_before_loading(ca
 @pytest.fixture
 def inputs(tmp_path, monkeypatch):
     """A file standing for a checkpoint and a folder of images; loading a student fails the test."""
-    monkeypatch.setattr("pand.deploy.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
+    monkeypatch.setattr("pand.predict.load_student", lambda *a, **k: pytest.fail("loaded before checking options"))
     (tmp_path / "images").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
     (tmp_path / "student.ckpt").write_bytes(b"not read")

@@ -42,9 +42,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from pand.cli_help import EVAL_USAGE, EXPORT_USAGE, HELP, PREDICT_USAGE, TEACHER_USAGE
+from pand.config_catalogue import CONFIGS_DIR
 from pand.errors import ConfigError, Interrupted, PandError, close_matches, did_you_mean
 from pand.interrupts import exit_status, signal_name, stop_on_signals
 from pand.io import OUTPUT_ERRNOS
+from pand.rules import validate_export_options, validate_predict_options
+from pand.version import __version__
 
 # Nothing heavy at module level (no torch, Lightning, Hydra): `pand --help`, `pand COMMAND --help`, `pand --version`
 # and the refusal of a misspelt command or override answer in a fraction of a second.
@@ -126,8 +130,6 @@ def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
     config; nothing heavy is imported (OmegaConf only)."""
     from omegaconf import OmegaConf
 
-    from pand.cli_help import EVAL_USAGE
-    from pand.config_catalogue import CONFIGS_DIR
     from pand.engine.config_checks import EVAL_SPLITS
 
     own_args = [a for a in args if a.partition("=")[0] in _EVAL_KEYS]
@@ -195,9 +197,6 @@ _PREDICT_PATHS = ("ckpt_path", "images", "classes_file", "out")
 
 @_results_on_stdout
 def cmd_predict(args: Sequence[str]) -> int:
-    from pand.cli_help import PREDICT_USAGE
-    from pand.rules import validate_predict_options
-
     opts = _key_value_options("predict", args, _PREDICT_KEYS, ("ckpt_path", "images"), PREDICT_USAGE,
                               paths=_PREDICT_PATHS)
     validate_predict_options(opts)  # before torch is imported (but for a GPU device) and before the model is loaded
@@ -217,7 +216,6 @@ def cmd_predict(args: Sequence[str]) -> int:
 
 @_results_on_stdout
 def cmd_eval(args: Sequence[str]) -> int:
-    from pand.cli_help import EVAL_USAGE
     from pand.engine.config_checks import validate_eval_options
 
     _refuse_flags("eval", args)
@@ -249,7 +247,7 @@ def cmd_config(args: Sequence[str]) -> int:
 
 
 def _stage1_config(command: str, args: Sequence[str], *, writes_prompts: bool) -> dict[str, Any]:
-    from pand.engine.config_checks import validate_coop_config
+    from pand.stage1.checks import validate_coop_config
 
     _refuse_flags(command, args)
     config = _compose_train(args)
@@ -260,7 +258,7 @@ def _stage1_config(command: str, args: Sequence[str], *, writes_prompts: bool) -
 @_results_on_stdout
 def cmd_features(args: Sequence[str]) -> int:
     config = _stage1_config("features", args, writes_prompts=False)
-    from pand.engine.stage1 import features_agreement, run_features
+    from pand.stage1.run import features_agreement, run_features
 
     stored = {}
     features = run_features(config)
@@ -278,7 +276,7 @@ def cmd_features(args: Sequence[str]) -> int:
 @_results_on_stdout
 def cmd_prompts(args: Sequence[str]) -> int:
     config = _stage1_config("prompts", args, writes_prompts=True)
-    from pand.engine.stage1 import run_prompts
+    from pand.stage1.run import run_prompts
 
     summary = run_prompts(config)
     print(
@@ -361,8 +359,6 @@ def cmd_bench(args: Sequence[str]) -> int:
 
 
 def cmd_teacher(args: Sequence[str]) -> int:
-    from pand.cli_help import TEACHER_USAGE
-
     _subcommand("teacher", args, ("fit",), TEACHER_USAGE)
     from pand.teachers.standin_fit import main_fit
 
@@ -374,9 +370,6 @@ _EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names")
 
 @_results_on_stdout
 def cmd_export(args: Sequence[str]) -> int:
-    from pand.cli_help import EXPORT_USAGE
-    from pand.rules import validate_export_options
-
     opts = _key_value_options("export", args, _EXPORT_KEYS, ("ckpt_path", "format", "out"), EXPORT_USAGE,
                               paths=("ckpt_path", "out"))
     names = validate_export_options(opts)  # before torch is imported and the checkpoint loaded
@@ -480,7 +473,6 @@ COMMANDS = {
 def _own_help(command: str, args: Sequence[str]) -> bool:
     """Whether ``pand COMMAND args`` asks for help that pand prints itself (the argparse commands print their own:
     sweep, gather, tsne, quickstart, bench, teacher fit)."""
-    from pand.cli_help import HELP
 
     if command not in HELP:
         return False
@@ -490,8 +482,6 @@ def _own_help(command: str, args: Sequence[str]) -> bool:
 
 
 def _print_help(command: str | None) -> int:
-    from pand.cli_help import HELP
-
     if command is None:
         print(USAGE)
     elif command in HELP:
@@ -502,7 +492,6 @@ def _print_help(command: str | None) -> int:
 
 
 def _unknown_command(command: str) -> int:
-
     hint = did_you_mean([f"pand {m}" for m in close_matches(command, COMMANDS)])
     print(f"pand: error: unknown command {command!r}{hint}\n  commands: {', '.join(COMMANDS)} "
           "(pand --help describes them)", file=sys.stderr)
@@ -514,8 +503,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in _HELP_FLAGS:
         return _print_help(None)
     if argv[0] in ("-V", "--version"):
-        from pand import __version__
-
         print(f"pand {__version__}")
         return 0
     if argv[0] == "help":  # pand help [COMMAND]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 
-from pand.config_catalogue import CONFIGS_DIR, config_groups, config_settings, group_defaults
+from pand.config_catalogue import config_groups, config_settings, group_defaults
 
 _WIDTH = 118
 _COLUMN = 28  # where the descriptions start

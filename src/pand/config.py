@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,15 @@ def _unknown_key(line: str, o: Any, base: dict, groups: dict[str, list[str]]) ->
         # A free-form mapping (e.g. student.kwargs, passed to the model's constructor) takes new keys.
         message += f"; {parent} is free-form: +{line} adds {key} as a new key"
     return message
+
+
+def teacher_cache_settings(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``cache`` settings when the run reads its teacher's outputs from a teacher cache (``cache.dir`` set, with
+    at least one view), else None. The one answer to "is a teacher cache in use?", asked of unchecked configs too."""
+    cache = dict(config.get("cache") or {})
+    views = cache.get("views", 0)
+    in_use = bool(cache.get("dir")) and isinstance(views, int) and not isinstance(views, bool) and views > 0
+    return cache if in_use else None
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pand.data.transforms import eval_transform
+from pand.engine.open_vocab_eval import vocabulary_for
 from pand.errors import ConfigError
+from pand.students.checkpoint import load_checkpoint_student
+from pand.teachers.registry import load_teacher
 
 
 class LoadedStudent(tuple):
@@ -59,8 +63,6 @@ def load_student(path: str | os.PathLike, class_names: Sequence[str] | None = No
     classifies only the classes it was trained on, so it refuses other names. ``teacher`` skips loading the
     teacher again (a loaded CLIP teacher).
     """
-    from pand.data.transforms import eval_transform
-    from pand.students.checkpoint import load_checkpoint_student
 
     path = Path(path)
     model, config, record = load_checkpoint_student(path)
@@ -72,10 +74,7 @@ def load_student(path: str | os.PathLike, class_names: Sequence[str] | None = No
         if not class_names:
             raise ConfigError("class_names is empty: give at least one class name")
         if hasattr(model, "set_vocabulary"):
-            from pand.engine.open_vocab_eval import vocabulary_for
-            from pand.engine.teacher_side import load_teacher_from
-
-            teacher = teacher if teacher is not None else load_teacher_from(config, device="cpu")
+            teacher = teacher if teacher is not None else load_teacher(config, device="cpu")
             model.set_vocabulary(*vocabulary_for(teacher, class_names, config["data"]["templates"], model))
             names = class_names
         elif class_names != names:

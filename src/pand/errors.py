@@ -93,7 +93,7 @@ def suggest(word: str, options) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def did_you_mean(suggestions: Sequence[str]) -> str:
+def did_you_mean(suggestions: list[str] | tuple[str, ...]) -> str:
     """``"; did you mean a?"`` / ``"; did you mean a or b?"`` / ``""``."""
     if not suggestions:
         return ""

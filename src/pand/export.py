@@ -34,8 +34,11 @@ import torch
 from torch import nn
 
 import pand
+from pand.deploy import load_student, preprocessing
 from pand.errors import ConfigError, PandError
 from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_with, mark_output_folder
+from pand.networks.backbones import resolve_source
+from pand.networks.cifar import create_cifar_model
 from pand.rules import EXPORT_FORMATS, validate_export_options
 
 log = logging.getLogger("pand")
@@ -72,8 +75,6 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
     validate_export_options({"ckpt_path": ckpt_path, "format": fmt, "out": out_dir, "class_names": class_names})
     out = Path(out_dir).expanduser().absolute()
     created = not out.exists()  # marked only when pand makes it: out may name a folder of the user's
-
-    from pand.deploy import load_student, preprocessing
 
     ckpt_path = Path(ckpt_path)
     loaded = load_student(ckpt_path, class_names)
@@ -125,8 +126,6 @@ def _sha256(path: Path) -> str:
 
 
 def _architecture(model: nn.Module, config: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    from pand.networks.backbones import resolve_source
-
     s = config["student"]
     source = s.get("source", "auto")
     if source == "auto":
@@ -214,8 +213,6 @@ def _library_model(arch: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
         return model, f"timm.create_model({name!r}, num_classes={num_classes}{_call_args(kwargs)})", kwargs
     if source == "cifar":
-        from pand.networks.cifar import create_cifar_model
-
         return (create_cifar_model(name, num_classes=num_classes),
                 f"pand.students.cifar.create_cifar_model({name!r}, num_classes={num_classes})", {})
     raise ConfigError(f"unknown student source {source!r}")

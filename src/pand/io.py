@@ -8,6 +8,7 @@ real name (``os.replace`` is atomic within one file system). Writing next to the
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from pand.errors import OutputError
+from pand.errors import OutputError, PandError
 
 _TMP_SUFFIX = ".tmp"
 
@@ -144,9 +145,18 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
     return folder
 
 
+def file_digest(path: str | os.PathLike, digest_size: int = 16) -> str:
+    """blake2b of a file's content (hex), read in 1 MB blocks: names a weights file or a cache array by what it
+    holds, so that a file rewritten in place under the same name is told apart."""
+    h = hashlib.blake2b(digest_size=digest_size)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Parse a JSON file; a damaged one is a :class:`~pand.errors.PandError` naming it, not a decoder traceback."""
-    from pand.errors import PandError
 
     path = Path(path)
     try:

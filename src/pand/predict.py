@@ -22,10 +22,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pand.data.base import open_rgb
-from pand.data.walk import check_input_root, listed, reads, walk
+from pand.data.walk import check_input_root
 from pand.data.walk import glob as walk_glob
+from pand.data.walk import listed, reads, walk
+from pand.deploy import load_student
 from pand.errors import ConfigError
-from pand.rules import PREDICTION_SUFFIXES, read_class_names, validate_predict_options
+from pand.io import atomic_write_json, atomic_write_text
+from pand.rules import PREDICTION_SUFFIXES, read_class_names, resolve_device, validate_predict_options
 from pand.spreadsheet import spreadsheet_cell
 
 OUTPUT_SUFFIXES = PREDICTION_SUFFIXES
@@ -87,13 +90,12 @@ def predict(ckpt_path: str | os.PathLike, images: str | os.PathLike, *, topk: in
 
     Every argument is checked before the model is loaded, the folder of ``out`` included, so that predictions are
     never computed and then lost."""
-    from pand.deploy import load_student
 
     names = validate_predict_options({"ckpt_path": ckpt_path, "images": images, "topk": topk, "classes": classes,
                                       "classes_file": classes_file, "out": out, "batch_size": batch_size,
                                       "num_workers": num_workers, "device": str(device)})
     files = find_images(images)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device)
     loaded = load_student(ckpt_path, names, device=device)
     k = min(int(topk), len(loaded.class_names))
     loader = DataLoader(_Files(files, loaded.preprocess), batch_size=int(batch_size), num_workers=int(num_workers))
@@ -130,7 +132,6 @@ def write_predictions(rows: list[dict[str, Any]], out: str | os.PathLike) -> Non
 
     Text cells of the CSV (image paths, class names) that a spreadsheet would run as a formula are escaped
     (:func:`pand.spreadsheet.spreadsheet_cell`); the JSON keeps every name exactly."""
-    from pand.io import atomic_write_json, atomic_write_text
 
     out = Path(out).expanduser()
     if out.suffix.lower() == ".json":

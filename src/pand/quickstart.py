@@ -29,8 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pand.analysis.sweep import save_figure
 from pand.arguments import ArgumentParser
 from pand.errors import PandError
+from pand.io import atomic_write_json, atomic_write_text
 
 METHODS = ("ce", "kd", "vl2lite", "pand")
 #: The methods run again with unlabelled images (ce has no teacher term that could use them).
@@ -59,7 +61,7 @@ def _data_overrides(args: argparse.Namespace, seed: int) -> list[str]:
 
 def run_stage1(args: argparse.Namespace, seed: int, seed_dir: Path) -> dict[str, Any]:
     from pand.config import compose, to_plain
-    from pand.engine.stage1 import run_prompts
+    from pand.stage1.run import run_prompts
 
     overrides = _data_overrides(args, seed) + [
         f"features.dir={seed_dir / 'features'}",
@@ -115,8 +117,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def learning_curves(run_dirs: dict[str, Path], out: Path) -> Path:
     """Validation top-1 per epoch of each method (first seed)."""
     from matplotlib.figure import Figure
-
-    from pand.analysis.sweep import save_figure
 
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
@@ -214,8 +214,6 @@ def _open_vocab_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def quickstart(args: argparse.Namespace) -> dict[str, Any]:
-    from pand.io import atomic_write_json, atomic_write_text
-
     start = time.time()
     out_dir = Path(args.out)
     seeds = list(range(args.seed, args.seed + args.seeds))

@@ -151,6 +151,8 @@ def show(value: Any) -> str:
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
+#: Where the training views are made (``data.augment_on``): in the loader processes, or a batch at once on the device.
+AUGMENT_ON = ("cpu", "device")
 
 
 def device_errors(key: str, value: Any) -> list[str]:
@@ -180,6 +182,15 @@ def device_errors(key: str, value: Any) -> list[str]:
         have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
         return [f"{key}={show(value)} is not available: this machine has {count} CUDA device(s), {have}"]
     return []
+
+
+def resolve_device(value: str | None) -> str:
+    """The device a (checked) device setting names: ``auto`` or unset is the GPU when torch finds one, else the CPU."""
+    if value not in (None, "auto"):
+        return str(value)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _as_path(key: str, value: Any) -> tuple[Path | None, list[str]]:
@@ -278,12 +289,35 @@ def read_class_names(classes: Sequence[str] | str | None, classes_file: str | os
     return names
 
 
-def raise_option_errors(errors: Sequence[str]) -> None:
-    """As for training settings: one problem on the error line, several listed under it."""
+def raise_option_errors(errors: Sequence[str], what: str = "option") -> None:
+    """Refuse ``errors`` (if any): one problem fits on the ``pand COMMAND: error: ...`` line; several are listed one
+    per line under it. ``what`` names the kind of setting (``training setting``, ``stage-1 setting``)."""
     if len(errors) == 1:
-        raise ConfigError(f"invalid option: {errors[0]}")
+        raise ConfigError(f"invalid {what}: {errors[0]}")
     if errors:
-        raise ConfigError(f"{len(errors)} invalid options:\n  " + "\n  ".join(errors))
+        raise ConfigError(f"{len(errors)} invalid {what}s:\n  " + "\n  ".join(errors))
+
+
+def data_setting_errors(config: Mapping[str, Any]) -> list[str]:
+    """The ``data`` settings that only make sense together (crop and resize sizes, CLIP templates, overlap), shared by
+    training and stage 1."""
+    errors = []
+    data = config.get("data") or {}
+    image, resize = data.get("image_size"), data.get("resize_size")
+    if isinstance(image, int) and isinstance(resize, int) and resize < image:
+        errors.append(f"data.resize_size={resize} is smaller than data.image_size={image}: the crop cannot fit")
+    templates = data.get("templates", MISSING)
+    if templates is not MISSING:
+        if not isinstance(templates, (list, tuple)) or not templates:
+            errors.append(f"data.templates={show(templates)} is not allowed: expected a non-empty list of prompts")
+        else:
+            errors.extend(f"data.templates[{i}]={t!r} has no '{{}}' where the class name goes"
+                          for i, t in enumerate(templates) if not isinstance(t, str) or "{}" not in t)
+    allow = data.get("allow_overlap", MISSING)
+    if allow is not MISSING and not isinstance(allow, bool):
+        errors.append(f"data.allow_overlap={show(allow)} is not allowed: expected true or false (true: run although "
+                      "a val or test image is also a training image, and record it in the run summary)")
+    return errors
 
 
 

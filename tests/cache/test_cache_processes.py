@@ -13,7 +13,8 @@ def _worker(rank, world, init_file, cub_root, cache_dir, results):
     from pand.config import compose, to_plain
     from pand.engine.data import PandDataModule
     from pand.engine.run import _all_ok
-    from pand.engine.teacher_side import load_teacher_from, open_or_build_cache
+    from pand.engine.teacher_side import open_or_build_cache
+    from pand.teachers.registry import load_teacher
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -23,7 +24,7 @@ def _worker(rank, world, init_file, cub_root, cache_dir, results):
         config = to_plain(compose("train", tiny_overrides(cub_root, "unused", f"cache.dir={cache_dir}", "cache.views=2")))
         data = PandDataModule(config["data"], seed=0)
         try:
-            open_or_build_cache(config, data, load_teacher_from(config, "cpu"), rank=rank, world_size=world,
+            open_or_build_cache(config, data, load_teacher(config, "cpu"), rank=rank, world_size=world,
                                 barrier=_all_ok)
             results[rank] = "built"
         except Exception as err:  # noqa: BLE001 - the test reports what each process raised

@@ -21,12 +21,12 @@ from pand.engine.data import PandDataModule
 from pand.engine.run import build_training
 from pand.engine.teacher_side import (
     build_teacher_side,
-    load_teacher_from,
     open_or_build_cache,
 )
 from pand.errors import ConfigError, MismatchError, PandError
 from pand.teachers import LOGITS, LiveTeacherSource
 from pand.teachers.classifier import create_classifier
+from pand.teachers.registry import load_teacher
 from tests.engine.conftest import tiny_overrides
 
 CLASSIFIER = ("teacher=classifier", "teacher.model=test_resnet", "teacher.source=timm", "student=timm",
@@ -43,7 +43,7 @@ def _config(cub_root, tmp_path, *extra):
 
 
 def _live(config, data):
-    teacher = load_teacher_from(config, classes=data.classes)
+    teacher = load_teacher(config, classes=data.classes)
     return LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
 
 
@@ -141,7 +141,7 @@ def test_cache_of_another_teacher_is_refused_with_the_reason(cub_root, tmp_path)
     data = PandDataModule(config["data"], seed=0)
     built = open_or_build_cache(config, data)
     other = _config(cub_root, tmp_path, "teacher.pretrained=random:1")
-    assert load_teacher_from(other, classes=data.classes).identity["weights"] != built.meta["teacher"]["weights"]
+    assert load_teacher(other, classes=data.classes).identity["weights"] != built.meta["teacher"]["weights"]
     with pytest.raises(MismatchError, match=r"teacher_spec: stored .*'random:0'.*expected .*'random:1'"):
         open_or_build_cache(other, data)
     # a CLIP teacher's run is refused too: another teacher, other outputs
@@ -198,7 +198,7 @@ def test_a_method_reading_more_than_the_cache_holds_is_refused_before_any_cache(
     with pytest.raises(ConfigError) as err:
         build_teacher_side(config, data, get_distiller_class("nrkd"))
     message = str(err.value)
-    assert "method 'nrkd' reads ['stage_features']" in message and "needs the live teacher" in message
+    assert "method 'nrkd' reads the teacher's stage features" in message and "needs the live teacher" in message
     assert "remove cache.dir" in message
     assert not (tmp_path / "cache").exists() and data.teacher_cache is None
 
@@ -273,7 +273,6 @@ def test_training_from_a_classifier_cache_never_loads_the_teacher(cub_root, tmp_
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded although the cache covers the run")
 
-    monkeypatch.setattr("pand.engine.teacher_side.load_classifier_teacher", refuse)
     monkeypatch.setattr("pand.teachers.classifier.load_classifier_teacher", refuse)
     run = tmp_path / "second"
     second = [o.replace(str(tmp_path / "first"), str(run)) for o in overrides]
@@ -287,7 +286,7 @@ def test_topk_is_refused_for_a_clip_teachers_cache(cub_root, tmp_path, capsys):
     overrides = tiny_overrides(cub_root, tmp_path / "run", f"cache.dir={tmp_path / 'cache'}", "cache.views=2",
                                "cache.topk=5")
     assert main(["train", *overrides]) == 2
-    assert "cache.topk=5 is set, but a clip teacher's cache stores image embeddings" in capsys.readouterr().err
+    assert "cache.topk=5 is set, but a clip teacher's cache stores image_embeds, not logits" in capsys.readouterr().err
 
 
 def test_bf16_logit_cache_is_probed_on_its_logits_and_agrees_with_fp32(cub_root, tmp_path):

@@ -13,18 +13,19 @@ import torch
 
 import pand.cache.integrity as integrity
 import pand.cache.teacher as teacher_mod
+import pand.cache.teacher.build as teacher_build
 from pand.cache.integrity import CacheDamagedError, allocate_npy, array_layout
 from pand.cache.teacher import TeacherCache, cache_record
 from pand.cli import main
+from pand.config import teacher_cache_settings
 from pand.engine.data import PandDataModule
 from pand.engine.teacher_side import (
-    cache_settings,
-    load_teacher_from,
     open_or_build_cache,
     teacher_spec,
 )
 from pand.errors import MismatchError, OutputError, PandError
 from pand.locks import LOCK_FILE
+from pand.teachers.registry import load_teacher
 from pand.teachers.source import LiveTeacherSource
 from tests.cache.test_teacher_cache import _config
 from tests.engine.conftest import tiny_overrides
@@ -35,11 +36,11 @@ ARRAY_FILES = ("params.npy", "embeds.npy", "done.npy", "digests.npy")
 # -- helpers -------------------------------------------------------------------------------------------------------
 def _build(config, data, *, rebuild=False):
     """TeacherCache.build exactly as the engine calls it (so build's own refusals are tested, not the engine's)."""
-    settings = cache_settings(config)
+    settings = teacher_cache_settings(config)
     train, templates = data.splits["train"], list(config["data"]["templates"])
     record = cache_record(teacher_spec=teacher_spec(config), dataset=train, augment=data.augment,
                           views=int(settings["views"]), seed=int(settings.get("seed", 0)), templates=templates)
-    teacher = load_teacher_from(config)
+    teacher = load_teacher(config)
     source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
     return TeacherCache.build(
         settings["dir"], record, train, data.augment, source, teacher.class_embeddings(train.classes, templates),
@@ -268,14 +269,14 @@ def test_pand_cache_build_never_calls_a_damaged_cache_complete(cub_root, tmp_pat
 def test_a_build_that_fails_its_final_verification_is_not_marked_complete(cub_root, tmp_path, monkeypatch):
     config = _config(cub_root, tmp_path)
     data = PandDataModule(config["data"], seed=0)
-    real = teacher_mod.verify_cache
+    real = teacher_build.verify_cache
 
     def disk_loses_the_tail(folder, meta, verify="auto", rows=True):
         if meta.get("complete"):
             _truncate(folder / "embeds.npy")
         return real(folder, meta, verify, rows)
 
-    monkeypatch.setattr(teacher_mod, "verify_cache", disk_loses_the_tail)
+    monkeypatch.setattr(teacher_build, "verify_cache", disk_loses_the_tail)
     with pytest.raises(CacheDamagedError, match=r"embeds\.npy is .*: truncated \(found when verifying the cache just"):
         open_or_build_cache(config, data)
     assert json.loads((tmp_path / "cache" / "meta.json").read_text())["complete"] is False

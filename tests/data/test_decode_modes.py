@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pand.data.base import FileDataset, open_rgb, to_rgb
-from pand.data.transforms import AugmentConfig, ReplayableAugment, _to_uint8_chw, eval_transform, view_generator
+from pand.data.image_ops import to_uint8_chw
+from pand.data.transforms import AugmentConfig, ReplayableAugment, eval_transform, view_generator
 from pand.data.unlabelled import unlabelled_folder
 from pand.data.verify import _decode_error, verify_images
 from pand.errors import CorruptImageError, DatasetNotFoundError
@@ -260,7 +261,7 @@ def test_training_paths_read_a_16bit_png_as_open_rgb_does(ramp_file, tmp_path):
     # an image handed over in memory, still 16-bit, goes through the same conversion as a file
     with PIL.Image.open(ramp_file) as raw:
         assert raw.mode == "I;16"
-        assert torch.equal(_to_uint8_chw(raw), _to_uint8_chw(expected))
+        assert torch.equal(to_uint8_chw(raw), to_uint8_chw(expected))
         assert torch.equal(evaluate(raw), evaluate(expected))
     np.testing.assert_array_equal(np.asarray(to_rgb(PIL.Image.fromarray(RAMP16))), np.asarray(expected))
 
@@ -279,7 +280,6 @@ def test_decoded_image_cache_stores_a_16bit_png_as_open_rgb_decodes_it(ramp_file
 
 
 def test_predict_reads_a_16bit_png_as_open_rgb_does(ramp_file, tmp_path, monkeypatch):
-    import pand.deploy
     from pand.predict import predict
 
     seen = []
@@ -296,7 +296,7 @@ def test_predict_reads_a_16bit_png_as_open_rgb_does(ramp_file, tmp_path, monkeyp
         def model(batch):
             return torch.zeros(len(batch), 2)
 
-    monkeypatch.setattr(pand.deploy, "load_student", lambda *a, **k: Loaded)
+    monkeypatch.setattr("pand.predict.load_student", lambda *a, **k: Loaded)
     ckpt = tmp_path / "student.ckpt"  # never read: load_student is replaced
     ckpt.write_bytes(b"")
     rows = predict(ckpt, ramp_file, topk=1, device="cpu", progress=False)

@@ -10,19 +10,16 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from torchvision.transforms.v2 import functional as TF
 
+from pand.data.image_ops import resized_hw
 from pand.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     AugmentConfig,
     ReplayableAugment,
-    _adjust_hue,
-    _gaussian_blur,
     default_blur_kernel,
     denormalize,
     eval_transform,
-    resized_hw,
     view_generator,
 )
 
@@ -260,7 +257,7 @@ def test_params_for_other_image_rejected():
 # ----------------------------------------------------------------- photometric
 
 
-def test_blur_and_jitter_change_output_and_match_torchvision():
+def test_blur_and_jitter_change_output():
     aug = _small_aug()
     img = _rgb_image()
     ident = aug.identity_params((150, 200))
@@ -269,12 +266,6 @@ def test_blur_and_jitter_change_output_and_match_torchvision():
         p = ident.clone()
         p[IDX[name]] = val
         assert not torch.allclose(aug.apply(img, p), base), name
-    # the fast blur / hue kernels agree with torchvision's reference ones
-    x = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(0))
-    ref = TF.gaussian_blur(x, [7, 7], [1.3, 1.3])
-    assert torch.allclose(_gaussian_blur(x, 7, 1.3), ref, atol=1e-5)
-    for hf in (-0.5, -0.2, 0.0, 0.05, 0.37, 0.5):
-        assert torch.allclose(_adjust_hue(x, hf), TF.adjust_hue(x, hf), atol=1e-5), hf
 
 
 def test_jitter_order_matters():

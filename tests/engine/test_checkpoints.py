@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from pand.cli import main
 from pand.checkpoint_files import read_checkpoint
+from pand.cli import main
 from pand.engine.checkpoints import check_resume_config
 from pand.engine.module import DistillationModule
 from pand.errors import CheckpointError
@@ -167,7 +167,7 @@ def test_resume_with_other_settings_is_refused_naming_the_field(finished_run, cu
     def refuse(*args, **kwargs):
         raise AssertionError("loaded before the checkpoint was checked")
 
-    monkeypatch.setattr("pand.engine.teacher_side.load_clip_teacher", refuse)
+    monkeypatch.setattr("pand.teachers.clip.load_clip_teacher", refuse)
     monkeypatch.setattr("pand.engine.run.build_student", refuse)
     assert main(_resume(cub_root, finished_run, override)) == 2
     err = capsys.readouterr().err
@@ -295,8 +295,8 @@ def test_unexpected_errors_keep_their_traceback(cub_root, tmp_path, monkeypatch)
 
 
 def test_a_diverged_loss_stops_training_in_one_line(cub_root, tmp_path, monkeypatch, capsys):
-    from pand.distillers.ce import CrossEntropy
     from pand.distillers.base import DistillerOutput
+    from pand.distillers.ce import CrossEntropy
 
     def diverged(self, batch, teacher, progress):
         logits = self.student(batch["image"])

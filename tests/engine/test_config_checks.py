@@ -21,7 +21,7 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("something was loaded before the config was validated")
 
-    monkeypatch.setattr("pand.engine.teacher_side.load_clip_teacher", refuse)
+    monkeypatch.setattr("pand.teachers.clip.load_clip_teacher", refuse)
     monkeypatch.setattr("pand.engine.run.build_student", refuse)
     monkeypatch.setattr("pand.data.assembly.get_dataset", refuse)
 
@@ -176,7 +176,7 @@ def test_gather_names_a_broken_summary(tmp_path, capsys):
 )
 def test_stage1_settings_are_refused_before_the_teacher_loads(cub_root, tmp_path, command, override, message,
                                                               monkeypatch, capsys):
-    monkeypatch.setattr("pand.engine.stage1.load_teacher_from",
+    monkeypatch.setattr("pand.stage1.run.load_teacher",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher loaded")))
     args = [command, "data=cub", f"data.root={cub_root}", "data.num_classes=3", "teacher=tiny",
             f"features.dir={tmp_path / 'features'}", override]

@@ -8,18 +8,18 @@ import torch
 
 from pand.cli import main
 from pand.config import compose, to_plain
-from pand.engine.config_checks import validate_train_config
 from pand.data import base_novel_classes, restrict_classes
-from pand.students.checkpoint import load_checkpoint_student
 from pand.data.assembly import NOVEL_TEST, load_splits
+from pand.engine.config_checks import validate_train_config
 from pand.engine.open_vocab_eval import (
     harmonic_mean,
     retrieval_metrics,
     top1,
     vocabulary_for,
 )
-from pand.engine.teacher_side import load_teacher_from
 from pand.errors import ConfigError
+from pand.students.checkpoint import load_checkpoint_student
+from pand.teachers.registry import load_teacher
 from pand.teachers.source import LiveTeacherSource
 from tests.engine.conftest import tiny_overrides
 from tests.fixtures.datasets import make_cub
@@ -122,7 +122,7 @@ def test_student_classifies_names_given_at_run_time(cub4, tmp_path):
     run = tmp_path / "run"
     assert main(["train", *_overrides(cub4, run, "trainer.max_epochs=1")]) == 0
     student, config, _ = load_checkpoint_student(run / "checkpoints" / "best.ckpt")
-    teacher = load_teacher_from(config, device="cpu")
+    teacher = load_teacher(config, device="cpu")
     from pand.engine.data import PandDataModule
 
     data = PandDataModule(config["data"], seed=0)

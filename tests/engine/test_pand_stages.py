@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import pand.features
+import pand.stage1.features
 from pand.cli import main
 from pand.config import compose, to_plain
-from pand.engine.stage1 import run_features, run_prompts
 from pand.errors import ConfigError, PandError
-from pand.prompts.store import read_record, save_text_features
 from pand.provenance import load_tensors
+from pand.stage1.run import run_features, run_prompts
+from pand.stage1.store import read_record, save_text_features
 from tests.engine.conftest import tiny_overrides
 
 CLASSES = ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
@@ -58,7 +58,7 @@ def test_features_are_stored_with_provenance_reused_and_refused_when_foreign(cub
     def no_extraction(*args, **kwargs):
         raise AssertionError("stored features were recomputed")
 
-    monkeypatch.setattr(pand.features, "extract_features", no_extraction)
+    monkeypatch.setattr(pand.stage1.features, "extract_features", no_extraction)
     assert main(["features", *stage1_overrides(cub_root, runs)]) == 0  # reused, not recomputed
 
     with pytest.raises(PandError) as refused:
@@ -81,7 +81,7 @@ def test_features_device_is_where_stage1_runs(cub_root, tmp_path, monkeypatch):
         seen["device"] = device
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr("pand.engine.stage1.load_teacher_from", fake_teacher)
+    monkeypatch.setattr("pand.stage1.run.load_teacher", fake_teacher)
     with pytest.raises(RuntimeError, match="stop here"):
         run_features(stage1_config(cub_root, tmp_path / "runs", "features.device=cpu"))
     assert seen["device"] == "cpu"
@@ -99,7 +99,7 @@ def test_features_device_is_where_stage1_runs(cub_root, tmp_path, monkeypatch):
     ],
 )
 def test_new_stage1_keys_are_validated_before_the_teacher_loads(cub_root, tmp_path, monkeypatch, override, message):
-    monkeypatch.setattr("pand.engine.stage1.load_teacher_from",
+    monkeypatch.setattr("pand.stage1.run.load_teacher",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher loaded")))
     with pytest.raises(ConfigError, match=message):
         run_prompts(stage1_config(cub_root, tmp_path / "runs", override))

@@ -96,7 +96,7 @@ def test_ce_never_loads_a_teacher(cub_root, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded for method=ce")
 
-    monkeypatch.setattr("pand.engine.teacher_side.load_clip_teacher", refuse)
+    monkeypatch.setattr("pand.teachers.clip.load_clip_teacher", refuse)
     assert main(["train", *tiny_overrides(cub_root, tmp_path / "run", "method=ce", "trainer.max_epochs=1")]) == 0
 
 

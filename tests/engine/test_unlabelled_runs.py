@@ -10,8 +10,8 @@ import torch
 
 from pand.cli import main
 from pand.config import compose, to_plain
-from pand.engine.config_checks import validate_train_config
 from pand.distillers.kd import KD
+from pand.engine.config_checks import validate_train_config
 from pand.engine.run import build_training
 from pand.errors import ConfigError
 from tests.engine.conftest import tiny_overrides
@@ -60,7 +60,7 @@ def test_the_teacher_cache_covers_the_unlabelled_images(cub_root, tmp_path, monk
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded although the cache covers the run")
 
-    monkeypatch.setattr("pand.engine.teacher_side.load_clip_teacher", refuse)
+    monkeypatch.setattr("pand.teachers.clip.load_clip_teacher", refuse)
     assert main(["train", *overrides]) == 0
     monkeypatch.undo()
     config = _config(cub_root, tmp_path / "again", *REST, f"cache.dir={cache}", "cache.views=2")
@@ -69,10 +69,10 @@ def test_the_teacher_cache_covers_the_unlabelled_images(cub_root, tmp_path, monk
     unlabelled = ~batch["labelled"]
     assert unlabelled.any() and (batch["index"][unlabelled] >= 3).all()
     cached = module.teacher_source(batch, {"image_embeds"})["image_embeds"]
-    from pand.engine.teacher_side import load_teacher_from
     from pand.teachers import LiveTeacherSource
+    from pand.teachers.registry import load_teacher
 
-    live = LiveTeacherSource(load_teacher_from(config, device="cpu"), config["data"]["mean"], config["data"]["std"])
+    live = LiveTeacherSource(load_teacher(config, device="cpu"), config["data"]["mean"], config["data"]["std"])
     fresh = live(batch, {"image_embeds"})["image_embeds"]  # the same replayed views, through the teacher now
     torch.testing.assert_close(cached[unlabelled].float(), fresh[unlabelled].float(), atol=2e-3, rtol=0)
 

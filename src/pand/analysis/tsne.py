@@ -7,7 +7,6 @@ Writes ``tsne_compare.png`` (one panel per checkpoint, side by side) and ``tsne_
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pand.analysis.sweep import save_figure
 from pand.arguments import ArgumentParser
 from pand.errors import ConfigError, MismatchError
 
@@ -132,8 +132,6 @@ def tsne_compare(
     of samples (the same data), otherwise a MismatchError names the sizes.
     """
     from matplotlib.figure import Figure
-
-    from pand.analysis.sweep import save_figure
 
     ckpt_paths, labels = list(ckpt_paths), list(labels)
     if not ckpt_paths:

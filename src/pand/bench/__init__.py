@@ -26,6 +26,7 @@ import argparse
 import json
 
 from pand.arguments import ArgumentParser
+from pand.rules import check_rules, device_errors, integer, raise_option_errors
 
 
 def _parse_batches(text: str) -> list[int]:
@@ -76,8 +77,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _rules() -> dict:
-    from pand.rules import integer
-
     return {
         "--image-size": integer(1),
         "--teacher-image-size": integer(1),
@@ -94,7 +93,6 @@ def _rules() -> dict:
 def check_args(args: argparse.Namespace) -> None:
     """Refuse values out of range (argparse checks their types only) and a device this machine lacks, before torch is
     imported for the measurements; one line per problem, as for pand's other commands."""
-    from pand.rules import check_rules, device_errors, raise_option_errors
 
     rules = _rules()
     values = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in rules}

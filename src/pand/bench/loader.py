@@ -28,11 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 from pand.cache.images import DecodedImageCache, with_decoded_cache
 from pand.data.base import FileDataset
 from pand.data.device_augment import BatchedAugment, loader_share
+from pand.data.image_ops import resize_short, to_uint8_chw
 from pand.data.transforms import (
     AugmentConfig,
     ReplayableAugment,
-    _resize_short,
-    _to_uint8_chw,
     image_hw,
     view_generator,
 )
@@ -73,7 +72,7 @@ class Views(Dataset):
     def __getitem__(self, i: int):
         image = self.dataset.load_image(i)
         if self.mode == "load":  # what the augmentation starts from: the short-side-resized uint8 image
-            x = _resize_short(_to_uint8_chw(image), self.augment.config.resize_size)
+            x = resize_short(to_uint8_chw(image), self.augment.config.resize_size)
             return x.shape[-2] * x.shape[-1], self.dataset.targets[i]
         params = self.augment.sample(view_generator(0, 0, i), image_hw(image))
         return self.make(image, params), params, self.dataset.targets[i]

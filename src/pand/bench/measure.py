@@ -17,17 +17,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pand.bench.loader import measure_loader_throughput, run_estimates
 from pand.cache.teacher import CachedTeacherSource, TeacherCache
 from pand.distillers import Progress, TeacherContext, build_distiller
+from pand.engine.teacher_side import add_stages
+from pand.rules import resolve_device
 from pand.students import build_student
-from pand.teachers import LiveTeacherSource, ZeroShotLogits, load_clip_teacher
+from pand.teachers import ClassifierTeacher, LiveTeacherSource, ZeroShotLogits, load_clip_teacher
+from pand.teachers.classifier import create_classifier
 from pand.teachers.clip import RANDOM_WEIGHTS
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(resolve_device(name))
 
 
 def _sync(device: torch.device) -> None:
@@ -208,10 +210,6 @@ def _fake_logit_cache(folder: Path, n: int, views: int, classes: int) -> Teacher
 
 
 def _zoo_bench(args: argparse.Namespace, device: torch.device, autocast) -> dict[str, Any]:
-    from pand.engine.teacher_side import add_stages
-    from pand.teachers import ClassifierTeacher
-    from pand.teachers.classifier import create_classifier
-
     torch.manual_seed(0)
     model = create_classifier(args.zoo_teacher, "auto", args.classes)
     teacher = ClassifierTeacher(model, num_classes=args.classes, image_size=None, mean=(0.5,) * 3, std=(0.25,) * 3,
@@ -376,7 +374,6 @@ def _student_step_ms(args: argparse.Namespace, device: torch.device, autocast) -
 def _loader_bench(args: argparse.Namespace, device: torch.device, student_ms: float) -> dict[str, Any]:
     """Loader images/s on each path (views made per image in the loader, or per batch on the device), JPEG and
     decoded cache, next to the student's training images/s at the same size and batch, and which one limits a run."""
-    from pand.bench.loader import measure_loader_throughput, run_estimates
 
     loader = measure_loader_throughput(num_images=args.loader_images, workers=(0, args.loader_workers),
                                        batch_size=args.batch, image_size=args.image_size, device=device)

@@ -2,7 +2,7 @@
 
 Decoding JPEGs every epoch dominates a CPU data loader. Both the training augmentation
 (:class:`~pand.data.transforms.ReplayableAugment`) and :func:`~pand.data.transforms.eval_transform` start with
-``_resize_short(uint8 image, resize_size)``, which returns its input unchanged when the short side already has that
+``resize_short(uint8 image, resize_size)``, which returns its input unchanged when the short side already has that
 size. Storing the output of exactly that function (in the same channels-last memory layout the PIL path produces)
 therefore makes ``augment.apply(cache.image(i), p)`` bit-identical to ``augment.apply(dataset.load_image(i), p)``,
 and ``augment.sample(g, hw)`` draws the same params for the original and the pre-resized size (both resize to the
@@ -59,7 +59,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pand.cache.integrity import DIGEST_SIZE, _sample_rows, row_digest
 from pand.data.base import ClassificationDataset
-from pand.data.transforms import TRANSFORM_VERSION, _resize_short, _to_uint8_chw
+from pand.data.image_ops import resize_short, to_uint8_chw
+from pand.data.transforms import TRANSFORM_VERSION
 from pand.errors import MismatchError, PandError
 from pand.io import atomic_write_bytes, atomic_write_json, mark_output_folder
 from pand.locks import FolderLock
@@ -73,6 +74,8 @@ KIND = "pand.decoded_images"
 # 2: chunks.npy (digests). A version-1 cache has none, so it is stale and rebuilt rather than trusted unchecked.
 FORMAT_VERSION = 2
 #: Identifies the resize kernel the stored pixels come from; part of the provenance record.
+# It still names the kernel's former home (now pand.data.image_ops.resize_short, the same kernel): changing the
+# string would make every existing decoded cache look stale and be rebuilt for nothing.
 RESIZE_FN = f"pand.data.transforms._resize_short(bilinear, antialias, uint8)@v{TRANSFORM_VERSION}"
 
 PIXELS = "pixels.u8"
@@ -125,7 +128,7 @@ def _read_meta(folder: Path) -> dict[str, Any] | None:
 
 def _decode_resized(dataset: ClassificationDataset, i: int, resize_size: int) -> np.ndarray:
     """The i-th image after the augmentation's own short-side resize, as a contiguous uint8 [H, W, C] array."""
-    x = _resize_short(_to_uint8_chw(dataset.load_image(i)), resize_size)
+    x = resize_short(to_uint8_chw(dataset.load_image(i)), resize_size)
     return np.ascontiguousarray(x.permute(1, 2, 0).numpy())
 
 

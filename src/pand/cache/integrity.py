@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from pand.errors import OutputError, PandError
-from pand.io import OUTPUT_ERRNOS
+from pand.io import OUTPUT_ERRNOS, file_digest
 from pand.provenance import load_tensors
 
 # Every array file a cache of any kind can hold (what a rebuild removes).
@@ -165,14 +165,6 @@ def data_bytes(spec: Mapping[str, Any]) -> int:
 def row_digest(row: np.ndarray) -> bytes:
     """blake2b-128 of one row's bytes (a contiguous row of a C-ordered array or memory map is not copied)."""
     return hashlib.blake2b(memoryview(np.ascontiguousarray(row)), digest_size=DIGEST_SIZE).digest()
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- tensor files --------------------------------------------------------------------------------------------------

@@ -147,9 +147,10 @@ def unlabelled_source(data: Mapping[str, Any]) -> str | None:
 
 
 def label_free(data: Mapping[str, Any]) -> bool:
-    """True when the run has no labelled training image at all (``data.samples_per_class=0``)."""
+    """True when the run has no labelled training image at all (``data.samples_per_class=0``). Asked of unchecked
+    configs too (by the config checks), so anything but the integer 0 (``false`` included) is not label-free."""
     k = data.get("samples_per_class")
-    return k is not None and int(k) == 0
+    return isinstance(k, int) and not isinstance(k, bool) and k == 0
 
 
 def _limit(dataset: ClassificationDataset, data: Mapping[str, Any]) -> ClassificationDataset:

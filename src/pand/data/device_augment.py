@@ -37,12 +37,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from pand.data.transforms import JITTER_OPS, AugmentConfig, ReplayableAugment, _adjust_hue, _gaussian_kernel1d
+from pand.data.image_ops import adjust_hue, gaussian_kernel1d
+from pand.data.transforms import JITTER_OPS, AugmentConfig, ReplayableAugment
+from pand.rules import AUGMENT_ON
 
-__all__ = ["AUGMENT_ON", "BatchedAugment", "DeviceShare", "crop_window", "loader_share"]
+__all__ = ["WINDOW", "BatchedAugment", "DeviceShare", "crop_window", "loader_share"]
 
 #: Where the training views are made: ``cpu`` (per image, in the loader) or ``device`` (per batch, after transfer).
-AUGMENT_ON = ("cpu", "device")
+#: The batch key of the uint8 crop windows a loader sends when the views are made on the device.
+WINDOW = "window"
 
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = (JITTER_OPS.index(n) for n in ("brightness", "contrast", "saturation",
                                                                             "hue"))
@@ -151,7 +154,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tenso
     """Separable Gaussian blur with reflect padding and a per-view sigma (the CPU path's kernel and shifts)."""
     b, _, h, w = x.shape
     safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))  # views without blur are not used
-    weights = _gaussian_kernel1d(kernel_size, safe).view(b, kernel_size, 1, 1, 1)
+    weights = gaussian_kernel1d(kernel_size, safe).view(b, kernel_size, 1, 1, 1)
     pad = kernel_size // 2
     xp = F.pad(x, [pad, pad, 0, 0], mode="reflect")
     y = xp[..., 0:w] * weights[:, 0]
@@ -177,7 +180,7 @@ def _jitter_op(op: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         return lambda x, f: _blend(x, TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), f)
     if op == _SATURATION:
         return lambda x, f: _blend(x, TF.rgb_to_grayscale(x), f)
-    return _adjust_hue
+    return adjust_hue
 
 
 def _where(x: torch.Tensor, mask: torch.Tensor, fn: Callable[..., torch.Tensor], *values: torch.Tensor,

@@ -33,7 +33,10 @@ so a view could not be rebuilt from stored values. The operations themselves are
 
 Implementation: PIL -> uint8 tensor once; the resize / crop steps run on uint8
 (fast antialiased kernel); everything after the crops runs on float32 in
-[0, 1] (no intermediate re-quantisation), then normalisation.
+[0, 1] (no intermediate re-quantisation), then normalisation. The tensor
+operations pand writes itself (conversion, short-side resize, blur, hue,
+normalisation) live in :mod:`pand.data.image_ops`, shared with
+:mod:`pand.data.device_augment` and the decoded-image cache.
 """
 
 from __future__ import annotations
@@ -44,14 +47,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pand.data.base import to_rgb
+from pand.data.image_ops import adjust_hue, gaussian_blur, normalize_float, resize_short, resized_hw, to_uint8_chw
 
 __all__ = [
     "CLIP_MEAN",
@@ -61,7 +62,6 @@ __all__ = [
     "view_generator",
     "eval_transform",
     "denormalize",
-    "resized_hw",
     "default_blur_kernel",
     "image_hw",
 ]
@@ -80,47 +80,12 @@ JITTER_OPS: tuple[str, ...] = ("brightness", "contrast", "saturation", "hue")
 # --------------------------------------------------------------------------- helpers
 
 
-def resized_hw(image_hw: tuple[int, int], size: int) -> tuple[int, int]:
-    """Output ``(H, W)`` of resizing the *short* side of ``image_hw`` to ``size``.
-
-    Same arithmetic as torchvision's ``Resize(int)``: the long side is
-    ``int(size * long / short)`` (truncated).
-    """
-    h, w = int(image_hw[0]), int(image_hw[1])
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image size must be positive, got {image_hw}")
-    if w <= h:
-        return int(size * h / w), size
-    return size, int(size * w / h)
-
-
 def default_blur_kernel(image_size: int) -> int:
     """About 10% of ``image_size``, made odd, at least 3 (224 -> 23)."""
     k = int(round(0.1 * image_size))
     if k % 2 == 0:
         k += 1
     return max(3, k)
-
-
-def _to_uint8_chw(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
-    """PIL (any mode) or uint8 tensor [C,H,W] (C in {1,3}) -> uint8 RGB [3,H,W]."""
-    if isinstance(image, PIL.Image.Image):
-        if image.mode != "RGB":
-            # the conversion open_rgb uses, so an image handed over in memory (a 16-bit one above all) gives the
-            # same pixels as the same image read from a file
-            image = to_rgb(image)
-        # [H, W, 3] copy -> [3, H, W] channels-last view: torch's uint8
-        # antialiased resize is fastest on this layout (and gives equal results).
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    if isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
-            raise TypeError(
-                f"tensor images must be uint8 [C,H,W] with C in (1, 3); got {image.dtype} {tuple(image.shape)}"
-            )
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        return image
-    raise TypeError(f"expected a PIL image or a uint8 tensor, got {type(image).__name__}")
 
 
 def image_hw(image: PIL.Image.Image | torch.Tensor) -> tuple[int, int]:
@@ -130,81 +95,6 @@ def image_hw(image: PIL.Image.Image | torch.Tensor) -> tuple[int, int]:
     if isinstance(image, torch.Tensor):
         return int(image.shape[-2]), int(image.shape[-1])
     raise TypeError(f"expected a PIL image or a uint8 tensor, got {type(image).__name__}")
-
-
-def _resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = resized_hw((x.shape[-2], x.shape[-1]), size)
-    if (h, w) == (x.shape[-2], x.shape[-1]):
-        return x
-    return TF.resize(x, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-
-
-def _normalize_float(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return x.sub_(m).div_(s)
-
-
-def _gaussian_kernel1d(kernel_size: int, sigma: float | torch.Tensor) -> torch.Tensor:
-    """Same definition as torchvision's _get_gaussian_kernel1d, in float32: ``[k]`` for a number, ``[B, k]`` (one
-    kernel per view, on ``sigma``'s device) for a float32 tensor of B sigmas."""
-    half = (kernel_size - 1) * 0.5
-    device = sigma.device if isinstance(sigma, torch.Tensor) else None
-    xs = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float32, device=device)
-    if isinstance(sigma, torch.Tensor):
-        sigma = sigma.view(-1, 1)
-    pdf = torch.exp(-0.5 * (xs / sigma).pow(2))
-    return pdf / pdf.sum(-1, keepdim=True)
-
-
-def _gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a float ``[C,H,W]`` image with reflect padding.
-
-    Same kernel and padding as torchvision's ``gaussian_blur`` (equal up to
-    float rounding, ~1e-6), but computed as two 1-D passes of shifted
-    multiply-adds: ~10x faster than its k x k depthwise convolution on CPU, and
-    purely element-wise, so the result does not depend on the thread count.
-    """
-    weights = _gaussian_kernel1d(kernel_size, sigma).tolist()
-    pad = kernel_size // 2
-    _, h, w = x.shape
-    xp = F.pad(x.unsqueeze(0), [pad, pad, 0, 0], mode="reflect")[0]
-    y = xp[..., 0:w] * weights[0]
-    for j in range(1, kernel_size):
-        y.add_(xp[..., j : j + w], alpha=weights[j])
-    yp = F.pad(y.unsqueeze(0), [0, 0, pad, pad], mode="reflect")[0]
-    out = yp[:, 0:h] * weights[0]
-    for j in range(1, kernel_size):
-        out.add_(yp[:, j : j + h], alpha=weights[j])
-    return out
-
-
-def _adjust_hue(x: torch.Tensor, hue_factor: float | torch.Tensor) -> torch.Tensor:
-    """Hue shift of a float RGB ``[3,H,W]`` image in [0,1] (HSV hue rotation), or of a batch ``[B,3,H,W]`` with one
-    factor per image (a tensor of B factors; the batched views of :mod:`pand.data.device_augment`).
-
-    Same semantics as torchvision's ``adjust_hue`` (RGB -> HSV, h += factor
-    mod 1, HSV -> RGB; equal up to ~1e-6) with a leaner HSV -> RGB formula
-    (``c = V - C * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6h) mod 6``),
-    about 2x faster.
-    """
-    if isinstance(hue_factor, torch.Tensor):
-        hue_factor = hue_factor.view(-1, 1, 1)
-    r, g, b = x.unbind(-3)
-    minc, maxc = torch.aminmax(x, dim=-3)
-    chroma = maxc - minc
-    safe = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    h6 = torch.where(
-        maxc == r,
-        (g - b) / safe,
-        torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
-    )
-    h6 = (h6 / 6.0 + hue_factor).remainder_(1.0).mul_(6.0)
-    out = []
-    for n in (5.0, 3.0, 1.0):  # R, G, B
-        k = (h6 + n).remainder_(6.0)
-        out.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(out, dim=-3)
 
 
 # --------------------------------------------------------------------------- config
@@ -303,7 +193,7 @@ class ReplayableAugment:
     ==  ==================  ===================================================
 
     ``(H', W')`` is the original image size after resizing its short side to
-    ``resize_size`` (:func:`resized_hw`).  All integer entries are exact
+    ``resize_size`` (:func:`~pand.data.image_ops.resized_hw`).  All integer entries are exact
     integers stored in float32.
     """
 
@@ -409,7 +299,7 @@ class ReplayableAugment:
         crop_top, crop_left, zoom_size, zoom_top, zoom_left = (int(x) for x in v[0:5])
         if not (size >= zoom_size >= 1 and 0 <= zoom_top <= size - zoom_size and 0 <= zoom_left <= size - zoom_size):
             raise ValueError(f"invalid zoom crop params {v[2:5]} for image_size {size}")
-        x = _resize_short(_to_uint8_chw(image), self.config.resize_size)
+        x = resize_short(to_uint8_chw(image), self.config.resize_size)
         rh, rw = x.shape[-2:]
         if not (0 <= crop_top <= rh - size and 0 <= crop_left <= rw - size):
             raise ValueError(
@@ -444,7 +334,7 @@ class ReplayableAugment:
         if angle != 0.0:
             x = TF.rotate(x, angle, interpolation=InterpolationMode.NEAREST, expand=False, fill=None)
         if sigma > 0.0:
-            x = _gaussian_blur(x, self.blur_kernel, sigma)
+            x = gaussian_blur(x, self.blur_kernel, sigma)
         for op in order:
             name = JITTER_OPS[op]
             f = jitter[name]
@@ -455,11 +345,11 @@ class ReplayableAugment:
             elif name == "saturation" and f != 1.0:
                 x = TF.adjust_saturation(x, f)
             elif name == "hue" and f != 0.0:
-                x = _adjust_hue(x, f)
+                x = adjust_hue(x, f)
         if flip >= 0.5:
             x = x.flip(-1)
         x = x.contiguous()
-        return _normalize_float(x, cfg.mean, cfg.std)
+        return normalize_float(x, cfg.mean, cfg.std)
 
     def __call__(
         self, image: PIL.Image.Image | torch.Tensor, generator: torch.Generator
@@ -526,12 +416,12 @@ def eval_transform(
     mean_t, std_t = tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
     def transform(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
-        x = _resize_short(_to_uint8_chw(image), rsize)
+        x = resize_short(to_uint8_chw(image), rsize)
         h, w = x.shape[-2:]
         top = int(round((h - size) / 2.0))
         left = int(round((w - size) / 2.0))
         x = x[:, top : top + size, left : left + size]
-        return _normalize_float(x.to(torch.float32).div_(255.0).contiguous(), mean_t, std_t)
+        return normalize_float(x.to(torch.float32).div_(255.0).contiguous(), mean_t, std_t)
 
     return transform
 

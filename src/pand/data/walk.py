@@ -32,8 +32,9 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pand.data.base import IMAGE_EXTENSIONS, is_image_file
+from pand.data.base import IMAGE_EXTENSIONS, ClassificationDataset, is_image_file
 from pand.errors import ConfigError, DatasetNotFoundError, PandError
 from pand.io import OUTPUT_MARKER, is_output_folder
 
@@ -310,3 +311,21 @@ def glob(pattern: str, *, accept: Callable[[str], bool] = is_image_file) -> tupl
         return [base / p for p in paths if _matches(parts, p.split("/"))]
 
     return keep(listing.files), keep(listing.unread_images())
+
+
+def input_folders(splits: Mapping[str, ClassificationDataset]) -> dict[str, Path]:
+    """The folder each split's images come from (resolved)."""
+    return {name: Path(ds.root).expanduser().resolve() for name, ds in splits.items() if ds.root is not None}
+
+
+def refuse_outputs_inside(inputs: Mapping[str, Path], outputs: Mapping[str, Any]) -> None:
+    """Refuse an output folder (``{setting: folder}``, None for unused) inside a folder a run reads images from:
+    pand never writes into a dataset, and a later walk over that folder must not meet pand's outputs."""
+    for what, path in outputs.items():
+        if not path:
+            continue
+        out = Path(path).expanduser().resolve()
+        for split, folder in inputs.items():
+            if out == folder or folder in out.parents:
+                raise ConfigError(f"{what}={path} is inside {folder}, the folder of the {split} images; pand never "
+                                  f"writes into a dataset: choose a {what} outside it")

@@ -21,16 +21,6 @@ from pand.rules import Rule
 from pand.students import Student
 
 
-def mixing_enabled(settings: Mapping[str, Any] | None) -> bool:
-    """Whether the ``mixing`` settings mix training batches (Mixup / CutMix, :mod:`pand.engine.mixing`).
-
-    Here rather than in the engine: a method refuses mixed batches it cannot learn from (``check_config``), and the
-    methods sit below the engine that mixes.
-    """
-    s = settings or {}
-    return float(s.get("prob", 1.0)) > 0 and (float(s.get("mixup_alpha", 0)) > 0 or float(s.get("cutmix_alpha", 0)) > 0)
-
-
 @dataclass
 class TeacherContext:
     """Class-level teacher data, computed once per run (never per step).
@@ -155,7 +145,7 @@ class Distiller(nn.Module):
     def cross_entropy(cls, logits: torch.Tensor, batch: dict[str, torch.Tensor],
                       label_smoothing: float = 0.0) -> torch.Tensor:
         """Cross-entropy against the batch's labels, or against its soft labels when the engine mixed the batch
-        (Mixup / CutMix, :mod:`pand.engine.mixing`; their smoothing is already in the soft labels).
+        (Mixup / CutMix, :mod:`pand.data.mixing`; their smoothing is already in the soft labels).
 
         The mean is over the labelled samples only: unlabelled ones neither add to it nor dilute it, so adding them
         to a batch leaves this term and its gradient unchanged. A batch without a labelled sample gives 0.

@@ -18,7 +18,7 @@ from pand.distillers.registry import register_distiller
 from pand.losses import dkd_terms
 from pand.rules import BOOL, POSITIVE, WEIGHT, integer
 from pand.students import Student
-from pand.teachers.frozen import LOGITS
+from pand.teachers.outputs import LOGITS
 
 
 @register_distiller("dkd")

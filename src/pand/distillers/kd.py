@@ -14,7 +14,7 @@ from pand.distillers.registry import register_distiller
 from pand.losses import kd_loss, logit_standardize
 from pand.rules import BOOL, POSITIVE, WEIGHT
 from pand.students import Student
-from pand.teachers.frozen import LOGITS
+from pand.teachers.outputs import LOGITS
 
 
 def standardized(student_logits, teacher_logits, standardize: bool):

@@ -28,8 +28,6 @@ from pand.distillers.kd import standardized
 from pand.distillers.registry import register_distiller
 from pand.errors import ConfigError
 from pand.losses import kd_loss, nlrd_loss, nrkd_feature_loss, token_grid_side
-from pand.rules import BOOL, POSITIVE, WEIGHT, integer
-from pand.students import Student
 from pand.networks.stages import (
     StageTap,
     default_stages,
@@ -37,7 +35,9 @@ from pand.networks.stages import (
     require_input_size,
     stage_shapes,
 )
-from pand.teachers.frozen import LOGITS, STAGE_FEATURES
+from pand.rules import BOOL, POSITIVE, WEIGHT, integer
+from pand.students import Student
+from pand.teachers.outputs import LOGITS, STAGE_FEATURES
 
 
 def _positions(shape: Sequence[int]) -> int:

@@ -23,15 +23,15 @@ from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherCo
 from pand.distillers.ofa_branches import build_exit_branch
 from pand.distillers.registry import register_distiller
 from pand.losses import ofa_loss, token_grid_side
-from pand.rules import POSITIVE, WEIGHT, integer
-from pand.students import Student
 from pand.networks.stages import (
     StageTap,
     default_stages,
     require_input_size,
     stage_shapes,
 )
-from pand.teachers.frozen import LOGITS
+from pand.rules import POSITIVE, WEIGHT, integer
+from pand.students import Student
+from pand.teachers.outputs import LOGITS
 
 
 def _spatial(shape: Sequence[int]) -> int:

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext, mixing_enabled
+from pand.data.mixing import mixing_enabled
+from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.registry import register_distiller
 from pand.losses import embedding_distill_loss, label_infonce_loss
 from pand.rules import BOOL, POSITIVE, WEIGHT, choice, integer, number

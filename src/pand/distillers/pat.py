@@ -65,8 +65,6 @@ from pand.distillers.pat_modules import (
 from pand.distillers.registry import register_distiller
 from pand.errors import ConfigError
 from pand.losses import hcl_loss, kd_loss
-from pand.rules import POSITIVE, WEIGHT, integer
-from pand.students import Student
 from pand.networks.stages import (
     CHANNELS_LAST,
     SEQUENCE_FIRST,
@@ -77,7 +75,10 @@ from pand.networks.stages import (
     stage_shapes,
     to_pand_layout,
 )
-from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES, FrozenTeacher, TeacherRef
+from pand.rules import POSITIVE, WEIGHT, integer
+from pand.students import Student
+from pand.teachers.frozen import FrozenTeacher, TeacherRef
+from pand.teachers.outputs import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES
 
 
 def _raw_order(raw: torch.Tensor, pand: torch.Tensor) -> str | None:

@@ -13,13 +13,15 @@ need the methods or the engine import them where they run.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pand.config import PAND_TRAINER_ARGS, teacher_cache_settings
 from pand.errors import ConfigError
 from pand.io import check_writable
 from pand.rules import (
+    AUGMENT_ON,
     BOOL,
     MISSING,
     NON_NEGATIVE,
@@ -28,6 +30,7 @@ from pand.rules import (
     Rule,
     check_rules,
     choice,
+    data_setting_errors,
     input_file_errors,
     integer,
     lookup,
@@ -36,13 +39,13 @@ from pand.rules import (
     raise_option_errors,
     show,
 )
-from pand.teachers.precision import PRECISIONS
+from pand.stage1.checks import COOP_RULES
+from pand.teachers.outputs import LOGITS, STAGE_FEATURES
+from pand.teachers.precision import PRECISION_RULE, TOLERANCE_RULE
+from pand.teachers.registry import TeacherKind, kind_of
 
 # -- options every training run has ---------------------------------------------------------------------------
 _LIMIT = number(0, low_open=True, optional=True)  # a fraction in (0, 1] or a number of batches
-# the teacher's precision in `pand features` / `pand prompts` / `pand cache build` (pand.teachers.precision)
-PRECISION = choice(*PRECISIONS)
-PRECISION_TOLERANCE = POSITIVE
 
 TRAIN_RULES: dict[str, Rule] = {
     "seed": integer(0),
@@ -70,7 +73,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.mean": Rule("floats", length=3),
     "data.std": Rule("floats", low=0, low_open=True, length=3),
     "data.verify_images": BOOL,
-    "data.augment_on": choice("cpu", "device"),
+    "data.augment_on": choice(*AUGMENT_ON),
     "data.augment.min_crop_frac": number(0, 1, low_open=True),
     "data.augment.degrees": number(0, 180),
     "data.augment.blur": BOOL,
@@ -107,118 +110,73 @@ TRAIN_RULES: dict[str, Rule] = {
     "cache.num_workers": integer(0),
     "cache.topk": integer(1, optional=True),
     "cache.rebuild": BOOL,
-    "cache.precision": PRECISION,
-    "cache.precision_tolerance": PRECISION_TOLERANCE,
+    "cache.precision": PRECISION_RULE,
+    "cache.precision_tolerance": TOLERANCE_RULE,
     "checkpoint.every_n_steps": integer(0, optional=True),
     "checkpoint.allow_older": BOOL,
 }
 
-# `pand features` / `pand prompts` (PAND stage 1): the `features` and `prompts` sections of the train config.
-COOP_RULES: dict[str, Rule] = {
-    "seed": integer(0),
-    "features.batch_size": integer(1),
-    "features.num_workers": integer(0),
-    "features.rebuild": BOOL,
-    "features.precision": PRECISION,
-    "features.precision_tolerance": PRECISION_TOLERANCE,
-    "prompts.n_ctx": integer(1),
-    "prompts.csc": BOOL,
-    "prompts.class_token_position": choice("end", "middle", "front"),
-    "prompts.epochs": integer(1),
-    "prompts.batch_size": integer(1),
-    "prompts.lr": POSITIVE,
-    "prompts.momentum": number(0, 1, high_open=True),
-    "prompts.weight_decay": NON_NEGATIVE,
-    "prompts.warmup_epochs": integer(0),
-    "prompts.warmup_lr": NON_NEGATIVE,
-    "prompts.logit_scale": number(0, low_open=True, optional=True, also=("learned",)),
-    "prompts.precision": PRECISION,
-    "prompts.precision_tolerance": PRECISION_TOLERANCE,
-    "data.val_fraction": number(0, 1, high_open=True),
-    "data.samples_per_class": integer(1, optional=True),
-    "data.image_size": integer(1),
-    "data.resize_size": integer(1),
-}
-
-
-def _raise(errors: Sequence[str], what: str) -> None:
-    # one problem fits on the `pand COMMAND: error: ...` line; several are listed one per line under it
-    if len(errors) == 1:
-        raise ConfigError(f"invalid {what} setting: {errors[0]}")
-    if errors:
-        raise ConfigError(f"{len(errors)} invalid {what} settings:\n  " + "\n  ".join(errors))
-
-
-def _data_errors(config: Mapping[str, Any]) -> list[str]:
-    errors = []
-    data = config.get("data") or {}
-    image, resize = data.get("image_size"), data.get("resize_size")
-    if isinstance(image, int) and isinstance(resize, int) and resize < image:
-        errors.append(f"data.resize_size={resize} is smaller than data.image_size={image}: the crop cannot fit")
-    templates = data.get("templates", MISSING)
-    if templates is not MISSING:
-        if not isinstance(templates, (list, tuple)) or not templates:
-            errors.append(f"data.templates={show(templates)} is not allowed: expected a non-empty list of prompts")
-        else:
-            errors.extend(f"data.templates[{i}]={t!r} has no '{{}}' where the class name goes"
-                          for i, t in enumerate(templates) if not isinstance(t, str) or "{}" not in t)
-    allow = data.get("allow_overlap", MISSING)
-    if allow is not MISSING and not isinstance(allow, bool):
-        errors.append(f"data.allow_overlap={show(allow)} is not allowed: expected true or false (true: run although "
-                      "a val or test image is also a training image, and record it in the run summary)")
-    return errors
 
 
 def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
     """What the method reads against what the configured teacher side provides, and settings it would ignore."""
-    from pand.engine.teacher_side import TEACHER_KINDS, teacher_kind, teacher_provides
-    from pand.teachers import LOGITS, STAGE_FEATURES
-
     errors: list[str] = []
-    kind = teacher_kind(config)
-    if kind not in TEACHER_KINDS:
-        return [f"teacher.kind={show(kind)} is not allowed: expected one of {', '.join(map(repr, TEACHER_KINDS))}"]
+    try:
+        kind = kind_of(config)
+    except ConfigError as err:
+        return [str(err)]
     reads = cls.requires_for(config.get("method") or {})
     uses_teacher = cls.uses_teacher_with(reads)
-    missing = reads - teacher_provides(config)
+    missing = reads - kind.provides
     if missing:
-        errors.append(f"method {cls.name!r} reads {sorted(missing)}, which a {kind} teacher does not provide "
-                      f"(it provides {sorted(teacher_provides(config))}); use a CLIP teacher or another method")
-    reads_text = cls.reads_text_features(config.get("method") or {}) or (LOGITS in reads and kind == "clip")
+        errors.append(f"method {cls.name!r} reads {sorted(missing)}, which a {kind.name} teacher does not provide "
+                      f"(it provides {sorted(kind.provides)}); use a CLIP teacher or another method")
+    reads_text = cls.reads_text_features(config.get("method") or {}) or (LOGITS in reads and kind.has_text)
     text_features = lookup(config, "teacher.text_features")
     if text_features not in (None, MISSING) and not reads_text:
         errors.append(f"teacher.text_features={text_features} is set, but method {cls.name!r} with these options "
-                      f"and a {kind} teacher does not read learned text features; remove it (or choose a method "
+                      f"and a {kind.name} teacher does not read learned text features; remove it (or choose a method "
                       "that uses them)")
     cache_dir = lookup(config, "cache.dir")
-    if cache_dir not in (None, MISSING) and not reads:
-        errors.append(f"cache.dir={cache_dir} is set, but method {cls.name!r} reads no teacher outputs; remove it")
-    elif cache_dir not in (None, MISSING) and kind != "classifier" and \
+    cached = teacher_cache_settings(config) is not None
+    if cached:
+        errors += cache_refusals(cls, reads, kind, cache_dir)
+    if cached and reads and LOGITS not in kind.cached and \
             lookup(config, "cache.topk") not in (None, MISSING):
-        errors.append(f"cache.topk={lookup(config, 'cache.topk')} is set, but a {kind} teacher's cache stores image "
-                      "embeddings, not logits; remove it")
+        errors.append(f"cache.topk={lookup(config, 'cache.topk')} is set, but a {kind.name} teacher's cache stores "
+                      f"{', '.join(sorted(kind.cached))}, not logits; remove it")
     precision = lookup(config, "cache.precision")
-    if cache_dir in (None, MISSING) and precision not in (None, MISSING, "fp32"):
+    if not cached and precision not in (None, MISSING, "fp32"):
         errors.append(f"cache.precision={precision} is set, but no teacher cache is used (cache.dir is unset), and the "
                       "live teacher runs in fp32; remove it, or set cache.dir")
-    if cache_dir not in (None, MISSING) and cls.needs_teacher_model:
-        errors.append(f"cache.dir={cache_dir} is set, but method {cls.name!r} trains modules inside the teacher, so "
-                      "the teacher runs live every step; remove cache.dir")
-    elif cache_dir not in (None, MISSING) and STAGE_FEATURES in reads:
-        errors.append(f"cache.dir={cache_dir} is set, but method {cls.name!r} reads the teacher's stage features, "
-                      "which a teacher cache does not store (they are too large per view); remove cache.dir")
-    if kind == "classifier" and uses_teacher:
-        t = config.get("teacher") or {}
-        given = [k for k in ("ckpt", "weights", "pretrained") if t.get(k)]
-        if len(given) != 1:
-            errors.append("a classifier teacher needs exactly one of teacher.ckpt (a pand checkpoint), "
-                          f"teacher.weights (a state dict of teacher.model) or teacher.pretrained=random; got "
-                          f"{given or 'none'}")
+    if uses_teacher:
+        errors.extend(kind.setting_errors(config.get("teacher") or {}))
     return errors
+
+
+def cache_refusals(cls, reads: frozenset[str], kind: TeacherKind, cache_dir: Any) -> list[str]:
+    """Why a teacher cache (``cache.dir``) cannot serve method ``cls`` reading ``reads`` from a ``kind`` teacher;
+    empty when it can. Asked by the config checks and again before a cache is opened or built."""
+    if not reads:
+        return [f"cache.dir={cache_dir} is set, but method {cls.name!r} reads no teacher outputs; remove it"]
+    if cls.needs_teacher_model:
+        return [f"cache.dir={cache_dir} is set, but method {cls.name!r} trains modules inside the teacher, so the "
+                "teacher runs live every step; remove cache.dir"]
+    if STAGE_FEATURES in reads:
+        return [f"cache.dir={cache_dir} is set, but method {cls.name!r} reads the teacher's stage features, which a "
+                "teacher cache does not store (they are too large per view): it needs the live teacher; remove "
+                "cache.dir"]
+    beyond = reads - kind.served_from_cache
+    if beyond:
+        return [f"cache.dir={cache_dir} is set, but method {cls.name!r} reads {sorted(beyond)}, which a {kind.name} "
+                f"teacher's cache does not hold (it holds {sorted(kind.served_from_cache)}): it needs the live "
+                "teacher; remove cache.dir"]
+    return []
 
 
 def _unlabelled_errors(config: Mapping[str, Any], cls: Any) -> list[str]:
     """Settings that do not go with unlabelled training images (``data.unlabelled``) or a label-free run."""
+    from pand.data.assembly import label_free
     from pand.data.unlabelled import check_unlabelled_setting
 
     data = config.get("data") or {}
@@ -227,7 +185,7 @@ def _unlabelled_errors(config: Mapping[str, Any], cls: Any) -> list[str]:
         source = check_unlabelled_setting(data.get("unlabelled"), k)
     except ConfigError as err:
         return [str(err)]
-    free = isinstance(k, int) and not isinstance(k, bool) and k == 0
+    free = label_free(data)
     if source is None and not free:
         return []
     errors = []
@@ -242,7 +200,7 @@ def _unlabelled_errors(config: Mapping[str, Any], cls: Any) -> list[str]:
     if not cls.uses_teacher_with(cls.requires_for(config.get("method") or {})):
         errors.append(f"{what} with method {cls.name!r}, which learns from labels alone: unlabelled images need a "
                       "method with teacher terms (kd, dkd, vl2lite, pand, openvocab, ...)")
-    from pand.distillers.base import mixing_enabled
+    from pand.data.mixing import mixing_enabled
 
     if mixing_enabled(config.get("mixing")):
         errors.append(f"{what} with Mixup/CutMix (mixing.*): mixed pairs would blend labelled with unlabelled images "
@@ -264,8 +222,6 @@ _LOGGER_PACKAGES = {
 def _engine_setting_errors(config: Mapping[str, Any]) -> list[str]:
     """Trainer keys pand owns, optional loggers whose package is missing, a warm-up as long as the run."""
     import importlib.util
-
-    from pand.config import PAND_TRAINER_ARGS
 
     # compose() refuses these in overrides and config files; a config built in Python reaches this check instead
     errors = [f"trainer.{key} is set by pand: {where()}" for key, where in PAND_TRAINER_ARGS.items()
@@ -312,14 +268,14 @@ def _image_size_errors(config: Mapping[str, Any]) -> list[str]:
 
 def _settings_errors(config: Mapping[str, Any]) -> list[str]:
     """The checks that need no model code (plain values and their ranges); see :func:`validate_train_settings`."""
-    return (check_rules(config, TRAIN_RULES) + _data_errors(config) + _image_size_errors(config)
+    return (check_rules(config, TRAIN_RULES) + data_setting_errors(config) + _image_size_errors(config)
             + _engine_setting_errors(config))
 
 
 def validate_train_settings(config: Mapping[str, Any]) -> None:
     """The part of :func:`validate_train_config` that imports nothing heavy (no torch, no Lightning), so that the
     command line refuses a value out of range in a fraction of a second, before it loads the engine."""
-    _raise(_settings_errors(config), "training")
+    raise_option_errors(_settings_errors(config), "training setting")
 
 
 def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = False) -> None:
@@ -332,7 +288,7 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
         errors.append("cache.views=0 with cache.dir set: a teacher cache needs at least 1 view (cache.views >= 1), "
                       "or unset cache.dir to run the teacher online")
     if cache.get("dir") and not for_cache_build:
-        from pand.distillers.base import mixing_enabled
+        from pand.data.mixing import mixing_enabled
 
         if mixing_enabled(config.get("mixing")):
             errors.append(f"cache.dir={cache['dir']} is set together with Mixup/CutMix (mixing.*): the cache holds the "
@@ -363,30 +319,12 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
         errors += cls.check_config(config)
         errors += _teacher_errors(config, cls)
         errors += _unlabelled_errors(config, cls)
-    _raise(errors, "training")
+    raise_option_errors(errors, "training setting")
     run_dir = config.get("run_dir") or lookup(config, "paths.runs_dir")
     if not for_cache_build and run_dir not in (None, MISSING):
         check_writable(run_dir, "the run folder")
     if cache.get("dir") and not (Path(cache["dir"]) / "meta.json").is_file():
         check_writable(cache["dir"], "the teacher cache folder (cache.dir)")
-
-
-def validate_coop_config(config: Mapping[str, Any], *, writes_prompts: bool) -> None:
-    """Refuse a ``pand features`` / ``pand prompts`` config with an invalid setting or unwritable output."""
-    errors = check_rules(config, COOP_RULES) + _data_errors(config)
-    splits = lookup(config, "features.splits")
-    if splits is not MISSING and (not splits or any(s not in ("train", "val", "test") for s in splits)):
-        errors.append(f"features.splits={show(splits)} is not allowed: expected a non-empty list of train, val, test")
-    device = lookup(config, "features.device")
-    if device not in (MISSING, None) and not (isinstance(device, str) and (
-            device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()))):
-        errors.append(f"features.device={show(device)} is not allowed: expected auto, cpu, cuda, cuda:N or mps")
-    _raise(errors, "stage-1")
-    check_writable(config["features"]["dir"], "the features folder (features.dir)")
-    if writes_prompts:
-        check_writable(Path(config["prompts"]["out"]).parent, "the output folder of prompts.out=")
-
-
 
 
 EVAL_SPLITS = ("val", "test")

@@ -25,10 +25,11 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pand.cache.images import with_decoded_cache
 from pand.cache.teacher import choose_view
 from pand.data import ClassificationDataset
 from pand.data.assembly import UNLABELLED_SPLIT, label_free, load_splits
-from pand.data.device_augment import BatchedAugment, loader_share
+from pand.data.device_augment import WINDOW, BatchedAugment, loader_share
 from pand.data.transforms import (
     AugmentConfig,
     ReplayableAugment,
@@ -37,6 +38,7 @@ from pand.data.transforms import (
     view_generator,
 )
 from pand.data.unlabelled import UNLABELLED, TeacherLabelled, TrainingPool
+from pand.data.walk import input_folders, refuse_outputs_inside
 from pand.errors import ConfigError
 from pand.interrupts import ignore_stop_signals
 
@@ -77,26 +79,8 @@ class TrainViews(Dataset):
             view = choose_view(self.seed, epoch, index, self.teacher_cache.views)
             item["aug"] = self.teacher_cache.params(index, view)
             item["view"] = view
-        item["window" if self.augment_on == "device" else "image"] = self._make(image, item["aug"])
+        item[WINDOW if self.augment_on == "device" else "image"] = self._make(image, item["aug"])
         return item
-
-
-def input_folders(splits: Mapping[str, ClassificationDataset]) -> dict[str, Path]:
-    """The folder each split's images come from (resolved)."""
-    return {name: Path(ds.root).expanduser().resolve() for name, ds in splits.items() if ds.root is not None}
-
-
-def refuse_outputs_inside(inputs: Mapping[str, Path], outputs: Mapping[str, Any]) -> None:
-    """Refuse an output folder (``{setting: folder}``, None for unused) inside a folder a run reads images from:
-    pand never writes into a dataset, and a later walk over that folder must not meet pand's outputs."""
-    for what, path in outputs.items():
-        if not path:
-            continue
-        out = Path(path).expanduser().resolve()
-        for split, folder in inputs.items():
-            if out == folder or folder in out.parents:
-                raise ConfigError(f"{what}={path} is inside {folder}, the folder of the {split} images; pand never "
-                                  f"writes into a dataset: choose a {what} outside it")
 
 
 def init_worker(worker_id: int, rank: int) -> None:
@@ -305,7 +289,6 @@ class PandDataModule(L.LightningDataModule):
             refuse_outputs_inside(self._input_folders, {"data.decoded_cache": self.cfg.get("decoded_cache")})
             if self.cfg.get("decoded_cache"):
                 # Decode and resize every image once; epochs then read uint8 pixels from a memory map, no JPEG.
-                from pand.cache.images import with_decoded_cache
 
                 size = int(self.cfg["resize_size"])
                 splits = {name: with_decoded_cache(ds, Path(self.cfg["decoded_cache"]) / name, size)
@@ -407,9 +390,9 @@ class PandDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``data.augment_on=device``: the batch's uint8 windows become its views, on the training device."""
-        if isinstance(batch, dict) and "window" in batch:
+        if isinstance(batch, dict) and WINDOW in batch:  # training batches only: eval batches carry their images
             batch = dict(batch)
-            batch["image"] = self.batched_augment(batch.pop("window"), batch["aug"])
+            batch["image"] = self.batched_augment(batch.pop(WINDOW), batch["aug"])
         return batch
 
     def eval_dataloader(self, split: str) -> DataLoader:

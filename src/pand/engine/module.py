@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from pand.data.mixing import BatchMixer
 from pand.distillers import Distiller, Progress
-from pand.engine.mixing import BatchMixer
+from pand.engine.builders import build_optimizer, build_scheduler, step_timm_scheduler
 from pand.errors import ConfigError, TrainingDivergedError
 from pand.teachers.frozen import TeacherRef
 
@@ -123,8 +124,6 @@ class DistillationModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self):
-        from pand.engine.builders import build_optimizer, build_scheduler
-
         params = [p for p in self.distiller.parameters() if p.requires_grad]
         optimizer = build_optimizer(self.optim_cfg, params)
         max_epochs = max(1, int(self.trainer.max_epochs or 1))
@@ -134,8 +133,6 @@ class DistillationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        from pand.engine.builders import step_timm_scheduler
-
         # Lightning steps torch's schedulers itself; timm's take the epoch (or update count) they are at.
         interval = self.scheduler_cfg.get("interval", "epoch")
         if not step_timm_scheduler(scheduler, interval, self.current_epoch + 1, self.global_step):

@@ -28,7 +28,9 @@ from torch.utils.data import DataLoader
 
 from pand.data import ClassificationDataset
 from pand.data.assembly import NOVEL_TEST
+from pand.engine.data import EvalItems
 from pand.errors import ConfigError
+from pand.stage1.features import extract_features
 
 log = logging.getLogger("pand")
 
@@ -70,7 +72,6 @@ def retrieval_metrics(similarity: torch.Tensor, labels: torch.Tensor, queries: S
 def _student_similarities(student, dataset: ClassificationDataset, transform, text: tuple, device: torch.device,
                           batch_size: int, num_workers: int) -> torch.Tensor:
     """``[N, C]`` cosine similarities of the student for a text set ``(embeds, tokens, mask)``."""
-    from pand.engine.data import EvalItems
 
     loader = DataLoader(EvalItems(dataset, transform), batch_size=batch_size, num_workers=num_workers)
     text = tuple(None if t is None else t.to(device) for t in text)
@@ -96,7 +97,6 @@ def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
     ``data`` the run's :class:`~pand.engine.data.PandDataModule`; ``teacher`` the live CLIP teacher, or
     ``load_teacher`` to load it (its text tower makes the class text matrices, its image tower the reference).
     """
-    from pand.features import extract_features
 
     teacher = teacher if teacher is not None else load_teacher()
     if not hasattr(teacher, "class_embeddings"):

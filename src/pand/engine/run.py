@@ -20,8 +20,12 @@ import torch
 from omegaconf import OmegaConf
 
 from pand.cache.teacher import TeacherCache
+from pand.config import teacher_cache_settings
 from pand.data.assembly import UNLABELLED_SPLIT
+from pand.data.mixing import BatchMixer
 from pand.distillers import Distiller, build_distiller, get_distiller_class
+from pand.engine.builders import build_callbacks, build_loggers, close_loggers
+from pand.engine.callbacks import ParameterSummary
 from pand.engine.checkpoints import (
     AtomicCheckpointIO,
     RunCheckpoints,
@@ -29,18 +33,14 @@ from pand.engine.checkpoints import (
     check_resume_record,
     run_record,
 )
-from pand.engine.builders import build_callbacks, build_loggers, close_loggers
-from pand.engine.callbacks import ParameterSummary
 from pand.engine.config_checks import validate_eval_options, validate_train_config
 from pand.engine.data import PandDataModule
-from pand.engine.mixing import BatchMixer
 from pand.engine.module import DistillationModule
+from pand.engine.open_vocab_eval import format_report, open_vocab_report
 from pand.engine.teacher_side import (
     build_teacher_side,
-    cache_settings,
     label_val_with_teacher,
     live_source,
-    load_teacher_from,
     open_or_build_cache,
 )
 from pand.errors import ConfigError, Interrupted, MismatchError, OutputError
@@ -50,6 +50,7 @@ from pand.locks import FolderLock, remove_if_unused
 from pand.provenance import software_record
 from pand.students import build_student
 from pand.students.checkpoint import load_checkpoint_student
+from pand.teachers.registry import load_teacher
 
 log = logging.getLogger("pand")
 
@@ -266,11 +267,10 @@ def _open_vocab(config: Mapping[str, Any], data: PandDataModule, module: Distill
                run_dir: Path) -> dict[str, Any]:
     """Base / novel / HM top-1 and retrieval of the (best-on-val) student and of the teacher's zero-shot classifier;
     the teacher is loaded for this if the run trained from its cache."""
-    from pand.engine.open_vocab_eval import format_report, open_vocab_report
 
     live = live_source(module.teacher_source)
     report = open_vocab_report(module.distiller.student, data, config, live.teacher if live is not None else None,
-                               load_teacher=lambda: load_teacher_from(config))
+                               load_teacher=lambda: load_teacher(config))
     atomic_write_json(run_dir / "open_vocab.json", report)
     log.info("%s", format_report(report))
     return {k: v for k, v in report.items() if k in ("student", "teacher", "class_split")}
@@ -336,7 +336,7 @@ def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
     Here, beside ``train`` and ``evaluate``, rather than in :mod:`pand.engine.teacher_side`: an entry point checks its
     config first (:mod:`pand.engine.config_checks`), and those checks import the teacher side.
     """
-    if not cache_settings(config):
+    if not teacher_cache_settings(config):
         raise ConfigError("set cache.dir=/path/to/cache and cache.views=K (> 0) to build a teacher cache")
     validate_train_config(config, for_cache_build=True)
     data = PandDataModule(config["data"], seed=int(config["seed"]))
@@ -351,7 +351,7 @@ def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
         rank = dist.get_rank()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        teacher = load_teacher_from(config, classes=data.classes)
+        teacher = load_teacher(config, classes=data.classes)
         return open_or_build_cache(config, data, teacher, rank=rank, world_size=world, barrier=_all_ok)
     finally:
         dist.destroy_process_group()

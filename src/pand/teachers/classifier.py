@@ -16,8 +16,14 @@ import torch
 from torch import nn
 
 from pand.errors import ConfigError, WeightsUnavailableError
+from pand.io import file_digest
+from pand.networks.cifar import create_cifar_model, is_cifar_model
+from pand.networks.weights import load_weights_file
+from pand.students.checkpoint import load_checkpoint_student
 from pand.teachers.clip import RANDOM_WEIGHTS, weights_digest
-from pand.teachers.frozen import LOGITS, STAGE_FEATURES, FrozenTeacher
+from pand.teachers.frozen import FrozenTeacher
+from pand.teachers.outputs import LOGITS, STAGE_FEATURES
+from pand.teachers.registry import TeacherKind, register_teacher_kind
 
 
 class ClassifierTeacher(FrozenTeacher):
@@ -67,8 +73,6 @@ def create_classifier(name: str, source: str, num_classes: int) -> nn.Module:
     import timm
     import torchvision
 
-    from pand.networks.cifar import create_cifar_model, is_cifar_model
-
     in_tv = name in torchvision.models.list_models(module=torchvision.models)
     in_timm = timm.is_model(name)
     if source == "cifar" or (source == "auto" and not in_tv and is_cifar_model(name)):
@@ -86,6 +90,16 @@ def create_classifier(name: str, source: str, num_classes: int) -> nn.Module:
     raise ConfigError(f"teacher.model={name!r} is neither a torchvision nor a timm model")
 
 
+def weight_source_error(teacher: Mapping[str, Any]) -> str | None:
+    """Why the weights of a classifier teacher are not given exactly once, or None when they are."""
+    given = [k for k in ("ckpt", "weights", "pretrained") if teacher.get(k)]
+    if len(given) == 1:
+        return None
+    return ("a classifier teacher needs exactly one of teacher.ckpt=runs/<run>/checkpoints/best.ckpt (a model pand "
+            "trained), teacher.weights=/path/to/state_dict.pth (with teacher.model=<timm or torchvision name>) or "
+            f"teacher.pretrained=random (tests only); got {given or 'none'}")
+
+
 def load_classifier_teacher(
     teacher: Mapping[str, Any], *, classes: Sequence[str], data: Mapping[str, Any], device: str | torch.device = "cpu"
 ) -> ClassifierTeacher:
@@ -97,18 +111,12 @@ def load_classifier_teacher(
     """
     num_classes = len(classes)
     ckpt, weights, pretrained = teacher.get("ckpt"), teacher.get("weights"), teacher.get("pretrained")
-    given = [k for k, v in (("ckpt", ckpt), ("weights", weights), ("pretrained", pretrained)) if v]
-    if len(given) != 1:
-        raise ConfigError(
-            "a classifier teacher needs exactly one of teacher.ckpt=runs/<run>/checkpoints/best.ckpt (a model pand "
-            "trained), teacher.weights=/path/to/state_dict.pth (with teacher.model=<timm or torchvision name>) or "
-            f"teacher.pretrained=random (tests only); got {given or 'none'}"
-        )
+    error = weight_source_error(teacher)
+    if error:
+        raise ConfigError(error)
     size = teacher.get("image_size") or data.get("image_size")
     mean, std = teacher.get("mean") or data["mean"], teacher.get("std") or data["std"]
     if ckpt:
-        from pand.students.checkpoint import load_checkpoint_student
-
         model, stored, record = load_checkpoint_student(ckpt)
         stored_data = stored["data"]
         size, mean, std = stored_data["image_size"], stored_data["mean"], stored_data["std"]
@@ -127,8 +135,6 @@ def load_classifier_teacher(
                 model = create_classifier(name, source, num_classes)
             origin = str(pretrained)
         else:
-            from pand.networks.weights import load_weights_file
-
             model = create_classifier(name, source, num_classes)
             try:
                 missing, unexpected = model.load_state_dict(load_weights_file(weights), strict=False)
@@ -160,3 +166,42 @@ def _check_outputs(teacher: ClassifierTeacher, num_classes: int, size: int) -> N
             f"the classifier teacher gives outputs of shape {tuple(out.shape)} at {size} px; this run has "
             f"{num_classes} classes, so it needs logits of shape [B, {num_classes}]"
         )
+
+
+@register_teacher_kind("classifier")
+class ClassifierKind(TeacherKind):
+    """A frozen image classifier over the run's classes: logits and stage features; its cache stores logits."""
+
+    provides = frozenset({LOGITS, STAGE_FEATURES})
+    cached = frozenset({LOGITS})
+    served_from_cache = frozenset({LOGITS})
+
+    def load(self, teacher: Mapping[str, Any], *, data: Mapping[str, Any], classes: Sequence[str] | None,
+             device: str | torch.device) -> ClassifierTeacher:
+        if classes is None:
+            raise ConfigError("a classifier teacher is loaded for a run's classes; none were given")
+        return load_classifier_teacher(teacher, classes=classes, data=data, device=device)
+
+    def spec(self, teacher: Mapping[str, Any]) -> dict[str, Any]:
+        """The weights file (``teacher.weights`` or ``teacher.ckpt``) is named by its resolved path and the digest
+        of its content: ``best.ckpt`` is rewritten in place while its run trains on, and a cache of the old weights
+        must then be refused although the path is the same. Hashing reads the file once (~0.6 GB/s)."""
+        ckpt, weights = teacher.get("ckpt"), teacher.get("weights")
+        path = Path(ckpt or weights).expanduser().resolve() if (ckpt or weights) else None
+        # A pand checkpoint brings its own network, input size and normalisation; the config's are then ignored.
+        own = {} if ckpt else {"model": teacher.get("model"), "source": teacher.get("source", "auto"),
+                               "image_size": teacher.get("image_size"), "mean": teacher.get("mean"),
+                               "std": teacher.get("std")}
+        return {"kind": self.name, **own, "ckpt": str(path) if ckpt else None,
+                "weights": str(path) if weights else None, "pretrained": teacher.get("pretrained"),
+                "file_digest": file_digest(path) if path is not None and path.is_file() else None}
+
+    def setting_errors(self, teacher: Mapping[str, Any]) -> list[str]:
+        error = weight_source_error(teacher)
+        return [error] if error else []
+
+    def context(self, teacher: FrozenTeacher) -> dict[str, Any]:
+        return {**super().context(teacher), "num_classes": teacher.num_classes}
+
+    def context_from_cache(self, meta: Mapping[str, Any], teacher: Mapping[str, Any]) -> dict[str, Any]:
+        return {**super().context_from_cache(meta, teacher), "num_classes": len(meta["classes"])}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ from pand.networks.hub import (
     offline_refusal,
     unreachable_refusal,
 )
-from pand.teachers.frozen import IMAGE_EMBEDS, STAGE_FEATURES, FrozenTeacher
+from pand.teachers.frozen import FrozenTeacher
+from pand.teachers.outputs import IMAGE_EMBEDS, LOGITS, STAGE_FEATURES
+from pand.teachers.registry import TeacherKind, register_teacher_kind
 
 log = logging.getLogger(__name__)
 
@@ -420,3 +422,40 @@ def load_clip_teacher(
     return ClipTeacher(
         clip_model, tokenizer, image_size=size, mean=mean, std=std, identity=identity, logit_scale=logit_scale
     )
+
+
+@register_teacher_kind("clip")
+class ClipKind(TeacherKind):
+    """An open_clip model: image embeddings, zero-shot logits against the class text, stage features. Its cache
+    stores the image embeddings; logits are computed from them and the class text matrix."""
+
+    provides = frozenset({IMAGE_EMBEDS, LOGITS, STAGE_FEATURES})
+    cached = frozenset({IMAGE_EMBEDS})
+    served_from_cache = frozenset({IMAGE_EMBEDS, LOGITS})
+    has_text = True
+
+    def load(self, teacher: Mapping[str, Any], *, data: Mapping[str, Any], classes: Sequence[str] | None,
+             device: str | torch.device) -> ClipTeacher:
+        model = load_clip_teacher(
+            teacher["model"], teacher.get("pretrained"), logit_scale=teacher.get("logit_scale"),
+            cache_dir=teacher.get("cache_dir"), device=device, force_quick_gelu=bool(teacher.get("force_quick_gelu")),
+        )
+        model.use_stages(teacher.get("stages"))
+        return model
+
+    def spec(self, teacher: Mapping[str, Any]) -> dict[str, Any]:
+        return {"kind": self.name, "model": teacher["model"], "pretrained": teacher.get("pretrained"),
+                "force_quick_gelu": bool(teacher.get("force_quick_gelu"))}
+
+    def context(self, teacher: FrozenTeacher) -> dict[str, Any]:
+        return {**super().context(teacher), "embed_dim": teacher.embed_dim, "logit_scale": teacher.logit_scale}
+
+    def context_from_cache(self, meta: Mapping[str, Any], teacher: Mapping[str, Any]) -> dict[str, Any]:
+        scale = teacher.get("logit_scale")
+        return {**super().context_from_cache(meta, teacher), "embed_dim": int(meta["embed_dim"]),
+                "logit_scale": float(meta["learned_logit_scale"]) if scale in (None, "learned") else float(scale)}
+
+    def cache_contents(self, teacher: FrozenTeacher, classes: Sequence[str],
+                       templates: Sequence[str] | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        return teacher.class_embeddings(classes, list(templates or ())), {
+            "embed_dim": teacher.embed_dim, "learned_logit_scale": float(teacher.model.logit_scale.exp())}

@@ -4,12 +4,7 @@ Teacher outputs are data. A teacher declares the outputs it can compute (``provi
 returns them as a dict of tensors keyed by name; sources (:mod:`pand.teachers.source`) deliver them to distillers,
 live or from a cache, under the same names.
 
-Per-sample output names:
-    ``image_embeds``  B x D, L2-normalised image embeddings of a CLIP-like teacher (float32).
-    ``logits``        B x C class logits: a classifier's own, or a CLIP teacher's zero-shot / CoOp ones.
-    ``stage_features`` a list, one tensor per stage of :attr:`FrozenTeacher.stage_names`, shallow to deep: maps
-                      ``[B, C, H, W]`` or tokens ``[B, N, C]``. Captured by forward hooks during the same forward
-                      pass (:class:`~pand.networks.stages.StageTap`), never cached (too large per view).
+The output names and what each holds are in :mod:`pand.teachers.outputs`.
 
 ``outputs`` runs with gradients enabled if the caller allows them: a source wraps it in ``torch.no_grad``; a method
 that trains modules inside the teacher (PAT's prompts) calls it with gradients flowing to those modules, while the
@@ -26,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGE_EMBEDS = "image_embeds"
-LOGITS = "logits"
-STAGE_FEATURES = "stage_features"
+from pand.networks.stages import StageTap, default_stages
+from pand.teachers.outputs import STAGE_FEATURES
 
 
 def convert_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], to_mean: Sequence[float],
@@ -87,8 +81,6 @@ class FrozenTeacher(nn.Module):
     @property
     def stage_names(self) -> list[str]:
         if self._stage_names is None:
-            from pand.networks.stages import default_stages
-
             self._stage_names = default_stages(self.stage_root)
         return list(self._stage_names)
 
@@ -107,8 +99,6 @@ class FrozenTeacher(nn.Module):
             yield list
             return
         if self._tap is None:
-            from pand.networks.stages import StageTap
-
             self._tap = StageTap(self.stage_root, self.stage_names)
         self._tap.enabled = True
         try:

@@ -34,6 +34,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from pand.errors import ConfigError, PrecisionError, suggest
+from pand.rules import POSITIVE, choice
 
 if TYPE_CHECKING:  # torch is imported where it is used: the config validation imports this module without it
     import torch
@@ -43,6 +44,9 @@ __all__ = ["DEFAULT_TOLERANCE", "PRECISIONS", "AgreementProbe", "check_agreement
 
 #: The teacher precisions pand offers; fp32 (the first) is the default and the reference.
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: The option rules of a ``*.precision`` / ``*.precision_tolerance`` setting (the config checks of every command).
+PRECISION_RULE = choice(*PRECISIONS)
+TOLERANCE_RULE = POSITIVE
 #: Largest relative L2 error of any probe row accepted by default: ~2x bf16's measured worst (about 1 %).
 DEFAULT_TOLERANCE = 0.02
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from pand.errors import ConfigError
-from pand.teachers.frozen import IMAGE_EMBEDS, LOGITS, FrozenTeacher
+from pand.teachers.frozen import FrozenTeacher
+from pand.teachers.outputs import IMAGE_EMBEDS, LOGITS
 
 __all__ = ["IMAGE_EMBEDS", "LOGITS", "LiveTeacherSource", "ZeroShotLogits"]
 

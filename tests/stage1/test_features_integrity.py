@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import pand.features as features_mod
+import pand.stage1.features as features_mod
 from pand.data.base import ArrayDataset
 from pand.errors import PandError
-from pand.features import ensure_features, feature_record
 from pand.provenance import load_record, save_tensors
-from tests.prompts.test_store import flip_one_float
+from pand.stage1.features import ensure_features, feature_record
+from tests.stage1.test_store import flip_one_float
 
 
 @pytest.fixture

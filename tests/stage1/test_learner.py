@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pand.errors import ConfigError
-from pand.prompts import PromptLearner
+from pand.stage1.learner import PromptLearner
 from pand.teachers import load_clip_teacher
 
 NAMES = ["cat", "red winged blackbird", "T-shirt/top", "Mr."]

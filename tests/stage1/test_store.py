@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pand.errors import PandError
-from pand.prompts.store import load_text_features, read_record, save_text_features
 from pand.provenance import save_tensors
+from pand.stage1.store import load_text_features, read_record, save_text_features
 
 TEACHER = {"model": "tiny", "pretrained": "random"}
 CLASSES = ["cat", "dog", "owl"]

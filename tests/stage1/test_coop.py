@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from pand.errors import ConfigError
-from pand.prompts import CoopResult, PromptLearner, train_coop
-from pand.prompts.coop import coop_lr
+from pand.stage1.coop import CoopResult, coop_lr, train_coop
+from pand.stage1.learner import PromptLearner
 
 NAMES = ["cat", "dog", "red winged blackbird", "T-shirt/top", "airplane"]
 

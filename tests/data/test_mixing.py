@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from pand.cli import main
+from pand.data.mixing import BatchMixer, mixing_enabled
 from pand.distillers import Distiller
-from pand.distillers.base import mixing_enabled
-from pand.engine.mixing import BatchMixer
 from tests.fixtures.datasets import make_cifar100
 
 C = 5

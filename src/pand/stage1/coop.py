@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pand.errors import ConfigError
-from pand.prompts.learner import PromptLearner
+from pand.stage1.learner import PromptLearner
 from pand.teachers.precision import (
     DEFAULT_TOLERANCE,
     AgreementProbe,

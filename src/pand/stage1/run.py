@@ -1,6 +1,6 @@
 """PAND stage 1 (PSC): ``pand features`` and ``pand prompts``.
 
-Teacher image embeddings of each split are extracted once and stored (:mod:`pand.features`); CoOp context vectors
+Teacher image embeddings of each split are extracted once and stored (:mod:`pand.stage1.features`); CoOp context vectors
 are then trained on the stored training embeddings, selected on the val embeddings, and the resulting class text
 features are written with their provenance for stage 2 (``teacher.text_features=...``). The test split is scored
 once for the report.
@@ -23,24 +23,25 @@ from typing import Any
 
 import torch
 
-from pand.engine.config_checks import validate_coop_config
 from pand.data.assembly import load_splits
-from pand.engine.data import input_folders, refuse_outputs_inside
-from pand.engine.teacher_side import load_teacher_from
+from pand.data.walk import input_folders, refuse_outputs_inside
 from pand.errors import ConfigError
-from pand.features import ensure_features, stored_agreement
 from pand.io import atomic_write_json, mark_output_folder
+from pand.rules import resolve_device
+from pand.stage1.checks import validate_coop_config
+from pand.stage1.coop import train_coop
+from pand.stage1.features import ensure_features, stored_agreement
+from pand.stage1.learner import PromptLearner
+from pand.stage1.store import save_text_features
 from pand.teachers.precision import DEFAULT_TOLERANCE
+from pand.teachers.registry import load_teacher
 
 log = logging.getLogger("pand")
 
 
 def _device(config: Mapping[str, Any]) -> str:
     """``features.device``: where stage 1 runs the teacher (``auto``: the GPU if there is one)."""
-    device = (config.get("features") or {}).get("device", "auto")
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return resolve_device((config.get("features") or {}).get("device"))
 
 
 def run_features(config: Mapping[str, Any], teacher=None, splits=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -48,7 +49,7 @@ def run_features(config: Mapping[str, Any], teacher=None, splits=None) -> dict[s
     feats = config["features"]
     if teacher is None:
         validate_coop_config(config, writes_prompts=False)
-        teacher = load_teacher_from(config, _device(config))
+        teacher = load_teacher(config, _device(config))
     splits = splits or load_splits(config["data"])
     refuse_outputs_inside(input_folders(splits), {"features.dir": feats["dir"]})
     folder = Path(feats["dir"])
@@ -95,13 +96,10 @@ def _accuracy(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) 
 
 def run_prompts(config: Mapping[str, Any]) -> dict[str, Any]:
     """Train CoOp on stored teacher features; write the learned text features and a summary; return the summary."""
-    from pand.prompts import PromptLearner, train_coop
-    from pand.prompts.store import save_text_features
-
     p = config["prompts"]
     validate_coop_config(config, writes_prompts=True)
     device = _device(config)
-    teacher = load_teacher_from(config, device)
+    teacher = load_teacher(config, device)
     splits = load_splits(config["data"])
     features = run_features({**config, "features": {**config["features"], "splits": ["train", "val", "test"]}},
                             teacher, splits)

@@ -24,8 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pand.distillers.base import mixing_enabled
 from pand.errors import ConfigError
+
+
+def mixing_enabled(settings: Mapping[str, Any] | None) -> bool:
+    """Whether the ``mixing`` settings mix training batches (a method that cannot learn from mixed batches refuses
+    them in its ``check_config``)."""
+    s = settings or {}
+    return float(s.get("prob", 1.0)) > 0 and (float(s.get("mixup_alpha", 0)) > 0 or float(s.get("cutmix_alpha", 0)) > 0)
 
 
 class BatchMixer:

@@ -1,0 +1,326 @@
+"""Building (or resuming) a teacher cache: process 0 prepares the folder under its lock, every process runs the
+teacher on its share of the rows (views made by worker processes, written in chunks with their digests), and the
+last process verifies every row before the cache is marked complete. What gets built, and the agreement check of a
+low-precision build: see :mod:`pand.cache.teacher`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pand.cache.integrity import (
+    SLACK_BYTES,
+    CacheDamagedError,
+    allocate_npy,
+    allocation_error,
+    array_layout,
+    bad_rows,
+    check_free_space,
+    data_bytes,
+    index_dtype,
+    meta_layout,
+    npy_header,
+    output_names,
+    read_meta,
+    remove_cache_files,
+    row_digest,
+    verify_cache,
+)
+from pand.cache.teacher.record import CHECKED, check_version, checked_meta, encode_topk, precision_hint
+from pand.data import ClassificationDataset
+from pand.data.device_augment import DeviceShare, loader_share
+from pand.data.transforms import ReplayableAugment, image_hw, view_generator
+from pand.errors import Interrupted, MismatchError, PandError, PrecisionError
+from pand.interrupts import ignore_stop_signals
+from pand.io import OUTPUT_ERRNOS, atomic_write_json, file_digest, mark_output_folder
+from pand.locks import FolderLock, remove_if_unused
+from pand.provenance import check_provenance, save_tensors
+from pand.teachers.precision import AgreementProbe, teacher_autocast
+from pand.teachers.source import IMAGE_EMBEDS, LOGITS
+
+log = logging.getLogger("pand")
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def build_cache(
+    folder: str | os.PathLike, record: Mapping[str, Any], dataset: ClassificationDataset, augment: ReplayableAugment,
+    teacher_source: nn.Module, text_embeds: torch.Tensor | None, teacher_identity: Mapping, *,
+    embed_dim: int | None, learned_logit_scale: float | None, batch_size: int, rank: int, world_size: int,
+    rebuild: bool, progress: bool, barrier, precision_tolerance: float, augment_on: str, num_workers: int,
+) -> dict[str, Any] | None:
+    """:meth:`TeacherCache.build <pand.cache.teacher.TeacherCache.build>`'s work (its docstring says what it does),
+    short of wrapping the result: the meta.json of the complete cache, else None."""
+    folder = Path(folder)
+    probe = AgreementProbe(record.get("precision", "fp32"), precision_tolerance, setting="cache",
+                           what=f"the teacher cache at {folder} ({record['outputs'][0]})")
+    folder_existed = folder.exists()
+    created = False
+    n, k = len(dataset), int(record["views"])
+    if LOGITS in record["outputs"]:
+        extra: dict[str, Any] = {"num_classes": len(record["classes"])}
+        layout = array_layout(n, k, augment.num_params, num_classes=extra["num_classes"],
+                              topk=record["logits_topk"])
+        text = None
+    else:
+        if text_embeds is None or embed_dim is None or learned_logit_scale is None:
+            raise ValueError("a cache of image embeddings needs text_embeds, embed_dim and learned_logit_scale")
+        extra = {"embed_dim": int(embed_dim), "learned_logit_scale": float(learned_logit_scale)}
+        layout = array_layout(n, k, augment.num_params, int(embed_dim))
+        text = text_embeds.float().cpu()
+    failure: BaseException | None = None
+    # One build writes a cache folder at a time: a second build of it (same settings) waits, then finds the rows
+    # done and opens the cache; without the lock it could rebuild or rewrite rows under the first one. Process 0
+    # holds it for the whole build, the other processes of the same launch follow it through the barriers.
+    lock = FolderLock(folder, "teacher cache") if rank == 0 else None
+    try:
+        if lock is not None:
+            try:
+                lock.acquire(wait=True)
+                mark_output_folder(folder, "teacher-cache")
+                created = _prepare(folder, record, layout, teacher_identity, text, extra, rebuild)
+            except BaseException as err:
+                if barrier is None or isinstance(err, Interrupted):
+                    raise
+                failure = err
+        _agree(barrier, failure, f"process 0 could not prepare the teacher cache at {folder}; its error says why")
+        try:
+            try:
+                _fill_share(folder, dataset, augment, teacher_source, int(record["seed"]), k, batch_size,
+                            rank, world_size, progress, probe, augment_on, num_workers)
+            except Interrupted as stop:
+                done = int(np.count_nonzero(np.load(folder / "done.npy", mmap_mode="r")))
+                raise stop.with_saved(f"{done} of {len(dataset)} images of the teacher cache at {folder} (every "
+                                      "finished chunk is kept, and the next build continues from there)") from None
+            except BaseException as err:
+                if barrier is None:
+                    raise
+                failure = err
+            _agree(barrier, failure, f"another process failed while building the teacher cache at {folder}; "
+                   "its error says why")
+        except PrecisionError:
+            if created:  # refused before any row was written: leave no cache behind, as if never started
+                remove_cache_files(folder)
+            raise
+        if rank == 0 or barrier is None:
+            return _finish(folder, probe.stats)
+        return None
+    finally:
+        if lock is not None:
+            lock.release()
+            if not folder_existed:  # a build that failed before writing anything leaves no folder behind
+                remove_if_unused(folder)
+
+
+def _prepare(folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any], teacher_identity: Mapping,
+             text: torch.Tensor | None, extra: Mapping[str, Any], rebuild: bool) -> bool:
+    """Process 0: keep, resume, or (re)create the cache folder's files; whether it created them."""
+    meta_path = folder / "meta.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    if meta_path.is_file():
+        try:
+            _check_existing(folder, record, layout)
+        except (MismatchError, CacheDamagedError) as err:
+            if not rebuild:
+                raise
+            if isinstance(err, CacheDamagedError):
+                why = f"it is damaged ({err.reason})"
+            else:
+                why = "it was made for something else (" + str(err).splitlines()[1].strip() + ")"
+            log.warning("rebuilding the teacher cache at %s: %s", folder, why)
+            remove_cache_files(folder)
+    if not meta_path.is_file():
+        meta = {**record, "teacher": dict(teacher_identity), **extra, "arrays": layout, "complete": False}
+        _create(folder, layout, meta, text, teacher_identity, record["classes"])
+        return True
+    return False
+
+
+def _check_existing(folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
+    """Raise MismatchError / CacheDamagedError unless the cache in ``folder`` can be kept (complete) or resumed."""
+    meta = read_meta(folder)
+    check_provenance(folder, meta, record, keys=list(CHECKED), hint=precision_hint(meta, record))
+    check_version(folder, meta)
+    stored = meta_layout(folder, meta)
+    if stored != layout:
+        raise MismatchError(f"{folder} was made for something else and is refused:\n  arrays: stored {stored}, "
+                            f"expected {dict(layout)}")
+    verify_cache(folder, meta, rows=bool(meta.get("complete")))
+
+
+def _create(folder: Path, layout: Mapping[str, Any], meta: Mapping[str, Any], text: torch.Tensor | None,
+            teacher_identity: Mapping, classes: Sequence[str]) -> None:
+    """Allocate every array and write meta.json (and a CLIP cache's text.safetensors); ``text`` None: no text."""
+    needs = {f"{name}.npy": len(npy_header(spec)) + data_bytes(spec) for name, spec in layout.items()}
+    text_bytes = SLACK_BYTES if text is None else text.numel() * text.element_size() + SLACK_BYTES
+    needs["meta.json (estimate)" if text is None else "text.safetensors and meta.json (estimate)"] = text_bytes
+    check_free_space(folder, needs)
+    try:
+        for name, spec in layout.items():
+            allocate_npy(folder / f"{name}.npy", spec)
+        checksums = {}
+        if text is not None:
+            path = folder / "text.safetensors"
+            try:
+                save_tensors(path, {"text_embeds": text},
+                             {"teacher": dict(teacher_identity), "classes": list(classes)})
+            except OSError as err:
+                if err.errno in OUTPUT_ERRNOS:
+                    raise allocation_error(path, text_bytes, err) from err
+                raise
+            checksums["text.safetensors"] = file_digest(path)
+        atomic_write_json(folder / "meta.json", {**meta, "checksums": checksums})
+    except BaseException:
+        remove_cache_files(folder)  # nothing half-made is left behind to be resumed
+        raise
+
+
+def _fill_share(folder: Path, dataset: ClassificationDataset, augment: ReplayableAugment,
+                teacher_source: nn.Module, seed: int, k: int, batch_size: int, rank: int, world_size: int,
+                progress: bool, probe: AgreementProbe, augment_on: str, num_workers: int) -> None:
+    """Compute and write this process's rows that are not written yet (or no longer match their digests).
+
+    ``probe`` runs the teacher in its precision and checks the first batch against fp32."""
+    n = len(dataset)
+    meta = read_meta(folder)
+    key = LOGITS if LOGITS in (meta.get("outputs") or []) else IMAGE_EMBEDS
+    # params first, then the output arrays: the order of the digest columns
+    columns = {name: np.load(folder / f"{name}.npy", mmap_mode="r+") for name in ("params", *output_names(meta))}
+    done = np.load(folder / "done.npy", mmap_mode="r+")
+    digests = np.load(folder / "digests.npy", mmap_mode="r+")
+    share = range(rank, n, world_size)
+    todo = [i for i in share if not done[i]]
+    written = [i for i in share if done[i]]
+    if written and not meta.get("complete"):
+        # Rows written before an interruption must still match their digests; compute any that do not again.
+        bad = bad_rows(columns, digests, written)
+        redo = sorted(set().union(*bad.values()))
+        if redo:
+            log.warning("the teacher cache at %s: %d written rows no longer match their digests (first: row %d); "
+                        "computing them again", folder, len(redo), redo[0])
+            todo = sorted(set(todo) | set(redo))
+        if todo:
+            log.info("resuming the teacher cache at %s: %d of %d images left", folder, len(todo), n)
+    device = next(iter(teacher_source.parameters()), torch.zeros(())).device
+    finish_views = DeviceShare(augment, augment_on)
+    chunks = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+    # Worker processes decode the images and make the views (or crop windows) of whole chunks while this process
+    # runs the teacher on the previous one; every view is a pure function of (seed, view, index), so the cache is
+    # the same with any number of workers. The loader gets its own generator: it would otherwise seed itself from
+    # the global one, and a run that builds its cache would then train differently from a run that opens it.
+    loader: Iterable = DataLoader(
+        _ChunkViews(dataset, augment, augment_on, seed, k, chunks), batch_size=None, num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None, pin_memory=device.type == "cuda",
+        generator=torch.Generator(), worker_init_fn=ignore_stop_signals if num_workers else None)
+    if progress:
+        from rich.progress import track
+
+        loader = track(loader, total=len(chunks), description=f"teacher cache ({k} views, rank {rank})")
+    for chunk, params, pixels in loader:
+        for v in range(k):
+            batch = finish_views(pixels[v], params[v], device)
+            out = probe(lambda p, batch=batch: _teacher_outputs(teacher_source, batch, key, p))
+            columns["params"][chunk, v] = params[v].numpy()
+            for name, rows in _stored_rows(out.float().cpu(), meta, chunk, v).items():
+                columns[name][chunk, v] = rows
+        for array in columns.values():
+            array.flush()
+        for i in chunk:
+            for column, array in enumerate(columns.values()):
+                digests[i, column] = np.frombuffer(row_digest(array[i]), np.uint8)
+        digests.flush()
+        done[chunk] = True  # only after the rows and their digests are on disk
+        done.flush()
+    del columns, done, digests
+
+
+def _finish(folder: Path, agreement: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """Once every row is written: verify them all, then mark the cache complete (with the low-precision probe's
+    ``agreement`` stats, when there are any); the complete cache's meta.json, else None."""
+    meta_path = folder / "meta.json"
+    if bool(np.all(np.load(folder / "done.npy", mmap_mode="r"))):
+        meta = read_meta(folder)
+        if meta.get("complete"):
+            return checked_meta(folder)
+        checksums = {**(meta.get("checksums") or {}), "digests.npy": file_digest(folder / "digests.npy")}
+        meta = {**meta, "checksums": checksums, "complete": True}
+        if agreement is not None:
+            meta["agreement"] = dict(agreement)
+        try:
+            verify_cache(folder, meta, verify="full")
+        except CacheDamagedError as err:
+            raise CacheDamagedError(folder, f"{err.reason} (found when verifying the cache just built, which "
+                                            "is left incomplete; is the disk failing?)") from None
+        atomic_write_json(meta_path, meta)
+        return meta
+    return None
+
+
+class _ChunkViews(Dataset):
+    """Item c: chunk c's image indices, and the params ``[K, B, P]`` and views or crop windows ``[K, B, 3, S, S]`` of
+    its K views (view v of image i drawn from ``view_generator(seed, v, i)``); each image is loaded once."""
+
+    def __init__(self, dataset: ClassificationDataset, augment: ReplayableAugment, augment_on: str, seed: int,
+                 views: int, chunks: Sequence[Sequence[int]]) -> None:
+        self.dataset, self.augment, self.seed, self.views, self.chunks = dataset, augment, seed, views, chunks
+        self.make = loader_share(augment, augment_on)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, c: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        chunk = list(self.chunks[c])
+        images = [self.dataset.load_image(i) for i in chunk]
+        params, pixels = [], []
+        for v in range(self.views):
+            ps = [self.augment.sample(view_generator(self.seed, v, i), image_hw(im)) for i, im in zip(chunk, images)]
+            params.append(torch.stack(ps))
+            pixels.append(torch.stack([self.make(im, p) for im, p in zip(images, ps)]))
+        return chunk, torch.stack(params), torch.stack(pixels)
+
+
+def _teacher_outputs(teacher_source: nn.Module, images: torch.Tensor, key: str, precision: str) -> torch.Tensor:
+    """The teacher's ``key`` output of a batch of views, under ``precision``'s autocast."""
+    with torch.no_grad(), teacher_autocast(images.device, precision):
+        return teacher_source({"image": images}, {key})[key]
+
+
+def _stored_rows(out: torch.Tensor, meta: Mapping[str, Any], chunk: Sequence[int], view: int) -> dict[str, np.ndarray]:
+    """A batch of teacher outputs (float32 on the CPU) as the rows of the cache's output arrays."""
+    if LOGITS not in (meta.get("outputs") or []):
+        return {"embeds": out.numpy().astype(np.float16)}
+    num_classes = int(meta["num_classes"])
+    if out.dim() != 2 or out.shape[1] != num_classes:
+        raise PandError(f"the teacher gave logits of shape {list(out.shape)}; the cache holds {num_classes} classes")
+    # float16 turns logits beyond +-65504 into inf (and keeps NaN): refuse here rather than train on them
+    bad = ~torch.isfinite(out).all(dim=1) | (out.abs() > _FLOAT16_MAX).any(dim=1)
+    if bad.any():
+        first = int(torch.nonzero(bad)[0])
+        raise PandError(f"the teacher's logits of image {chunk[first]} (view {view}) are not finite or beyond "
+                        f"float16's range (|z| <= {_FLOAT16_MAX:g}), which the cache stores; check the teacher's "
+                        "weights, or run it live (remove cache.dir)")
+    topk = meta.get("logits_topk")
+    if topk is None:
+        return {"logits": out.numpy().astype(np.float16)}
+    values, index = encode_topk(out, int(topk))
+    return {"logits_topk": values.numpy().astype(np.float16),
+            "logits_index": index.numpy().astype(index_dtype(num_classes))}
+
+
+def _agree(barrier, failure: BaseException | None, others_failed: str) -> None:
+    """Wait for every process; if any failed, all raise (the failed one its own error), none waits forever."""
+    if barrier is None:
+        return
+    if barrier(failure is None):
+        return
+    if failure is not None:
+        raise failure
+    raise PandError(others_failed)
