@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from pand.losses import (
+    affinity_mimicking_loss,
     dkd_loss,
     dkd_terms,
     hcl_loss,
+    interactive_contrastive_loss,
     kd_loss,
     logit_standardize,
     nrkd_feature_loss,
@@ -296,3 +298,119 @@ def test_hcl_loss_zero_for_identical_positive_otherwise_and_finite_gradients():
 def test_hcl_loss_names_both_shapes_when_they_differ():
     with pytest.raises(ValueError, match=r"\(2, 4, 6, 6\).*\(2, 8, 6, 6\)"):
         hcl_loss(torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6))
+
+
+# -- CLIP distillation: ICL (CLIP-KD) and affinity mimicking (TinyCLIP / CRD) --------------------------------------
+def _unit_rows(x):
+    return [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in x]
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def icl_by_hand(s, t, tau):
+    """-mean_i log(exp(s_i . t_i / tau) / sum_j exp(s_i . t_j / tau)), with explicit loops over plain lists."""
+    s, t = _unit_rows(s), _unit_rows(t)
+    total = 0.0
+    for i in range(len(s)):
+        denominator = sum(math.exp(_dot(s[i], t[j]) / tau) for j in range(len(t)))
+        total += -math.log(math.exp(_dot(s[i], t[i]) / tau) / denominator)
+    return total / len(s)
+
+
+def _kl_list(p, q):
+    return sum(pk * math.log(pk / qk) for pk, qk in zip(p, q))
+
+
+def _softmax_list(values):
+    exps = [math.exp(v) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def affinity_by_hand(s, t, w, tau):
+    """Mean over images of KL over classes, mean over classes of KL over images, averaged (one direction at B = 1)."""
+    s, t, w = _unit_rows(s), _unit_rows(t), _unit_rows(w)
+    b, c = len(s), len(w)
+    per_image = [_kl_list(_softmax_list([_dot(t[i], w[k]) / tau for k in range(c)]),
+                          _softmax_list([_dot(s[i], w[k]) / tau for k in range(c)])) for i in range(b)]
+    image_to_vocabulary = sum(per_image) / b
+    if b == 1:
+        return image_to_vocabulary
+    per_class = [_kl_list(_softmax_list([_dot(w[k], t[i]) / tau for i in range(b)]),
+                          _softmax_list([_dot(w[k], s[i]) / tau for i in range(b)])) for k in range(c)]
+    return 0.5 * (image_to_vocabulary + sum(per_class) / c)
+
+
+def test_icl_hand_computed():
+    s = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # normalised: (0.6, 0.8), (1, 0)
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # normalised: (1, 0), (0, 1)
+    # tau = 0.5: logits [[1.2, 1.6], [2, 0]]; positives on the diagonal
+    # row 0: -log(e^1.2 / (e^1.2 + e^1.6)) = log(1 + e^0.4); row 1: -log(1 / (e^2 + 1)) = log(1 + e^2)
+    expected = (math.log(1 + math.exp(0.4)) + math.log(1 + math.exp(2.0))) / 2
+    assert interactive_contrastive_loss(s, t, 0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_icl_matches_a_loop_over_anchors_and_candidates():
+    g = torch.Generator().manual_seed(11)
+    s, t = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64)
+    expected = icl_by_hand(s.tolist(), t.tolist(), 0.1)
+    assert interactive_contrastive_loss(s, t, 0.1).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_icl_of_a_single_sample_is_zero():
+    assert interactive_contrastive_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[-3.0, 1.0]])).item() == 0.0
+
+
+def test_affinity_hand_computed():
+    w = torch.eye(2)
+    t = torch.eye(2)  # teacher: image i is closest to class i
+    s = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # student: the other way round
+    # tau = 1: every row and every column compares softmax(1, 0) with softmax(0, 1); with a = e / (1 + e),
+    # KL = a log(a / (1 - a)) + (1 - a) log((1 - a) / a) = 2a - 1 = tanh(1/2), in both directions
+    assert affinity_mimicking_loss(s, t, w, 1.0).item() == pytest.approx(math.tanh(0.5), rel=1e-6)
+
+
+def test_affinity_matches_loops_over_images_and_classes():
+    g = torch.Generator().manual_seed(12)
+    s, t = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    expected = affinity_by_hand(s.tolist(), t.tolist(), w.tolist(), 0.2)
+    assert affinity_mimicking_loss(s, t, w, 0.2).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_affinity_of_a_single_sample_is_the_vocabulary_direction_alone():
+    # no distribution over one image: the term is the image -> vocabulary KL, not its half
+    s, t, w = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]), torch.eye(2)
+    assert affinity_mimicking_loss(s, t, w, 1.0).item() == pytest.approx(math.tanh(0.5), rel=1e-6)
+    g = torch.Generator().manual_seed(13)
+    s, t, w = torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g), torch.randn(3, 6, generator=g)
+    expected = affinity_by_hand(s.tolist(), t.tolist(), w.tolist(), 0.07)
+    assert affinity_mimicking_loss(s, t, w, 0.07).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["icl", "affinity"])
+def test_relational_losses_are_lower_at_the_teacher_than_elsewhere_and_give_finite_gradients(loss):
+    g = torch.Generator().manual_seed(14)
+    t, w = torch.randn(4, 8, generator=g), torch.randn(3, 8, generator=g)
+
+    def value(s):
+        return interactive_contrastive_loss(s, t) if loss == "icl" else affinity_mimicking_loss(s, t, w)
+
+    if loss == "affinity":
+        assert value(t.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(4, 8, generator=g, requires_grad=True)
+    out = value(s)
+    assert out.item() > value(t.clone()).item()
+    out.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_relational_losses_compute_in_float32_under_autocast():
+    g = torch.Generator().manual_seed(15)
+    s, t, w = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g), torch.randn(5, 32, generator=g)
+    full = (interactive_contrastive_loss(s, t), affinity_mimicking_loss(s, t, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = (interactive_contrastive_loss(s, t), affinity_mimicking_loss(s, t, w))
+    for a, b in zip(full, mixed):
+        assert b.dtype == torch.float32 and b.item() == pytest.approx(a.item(), rel=1e-6)

@@ -45,6 +45,15 @@ def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
     assert "| student |" in report and "novel (%)" in report and "open vocabulary" in printed
     ov_summary = json.loads((out / "seed0" / "openvocab" / "summary.json").read_text())
     assert ov_summary["open_vocab"]["student"]["hm"] == pytest.approx(ov["student"]["hm"])
+    # and again with the 20 unlabelled images under each protocol, each row on record with its protocol
+    protocols = results["openvocab_protocols"]
+    assert set(protocols) == {"strict", "transductive", "label-free"}
+    for name, row in protocols.items():
+        assert all(0.0 <= row["student"][k] <= 1.0 for k in ("base", "novel", "hm", "mAP")), name
+        assert f"| student, {name} |" in report
+        summary = json.loads((out / "seed0" / f"openvocab+{name}" / "summary.json").read_text())
+        assert summary["open_vocab"]["class_split"]["protocol"] == ("strict" if name == "label-free" else name)
+        assert summary["labelled_images"] == (0 if name == "label-free" else 5)  # 5 seen classes x 1
     # the student of each method saw 2 images per class: 1 train + 1 val
     summary = json.loads((out / "seed0" / "pand" / "summary.json").read_text())
     assert summary["method"] == "pand" and summary["test_acc1"] == pytest.approx(results["pand"]["test_acc"])

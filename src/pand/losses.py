@@ -341,3 +341,64 @@ def label_infonce_loss(similarity: torch.Tensor, labels: torch.Tensor, temperatu
     positive = (labels.unsqueeze(1) == present.unsqueeze(0)).float()  # [B, K]
     text_to_image = -((column_logp * positive).sum(0) / positive.sum(0)).mean()
     return 0.5 * (image_to_text + text_to_image)
+
+
+def _float_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` in float32 even under autocast: a bf16 product keeps about 3 digits, which a temperature of 0.07
+    turns into logit errors of about 0.05."""
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        return a.float() @ b.float().t()
+
+
+def interactive_contrastive_loss(student_embeds: torch.Tensor, teacher_embeds: torch.Tensor,
+                                 temperature: float = 0.07) -> torch.Tensor:
+    """Interactive contrastive learning (ICL; CLIP-KD, Yang et al., CVPR 2024), image form.
+
+    With ``s_i`` and ``t_i`` the L2-normalised student and teacher image embeddings of sample ``i`` of a batch of
+    ``B``: each student embedding is an anchor whose positive is the teacher's embedding of the same image and whose
+    negatives are the teacher's embeddings of the batch's other images, ``-mean_i log softmax_j(s_i . t_j / tau)[i]``.
+    CLIP-KD contrasts the student's image embedding with the teacher's embeddings of the batch's paired captions; a
+    classification batch has no caption per image (and this student no text tower), so the teacher's image embeddings
+    take their place. It needs no label. A batch of 1 gives 0: the only candidate is the positive.
+    """
+    s = F.normalize(student_embeds.float(), dim=-1)
+    t = F.normalize(teacher_embeds.float(), dim=-1)
+    logits = _float_similarity(s, t) / float(temperature)
+    return F.cross_entropy(logits, torch.arange(len(s), device=s.device))
+
+
+def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """``mean KL(softmax(teacher) || softmax(student))`` over the distributions taken along ``dim``."""
+    log_p = F.log_softmax(teacher_logits, dim=dim)
+    log_q = F.log_softmax(student_logits, dim=dim)
+    return (log_p.exp() * (log_p - log_q)).sum(dim).mean()
+
+
+def affinity_mimicking_loss(student_embeds: torch.Tensor, teacher_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                            temperature: float = 0.07) -> torch.Tensor:
+    """Affinity mimicking (TinyCLIP, Wu et al., ICCV 2023); CLIP-KD's CRD (Yang et al., CVPR 2024) is the same KL.
+
+    ``s_i``, ``t_i``: L2-normalised student and teacher image embeddings of sample ``i`` of a batch of ``B``; ``W``:
+    the ``C x D`` L2-normalised text embeddings of the vocabulary (``w_c`` its row for class ``c``), which takes the
+    place of the papers' batch of paired captions. Two directions:
+
+    * image -> vocabulary: for each image, ``KL(softmax_c(t_i . w_c / tau) || softmax_c(s_i . w_c / tau))``, the
+      teacher's distribution over the classes against the student's, averaged over the ``B`` images;
+    * vocabulary -> images: for each class, ``KL(softmax_i(w_c . t_i / tau) || softmax_i(w_c . s_i / tau))``, the
+      distribution of that class text over the batch's images, averaged over the ``C`` classes.
+
+    The loss is the mean of the two. A batch of 1 has no distribution over images (a softmax over one image is 1 for
+    teacher and student alike, a KL of 0 that would only halve the other term), so it is the image -> vocabulary term
+    alone. The KL differs from the soft cross-entropy of the teacher's affinities by the teacher's entropy, a constant
+    to the student: the gradients are the same. It needs no label.
+    """
+    s = F.normalize(student_embeds.float(), dim=-1)
+    t = F.normalize(teacher_embeds.float(), dim=-1)
+    w = F.normalize(text_embeds.float(), dim=-1)
+    student_logits = _float_similarity(s, w) / float(temperature)  # [B, C]
+    teacher_logits = _float_similarity(t, w) / float(temperature)
+    image_to_vocabulary = _kl_rows(teacher_logits, student_logits, dim=1)
+    if len(s) == 1:
+        return image_to_vocabulary
+    vocabulary_to_images = _kl_rows(teacher_logits, student_logits, dim=0)
+    return 0.5 * (image_to_vocabulary + vocabulary_to_images)

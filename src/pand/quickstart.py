@@ -14,7 +14,10 @@ on the 10,000 test images:
 5. every student evaluated once on the test split (best-on-val checkpoint);
 6. an open-vocabulary student (``method=openvocab``) trained on the labelled images of 5 of the 10 classes
    (``data.class_split=base_novel``) and tested on the 5 seen and the 5 unseen classes, next to the teacher's own
-   zero-shot classifier on the same splits (base / novel top-1, their harmonic mean, text -> image retrieval mAP).
+   zero-shot classifier on the same splits (base / novel top-1, their harmonic mean, text -> image retrieval mAP);
+   with ``--unlabelled``, again with unlabelled images under each protocol (``data.novel_protocol``): ``strict``
+   (unlabelled images of the 5 seen classes only), ``transductive`` (of all 10 classes, labels and unseen names never
+   read), and label-free (``data.samples_per_class=0``: no labelled image, val labelled by the teacher).
 
 ``--seeds N`` repeats everything with N labelled pools / initialisations and reports mean and standard deviation.
 """
@@ -40,6 +43,12 @@ UNLABELLED_METHODS = ("kd", "vl2lite", "pand")
 UNLABELLED_SUFFIX = "+unlabelled"
 OPEN_VOCAB = "openvocab"
 OPEN_VOCAB_KEYS = ("base", "novel", "hm")
+#: The open-vocabulary runs with ``--unlabelled`` images: row name -> the overrides that make it.
+OPEN_VOCAB_PROTOCOLS = {
+    "strict": ("data.novel_protocol=strict",),
+    "transductive": ("data.novel_protocol=transductive",),
+    "label-free": ("data.samples_per_class=0",),
+}
 TEACHER_KEYS = ("teacher_zero_shot", "teacher_coop")
 
 
@@ -74,9 +83,10 @@ def run_stage1(args: argparse.Namespace, seed: int, seed_dir: Path) -> dict[str,
 
 
 def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str, prompts: Path,
-                unlabelled: int | None = None, run_name: str | None = None) -> dict[str, Any]:
+                unlabelled: int | None = None, run_name: str | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """One student run; with ``unlabelled``, that many training images outside the labelled pool are added
-    (``data.unlabelled=rest``) and the run uses the unlabelled schedule (``--unlabelled-epochs`` over them)."""
+    (``data.unlabelled=rest``) and the run uses the unlabelled schedule (``--unlabelled-epochs`` over them).
+    ``extra``: overrides of this run only, before the user's."""
     from pand.config import compose, to_plain
     from pand.engine.run import train
 
@@ -99,15 +109,15 @@ def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str
         overrides += ["data.unlabelled=rest", f"data.unlabelled_limit={unlabelled}",
                       f"trainer.max_epochs={args.unlabelled_epochs}", f"data.batch_size={args.unlabelled_batch_size}",
                       "trainer.log_every_n_steps=10"]
-    extra = list(args.overrides)
+    user = list(args.overrides)
     if method == "pand":
         overrides.append(f"teacher.text_features={prompts}")
     if method == OPEN_VOCAB:
         # The same class halves for every seed, so that seeds vary the labelled pool and the initialisation only.
         overrides += ["data.class_split=base_novel", "data.class_split_seed=0"]
     if method == "ce":  # the teacher cache is refused for a method that reads no teacher outputs
-        extra = [o for o in extra if not o.lstrip("+~").startswith("cache.")]
-    return train(to_plain(compose("train", overrides + extra)))
+        user = [o for o in user if not o.lstrip("+~").startswith("cache.")]
+    return train(to_plain(compose("train", overrides + list(extra) + user)))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -172,9 +182,14 @@ def report(results: dict[str, Any], out_dir: Path) -> str:
             "| model | base (%) | novel (%) | HM (%) | retrieval mAP (%) |",
             "|---|---:|---:|---:|---:|",
         ]
-        for who in ("student", "teacher"):
-            cells = [_pm(ov[who][k], ov[who].get(k + "_std"), len(seeds)) for k in (*OPEN_VOCAB_KEYS, "mAP")]
-            lines.append(f"| {who} | " + " | ".join(cells) + " |")
+        for name, cells in _open_vocab_rows(results):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if results.get(f"{OPEN_VOCAB}_protocols"):
+            lines += ["", (f"The student rows with a protocol add {results['unlabelled']:,} unlabelled training images: "
+                           "`strict` only of the seen classes, `transductive` of all ten (their labels and the unseen "
+                           "names never read; a transductive result is not comparable with inductive ones), "
+                           "`label-free` with no labelled image at all (val labelled by the teacher), each under the "
+                           "unlabelled schedule above.")]
     lines += ["", f"Total time: {results['total_seconds']:.0f} s.", ""]
     for name in ("learning_curves.png", "tsne_compare.png"):
         if (out_dir / name).is_file():
@@ -200,6 +215,17 @@ def _pm(mean: float, std: float | None, n_seeds: int) -> str:
     return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if n_seeds > 1 and std is not None else "")
 
 
+def _open_vocab_rows(results: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(row name, base / novel / HM / mAP cells) of the open-vocabulary table: the student labelled only, under each
+    protocol with unlabelled images, then the teacher."""
+    n = len(results["seeds"])
+    ov = results[OPEN_VOCAB]
+    named = [("student", ov["student"])]
+    named += [(f"student, {p}", s["student"]) for p, s in (results.get(f"{OPEN_VOCAB}_protocols") or {}).items()]
+    named.append(("teacher", ov["teacher"]))
+    return [(name, [_pm(r[k], r.get(k + "_std"), n) for k in (*OPEN_VOCAB_KEYS, "mAP")]) for name, r in named]
+
+
 def _open_vocab_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and standard deviation over seeds of base / novel / HM top-1 and retrieval mAP, student and teacher."""
     out: dict[str, Any] = {"base_classes": runs[0]["class_split"]["base"],
@@ -221,6 +247,7 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
     per_seed: dict[str, list[dict[str, Any]]] = {k: [] for k in (*TEACHER_KEYS, *METHODS, *with_unlabelled)}
     first_runs: dict[str, Path] = {}
     open_vocab_runs: list[dict[str, Any]] = []
+    protocol_runs: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         seed_dir = out_dir / f"seed{seed}"
         print(f"== seed {seed}: teacher zero-shot and stage 1 (CoOp on stored teacher features)", flush=True)
@@ -250,6 +277,13 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
             print(f"== seed {seed}: open-vocabulary student, trained on 5 classes, tested on all 10", flush=True)
             summary = run_student(args, seed, seed_dir, OPEN_VOCAB, Path(stage1["text_features"]))
             open_vocab_runs.append({**summary["open_vocab"], "train_seconds": summary["train_seconds"]})
+            for protocol, extra in OPEN_VOCAB_PROTOCOLS.items() if args.unlabelled else ():
+                print(f"== seed {seed}: open-vocabulary student with {args.unlabelled} unlabelled images, "
+                      f"{protocol}", flush=True)
+                summary = run_student(args, seed, seed_dir, OPEN_VOCAB, Path(stage1["text_features"]),
+                                      unlabelled=args.unlabelled, run_name=f"{OPEN_VOCAB}+{protocol}", extra=extra)
+                protocol_runs.setdefault(protocol, []).append(
+                    {**summary["open_vocab"], "train_seconds": summary["train_seconds"]})
     methods = {}
     for key, runs in per_seed.items():
         mean, std = _mean_std([r["test_acc"] for r in runs])
@@ -278,6 +312,7 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
         "unlabelled_batch_size": args.unlabelled_batch_size,
         **methods,
         OPEN_VOCAB: _open_vocab_summary(open_vocab_runs) if open_vocab_runs else None,
+        f"{OPEN_VOCAB}_protocols": {p: _open_vocab_summary(runs) for p, runs in protocol_runs.items()},
         "total_seconds": round(time.time() - start, 1),
     }
     atomic_write_json(out_dir / "results.json", results)
@@ -305,9 +340,8 @@ def print_table(results: dict[str, Any]) -> None:
                         f"{len(ov['novel_classes'])} unseen ones too (top-1 %, retrieval mAP %)")
         for col in ("model", "base", "novel", "HM", "mAP"):
             t.add_column(col, justify="left" if col == "model" else "right")
-        for who in ("student", "teacher"):
-            t.add_row(who, *[_pm(ov[who][k], ov[who].get(k + "_std"), len(results["seeds"]))
-                             for k in (*OPEN_VOCAB_KEYS, "mAP")])
+        for name, cells in _open_vocab_rows(results):
+            t.add_row(name, *cells)
         console.print(t)
     console.print(f"total time: {results['total_seconds']:.0f} s")
 

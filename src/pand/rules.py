@@ -151,6 +151,8 @@ def show(value: Any) -> str:
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
+#: The values of ``data.novel_protocol`` (see :data:`pand.data.assembly.NOVEL_PROTOCOLS`).
+NOVEL_PROTOCOL_SETTINGS = ("strict", "transductive")
 #: Where the training views are made (``data.augment_on``): in the loader processes, or a batch at once on the device.
 AUGMENT_ON = ("cpu", "device")
 

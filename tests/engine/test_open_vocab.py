@@ -12,10 +12,12 @@ from pand.data import base_novel_classes, restrict_classes
 from pand.data.assembly import NOVEL_TEST, load_splits
 from pand.engine.config_checks import validate_train_config
 from pand.engine.open_vocab_eval import (
+    clip_benchmark_records,
     harmonic_mean,
     retrieval_metrics,
     top1,
     vocabulary_for,
+    zero_shot_metrics,
 )
 from pand.errors import ConfigError
 from pand.students.checkpoint import load_checkpoint_student
@@ -48,6 +50,35 @@ def test_retrieval_metrics_hand_computed():
     assert retrieval_metrics(sim, labels, queries=[1], ks=(1,))["mAP"] == pytest.approx(ap1)
     assert top1(sim, labels) == pytest.approx(0.5)
     assert harmonic_mean(0.8, 0.4) == pytest.approx(2 * 0.8 * 0.4 / 1.2) and harmonic_mean(0, 0) == 0
+
+
+def test_zero_shot_metrics_hand_computed():
+    # 7 classes so that top-5 leaves two out. Rows: the scores of 5 images; labels 0, 0, 0, 1, 6.
+    sim = torch.tensor([
+        [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 0: rank 1 -> top-1 and top-5 hit
+        [0.1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4],  # label 0: rank 7 -> miss, miss
+        [0.5, 0.9, 0.8, 0.7, 0.6, 0.0, 0.0],  # label 0: rank 5 -> top-5 hit only
+        [0.2, 0.1, 0.9, 0.8, 0.7, 0.6, 0.5],  # label 1: rank 7 -> miss, miss
+        [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.9],  # label 6: rank 1 -> hit, hit
+    ])
+    labels = torch.tensor([0, 0, 0, 1, 6])
+    m = zero_shot_metrics(sim, labels)
+    assert m["acc1"] == pytest.approx(2 / 5)
+    assert m["acc5"] == pytest.approx(3 / 5)
+    # per-class top-1 recall: class 0 1/3, class 1 0/1, class 6 1/1 (absent classes do not count)
+    assert m["mean_per_class_recall"] == pytest.approx((1 / 3 + 0 + 1) / 3)
+    # fewer than 5 classes: top-5 is every class, always a hit
+    assert zero_shot_metrics(sim[:, :2], torch.tensor([0, 1, 1, 0, 1]))["acc5"] == 1.0
+
+
+def test_clip_benchmark_records_have_its_fields():
+    report = {"class_split": {}, "student": {"zeroshot": {"base": {"acc1": 0.5}, "novel": {"acc1": 0.25}}},
+              "teacher": {"zeroshot": {"base": {"acc1": 0.9}, "novel": {"acc1": 0.8}}}}
+    records = clip_benchmark_records(report, "cub", {"student": "s", "teacher": "t"})
+    assert [(r["dataset"], r["model"], r["metrics"]["acc1"]) for r in records] == [
+        ("cub/base", "s", 0.5), ("cub/novel", "s", 0.25), ("cub/base", "t", 0.9), ("cub/novel", "t", 0.8)]
+    assert all(set(r) == {"dataset", "model", "task", "metrics", "language"} for r in records)
+    assert {r["task"] for r in records} == {"zeroshot_classification"}
 
 
 def test_base_novel_split_is_a_seeded_half_and_novel_images_stay_out_of_training(cub4):
@@ -87,6 +118,11 @@ def test_base_to_novel_run_reports_student_and_teacher_and_eval_reproduces_it(cu
         assert set(r["retrieval"]) == {"R@1", "R@5", "R@10", "mAP"} and 0 <= r["retrieval"]["mAP"] <= 1
         assert "retrieval_novel" in r
     assert len(report["class_split"]["base"]) == 2 and len(report["class_split"]["novel"]) == 2
+    for who in ("student", "teacher"):
+        zs = report[who]["zeroshot"]
+        assert set(zs) == {"base", "novel", "all"} and zs["base"]["acc1"] == pytest.approx(report[who]["base"])
+        assert zs["all"]["acc1"] == pytest.approx(report[who]["all"]) and zs["novel"]["acc5"] == 1.0  # 2 classes
+    assert len(report["clip_benchmark"]) == 6 and report["clip_benchmark"][0]["dataset"] == "cub/base"
     assert "never seen" in report["class_split"]["note"]
     # Lightning's test split is the base test images among the base classes: the report's "base".
     assert summary["test_acc1"] == pytest.approx(report["student"]["base"])

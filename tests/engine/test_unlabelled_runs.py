@@ -117,8 +117,6 @@ def test_resume_with_unlabelled_images_is_exact(cub_root, tmp_path):
     (("method=ce", "data.samples_per_class=2", "data.unlabelled=rest"), "learns from labels alone"),
     (("method=ce", "data.samples_per_class=0"), "learns from labels alone"),
     ((*REST, "mixing.mixup_alpha=0.2"), "Mixup"),
-    (("method=openvocab", "data.samples_per_class=2", "data.unlabelled=rest", "data.class_split=base_novel"),
-     "unseen"),
     (("method=kd", "data.unlabelled=rest"), "samples_per_class"),
     (("method=kd", "data.samples_per_class=-1"), "samples_per_class"),
     ((*REST, "data.labelled_fraction=1.0"), "labelled_fraction"),

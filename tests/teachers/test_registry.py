@@ -114,3 +114,11 @@ def test_a_new_kind_is_checked_and_loaded_from_its_declarations_alone(logits_onl
                             "trainer.max_epochs=1", "test=false", f"cache.dir={tmp_path / 'cache'}", "cache.views=2")
     assert main(["train", *cached]) == 0
     assert json.loads((tmp_path / "cache" / "meta.json").read_text())["teacher_spec"] == {"kind": "frozen_linear"}
+
+
+def test_a_method_needing_a_text_tower_refuses_a_kind_without_one(cub_root, tmp_path):
+    overrides = tiny_overrides(cub_root, tmp_path / "run", "teacher=classifier", "teacher.pretrained=random",
+                               "method=openvocab")
+    with pytest.raises(ConfigError) as refused:
+        validate_train_config(to_plain(compose("train", overrides)))
+    assert "a classifier teacher has no text tower (use teacher.kind=clip)" in str(refused.value)

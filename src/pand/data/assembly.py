@@ -20,7 +20,7 @@ import torch
 from pand.data.base import ClassificationDataset, restrict_classes, subset
 from pand.data.overlap import check_overlap
 from pand.data.splits import base_novel_classes, get_dataset, stratified_split
-from pand.data.unlabelled import HiddenLabels, check_unlabelled_setting, choose, unlabelled_folder
+from pand.data.unlabelled import HiddenLabels, base_names_only, check_unlabelled_setting, choose, unlabelled_folder
 from pand.data.verify import verify_splits
 from pand.data.walk import check_input_root
 from pand.errors import ConfigError, PandError
@@ -64,14 +64,51 @@ def load_splits(data: Mapping[str, Any], *, overlap: dict[str, int] | None = Non
 NOVEL_TEST = "test_novel"
 
 
+#: The protocols of a base-to-novel run with unlabelled training images (``data.novel_protocol``), and what each lets
+#: training see of the novel classes. No protocol lets training or model selection read a novel label or class name.
+NOVEL_PROTOCOLS = {
+    "strict": "novel-class images were never seen in training; their names were not used for training or model "
+              "selection (inductive)",
+    "transductive": "unlabelled training images may show the novel classes (transductive, as in transductive "
+                    "zero-shot learning; not comparable with inductive results); no novel label or name was used for "
+                    "training or model selection",
+    "generic": "unlabelled training images come from a folder (a generic corpus, data.unlabelled=<folder>), which may "
+               "show any class; no novel label or name was used for training or model selection",
+}
+
+
+def novel_protocol(data: Mapping[str, Any]) -> str | None:
+    """The protocol of a base-to-novel run (a key of :data:`NOVEL_PROTOCOLS`); None without a class split.
+
+    ``strict`` (the default) keeps only base-class images among the unlabelled ``rest`` of the training split;
+    ``transductive`` keeps them all, their labels hidden; unlabelled images from a folder are a ``generic`` corpus.
+    """
+    if data.get("class_split") != "base_novel":
+        return None
+    source = unlabelled_source(data)
+    if source is not None and source != "rest":
+        return "generic"
+    return str(data.get("novel_protocol") or "strict") if source == "rest" else "strict"
+
+
+def _base_classes(data: Mapping[str, Any], num_classes: int) -> list[int] | None:
+    if data.get("class_split") != "base_novel":
+        return None
+    return base_novel_classes(num_classes, int(data.get("class_split_seed", 0)))[0]
+
+
 def _load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
     splits = _labelled_splits(data)
     if data.get("class_split") != "base_novel":
         return splits
-    # CoOp / CoCoOp base-to-novel, inductive: training and model selection see only the base classes' images and
-    # names; "test" is base test images among the base classes, "test_novel" novel test images among the novel ones.
+    # CoOp / CoCoOp base-to-novel: training and model selection see only the base classes' labels and names; "test"
+    # is base test images among the base classes, "test_novel" novel test images among the novel ones. Splits whose
+    # labels are hidden (unlabelled images, a label-free run's val) keep their images (chosen by the protocol in
+    # _labelled_splits) and see only the base names.
     base, novel = base_novel_classes(len(splits["test"].classes), int(data.get("class_split_seed", 0)))
-    out = {name: restrict_classes(ds, base) for name, ds in splits.items()}
+    hidden = {UNLABELLED_SPLIT, "val"} if label_free(data) else {UNLABELLED_SPLIT}
+    out = {name: base_names_only(ds, base) if name in hidden else restrict_classes(ds, base)
+           for name, ds in splits.items()}
     out[NOVEL_TEST] = restrict_classes(splits["test"], novel, split=NOVEL_TEST)
     return out
 
@@ -104,7 +141,12 @@ def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset
     chosen = per_class_subset(full.targets, int(k), seed)
     if source == "rest":
         taken = set(chosen)
-        extra = HiddenLabels(subset(full, [i for i in range(len(full)) if i not in taken]))
+        rest = [i for i in range(len(full)) if i not in taken]
+        base = _base_classes(data, len(full.classes))
+        if base is not None and novel_protocol(data) == "strict":
+            kept = set(base)  # read here, before the labels are hidden, and never again
+            rest = [i for i in rest if full.targets[i] in kept]
+        extra = HiddenLabels(subset(full, rest))
     elif source is not None:
         extra = unlabelled_folder(source, full.classes, name)
     else:

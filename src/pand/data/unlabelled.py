@@ -47,6 +47,14 @@ class HiddenLabels(SubsetDataset):
         self.targets = [UNLABELLED] * len(dataset)
 
 
+def base_names_only(dataset: ClassificationDataset, classes: Sequence[int]) -> HiddenLabels:
+    """``dataset`` (labels hidden) as a split of a run on ``classes`` only: same images, and only those classes'
+    names, so that nothing downstream can read the name of a class held out."""
+    view = HiddenLabels(dataset, split=dataset.split)
+    view.classes = [dataset.classes[c] for c in classes]
+    return view
+
+
 class TeacherLabelled(HiddenLabels):
     """Unlabelled images with labels given by the teacher (the val split of a label-free run)."""
 

@@ -25,6 +25,7 @@ from pand.rules import (
     BOOL,
     MISSING,
     NON_NEGATIVE,
+    NOVEL_PROTOCOL_SETTINGS,
     POSITIVE,
     PROBABILITY,
     Rule,
@@ -70,6 +71,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.num_classes": integer(1, optional=True),
     "data.class_split": choice("base_novel", optional=True),
     "data.class_split_seed": integer(0),
+    "data.novel_protocol": choice(*NOVEL_PROTOCOL_SETTINGS),
     "data.mean": Rule("floats", length=3),
     "data.std": Rule("floats", low=0, low_open=True, length=3),
     "data.verify_images": BOOL,
@@ -205,10 +207,29 @@ def _unlabelled_errors(config: Mapping[str, Any], cls: Any) -> list[str]:
     if mixing_enabled(config.get("mixing")):
         errors.append(f"{what} with Mixup/CutMix (mixing.*): mixed pairs would blend labelled with unlabelled images "
                       "and their labels; set mixing.mixup_alpha=0 and mixing.cutmix_alpha=0")
-    if data.get("class_split") not in (None, MISSING):
-        errors.append(f"{what} with data.class_split={data.get('class_split')}: unlabelled training images may show the "
-                      "classes held out as unseen, which the base-to-novel protocol never trains on")
     return errors
+
+
+def _novel_protocol_errors(config: Mapping[str, Any]) -> list[str]:
+    """``data.novel_protocol=transductive`` only means something for a base-to-novel run with the unlabelled ``rest``
+    of the training split; anywhere else it would be ignored."""
+    from pand.data.assembly import unlabelled_source
+
+    data = config.get("data") or {}
+    if data.get("novel_protocol", "strict") != "transductive":
+        return []
+    if data.get("class_split") != "base_novel":
+        return ["data.novel_protocol=transductive is set, but there is no class split (data.class_split=base_novel) "
+                "whose novel classes it would concern; remove it"]
+    try:
+        source = unlabelled_source(data)
+    except ConfigError:
+        return []  # refused with its reason by the unlabelled checks
+    if source != "rest":
+        shown = "no unlabelled images" if source is None else f"data.unlabelled={source}, a folder (a generic corpus)"
+        return [f"data.novel_protocol=transductive is set, but with {shown} it chooses nothing: it lets the unlabelled "
+                "rest of the training split (data.unlabelled=rest) keep its novel-class images; remove it"]
+    return []
 
 
 # The Python package each optional logger needs, and the pand extra that installs it.
@@ -319,6 +340,7 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
         errors += cls.check_config(config)
         errors += _teacher_errors(config, cls)
         errors += _unlabelled_errors(config, cls)
+        errors += _novel_protocol_errors(config)
     raise_option_errors(errors, "training setting")
     run_dir = config.get("run_dir") or lookup(config, "paths.runs_dir")
     if not for_cache_build and run_dir not in (None, MISSING):

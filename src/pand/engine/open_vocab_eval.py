@@ -4,10 +4,13 @@ Written to ``open_vocab.json`` in the run folder and into ``summary.json`` under
 (best-on-val weights) and, on the same images and class names, for the teacher's own zero-shot classifier:
 
 * classification by cosine against the teacher's text embeddings of the class names (template ensemble). With
-  ``data.class_split=base_novel`` (CoOp / CoCoOp protocol, inductive: images of the novel classes were never seen in
-  training, and their names were not used for training or model selection): top-1 on the base test images among the
+  ``data.class_split=base_novel`` (CoOp / CoCoOp protocol: the novel classes' labels and names are never used for
+  training or model selection; their images are never seen either under the default ``strict`` protocol, and the
+  report names the protocol, ``data.novel_protocol``): top-1 on the base test images among the
   base classes, on the novel test images among the novel classes, their harmonic mean ``2 b n / (b + n)``, and top-1
   of all test images among all classes. Without a class split: top-1 on the test split among its classes.
+* the same classification as clip_benchmark reports it (``acc1``, ``acc5``, ``mean_per_class_recall`` per test
+  part under ``zeroshot``, and as clip_benchmark-shaped records under ``clip_benchmark``);
 * text -> image retrieval on the test split (all its images, every class's prompt embedding as one query; an image
   is relevant when it shows that class): R@K is the share of queries with a relevant image among the K most similar
   images, mAP the mean over queries of the average precision of the whole ranking.
@@ -27,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pand.data import ClassificationDataset
-from pand.data.assembly import NOVEL_TEST
+from pand.data.assembly import NOVEL_PROTOCOLS, NOVEL_TEST, novel_protocol
 from pand.engine.data import EvalItems
 from pand.errors import ConfigError
 from pand.stage1.features import extract_features
@@ -43,6 +46,35 @@ def harmonic_mean(base: float, novel: float) -> float:
 
 def top1(similarity: torch.Tensor, labels: torch.Tensor) -> float:
     return float((similarity.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+def zero_shot_metrics(similarity: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Zero-shot classification as clip_benchmark reports it: ``acc1``, ``acc5`` (the true class among the 5 most
+    similar; among all of them when there are fewer) and ``mean_per_class_recall`` (the recall of each class present,
+    averaged: balanced accuracy, which a class-imbalanced test split needs)."""
+    labels = labels.long()
+    if not len(labels):
+        return {}
+    k = min(5, similarity.shape[1])
+    in_top = (similarity.float().topk(k, dim=1).indices == labels.unsqueeze(1))
+    hit1 = in_top[:, 0].float()
+    recalls = [float(hit1[labels == c].mean()) for c in sorted(set(labels.tolist()))]
+    return {"acc1": float(hit1.mean()), "acc5": float(in_top.any(1).float().mean()),
+            "mean_per_class_recall": sum(recalls) / len(recalls)}
+
+
+def clip_benchmark_records(report: Mapping[str, Any], dataset: str, models: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The report's zero-shot figures as clip_benchmark writes its results (one record per model and test part, with
+    fields ``dataset``, ``model``, ``task``, ``metrics``), so that pand's and clip_benchmark's results aggregate
+    alike. ``models`` names the student and the teacher; ``dataset`` is suffixed with the part (``/base``,
+    ``/novel``, ``/all``) in a base-to-novel run."""
+    records = []
+    for who in ("student", "teacher"):
+        for part, metrics in report[who]["zeroshot"].items():
+            name = dataset if part == "all" and "class_split" not in report else f"{dataset}/{part}"
+            records.append({"dataset": name, "model": models[who], "task": "zeroshot_classification",
+                            "metrics": dict(metrics), "language": "en"})
+    return records
 
 
 def retrieval_metrics(similarity: torch.Tensor, labels: torch.Tensor, queries: Sequence[int] | None = None,
@@ -142,25 +174,31 @@ def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
         "retrieval_queries": "one per class: its template-ensemble text embedding; gallery: every test image",
     }
     if split_mode:
+        protocol = novel_protocol(config["data"])
         report["class_split"] = {"base": [names[i] for i in parts["base"][1]],
                                  "novel": [names[i] for i in parts["novel"][1]],
                                  "seed": int(config["data"].get("class_split_seed", 0)),
-                                 "note": "novel-class images were never seen in training; their names were not "
-                                         "used for training or model selection (inductive protocol)"}
+                                 "protocol": protocol, "note": NOVEL_PROTOCOLS[protocol]}
     for who in ("student", "teacher"):
         r: dict[str, Any] = {}
+        r["zeroshot"] = {}
         for part in parts:
             r[part] = top1(sims[who][part], labels[part])
+            r["zeroshot"][part] = zero_shot_metrics(sims[who][part], labels[part])
         if split_mode:
             r["hm"] = harmonic_mean(r["base"], r["novel"])
             gallery = torch.cat([sims[who]["base/all"], sims[who]["novel/all"]])
             gallery_labels = torch.cat([labels["base/all"], labels["novel/all"]])
             r["all"] = top1(gallery, gallery_labels)
+            r["zeroshot"]["all"] = zero_shot_metrics(gallery, gallery_labels)
             r["retrieval"] = retrieval_metrics(gallery, gallery_labels)
             r["retrieval_novel"] = retrieval_metrics(gallery, gallery_labels, queries=parts["novel"][1])
         else:
             r["retrieval"] = retrieval_metrics(sims[who]["all/all"], labels["all/all"])
         report[who] = r
+    models = {"student": f"pand {config['method']['name']} student {config['student']['name']}",
+              "teacher": f"{config['teacher'].get('model')} ({config['teacher'].get('pretrained')})"}
+    report["clip_benchmark"] = clip_benchmark_records(report, str(config["data"]["name"]), models)
     return report
 
 
@@ -182,4 +220,5 @@ def format_report(report: Mapping[str, Any]) -> str:
         cs = report["class_split"]
         lines.append(f"  base classes: {', '.join(cs['base'])}")
         lines.append(f"  novel classes (never trained on): {', '.join(cs['novel'])}")
+        lines.append(f"  protocol: {cs['protocol']} ({cs['note']})")
     return "\n".join(lines)
