@@ -17,7 +17,7 @@ def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
     code = main([
         "quickstart", "--out", str(out), "--per-class", "2", "--val-fraction", "0.5", "--epochs", "1",
         "--coop-epochs", "1", "--data-root", str(root), "--tsne-samples", "30",
-        "--unlabelled", "20", "--unlabelled-epochs", "1", "--unlabelled-batch-size", "8",
+        "--unlabelled", "20", "--unlabelled-epochs", "1", "--unlabelled-batch-size", "8", "--protocols",
     ])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
