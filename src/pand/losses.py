@@ -367,13 +367,6 @@ def interactive_contrastive_loss(student_embeds: torch.Tensor, teacher_embeds: t
     return F.cross_entropy(logits, torch.arange(len(s), device=s.device))
 
 
-def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """``mean KL(softmax(teacher) || softmax(student))`` over the distributions taken along ``dim``."""
-    log_p = F.log_softmax(teacher_logits, dim=dim)
-    log_q = F.log_softmax(student_logits, dim=dim)
-    return (log_p.exp() * (log_p - log_q)).sum(dim).mean()
-
-
 def affinity_mimicking_loss(student_embeds: torch.Tensor, teacher_embeds: torch.Tensor, text_embeds: torch.Tensor,
                             temperature: float = 0.07) -> torch.Tensor:
     """Affinity mimicking (TinyCLIP, Wu et al., ICCV 2023); CLIP-KD's CRD (Yang et al., CVPR 2024) is the same KL.
@@ -397,8 +390,10 @@ def affinity_mimicking_loss(student_embeds: torch.Tensor, teacher_embeds: torch.
     w = F.normalize(text_embeds.float(), dim=-1)
     student_logits = _float_similarity(s, w) / float(temperature)  # [B, C]
     teacher_logits = _float_similarity(t, w) / float(temperature)
-    image_to_vocabulary = _kl_rows(teacher_logits, student_logits, dim=1)
+    # Each direction is a KL of softmaxes averaged over its distributions: Hinton's KD at temperature 1 (the
+    # temperature is already in the logits), over the rows and over the columns.
+    image_to_vocabulary = kd_loss(student_logits, teacher_logits, temperature=1.0)
     if len(s) == 1:
         return image_to_vocabulary
-    vocabulary_to_images = _kl_rows(teacher_logits, student_logits, dim=0)
+    vocabulary_to_images = kd_loss(student_logits.t(), teacher_logits.t(), temperature=1.0)
     return 0.5 * (image_to_vocabulary + vocabulary_to_images)

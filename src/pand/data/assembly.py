@@ -86,9 +86,11 @@ def novel_protocol(data: Mapping[str, Any]) -> str | None:
     if data.get("class_split") != "base_novel":
         return None
     source = unlabelled_source(data)
-    if source is not None and source != "rest":
+    if source is None:
+        return "strict"
+    if source != "rest":
         return "generic"
-    return str(data.get("novel_protocol") or "strict") if source == "rest" else "strict"
+    return str(data.get("novel_protocol") or "strict")
 
 
 def _base_classes(data: Mapping[str, Any], num_classes: int) -> list[int] | None:

@@ -89,7 +89,8 @@ class OpenVocab(Distiller):
     def check_config(cls, config: Mapping[str, Any]) -> list[str]:
         errors = []
         method = config.get("method") or {}
-        weights = {"distill_weight": 1.0, "align_weight": 1.0, "icl_weight": 0.0, "affinity_weight": 0.0}
+        # every term with its default weight, in the order the message names them
+        weights = {"distill_weight": 1.0, "align_weight": 1.0, **cls.image_terms}
         if all(float(method.get(k, v)) == 0 for k, v in weights.items()):
             names = " and ".join(f"method.{k}=0" for k in weights)
             errors.append(f"{names} leave the open-vocabulary student nothing to learn; set at least one above 0")

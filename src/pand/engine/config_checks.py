@@ -213,20 +213,21 @@ def _unlabelled_errors(config: Mapping[str, Any], cls: Any) -> list[str]:
 def _novel_protocol_errors(config: Mapping[str, Any]) -> list[str]:
     """``data.novel_protocol=transductive`` only means something for a base-to-novel run with the unlabelled ``rest``
     of the training split; anywhere else it would be ignored."""
-    from pand.data.assembly import unlabelled_source
+    from pand.data.assembly import novel_protocol
 
     data = config.get("data") or {}
     if data.get("novel_protocol", "strict") != "transductive":
         return []
-    if data.get("class_split") != "base_novel":
-        return ["data.novel_protocol=transductive is set, but there is no class split (data.class_split=base_novel) "
-                "whose novel classes it would concern; remove it"]
     try:
-        source = unlabelled_source(data)
+        protocol = novel_protocol(data)
     except ConfigError:
         return []  # refused with its reason by the unlabelled checks
-    if source != "rest":
-        shown = "no unlabelled images" if source is None else f"data.unlabelled={source}, a folder (a generic corpus)"
+    if protocol is None:
+        return ["data.novel_protocol=transductive is set, but there is no class split (data.class_split=base_novel) "
+                "whose novel classes it would concern; remove it"]
+    if protocol != "transductive":
+        shown = "no unlabelled images" if protocol == "strict" else \
+            f"data.unlabelled={data.get('unlabelled')}, a folder (a generic corpus)"
         return [f"data.novel_protocol=transductive is set, but with {shown} it chooses nothing: it lets the unlabelled "
                 "rest of the training split (data.unlabelled=rest) keep its novel-class images; remove it"]
     return []

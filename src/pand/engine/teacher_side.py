@@ -41,16 +41,10 @@ from pand.teachers.precision import DEFAULT_TOLERANCE
 from pand.teachers.registry import kind_of, load_teacher
 
 
-def teacher_provides(config: Mapping[str, Any]) -> frozenset[str]:
-    """The per-sample outputs the configured teacher side can deliver (checked before anything is loaded)."""
-    return kind_of(config).provides
-
-
 def load_prompt_embeds(path: str | None, teacher_identity: Mapping[str, str], classes: list[str]) -> torch.Tensor | None:
     """Learned CoOp text features from ``pand prompts``, refused if made with another teacher or class list."""
     if not path:
         return None
-
     return load_text_features(path, teacher_identity, classes)
 
 
@@ -112,8 +106,9 @@ def build_teacher_side(
                           f"teacher does not provide (it provides {sorted(kind.provides)})")
     teacher = None
     source: nn.Module | None = None
-    if reads and teacher_cache_settings(config):
-        refusals = cache_refusals(method, reads, kind, teacher_cache_settings(config)["dir"])
+    cache_settings = teacher_cache_settings(config) if reads else None
+    if cache_settings:
+        refusals = cache_refusals(method, reads, kind, cache_settings["dir"])
         if refusals:  # before a cache is opened or built
             raise ConfigError(refusals[0])
         cache = open_or_build_cache(config, data)
