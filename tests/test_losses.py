@@ -414,3 +414,29 @@ def test_relational_losses_compute_in_float32_under_autocast():
         mixed = (interactive_contrastive_loss(s, t), affinity_mimicking_loss(s, t, w))
     for a, b in zip(full, mixed):
         assert b.dtype == torch.float32 and b.item() == pytest.approx(a.item(), rel=1e-6)
+
+
+def test_caption_infonce_by_hand_with_two_images_sharing_a_caption():
+    from pand.losses import caption_infonce_loss
+
+    # images 0 and 2 share caption 5 (text u0 = (1, 0)), image 1 has caption 7 (u1 = (0, 1)); tau = 0.5
+    e = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # each sample's caption embedding
+    ids = torch.tensor([5, 7, 5])
+    # logits e . u / tau: image 0 (2, 0), image 1 (1.2, 1.6), image 2 (0, 2); targets u0, u1, u0
+    image_to_text = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-0.4)) + math.log(1 + math.exp(2))) / 3
+    # u0 ranks the images by (2, 1.2, 0) with images 0 and 2 positive; u1 by (0, 1.6, 2) with image 1 positive
+    lse0, lse1 = math.log(math.exp(2) + math.exp(1.2) + 1), math.log(1 + math.exp(1.6) + math.exp(2))
+    text_to_image = ((lse0 - (2 + 0) / 2) + (lse1 - 1.6)) / 2
+    expected = 0.5 * (image_to_text + text_to_image)
+    assert caption_infonce_loss(e, texts, ids, 0.5).item() == pytest.approx(expected, rel=1e-5)
+    # a caption shared by two images is one text, not a negative of the other: plain CLIP targets differ
+    plain = 0.5 * (F.cross_entropy(e @ texts.t() / 0.5, torch.arange(3)) + F.cross_entropy(texts @ e.t() / 0.5,
+                                                                                             torch.arange(3)))
+    assert plain.item() != pytest.approx(expected, rel=1e-3)
+    # distinct captions: exactly CLIP's symmetric loss; unnormalised inputs are normalised first
+    ids = torch.tensor([1, 2, 3])
+    texts = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    u = F.normalize(texts, dim=-1)
+    clip = 0.5 * (F.cross_entropy(e @ u.t() / 0.5, torch.arange(3)) + F.cross_entropy(u @ e.t() / 0.5, torch.arange(3)))
+    assert caption_infonce_loss(3 * e, texts, ids, 0.5).item() == pytest.approx(clip.item(), rel=1e-5)

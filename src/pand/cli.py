@@ -17,7 +17,7 @@
     pand bench [--json] [--teacher ...]  ms per training step: student alone vs online teacher vs teacher cache
                                          (--latency: inference ms, images/s, params, FLOPs, student vs teacher)
     pand teacher fit [--out PATH]        re-fit the compact Fashion-MNIST CLIP teacher the quickstart ships with
-    pand export ckpt_path=PATH format=onnx|torch_export|safetensors out=DIR [class_names=a,b,...]
+    pand export ckpt_path=PATH format=onnx|torch_export|safetensors|open_clip out=DIR [class_names=a,b,...]
                                          the student alone, for use without pand, with student.json beside it
 
     pand COMMAND --help                  a command's options; for train, config, features, prompts and cache also
@@ -121,13 +121,13 @@ def _read_values(args: Sequence[str]) -> dict:
     return OmegaConf.to_container(values)
 
 
-_EVAL_KEYS = ("ckpt_path", "splits", "out")
+_EVAL_KEYS = ("ckpt_path", "splits", "out", "clip_benchmark_dir")
 _SETTING = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
 
 def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
-    """``pand eval`` options (ckpt_path, splits, out; defaults from eval.yaml) vs overrides of the checkpoint's
-    config; nothing heavy is imported (OmegaConf only)."""
+    """``pand eval`` options (ckpt_path, splits, out, clip_benchmark_dir; defaults from eval.yaml) vs overrides of the
+    checkpoint's config; nothing heavy is imported (OmegaConf only)."""
     from omegaconf import OmegaConf
 
     from pand.engine.config_checks import EVAL_SPLITS
@@ -141,7 +141,8 @@ def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
                           f"data.root=/new/place); usage: {EVAL_USAGE}")
     own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONFIGS_DIR / "eval.yaml")).items()
            if k != "ckpt_path"}  # ??? in eval.yaml: cmd_eval asks for it
-    own.update(_key_value_options("eval", own_args, _EVAL_KEYS, (), EVAL_USAGE, paths=("ckpt_path", "out")))
+    own.update(_key_value_options("eval", own_args, _EVAL_KEYS, (), EVAL_USAGE,
+                                  paths=("ckpt_path", "out", "clip_benchmark_dir")))
     if own.get("splits") in EVAL_SPLITS:  # splits=test
         own["splits"] = [own["splits"]]
     return own, _read_values(overrides)
@@ -224,10 +225,12 @@ def cmd_eval(args: Sequence[str]) -> int:
         raise ConfigError(f"pand eval needs ckpt_path=PATH (a checkpoint such as "
                           f"runs/<run>/checkpoints/best.ckpt); usage: {EVAL_USAGE}")
     own, overrides = _split_eval_args(args)
-    validate_eval_options(own["splits"], own.get("out"), ckpt_path=own["ckpt_path"], overrides=overrides)
+    validate_eval_options(own["splits"], own.get("out"), ckpt_path=own["ckpt_path"], overrides=overrides,
+                          clip_benchmark_dir=own.get("clip_benchmark_dir"))
     from pand.engine.run import evaluate
 
-    results = evaluate(own["ckpt_path"], overrides, splits=tuple(own["splits"]), out=own.get("out"))
+    results = evaluate(own["ckpt_path"], overrides, splits=tuple(own["splits"]), out=own.get("out"),
+                       clip_benchmark_dir=own.get("clip_benchmark_dir"))
     emit(json.dumps(results, indent=2))
     return 0
 

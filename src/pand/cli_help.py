@@ -158,25 +158,33 @@ def cache_help() -> str:
     )
 
 
-EVAL_USAGE = "pand eval ckpt_path=PATH [splits=[val,test]] [out=FILE.json] [OVERRIDE ...]"
+EVAL_USAGE = "pand eval ckpt_path=PATH [splits=[val,test]] [out=FILE.json] [clip_benchmark_dir=DIR] [OVERRIDE ...]"
 
 
 def eval_help() -> str:
     return f"""usage: {EVAL_USAGE}
 
 Evaluate a student checkpoint on val and test with the config stored in it; the results are printed as JSON on stdout
-and written next to the checkpoint (best.eval.json for best.ckpt; or out=...).
+and written next to the checkpoint (best.eval.json for best.ckpt; or out=...). A closed-set student needs no teacher.
+An open-vocabulary student (method=openvocab) also gets the report of the end of its training run, under "open_vocab":
+top-1 (base / novel / HM with a class split), clip_benchmark's zero-shot metrics, class-prompt retrieval, for the
+student and the teacher. For it the run's teacher is loaded: its text tower turns the class names into the
+classifier. Its clip_benchmark records are also written one per file, named and shaped as clip_benchmark's own
+results ({{dataset}}_{{pretrained}}_{{model}}_{{language}}_{{task}}.json), so that `clip_benchmark build` aggregates them.
 
 options (checked before the checkpoint is loaded):
   ckpt_path=PATH            the checkpoint (e.g. runs/<run>/checkpoints/best.ckpt); required
   splits=[val,test]         the splits to evaluate: [val,test], [val] or [test]
   out=FILE.json             where to write the results (default: next to the checkpoint, best.eval.json for best.ckpt)
+  clip_benchmark_dir=DIR    open-vocabulary students: the folder of the clip_benchmark files (default: beside the
+                            results, best.clip_benchmark/ for best.eval.json)
   KEY=VALUE                 overrides of single settings of the checkpoint's config, e.g. data.root=/new/place
                             data.batch_size=256 (a group such as data=cub cannot change: the checkpoint fixes it)
 
 examples:
   pand eval ckpt_path=runs/cub-vl2lite-resnet18-20250101-120000/checkpoints/best.ckpt
   pand eval ckpt_path=best.ckpt splits=[test] data.root=/data/CUB_200_2011 | jq .test_acc1
+  pand eval ckpt_path=runs/<openvocab run>/checkpoints/best.ckpt clip_benchmark_dir=results/ | jq .open_vocab.student
 """
 
 
@@ -206,7 +214,8 @@ example:
 """
 
 
-EXPORT_USAGE = "pand export ckpt_path=PATH format=onnx|torch_export|safetensors out=DIR [class_names=a,b,...]"
+EXPORT_USAGE = ("pand export ckpt_path=PATH format=onnx|torch_export|safetensors|open_clip out=DIR "
+                "[class_names=a,b,...]")
 
 
 def export_help() -> str:
@@ -217,7 +226,9 @@ as JSON on stdout.
 
 options (checked before the model is loaded):
   ckpt_path=PATH            a student checkpoint; required
-  format=onnx|torch_export|safetensors    required (onnx needs pip install pand[export])
+  format=onnx|torch_export|safetensors|open_clip    required (onnx needs pip install pand[export]; open_clip:
+                            an open-vocabulary student with method.head=linear, as a folder open_clip loads with
+                            open_clip.create_model_and_transforms('local-dir:DIR'))
   out=DIR                   the output folder, created if missing; required
   class_names=a,b,...       another vocabulary for an open-vocabulary student (or a .txt file with one name per line)
 

@@ -1,6 +1,6 @@
 """A trained student on its own, for use without pand: ``pand export ckpt_path=... format=... out=DIR``.
 
-Three formats, each written as one file plus ``student.json`` (what it is, how to feed it, where it came from):
+Four formats, each written with ``student.json`` beside it (what it is, how to feed it, where it came from):
 
 * ``onnx`` (``student.onnx``): the eval-mode model through ``torch.onnx.export``; input ``image`` (N x 3 x H x W
   float32, normalised as ``preprocessing`` says), output ``logits`` (N x C). Checked with onnxruntime before it is
@@ -14,6 +14,14 @@ Three formats, each written as one file plus ``student.json`` (what it is, how t
   An open-vocabulary student has no such classifier: its file holds its own state dict
   (:data:`OPEN_VOCAB_KEYS`), loadable into :class:`~pand.students.open_vocab.OpenVocabStudent`, not into a plain
   library model.
+* ``open_clip`` (``open_clip_config.json``, ``open_clip_model.safetensors``, a Hugging Face tokenizer's files if the
+  teacher has one): an open-vocabulary student as a folder that open_clip itself loads,
+  ``open_clip.create_model_and_transforms("local-dir:DIR")`` and ``open_clip.get_tokenizer("local-dir:DIR")``:
+  ``encode_image`` is the student (its backbone as a timm trunk, its ``method.head=linear`` as the trunk's
+  projection), ``encode_text`` and the tokenizer the run's teacher's, ``logit_scale`` the run's. Students open_clip
+  cannot express (other heads, fusion, CIFAR networks, torchvision models without a timm twin) are refused with the
+  reason; the folder is loaded by open_clip and its similarities compared with pand's (1e-5) before it is written
+  (:mod:`pand.export_open_clip`).
 
 A batch dimension that stays dynamic is checked at other batch sizes than the example's; a model that cannot be
 exported with one is exported for a fixed batch of 1 instead, and ``student.json`` says so.
@@ -36,6 +44,8 @@ from torch import nn
 import pand
 from pand.deploy import load_student, preprocessing
 from pand.errors import ConfigError, PandError
+from pand.export_open_clip import WEIGHTS_NAME as OPEN_CLIP_WEIGHTS
+from pand.export_open_clip import load_for_open_clip, write_open_clip
 from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_with, mark_output_folder
 from pand.networks.backbones import resolve_source
 from pand.networks.cifar import create_cifar_model
@@ -44,7 +54,8 @@ from pand.rules import EXPORT_FORMATS, validate_export_options
 log = logging.getLogger("pand")
 
 FORMATS = EXPORT_FORMATS
-FILE_NAMES = {"onnx": "student.onnx", "torch_export": "student.pt2", "safetensors": "student.safetensors"}
+FILE_NAMES = {"onnx": "student.onnx", "torch_export": "student.pt2", "safetensors": "student.safetensors",
+              "open_clip": OPEN_CLIP_WEIGHTS}
 METADATA_NAME = "student.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
@@ -65,11 +76,11 @@ _ATOL, _RTOL = 1e-3, 1e-3
 
 def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike,
                    class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Export the student of ``ckpt_path`` as ``fmt`` (``onnx``, ``torch_export`` or ``safetensors``) into
-    ``out_dir``, with ``student.json`` beside it.
+    """Export the student of ``ckpt_path`` as ``fmt`` (``onnx``, ``torch_export``, ``safetensors`` or
+    ``open_clip``) into ``out_dir``, with ``student.json`` beside it.
 
     ``class_names`` gives an open-vocabulary student another vocabulary (computed with the run's teacher), as in
-    :func:`pand.deploy.load_student`. Returns ``{"format", "files": [model file, student.json], "student": the
+    :func:`pand.deploy.load_student`. Returns ``{"format", "files": [model file(s), student.json], "student": the
     contents of student.json}``.
     """
     validate_export_options({"ckpt_path": ckpt_path, "format": fmt, "out": out_dir, "class_names": class_names})
@@ -77,7 +88,11 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
     created = not out.exists()  # marked only when pand makes it: out may name a folder of the user's
 
     ckpt_path = Path(ckpt_path)
-    loaded = load_student(ckpt_path, class_names)
+    teacher = None
+    if fmt == "open_clip":
+        loaded, teacher = load_for_open_clip(ckpt_path, class_names)  # the text tower is the teacher's
+    else:
+        loaded = load_student(ckpt_path, class_names)
     model = loaded.model.cpu().eval()
     config = loaded.config
     pp = preprocessing(config)
@@ -102,7 +117,17 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(_EXAMPLE_BATCH, 3, side, side, generator=generator)
     path = out / FILE_NAMES[fmt]
-    if fmt == "safetensors":
+    files = [path]
+    if fmt == "open_clip":
+        files, info = write_open_clip(model, teacher, config, loaded.class_names, out)
+        meta.update(info)
+        meta["files"] = [p.name for p in files]
+        meta["output"] = {"name": "encode_image", "shape": ["N", int(model.embed_dim)], "dtype": "float32",
+                          "note": "image embeddings; with open_clip's encode_text of the class prompts, "
+                                  "logits = logit_scale.exp() * normalised image @ normalised text matrix.T"}
+        meta["open_vocabulary"]["note"] = ("text_matrix is the run's classes' (prompt-template ensemble); the "
+                                           "folder's encode_text and tokenizer make the text matrix of any names")
+    elif fmt == "safetensors":
         meta.update(_write_safetensors(model, meta["architecture"], path, example))
     elif fmt == "onnx":
         meta.update(_write_onnx(model, path, example))
@@ -113,7 +138,7 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
     json_path = atomic_write_json(out / METADATA_NAME, meta)
     if created:  # an exported model, never to be walked as input images
         mark_output_folder(out, "export")
-    return {"format": fmt, "files": [str(path), str(json_path)], "student": meta}
+    return {"format": fmt, "files": [*(str(p) for p in files), str(json_path)], "student": meta}
 
 
 # -- metadata ------------------------------------------------------------------------------------------------------

@@ -397,3 +397,23 @@ def affinity_mimicking_loss(student_embeds: torch.Tensor, teacher_embeds: torch.
         return image_to_vocabulary
     vocabulary_to_images = kd_loss(student_logits.t(), teacher_logits.t(), temperature=1.0)
     return 0.5 * (image_to_vocabulary + vocabulary_to_images)
+
+
+def caption_infonce_loss(image_embeds: torch.Tensor, caption_embeds: torch.Tensor, caption_ids: torch.Tensor,
+                         temperature: float = 0.07) -> torch.Tensor:
+    """Symmetric image-caption InfoNCE (CLIP's loss) of a batch against the teacher's embeddings of its captions.
+
+    Sample ``i`` has the L2-normalised image embedding ``e_i`` and one caption, ``caption_ids[i]`` (a row of the
+    run's caption table) with the teacher's text embedding ``c_i``. The batch's distinct captions are the texts
+    ``u_1..u_K``, and ``y_i`` is the one of sample ``i``: a caption shared by several images is one text, so those
+    images are never each other's negatives. Image -> text: ``CE(e_i . u / tau, y_i)``; text -> image: each text
+    ``u_k`` ranks the batch's images, every image captioned ``u_k`` a positive,
+    ``-mean_{i: y_i = k} log softmax_i(e . u_k / tau)``, averaged over the texts; the loss is the mean of the two
+    (:func:`label_infonce_loss` with the captions as the classes).
+    """
+    unique, rows = torch.unique(caption_ids, return_inverse=True)
+    first = torch.full((len(unique),), len(caption_ids), dtype=torch.long, device=caption_ids.device)
+    first = first.scatter_reduce(0, rows, torch.arange(len(caption_ids), device=caption_ids.device), "amin")
+    texts = F.normalize(caption_embeds[first].float(), dim=-1)
+    similarity = _float_similarity(F.normalize(image_embeds.float(), dim=-1), texts)
+    return label_infonce_loss(similarity, rows, temperature, symmetric=True)

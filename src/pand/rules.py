@@ -353,7 +353,7 @@ def validate_predict_options(options: Mapping[str, Any]) -> list[str] | None:
     return names
 
 
-EXPORT_FORMATS = ("onnx", "torch_export", "safetensors")
+EXPORT_FORMATS = ("onnx", "torch_export", "safetensors", "open_clip")
 # what a format needs besides pand's own dependencies (pip install pand[export])
 EXPORT_PACKAGES = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
 EXPORT_RULES: dict[str, Rule] = {"format": choice(*EXPORT_FORMATS)}

@@ -19,7 +19,8 @@ def _config_names():
 
 def test_dataset_names_come_from_the_registry_in_their_listed_order():
     assert DATASET_NAMES == list_datasets()
-    assert DATASET_NAMES == ("cub", "aircraft", "pets", "dogs", "fashion_mnist", "cifar100", "imagenet", "imagefolder")
+    assert DATASET_NAMES == ("cub", "aircraft", "pets", "dogs", "fashion_mnist", "cifar100", "imagenet", "imagefolder",
+                             "captions")
 
 
 def test_every_registered_dataset_has_one_config_naming_it_and_every_config_a_dataset():
@@ -49,7 +50,7 @@ def test_the_module_convention_decides_val_and_class_names_file(tmp_path):
 
 def test_unknown_name_lists_the_registered_names(tmp_path):
     with pytest.raises(ConfigError, match="unknown dataset 'cifar'; valid names: cub, aircraft, pets, dogs, "
-                                          "fashion_mnist, cifar100, imagenet, imagefolder$"):
+                                          "fashion_mnist, cifar100, imagenet, imagefolder, captions$"):
         get_dataset_kind("cifar")
 
 

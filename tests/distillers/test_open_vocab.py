@@ -181,7 +181,7 @@ def test_openvocab_refuses_settings_it_cannot_honour():
         build_distiller({"name": "openvocab", "fusion": "cross_attention"}, _student(),
                         C, TeacherContext(embed_dim=D, logit_scale=10.0, text_embeds=_unit(C, D, seed=0)))
     with pytest.raises(ConfigError, match="head"):
-        OpenVocabStudent(_student(), D, head="linear")
+        OpenVocabStudent(_student(), D, head="attention")
 
 
 def test_clip_teacher_token_features_are_the_projected_final_states(tiny_teacher):

@@ -251,11 +251,14 @@ def test_eval_options_are_checked_before_the_checkpoint_is_loaded(tmp_path, caps
         f"out={tmp_path / 'a_folder'}": f"invalid option: out='{tmp_path / 'a_folder'}' is a folder; expected a file "
                                         "name ending in .json",
         "out=results.txt": "invalid option: out='results.txt' is not allowed: the file name must end in .json",
+        f"clip_benchmark_dir={ckpt}": f"invalid option: clip_benchmark_dir='{ckpt}' is a file; expected a folder "
+                                      "(created if missing)",
         "data.batch_size=0": "invalid option: data.batch_size=0 is not allowed: expected an integer >= 1",
         "data=cub": "invalid option: data='cub' would replace the whole data section of the checkpoint's config; "
                     "override single settings (data.NAME=VALUE) instead",
-        "+data.x=1": "unknown argument '+data.x=1': pand eval takes ckpt_path=, splits=, out= and overrides KEY=VALUE "
-                     "of settings of the checkpoint's config (such as data.root=/new/place); usage: pand eval",
+        "+data.x=1": "unknown argument '+data.x=1': pand eval takes ckpt_path=, splits=, out=, clip_benchmark_dir= and "
+                     "overrides KEY=VALUE of settings of the checkpoint's config (such as data.root=/new/place); usage: "
+                     "pand eval",
     }
     for option, message in cases.items():
         assert main(["eval", f"ckpt_path={ckpt}", option]) == 2

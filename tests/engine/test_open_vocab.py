@@ -74,10 +74,11 @@ def test_zero_shot_metrics_hand_computed():
 def test_clip_benchmark_records_have_its_fields():
     report = {"class_split": {}, "student": {"zeroshot": {"base": {"acc1": 0.5}, "novel": {"acc1": 0.25}}},
               "teacher": {"zeroshot": {"base": {"acc1": 0.9}, "novel": {"acc1": 0.8}}}}
-    records = clip_benchmark_records(report, "cub", {"student": "s", "teacher": "t"})
-    assert [(r["dataset"], r["model"], r["metrics"]["acc1"]) for r in records] == [
-        ("cub/base", "s", 0.5), ("cub/novel", "s", 0.25), ("cub/base", "t", 0.9), ("cub/novel", "t", 0.8)]
-    assert all(set(r) == {"dataset", "model", "task", "metrics", "language"} for r in records)
+    records = clip_benchmark_records(report, "cub", {"student": ("s", "best.ckpt"), "teacher": ("t", "openai")})
+    assert [(r["dataset"], r["model"], r["pretrained"], r["metrics"]["acc1"]) for r in records] == [
+        ("cub/base", "s", "best.ckpt", 0.5), ("cub/novel", "s", "best.ckpt", 0.25), ("cub/base", "t", "openai", 0.9),
+        ("cub/novel", "t", "openai", 0.8)]
+    assert all(set(r) == {"dataset", "model", "pretrained", "task", "metrics", "language"} for r in records)
     assert {r["task"] for r in records} == {"zeroshot_classification"}
 
 
@@ -127,7 +128,7 @@ def test_base_to_novel_run_reports_student_and_teacher_and_eval_reproduces_it(cu
     # Lightning's test split is the base test images among the base classes: the report's "base".
     assert summary["test_acc1"] == pytest.approx(report["student"]["base"])
 
-    # pand eval rebuilds the open-vocabulary student from its checkpoint alone (no teacher).
+    # pand eval rebuilds the open-vocabulary student from its checkpoint (the teacher only for the report).
     capsys.readouterr()
     best = run / "checkpoints" / "best.ckpt"
     assert main(["eval", f"ckpt_path={best}", "data.num_workers=0"]) == 0

@@ -97,3 +97,64 @@ def test_pands_32_px_models_have_no_pretrained_weights():
 
     with pytest.raises(WeightsUnavailableError, match="no pretrained weights"):
         timm.create_model("pand_vit_p4_32", pretrained=True)
+
+
+def _child_sides(sequence, side):
+    """The output side of every block of a sequence, from a dry run."""
+    sides = []
+    hooks = [m.register_forward_hook(lambda m, a, out: sides.append(out.shape[-1])) for m in sequence]
+    with torch.no_grad():
+        sequence(torch.zeros(1, 3, side, side))
+    for h in hooks:
+        h.remove()
+    return sides
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5",
+                                  "densenet121"])
+def test_torchvision_block_sequences_give_the_last_block_of_each_resolution(name):
+    student = build_student(name, 5, source="torchvision", pretrained=False, image_size=64)
+    path = "features" if hasattr(student.backbone, "features") else "layers"
+    sequence = getattr(student.backbone, path)
+    keys = list(sequence._modules)
+    sides = _child_sides(sequence.eval(), 64)
+    expected = [keys[i] for i in range(len(keys) - 1) if sides[i + 1] < sides[i]] + [keys[-1]]
+    names = default_stages(student)
+    assert names == [f"backbone.{path}.{k}" for k in expected]
+    assert [s[-1] for s in stage_shapes(student, names, (3, 64, 64))] == [32, 16, 8, 4, 2]
+
+
+def test_mobilenet_v2_stages_end_with_the_1280_channel_map_it_pools():
+    student = build_student("mobilenet_v2", 5, source="torchvision", pretrained=False, image_size=64)
+    names = default_stages(student)
+    assert names == [f"backbone.features.{i}" for i in (1, 3, 6, 13, 18)]
+    assert [s[0] for s in stage_shapes(student, names, (3, 64, 64))] == [16, 24, 32, 96, 1280]
+
+
+def test_the_sequence_rule_reads_strides_and_refuses_a_single_resolution():
+    from torch import nn
+
+    net = nn.Module()
+    net.features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=(2, 2)), nn.ReLU(),
+                                 nn.MaxPool2d(2))
+    # the stem's stride has no block before it; the last block is a stage even though it downsamples itself
+    assert default_stages(net) == ["features.1", "features.3", "features.4"]
+    flat = nn.Module()
+    flat.features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+    with pytest.raises(ConfigError, match="name them"):  # e.g. torchvision's Swin: patch merging has no stride
+        default_stages(flat)
+
+
+@pytest.mark.parametrize(("name", "depth"), [("cs3darknet_s", 4), ("cs3darknet_focus_s", 4), ("cspdarknet53", 5)])
+def test_timm_csp_darknets_stages_end_with_the_map_forward_features_gives(name, depth):
+    student = build_student(name, 5, source="timm", pretrained=False, image_size=64)
+    names = default_stages(student)
+    assert names[-depth:] == [f"backbone.stages.{i}" for i in range(depth)]
+    shapes = stage_shapes(student, names, (3, 64, 64))
+    assert [s[-1] for s in shapes[-depth:]] == [64 // 2 ** (6 - depth + i) for i in range(depth)]
+    x = torch.randn(2, 3, 64, 64)
+    student.eval()
+    with StageTap(student, names[-1:]) as tap, torch.no_grad():
+        student(x)
+        (last,) = tap.take()
+        torch.testing.assert_close(last, student.backbone.forward_features(x))

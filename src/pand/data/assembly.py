@@ -2,8 +2,10 @@
 
 On top of the official splits of :func:`~pand.data.get_dataset` this assembles what the config asks for: a few-shot
 labelled pool (``data.samples_per_class=K``, val carved from the pool), unlabelled training images
-(``data.unlabelled``: ``rest`` of the training split or a folder, at most ``data.unlabelled_limit``), a label-free run
-(``data.samples_per_class=0``, :func:`label_free`) and the base-to-novel class split (``data.class_split``). Every
+(``data.unlabelled``: ``rest`` of the training split, a folder, or ``captions:<folder>`` for the training images of a
+captions dataset with their captions; at most ``data.unlabelled_limit``), a label-free run
+(``data.samples_per_class=0``, :func:`label_free`) and the base-to-novel class split (``data.class_split``); a
+dataset without classes (``data=captions``) assembles its own (``run_splits`` of its module). Every
 choice is seeded by ``data.split_seed`` (``data.class_split_seed``), so the same config gives the same splits, bit
 for bit. The splits are then checked for shared images and decoded once (:func:`load_splits`).
 """
@@ -18,9 +20,19 @@ from typing import Any
 import torch
 
 from pand.data.base import ClassificationDataset, restrict_classes, subset
+from pand.data.captions import load as load_captions
+from pand.data.captions import with_vocabulary
 from pand.data.overlap import check_overlap
+from pand.data.registry import get_dataset_kind
 from pand.data.splits import base_novel_classes, get_dataset, stratified_split
-from pand.data.unlabelled import HiddenLabels, base_names_only, check_unlabelled_setting, choose, unlabelled_folder
+from pand.data.unlabelled import (
+    UNLABELLED,
+    HiddenLabels,
+    base_names_only,
+    check_unlabelled_setting,
+    choose,
+    unlabelled_folder,
+)
 from pand.data.verify import verify_splits
 from pand.data.walk import check_input_root
 from pand.errors import ConfigError, PandError
@@ -99,7 +111,31 @@ def _base_classes(data: Mapping[str, Any], num_classes: int) -> list[int] | None
     return base_novel_classes(num_classes, int(data.get("class_split_seed", 0)))[0]
 
 
+def classless(data: Mapping[str, Any]) -> bool:
+    """Whether the run's dataset has no classes (image-caption pairs, ``data=captions``): it assembles its own splits,
+    and the run's classes are its val captions, which serve model selection only."""
+    return getattr(get_dataset_kind(data["name"]).module, "run_splits", None) is not None
+
+
+#: ``data.unlabelled=captions:<folder>``: the training split of a captions dataset under that folder (any of its
+#: layouts, detected; see :mod:`pand.data.captions`) as unlabelled images, with their captions (method.caption_weight).
+CAPTIONS_POOL = "captions:"
+
+
+def _unlabelled_from(source: str, classes: list[str], name: str) -> ClassificationDataset:
+    if source.startswith(CAPTIONS_POOL):
+        pool = load_captions(source[len(CAPTIONS_POOL):], "train")
+        return with_vocabulary(pool, classes, [UNLABELLED] * len(pool), split=UNLABELLED_SPLIT)
+    return unlabelled_folder(source, classes, name)
+
+
 def _load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
+    if classless(data):
+        # A dataset without classes (image-caption pairs) assembles its run itself: no labelled image, every training
+        # image in the unlabelled pool, val scored by its own captions (see pand.data.captions).
+        parts = get_dataset_kind(data["name"]).module.run_splits(data)
+        return {"train": parts.train, "val": parts.val, "test": parts.test,
+                UNLABELLED_SPLIT: _limit(parts.unlabelled, data)}
     splits = _labelled_splits(data)
     if data.get("class_split") != "base_novel":
         return splits
@@ -132,7 +168,7 @@ def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset
         val = get_dataset(name, root, "val", val_fraction=float(data["val_fraction"]), **common)
         splits = {"train": train, "val": val, "test": test}
         if source is not None:  # a folder (rest needs a labelled pool; refused by unlabelled_source)
-            splits[UNLABELLED_SPLIT] = _limit(unlabelled_folder(source, test.classes, name), data)
+            splits[UNLABELLED_SPLIT] = _limit(_unlabelled_from(source, test.classes, name), data)
         return splits
     # Few-shot: a labelled pool of k images per class from the official training data; val is carved from the pool
     # so that model selection uses only labels the run is allowed to see.
@@ -150,7 +186,7 @@ def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset
             rest = [i for i in rest if full.targets[i] in kept]
         extra = HiddenLabels(subset(full, rest))
     elif source is not None:
-        extra = unlabelled_folder(source, full.classes, name)
+        extra = _unlabelled_from(source, full.classes, name)
     else:
         extra = None
     if free:

@@ -35,6 +35,9 @@ class DatasetModule(Protocol):
       ``load`` carries the ``@register_dataset("<name>")`` decorator, and ``<name>`` is the ``name`` of the datasets
       it returns and of ``configs/data/<name>.yaml``.
 
+    A dataset without classes (image-caption pairs, :mod:`pand.data.captions`) also defines ``run_splits(data)``,
+    which :mod:`pand.data.assembly` calls instead of building a run's splits from class labels.
+
     For datasets stored in one folder under ``root`` (used by :func:`pand.data.base.dataset_dir`):
 
     * ``FOLDER``: the standard folder name (``"CUB_200_2011"``); ``root`` may also be that folder itself.

@@ -47,6 +47,13 @@ class TeacherContext:
     # that attend over prompt tokens (``Distiller.reads_text_tokens``).
     text_tokens: torch.Tensor | None = None
     text_token_mask: torch.Tensor | None = None
+    # The teacher's text embeddings of every caption of the training images ([M, D], L2-normalised, float16: COCO's
+    # 590k captions at D=768 stay under 1 GB), row r for row r of the run's CaptionTable; a batch's ``caption`` key
+    # holds each sample's row. Teacher outputs that no augmentation changes, so computed (or cached) once per run.
+    caption_embeds: torch.Tensor | None = None
+    # True when ``text_embeds`` are the val split's captions (a captions dataset has no classes; they stand in for
+    # them to select the model): no training term may learn from them.
+    vocabulary_for_selection_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,12 @@ class Distiller(nn.Module):
     @classmethod
     def reads_text_tokens(cls, options: Mapping[str, Any]) -> bool:
         """Whether the method, with these options, attends over per-token text features of the class prompts."""
+        return False
+
+    @classmethod
+    def reads_captions(cls, options: Mapping[str, Any]) -> bool:
+        """Whether the method, with these options, reads the teacher's embeddings of the training images' captions
+        (``TeacherContext.caption_embeds``, with the batch's ``caption`` rows)."""
         return False
 
     @classmethod

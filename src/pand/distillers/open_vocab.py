@@ -5,6 +5,7 @@ The student (:class:`~pand.students.open_vocab.OpenVocabStudent`) embeds an imag
 
     L = distill_weight * L_distill(e_s, t_img) + align_weight * L_align
         + icl_weight * L_icl(e_s, t_img) + affinity_weight * L_affinity(e_s, t_img, T)
+        + caption_weight * L_caption(e_s, t_cap)
 
 * ``L_distill``: ``mean(1 - cos(e_s, t_img))`` (``distill=cosine``) or the MSE of the normalised vectors
   (``distill=l2``) against the teacher's image embedding of the same view. It needs no label.
@@ -17,8 +18,14 @@ The student (:class:`~pand.students.open_vocab.OpenVocabStudent`) embeds an imag
   student's similarity distributions over the training classes' text (image -> vocabulary) and over the batch's
   images (vocabulary -> images), averaged (:func:`pand.losses.affinity_mimicking_loss`).
 
+* ``L_caption`` (off by default; image-caption data, ``data=captions``): CLIP's symmetric InfoNCE between the batch's
+  ``e_s`` and the teacher's text embeddings ``t_cap`` of one caption per image (each epoch picks which, from the seed,
+  epoch and index), the batch's other captions as negatives; images sharing a caption text are not each other's
+  negatives (:func:`pand.losses.caption_infonce_loss`), at ``temperature``. The teacher embeds every training
+  caption once per run (no template; or reads them from its cache): they are data, no augmentation changes them.
+
 ``L_icl`` and ``L_affinity`` use ``relation_temperature``, need no label, and read the unconditioned ``e_s`` (as
-``L_distill`` does, with fusion too).
+``L_distill`` and ``L_caption`` do, with fusion too).
 
 Its classifier is the text matrix of the class names (teacher text tower, template ensemble); after training, any
 list of names can replace it (``student.set_vocabulary``), which is what base-to-novel evaluation and retrieval do.
@@ -37,6 +44,7 @@ from pand.distillers.registry import register_distiller
 from pand.errors import ConfigError
 from pand.losses import (
     affinity_mimicking_loss,
+    caption_infonce_loss,
     embedding_distill_loss,
     interactive_contrastive_loss,
     label_infonce_loss,
@@ -65,6 +73,7 @@ class OpenVocab(Distiller):
         "icl_weight": WEIGHT,
         "affinity_weight": WEIGHT,
         "relation_temperature": POSITIVE,
+        "caption_weight": WEIGHT,
         "head": choice(*HEADS),
         "dropout": number(0, 1, high_open=True),
         "fusion": choice(*FUSIONS),
@@ -86,11 +95,15 @@ class OpenVocab(Distiller):
         return options.get("fusion") == "cross_attention"
 
     @classmethod
+    def reads_captions(cls, options: Mapping[str, Any]) -> bool:
+        return float(options.get("caption_weight", 0.0)) > 0
+
+    @classmethod
     def check_config(cls, config: Mapping[str, Any]) -> list[str]:
         errors = []
         method = config.get("method") or {}
         # every term with its default weight, in the order the message names them
-        weights = {"distill_weight": 1.0, "align_weight": 1.0, **cls.image_terms}
+        weights = {"distill_weight": 1.0, "align_weight": 1.0, **cls.image_terms, "caption_weight": 0.0}
         if all(float(method.get(k, v)) == 0 for k, v in weights.items()):
             names = " and ".join(f"method.{k}=0" for k in weights)
             errors.append(f"{names} leave the open-vocabulary student nothing to learn; set at least one above 0")
@@ -124,6 +137,7 @@ class OpenVocab(Distiller):
         dropout: float = 0.1,
         fusion: str = "none",
         fusion_heads: int = 4,
+        caption_weight: float = 0.0,
     ) -> None:
         super().__init__(student, num_classes, context)
         embedding_distill_loss(torch.zeros(1, 2), torch.ones(1, 2), distill)  # refuse an unknown kind now
@@ -131,6 +145,18 @@ class OpenVocab(Distiller):
         self.temperature, self.symmetric = float(temperature), bool(symmetric)
         self.icl_weight, self.affinity_weight = float(icl_weight), float(affinity_weight)
         self.relation_temperature = float(relation_temperature)
+        self.caption_weight = float(caption_weight)
+        if self.affinity_weight > 0 and context.vocabulary_for_selection_only:
+            raise ConfigError("method.affinity_weight > 0 trains on the class text embeddings, and the only \"classes\" "
+                              "of a captions run are its val captions, kept for model selection; set "
+                              "method.affinity_weight=0 (method.caption_weight trains on the training captions)")
+        if self.caption_weight > 0:
+            if context.caption_embeds is None:
+                raise ConfigError("method.caption_weight > 0 needs the teacher's embeddings of the training images' "
+                                  "captions (TeacherContext.caption_embeds): train on image-caption data "
+                                  "(data=captions)")
+            # Teacher outputs: move with the module, never saved in checkpoints.
+            self.register_buffer("caption_embeds", context.caption_embeds.detach().half().clone(), persistent=False)
         # An instance-level ``requires``: what the engine asks the teacher source for with these options.
         self.requires = self.requires_for({"distill_weight": self.distill_weight, "icl_weight": self.icl_weight,
                                            "affinity_weight": self.affinity_weight})
@@ -169,4 +195,10 @@ class OpenVocab(Distiller):
             # W is the training classes' text only: the vocabulary the student is trained on, never a held-out name
             losses["affinity"] = self.affinity_weight * affinity_mimicking_loss(
                 embeds, teacher[IMAGE_EMBEDS], self.text_embeds, self.relation_temperature)
+        if self.caption_weight > 0:
+            ids = batch["caption"]
+            has = ids >= 0  # an image without a caption (beside captioned ones) has nothing to align with
+            losses["caption"] = self.caption_weight * (
+                caption_infonce_loss(embeds[has], self.caption_embeds[ids[has]], ids[has], self.temperature)
+                if bool(has.any()) else embeds.sum() * 0.0)
         return DistillerOutput(student.logit_scale * similarity, losses)

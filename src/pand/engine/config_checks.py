@@ -37,6 +37,7 @@ from pand.rules import (
     lookup,
     number,
     output_file_errors,
+    output_folder_errors,
     raise_option_errors,
     show,
 )
@@ -365,9 +366,11 @@ def eval_override_errors(overrides: Mapping[str, Any]) -> list[str]:
 
 
 def validate_eval_options(splits: Any, out: str | os.PathLike | None, *, ckpt_path: Any = MISSING,
-                          overrides: Mapping[str, Any] | None = None) -> None:
-    """Refuse ``pand eval`` options before the checkpoint is loaded: the splits, the JSON file of the results, and
-    (from the command line) the checkpoint file and the overrides of its config."""
+                          overrides: Mapping[str, Any] | None = None,
+                          clip_benchmark_dir: str | os.PathLike | None = None) -> None:
+    """Refuse ``pand eval`` options before the checkpoint is loaded: the splits, the JSON file of the results, the
+    folder of an open-vocabulary student's clip_benchmark files, and (from the command line) the checkpoint file and
+    the overrides of its config."""
     errors = [] if ckpt_path is MISSING else input_file_errors("ckpt_path", ckpt_path, "a checkpoint file")
     if not isinstance(splits, (list, tuple)) or not splits or any(s not in EVAL_SPLITS for s in splits):
         shown = show(list(splits) if isinstance(splits, tuple) else splits)
@@ -375,7 +378,11 @@ def validate_eval_options(splits: Any, out: str | os.PathLike | None, *, ckpt_pa
                       "[val,test] or [test]")
     if out is not None:
         errors += output_file_errors("out", out, (".json",))
+    if clip_benchmark_dir is not None:
+        errors += output_folder_errors("clip_benchmark_dir", clip_benchmark_dir)
     errors += eval_override_errors(overrides or {})
     raise_option_errors(errors)
     if out is not None:
         check_writable(Path(out).expanduser().absolute().parent, "the folder of out=")
+    if clip_benchmark_dir is not None:
+        check_writable(clip_benchmark_dir, "the folder of clip_benchmark_dir=")

@@ -4,8 +4,11 @@ A training item is a dict ``{image, label, index, labelled, aug}``: ``aug`` hold
 augmentation, drawn from a generator seeded by ``(seed, epoch, index)``, so the exact view can be rebuilt later (for
 the teacher cache) and an interrupted run replays the same views after resuming. ``labelled`` is False for an
 unlabelled training image (``data.unlabelled``; its label is -1): training then iterates over a
-:class:`~pand.data.unlabelled.TrainingPool` with :class:`MixedEpochSampler` batches. Evaluation items are
-``{image, label, index}``. The datasets themselves come from :func:`pand.data.assembly.load_splits`.
+:class:`~pand.data.unlabelled.TrainingPool` with :class:`MixedEpochSampler` batches. When the training images have
+captions (``data=captions``), an item also holds ``caption``: the row, in the run's
+:class:`~pand.data.captions.CaptionTable`, of the one caption it trains with that epoch (-1 for an image without
+any), chosen from ``(seed, epoch, index)`` alone like the view. Evaluation items are ``{image, label, index}``. The
+datasets themselves come from :func:`pand.data.assembly.load_splits`.
 
 pand shards batches across processes itself (``use_distributed_sampler=False``): the training sampler needs the epoch
 to seed the views, and evaluation shards without the padding duplicates a ``DistributedSampler`` adds.
@@ -14,6 +17,7 @@ to seed the views, and evaluation shards without the padding duplicates a ``Dist
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -27,8 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pand.cache.images import with_decoded_cache
 from pand.cache.teacher import choose_view
-from pand.data import ClassificationDataset
-from pand.data.assembly import UNLABELLED_SPLIT, label_free, load_splits
+from pand.data import ClassificationDataset, subset
+from pand.data.assembly import UNLABELLED_SPLIT, classless, label_free, load_splits
+from pand.data.captions import CaptionTable, captions_of, has_class_labels
 from pand.data.device_augment import WINDOW, BatchedAugment, loader_share
 from pand.data.transforms import (
     AugmentConfig,
@@ -41,6 +46,8 @@ from pand.data.unlabelled import UNLABELLED, TeacherLabelled, TrainingPool
 from pand.data.walk import input_folders, refuse_outputs_inside
 from pand.errors import ConfigError
 from pand.interrupts import ignore_stop_signals
+
+log = logging.getLogger("pand")
 
 
 class TrainViews(Dataset):
@@ -56,13 +63,14 @@ class TrainViews(Dataset):
 
     def __init__(
         self, dataset: ClassificationDataset, augment: ReplayableAugment, seed: int, teacher_cache=None,
-        augment_on: str = "cpu",
+        augment_on: str = "cpu", captions: CaptionTable | None = None,
     ) -> None:
         self.dataset = dataset
         self.augment = augment
         self.seed = int(seed)
         self.teacher_cache = teacher_cache
         self.augment_on = augment_on
+        self.captions = captions
         self._make = loader_share(augment, augment_on)
 
     def __len__(self) -> int:
@@ -73,6 +81,8 @@ class TrainViews(Dataset):
         image = self.dataset.load_image(index)
         label = self.dataset.targets[index]
         item: dict[str, Any] = {"label": label, "index": index, "labelled": label != UNLABELLED}
+        if self.captions is not None:
+            item["caption"] = self.captions.choose(self.seed, epoch, index)
         if self.teacher_cache is None:
             item["aug"] = self.augment.sample(view_generator(self.seed, epoch, index), image_hw(image))
         else:
@@ -277,6 +287,7 @@ class PandDataModule(L.LightningDataModule):
         self._splits: dict[str, ClassificationDataset] | None = None
         self._input_folders: dict[str, Path] = {}
         self._pool: ClassificationDataset | None = None
+        self._captions: tuple[CaptionTable | None] | None = None
         #: ``{"<split>/<split>": n}`` once the splits are loaded: for every pair of splits compared by content, how
         #: many items of the first have the content of an item of the second (see :mod:`pand.data.overlap`).
         self.overlap: dict[str, int] = {}
@@ -309,6 +320,25 @@ class PandDataModule(L.LightningDataModule):
             extra = self.splits.get(UNLABELLED_SPLIT)
             self._pool = self.splits["train"] if extra is None else TrainingPool(self.splits["train"], extra)
         return self._pool
+
+    @property
+    def caption_table(self) -> CaptionTable | None:
+        """The captions of the training pool's images (None when it has none), indexed like :attr:`train_pool`."""
+        if self._captions is None:
+            self._captions = (CaptionTable.of(captions_of(self.train_pool)),)
+        return self._captions[0]
+
+    @property
+    def caption_vocabulary(self) -> bool:
+        """Whether the run's classes are its val captions (a captions dataset: they serve model selection only, and
+        no training term may learn from them)."""
+        return classless(self.cfg)
+
+    def scored(self, split: str) -> bool:
+        """Whether the ``split`` images have classes to be scored on; a captions test split has none (its images
+        are scored by caption retrieval in the open-vocabulary report)."""
+        ds = self.splits[split]
+        return not (self.caption_vocabulary and len(ds) and not has_class_labels(ds))
 
     @property
     def label_free(self) -> bool:
@@ -385,7 +415,7 @@ class PandDataModule(L.LightningDataModule):
         # before it sets the epoch, so a run resumed from an end-of-epoch checkpoint would replay the previous
         # epoch's order. Lightning counts an epoch as processed once its last step is done.
         sampler.set_epoch(self._next_epoch())
-        views = TrainViews(pool, self.augment, self.seed, self.teacher_cache, self.augment_on)
+        views = TrainViews(pool, self.augment, self.seed, self.teacher_cache, self.augment_on, self.caption_table)
         return self._loader(views, sampler, drop_last, ResumableLoader, batches_done=self._train_batches_done)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -396,6 +426,13 @@ class PandDataModule(L.LightningDataModule):
         return batch
 
     def eval_dataloader(self, split: str) -> DataLoader:
+        if not self.scored(split):
+            raise ConfigError(f"the {split} images of {self.cfg.get('name')} have captions but no class to score them "
+                              "on; they are scored by the two-way caption retrieval of the open-vocabulary report "
+                              "(open_vocab.json), which `pand eval` adds: evaluate with splits=[val]")
+        return self._items_loader(split)
+
+    def _items_loader(self, split: str) -> DataLoader:
         rank, world = self._rank_world()
         items = EvalItems(self.splits[split], self.eval_transform)
         return self._loader(items, ShardSampler(len(items), rank, world), drop_last=False)
@@ -404,4 +441,9 @@ class PandDataModule(L.LightningDataModule):
         return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
+        if not self.scored("test"):
+            log.info("the test images of %s have captions but no class: test/acc1 is not computed; they are scored "
+                     "by the caption retrieval of the open-vocabulary report", self.cfg.get("name"))
+            return self._loader(EvalItems(subset(self.splits["test"], []), self.eval_transform),
+                                ShardSampler(0), drop_last=False)
         return self.eval_dataloader("test")

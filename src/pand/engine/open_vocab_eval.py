@@ -10,10 +10,14 @@ Written to ``open_vocab.json`` in the run folder and into ``summary.json`` under
   base classes, on the novel test images among the novel classes, their harmonic mean ``2 b n / (b + n)``, and top-1
   of all test images among all classes. Without a class split: top-1 on the test split among its classes.
 * the same classification as clip_benchmark reports it (``acc1``, ``acc5``, ``mean_per_class_recall`` per test
-  part under ``zeroshot``, and as clip_benchmark-shaped records under ``clip_benchmark``);
+  part under ``zeroshot``, and under ``clip_benchmark`` as the records clip_benchmark's ``eval`` writes, one per
+  model, test part and task: :func:`clip_benchmark_records`; ``pand eval`` writes each to a file of its own);
 * text -> image retrieval on the test split (all its images, every class's prompt embedding as one query; an image
   is relevant when it shows that class): R@K is the share of queries with a relevant image among the K most similar
   images, mAP the mean over queries of the average precision of the whole ranking.
+* when the test images have captions (``data=captions``): two-way caption retrieval, clip_benchmark's
+  ``image_retrieval_recall@K`` / ``text_retrieval_recall@K`` under ``captions``
+  (:mod:`pand.engine.caption_retrieval`); a captions test split has no class, so it has nothing else.
 
 The teacher sees the images with its own evaluation preprocessing (as in ``pand features``); the student with the
 run's. A student with text fusion scores each (image, class) pair with its fused embedding ``e(x | t_c) . T_c``,
@@ -23,7 +27,10 @@ for classification and for retrieval alike.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,8 +38,11 @@ from torch.utils.data import DataLoader
 
 from pand.data import ClassificationDataset
 from pand.data.assembly import NOVEL_PROTOCOLS, NOVEL_TEST, novel_protocol
+from pand.data.captions import captions_of, has_class_labels
+from pand.engine.caption_retrieval import add_caption_retrieval, format_caption_retrieval
 from pand.engine.data import EvalItems
 from pand.errors import ConfigError
+from pand.io import atomic_write_json
 from pand.stage1.features import extract_features
 
 log = logging.getLogger("pand")
@@ -63,18 +73,109 @@ def zero_shot_metrics(similarity: torch.Tensor, labels: torch.Tensor) -> dict[st
             "mean_per_class_recall": sum(recalls) / len(recalls)}
 
 
-def clip_benchmark_records(report: Mapping[str, Any], dataset: str, models: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The report's zero-shot figures as clip_benchmark writes its results (one record per model and test part, with
-    fields ``dataset``, ``model``, ``task``, ``metrics``), so that pand's and clip_benchmark's results aggregate
-    alike. ``models`` names the student and the teacher; ``dataset`` is suffixed with the part (``/base``,
-    ``/novel``, ``/all``) in a base-to-novel run."""
+#: The fields of a clip_benchmark result file, in its order: the ``dump`` that ``clip_benchmark eval`` writes
+#: (``clip_benchmark/cli.py``, ``run``); it adds ``classnames`` / ``templates`` only with ``--dump_classnames`` /
+#: ``--dump_templates``, which are off by default.
+CLIP_BENCHMARK_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
+#: clip_benchmark's metric names per task (``metrics/zeroshot_classification.py``, ``metrics/zeroshot_retrieval.py``).
+CLIP_BENCHMARK_METRICS = {
+    "zeroshot_classification": re.compile(r"acc1|acc5|mean_per_class_recall"),
+    "zeroshot_retrieval": re.compile(r"(image|text)_retrieval_recall@\d+"),
+}
+#: The student's ``pretrained`` when the report is not told which checkpoint holds its weights (the report of a
+#: training run is computed from the weights in memory, those selected on val).
+RUN_SELECTED_WEIGHTS = "selected-on-val"
+
+
+def clip_benchmark_models(config: Mapping[str, Any], student_weights: str | os.PathLike | None = None
+                          ) -> dict[str, tuple[str, str]]:
+    """``(model, pretrained)`` of the student and the teacher as clip_benchmark names a model: the teacher by its
+    open_clip architecture and pretrained tag (or weight file), so that its records meet clip_benchmark's own of the
+    same model; the student by pand's method and backbone, and the checkpoint its weights come from."""
+    teacher = config["teacher"]
+    weights = RUN_SELECTED_WEIGHTS if student_weights is None else os.fspath(student_weights)
+    return {"student": (f"pand-{config['method']['name']}-{config['student']['name']}", weights),
+            "teacher": (str(teacher.get("model")), str(teacher.get("pretrained")))}
+
+
+def clip_benchmark_records(report: Mapping[str, Any], dataset: str, models: Mapping[str, tuple[str, str]],
+                           language: str = "en") -> list[dict[str, Any]]:
+    """The report's figures as the result files clip_benchmark writes (fields :data:`CLIP_BENCHMARK_KEYS`), so that
+    a folder of pand's and clip_benchmark's results aggregates alike (``clip_benchmark build``).
+
+    ``models`` gives the student's and the teacher's ``(model, pretrained)`` (:func:`clip_benchmark_models`).
+    Zero-shot classification gives one record per model and test part; ``dataset`` is suffixed with the part
+    (``/base``, ``/novel``, ``/all``) in a base-to-novel run. A model section with caption retrieval (``captions``:
+    ``image_retrieval_recall@K`` / ``text_retrieval_recall@K``, and optionally the caption set's ``dataset``) gives a
+    ``zeroshot_retrieval`` record too. The class-prompt retrieval (``retrieval``) is left out: clip_benchmark's
+    retrieval ranks captions of single images, a different quantity.
+    """
     records = []
     for who in ("student", "teacher"):
-        for part, metrics in report[who]["zeroshot"].items():
+        model, pretrained = models[who]
+        section = report[who]
+        for part, metrics in (section.get("zeroshot") or {}).items():
             name = dataset if part == "all" and "class_split" not in report else f"{dataset}/{part}"
-            records.append({"dataset": name, "model": models[who], "task": "zeroshot_classification",
-                            "metrics": dict(metrics), "language": "en"})
+            metrics = _clip_benchmark_metrics("zeroshot_classification", metrics)
+            size = _part_size(report, part)
+            if size is not None and size < 5 and "acc5" in metrics:
+                # clip_benchmark leaves acc5 undefined below 5 classes (it writes NaN, which strict JSON lacks);
+                # pand's own acc5 there is the trivial 1.
+                metrics["acc5"] = None
+            records.append(_clip_benchmark_record(name, model, pretrained, "zeroshot_classification", metrics,
+                                                  language))
+        captions = section.get("captions")
+        if isinstance(captions, Mapping):
+            metrics = _clip_benchmark_metrics("zeroshot_retrieval", captions)
+            if metrics:
+                name = captions["dataset"] if isinstance(captions.get("dataset"), str) else dataset
+                records.append(_clip_benchmark_record(name, model, pretrained, "zeroshot_retrieval", metrics,
+                                                      language))
     return records
+
+
+def _clip_benchmark_metrics(task: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    names = CLIP_BENCHMARK_METRICS[task]
+    return {k: v if v is None else float(v) for k, v in metrics.items() if names.fullmatch(k)}
+
+
+def _clip_benchmark_record(dataset: str, model: str, pretrained: str, task: str, metrics: dict[str, Any],
+                           language: str) -> dict[str, Any]:
+    values = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+              "language": language}
+    return {k: values[k] for k in CLIP_BENCHMARK_KEYS}
+
+
+def _part_size(report: Mapping[str, Any], part: str) -> int | None:
+    """The number of classes a test part is classified among, where the report says."""
+    split = report.get("class_split") or {}
+    names = split.get(part) if part in ("base", "novel") else report.get("classes")
+    return None if names is None else len(names)
+
+
+def clip_benchmark_file_name(record: Mapping[str, Any]) -> str:
+    """The name clip_benchmark gives a result file by default,
+    ``{dataset}_{pretrained}_{model}_{language}_{task}.json``: the dataset's slashes become underscores and a
+    pretrained weight file counts by its base name (as there); the other parts' slashes too, since here they would
+    make folders (open_clip's ``hf-hub:org/name`` models)."""
+    pretrained = str(record["pretrained"])
+    if os.path.isfile(pretrained):
+        pretrained = os.path.basename(pretrained)
+    parts = (record["dataset"], pretrained, record["model"], record["language"], record["task"])
+    return "_".join(str(p).replace("/", "_").replace(os.sep, "_") for p in parts) + ".json"
+
+
+def write_clip_benchmark(records: Sequence[Mapping[str, Any]], folder: str | os.PathLike) -> list[Path]:
+    """One clip_benchmark result file per record in ``folder`` (created if missing), each written atomically."""
+    folder = Path(folder)
+    paths = [folder / clip_benchmark_file_name(r) for r in records]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"two clip_benchmark records would share a file name in {folder}: "
+                          f"{sorted(p.name for p in paths if paths.count(p) > 1)[0]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, record in zip(paths, records):
+        atomic_write_json(path, dict(record))
+    return paths
 
 
 def retrieval_metrics(similarity: torch.Tensor, labels: torch.Tensor, queries: Sequence[int] | None = None,
@@ -122,12 +223,15 @@ def vocabulary_for(teacher, names: Sequence[str], templates: Sequence[str], stud
 
 
 def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
-                      load_teacher: Callable[[], Any] | None = None) -> dict[str, Any]:
+                      load_teacher: Callable[[], Any] | None = None,
+                      student_weights: str | os.PathLike | None = None) -> dict[str, Any]:
     """Base / novel / harmonic-mean top-1 (or closed-set top-1) and retrieval, for the student and the teacher.
 
     ``student`` is an :class:`~pand.students.open_vocab.OpenVocabStudent` (its vocabulary is left as it was);
     ``data`` the run's :class:`~pand.engine.data.PandDataModule`; ``teacher`` the live CLIP teacher, or
-    ``load_teacher`` to load it (its text tower makes the class text matrices, its image tower the reference).
+    ``load_teacher`` to load it (its text tower makes the class text matrices, its image tower the reference);
+    ``student_weights`` the checkpoint the student's weights come from, the ``pretrained`` of its clip_benchmark
+    records.
     """
 
     teacher = teacher if teacher is not None else load_teacher()
@@ -135,6 +239,16 @@ def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
         raise ConfigError("the open-vocabulary report needs a CLIP teacher (its text tower)")
     splits = data.splits
     templates = list(config["data"]["templates"])
+    batch_size, workers = int(config["data"]["batch_size"]), int(config["data"].get("num_workers", 0))
+    test_captions = captions_of(splits["test"])
+    if test_captions is not None and not has_class_labels(splits["test"]):
+        # image-caption pairs without classes: the test split is scored by caption retrieval alone
+        retrieval: dict[str, Any] = {"student": {"zeroshot": {}}, "teacher": {"zeroshot": {}}}
+        add_caption_retrieval(retrieval, student, teacher, splits["test"], test_captions, data.eval_transform,
+                              split="test", batch_size=batch_size, num_workers=workers)
+        retrieval["clip_benchmark"] = clip_benchmark_records(retrieval, str(config["data"]["name"]),
+                                                             clip_benchmark_models(config, student_weights))
+        return retrieval
     split_mode = NOVEL_TEST in splits
     # All class names (base then novel: no metric depends on the order), and the rows of each test part in them.
     if split_mode:
@@ -151,7 +265,6 @@ def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
-    batch_size, workers = int(config["data"]["batch_size"]), int(config["data"].get("num_workers", 0))
     sims: dict[str, dict[str, torch.Tensor]] = {"student": {}, "teacher": {}}
     labels: dict[str, torch.Tensor] = {}
     try:
@@ -196,14 +309,18 @@ def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
         else:
             r["retrieval"] = retrieval_metrics(sims[who]["all/all"], labels["all/all"])
         report[who] = r
-    models = {"student": f"pand {config['method']['name']} student {config['student']['name']}",
-              "teacher": f"{config['teacher'].get('model')} ({config['teacher'].get('pretrained')})"}
-    report["clip_benchmark"] = clip_benchmark_records(report, str(config["data"]["name"]), models)
+    if test_captions is not None:
+        add_caption_retrieval(report, student, teacher, splits["test"], test_captions, data.eval_transform,
+                              split="test", batch_size=batch_size, num_workers=workers)
+    report["clip_benchmark"] = clip_benchmark_records(report, str(config["data"]["name"]),
+                                                      clip_benchmark_models(config, student_weights))
     return report
 
 
 def format_report(report: Mapping[str, Any]) -> str:
     """The report as a few aligned lines (what ``pand train`` prints at the end)."""
+    if "classes" not in report:  # a captions test split: caption retrieval only
+        return "\n".join(format_caption_retrieval(report))
     split = "class_split" in report
     cols = ["base", "novel", "hm", "all"] if split else ["all"]
     head = "open-vocabulary top-1 (%)   " + "  ".join(f"{c:>6}" for c in cols)
@@ -221,4 +338,4 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(f"  base classes: {', '.join(cs['base'])}")
         lines.append(f"  novel classes (never trained on): {', '.join(cs['novel'])}")
         lines.append(f"  protocol: {cs['protocol']} ({cs['note']})")
-    return "\n".join(lines)
+    return "\n".join(lines + format_caption_retrieval(report))

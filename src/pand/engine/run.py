@@ -36,7 +36,7 @@ from pand.engine.checkpoints import (
 from pand.engine.config_checks import validate_eval_options, validate_train_config
 from pand.engine.data import PandDataModule
 from pand.engine.module import DistillationModule
-from pand.engine.open_vocab_eval import format_report, open_vocab_report
+from pand.engine.open_vocab_eval import format_report, open_vocab_report, write_clip_benchmark
 from pand.engine.teacher_side import (
     build_teacher_side,
     label_val_with_teacher,
@@ -45,11 +45,18 @@ from pand.engine.teacher_side import (
 )
 from pand.errors import ConfigError, Interrupted, MismatchError, OutputError
 from pand.interrupts import signal_name
-from pand.io import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text, mark_output_folder
+from pand.io import (
+    OUTPUT_ERRNOS,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    mark_output_folder,
+)
 from pand.locks import FolderLock, remove_if_unused
 from pand.provenance import software_record
 from pand.students import build_student
 from pand.students.checkpoint import load_checkpoint_student
+from pand.students.open_vocab import OpenVocabStudent
 from pand.teachers.registry import load_teacher
 
 log = logging.getLogger("pand")
@@ -236,7 +243,7 @@ def _train_locked(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         summary["test_acc1"] = _as_float(results[0].get("test/acc1")) if results else None
         summary["test_acc5"] = _as_float(results[0].get("test/acc5")) if results else None
         if module.distiller.embeds_images and trainer.is_global_zero:
-            summary["open_vocab"] = _open_vocab(config, data, module, run_dir)
+            summary["open_vocab"] = _open_vocab(config, data, module, run_dir, best)
     summary["status"] = "done"
     summary["total_seconds"] = round(time.time() - start, 2)
     _write_summary(trainer, run_dir, summary)
@@ -264,13 +271,13 @@ def _interrupted_training(stop: Interrupted, trainer: L.Trainer, run_dir: Path, 
 
 
 def _open_vocab(config: Mapping[str, Any], data: PandDataModule, module: DistillationModule,
-               run_dir: Path) -> dict[str, Any]:
-    """Base / novel / HM top-1 and retrieval of the (best-on-val) student and of the teacher's zero-shot classifier;
-    the teacher is loaded for this if the run trained from its cache."""
+               run_dir: Path, weights: Path) -> dict[str, Any]:
+    """Base / novel / HM top-1 and retrieval of the (best-on-val) student, whose weights come from ``weights``, and
+    of the teacher's zero-shot classifier; the teacher is loaded for this if the run trained from its cache."""
 
     live = live_source(module.teacher_source)
     report = open_vocab_report(module.distiller.student, data, config, live.teacher if live is not None else None,
-                               load_teacher=lambda: load_teacher(config))
+                               load_teacher=lambda: load_teacher(config), student_weights=weights)
     atomic_write_json(run_dir / "open_vocab.json", report)
     log.info("%s", format_report(report))
     return {k: v for k, v in report.items() if k in ("student", "teacher", "class_split")}
@@ -288,13 +295,29 @@ def _as_float(value) -> float | None:
 
 
 def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
-             splits=("val", "test"), out: str | None = None) -> dict[str, Any]:
-    """Evaluate the student of a checkpoint on the given splits, without loading any teacher."""
+             splits=("val", "test"), out: str | None = None,
+             clip_benchmark_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluate the student of a checkpoint on the given splits (top-1 / top-5 on its classes).
+
+    A closed-set student needs no teacher. An open-vocabulary one (``method=openvocab``) also gets the report of the
+    end of its training run (:func:`~pand.engine.open_vocab_eval.open_vocab_report`, under ``open_vocab``), for which
+    the run's teacher is loaded: its text tower turns the class names into the classifier, its image tower is the
+    reference. Its records are written as clip_benchmark's result files into ``clip_benchmark_dir`` (default: beside
+    the results, ``best.clip_benchmark/`` for ``best.eval.json``).
+    """
     ckpt_path = Path(ckpt_path)
     splits = tuple(splits)
     out_path = Path(out) if out else ckpt_path.with_suffix(".eval.json")
-    validate_eval_options(splits, str(out_path))  # before the work, so results are never computed and then lost
+    # before the work, so results are never computed and then lost
+    validate_eval_options(splits, str(out_path), clip_benchmark_dir=clip_benchmark_dir)
     student, config, _ = load_checkpoint_student(ckpt_path)
+    open_vocab = isinstance(student, OpenVocabStudent)
+    if clip_benchmark_dir is not None and not open_vocab:
+        raise ConfigError(f"clip_benchmark_dir= is for open-vocabulary students (method=openvocab); {ckpt_path} holds "
+                          f"a closed-set student (method={config['method']['name']}), evaluated without a teacher")
+    bench_dir = Path(clip_benchmark_dir) if clip_benchmark_dir is not None else _clip_benchmark_beside(out_path)
+    if open_vocab and clip_benchmark_dir is None:
+        check_writable(bench_dir, "the clip_benchmark results folder")
     if overrides:
         config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(config), OmegaConf.create(dict(overrides))))
     data = PandDataModule(config["data"], seed=int(config["seed"]))
@@ -314,20 +337,45 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         splits = tuple(s for s in splits if s != "val")
         results["val_skipped"] = "label-free run: its val images carry no labels (training scored them by agreement " \
                                  "with the teacher)"
+    unscored = tuple(s for s in splits if not data.scored(s))
+    for split in unscored:
+        # a captions test split: the caption retrieval of the open-vocabulary report below scores it
+        results[f"{split}_skipped"] = ("its images have captions but no class to score top-1 on; the two-way "
+                                       "caption retrieval under open_vocab scores them")
+    splits = tuple(s for s in splits if s not in unscored)
     for split in splits:
         loader = data.eval_dataloader(split)
         metrics = (trainer.validate if split == "val" else trainer.test)(module, dataloaders=loader, verbose=False)[0]
         results[f"{split}_acc1"] = _as_float(metrics[f"{split}/acc1"])
         results[f"{split}_acc5"] = _as_float(metrics[f"{split}/acc5"])
         results[f"{split}_size"] = len(data.splits[split])
+    if open_vocab:
+        teacher = load_teacher(config)
+        student.to(next(teacher.parameters()).device)
+        report = open_vocab_report(student, data, config, teacher, student_weights=str(ckpt_path))
+        log.info("%s", format_report(report))
+        results["open_vocab"] = report
+        results["clip_benchmark_dir"] = str(bench_dir)
+    written = out_path
     try:
         atomic_write_json(out_path, results)
+        if open_vocab:
+            written = bench_dir
+            write_clip_benchmark(results["open_vocab"]["clip_benchmark"], bench_dir)
     except OSError as err:
         # The folder was checked before; if it fails now (disk filled up), the numbers still reach the user.
         log.error("results: %s", results)
         reason = OUTPUT_ERRNOS.get(err.errno, err.strerror or str(err))
-        raise OutputError(f"could not write {out_path}: {reason}; the results are printed above") from None
+        raise OutputError(f"could not write {written}: {reason}; the results are printed above") from None
     return results
+
+
+def _clip_benchmark_beside(out_path: Path) -> Path:
+    """``best.clip_benchmark`` beside ``best.eval.json``: one folder per results file, so that the files of two
+    evaluations (two checkpoints of a run, or ``out=`` elsewhere) never mix in one folder."""
+    stem = out_path.name[:-len(".json")] if out_path.name.endswith(".json") else out_path.name
+    stem = stem[:-len(".eval")] if stem.endswith(".eval") else stem
+    return out_path.with_name(stem + ".clip_benchmark")
 
 
 def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:

@@ -13,6 +13,10 @@ context is declared by the kind (:mod:`pand.teachers.registry`); the two kinds p
 
 and, from a live teacher of either kind, ``stage_features`` (never cached). A method that trains modules inside the
 teacher (``needs_teacher_model``, PAT) also gets the live teacher model in its context.
+
+When the training images have captions (``data=captions``), a teacher with a text tower embeds every one of them once
+per run (no template), for methods that read them (``Distiller.reads_captions``: ``method.caption_weight``); its cache
+stores them beside the class text and is refused when made for another caption list.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from pand.cache.integrity import CacheDamagedError
 from pand.cache.teacher import CachedTeacherSource, TeacherCache, cache_record
 from pand.config import teacher_cache_settings
+from pand.data.captions import CaptionTable
 from pand.distillers import Distiller, TeacherContext
 from pand.engine.config_checks import cache_refusals
 from pand.engine.data import PandDataModule
@@ -48,6 +53,12 @@ def load_prompt_embeds(path: str | None, teacher_identity: Mapping[str, str], cl
     return load_text_features(path, teacher_identity, classes)
 
 
+def caption_embeddings(teacher, table: CaptionTable) -> torch.Tensor:
+    """The teacher's embeddings of a caption table's texts as the context and a teacher cache hold them (float16,
+    so that a run reading them live and one reading them from its cache train on the same numbers)."""
+    return teacher.caption_embeddings(list(table.texts)).half()
+
+
 def teacher_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     """The teacher as configured: what a teacher cache must have been built with (checked without loading it)."""
     return kind_of(config).spec(config["teacher"])
@@ -65,11 +76,13 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
     train = data.train_pool
     kind = kind_of(config)
     templates = list(config["data"]["templates"]) if kind.has_text else None
+    table = data.caption_table if kind.has_text else None
     expected = cache_record(teacher_spec=teacher_spec(config), dataset=train, augment=data.augment,
                             views=int(settings["views"]), seed=int(settings.get("seed", 0)), templates=templates,
                             outputs=sorted(kind.cached),
                             topk=settings.get("topk") if LOGITS in kind.cached else None,
-                            precision=settings.get("precision") or "fp32")
+                            precision=settings.get("precision") or "fp32",
+                            captions=None if table is None else table.digest())
     try:
         return TeacherCache.open(settings["dir"], expected)
     except (MismatchError, CacheDamagedError):
@@ -80,8 +93,10 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
     teacher = teacher or load_teacher(config, classes=train.classes)
     source = LiveTeacherSource(teacher, config["data"]["mean"], config["data"]["std"])
     text, record = kind.cache_contents(teacher, train.classes, templates)
+    captions = None if table is None else caption_embeddings(teacher, table)
     return TeacherCache.build(
         settings["dir"], expected, train, data.augment, source, text, teacher.identity, **record,
+        caption_embeds=captions,
         batch_size=int(settings.get("batch_size", 64)), rank=rank, world_size=world_size,
         rebuild=bool(settings.get("rebuild")), barrier=barrier, augment_on=data.augment_on,
         num_workers=int(settings.get("num_workers", 0)),
@@ -96,7 +111,12 @@ def build_teacher_side(
 
     The teacher is loaded only when no teacher cache covers what the method reads.
     """
-    reads = method.requires_for(config.get("method") or {})
+    options = config.get("method") or {}
+    if data.caption_vocabulary and not method.embeds_images:
+        raise ConfigError(f"data={config['data']['name']} holds image-caption pairs without classes, for an "
+                          f"open-vocabulary student (method=openvocab); method {method.name!r} learns a classifier, "
+                          "and the only classes of such a run are its val captions, kept for model selection")
+    reads = method.requires_for(options)
     if not method.uses_teacher_with(reads):
         return None, None
     kind = kind_of(config)
@@ -116,6 +136,8 @@ def build_teacher_side(
         context = TeacherContext(**kind.context_from_cache(cache.meta, config["teacher"]))
         if kind.has_text:
             context.text_embeds = cache.text_embeds()
+        if method.reads_captions(options) and data.caption_table is not None:
+            context.caption_embeds = cache.caption_embeds()
         source = CachedTeacherSource(cache)
     else:
         teacher = load_teacher(config, classes=data.classes)
@@ -136,7 +158,17 @@ def _add_text_side(context: TeacherContext, source: nn.Module | None, teacher, c
     """The class-level data of a teacher with a text tower: learned prompts, per-token prompt features, and its
     zero-shot logits as the per-sample ``logits`` (``teacher`` is None when the cache stands in for it)."""
     classes = data.classes
+    context.vocabulary_for_selection_only = data.caption_vocabulary
     context.prompt_embeds = load_prompt_embeds(config["teacher"].get("text_features"), context.identity, classes)
+    if method.reads_captions(config.get("method") or {}) and context.caption_embeds is None:
+        table = data.caption_table
+        if table is None:
+            raise ConfigError(f"method {method.name!r} with these options trains on the captions of the training "
+                              f"images (method.caption_weight > 0), and the training images of "
+                              f"data={config['data']['name']} have none; use a captions dataset (data=captions, or "
+                              "data.unlabelled=captions:<folder> beside this one), or set method.caption_weight=0")
+        teacher = teacher or load_teacher(config, classes=classes)
+        context.caption_embeds = caption_embeddings(teacher, table)
     if method.reads_text_tokens(config.get("method") or {}):
         # Per-token prompt features are class-level data a teacher cache does not hold: with a cache, the teacher is
         # loaded for this once (its image tower never runs).

@@ -6,7 +6,9 @@ forward pass yields the logits and the stage features together, for any timm, to
 
 Stage names are submodule paths (``layer3``, ``stages.2``, ``blocks.5``). :func:`default_stages` finds them without
 per-architecture tables: timm models list theirs in ``feature_info``; torchvision ResNets have ``layer1..4``; pand's
-CIFAR networks ``stage1..3``; transformers without either (open_clip's visual tower) a block list ``blocks``,
+CIFAR networks ``stage1..3``; torchvision's block sequences ``features`` (MobileNets, EfficientNets, ConvNeXt, VGG,
+DenseNet) and ``layers`` (MNASNet) give the last block of each resolution, read from the strides of their
+convolutions and poolings; transformers without any of these (open_clip's visual tower) a block list ``blocks``,
 ``transformer.resblocks`` or ``resblocks``. Shapes are discovered by :func:`stage_shapes` with a dry run at the real
 input size.
 
@@ -29,6 +31,9 @@ _CONVENTIONS = (("layer1", "layer2", "layer3", "layer4"), ("stage1", "stage2", "
 # Block lists of transformers that have neither feature_info nor numbered stages (open_clip's ViT, plain ViTs).
 _BLOCK_LISTS = ("blocks", "transformer.resblocks", "resblocks")
 _NUM_BLOCK_STAGES = 4
+# Block sequences whose stages are told apart by resolution. A Sequential's last block is what its model pools.
+_SEQUENCES = ("features", "layers")
+_DOWNSAMPLERS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
 # Stage layouts that need rearranging (see the module docstring).
 CHANNELS_LAST = "NHWC"
@@ -44,6 +49,24 @@ def _spread(items: list) -> list:
     """Four (or all, if fewer) evenly spaced items, the last always included: its output is what the head reads."""
     n, k = len(items), min(_NUM_BLOCK_STAGES, len(items))
     return [items[(i + 1) * n // k - 1] for i in range(k)]
+
+
+def _downsamples(block: nn.Module) -> bool:
+    # Strides, not a dry run: no input size, device or dtype is needed. A Swin's PatchMerging (a reshape, no stride)
+    # leaves it with one resolution, so it is refused rather than tapped in its channels-last layout.
+    for m in block.modules():
+        if isinstance(m, _DOWNSAMPLERS):
+            stride = m.stride if isinstance(m.stride, tuple) else (m.stride,)
+            if max(stride) > 1:
+                return True
+    return False
+
+
+def _resolution_stages(sequence: nn.Sequential) -> list[str]:
+    """The last block of each resolution: every block followed by one that downsamples, and the last block."""
+    keys = list(sequence._modules)
+    blocks = list(sequence)
+    return [keys[i - 1] for i in range(1, len(blocks)) if _downsamples(blocks[i])] + keys[-1:]
 
 
 def default_stages(model: nn.Module) -> list[str]:
@@ -63,6 +86,12 @@ def default_stages(model: nn.Module) -> list[str]:
         found = [n for n in convention if n in names]
         if len(found) >= 2:
             return [prefix + n for n in found]
+    for path in _SEQUENCES:
+        sequence = names.get(path)
+        if isinstance(sequence, nn.Sequential) and len(sequence):
+            found = _resolution_stages(sequence)
+            if len(found) >= 2:  # one resolution after the stem (a Swin): refused rather than guessed
+                return [f"{prefix}{path}.{k}" for k in found]
     for path in _BLOCK_LISTS:
         blocks = names.get(path)
         if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):

@@ -3,7 +3,12 @@
 The student embeds an image as ``e = norm(pool(head(F)))`` where ``F`` is the backbone's last feature map (or its
 pooled feature, seen as a 1 x 1 map) and ``head`` is a projection into the teacher's embedding width ``D``:
 1x1 conv, BatchNorm, ReLU, dropout, 1x1 conv, BatchNorm. On a 1 x 1 map those 1x1 convolutions are exactly an MLP,
-which is the head for backbones whose spatial map is not wanted (``head="mlp"``).
+which is the head for backbones whose spatial map is not wanted (``head="mlp"``). ``head="linear"`` is CLIP's own
+image projection: ``e = norm(W h + b)`` with ``h`` the backbone's pooled feature (global average pooling of the last
+feature map for CNNs, the library's own pooling for ViTs) and dropout before ``W``. It is the head that open_clip's
+timm image tower computes (``timm_proj: linear``, ``timm_proj_bias: true``), so such a student exports as an
+open_clip model (``pand export format=open_clip``); ``conv`` and ``mlp`` apply a ReLU (``conv`` before pooling) that
+no open_clip image tower has.
 
 It has no class-specific weights. Its classifier is its *vocabulary*: a ``C x D`` text matrix (the teacher's text
 embeddings of the class names, averaged over prompt templates), and the logits are ``s * e @ T^T``. Any list of
@@ -24,6 +29,7 @@ student. Fusion costs one head pass per (image, class) pair; the backbone still 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +40,7 @@ from pand.errors import ConfigError
 from pand.networks.stages import StageTap, default_stages
 from pand.students.factory import Student
 
-HEADS = ("conv", "mlp")
+HEADS = ("conv", "mlp", "linear")
 FUSIONS = ("none", "film", "cross_attention")
 
 # Upper bound on (image, class) pairs per fused head pass, to keep memory flat for large vocabularies.
@@ -51,6 +57,14 @@ def projection_head(in_channels: int, embed_dim: int, dropout: float) -> nn.Sequ
         nn.Conv2d(embed_dim, embed_dim, kernel_size=1, bias=False),
         nn.BatchNorm2d(embed_dim),
     )
+
+
+def linear_head(in_channels: int, embed_dim: int, dropout: float) -> nn.Sequential:
+    """CLIP's image projection on the pooled feature: dropout, then a Linear with bias.
+
+    The children are named as in open_clip's ``TimmModel.head`` (``drop``, ``proj``), so the weights are its
+    ``visual.head.proj.*`` as they are."""
+    return nn.Sequential(OrderedDict(drop=nn.Dropout(dropout), proj=nn.Linear(in_channels, embed_dim, bias=True)))
 
 
 class FiLMFusion(nn.Module):
@@ -96,7 +110,8 @@ class OpenVocabStudent(nn.Module):
     Args:
         student: a pand :class:`~pand.students.Student`; its backbone is kept, its linear classifier is not.
         embed_dim: ``D``, the teacher's embedding width.
-        head: ``conv`` (the seed's head on the last feature map, or token sequence) or ``mlp`` (on pooled features).
+        head: ``conv`` (the seed's head on the last feature map, or token sequence), ``mlp`` (on pooled features) or
+            ``linear`` (dropout and a Linear with bias on pooled features: CLIP's projection, exportable to open_clip).
         dropout: dropout inside the head.
         fusion: ``none``, ``film`` or ``cross_attention``.
         logit_scale: ``s`` of the cosine logits.
@@ -128,7 +143,8 @@ class OpenVocabStudent(nn.Module):
         self.embed_dim = int(embed_dim)
         self.stage = default_stages(student.backbone)[-1] if head == "conv" else None
         channels = self._measure_channels(tuple(int(s) for s in input_size)) if head == "conv" else student.feature_dim
-        self.head = projection_head(channels, self.embed_dim, float(dropout))
+        make_head = linear_head if head == "linear" else projection_head
+        self.head = make_head(channels, self.embed_dim, float(dropout))
         if fusion == "film":
             self.fusion: nn.Module | None = FiLMFusion(channels, self.embed_dim)
         elif fusion == "cross_attention":
@@ -166,7 +182,8 @@ class OpenVocabStudent(nn.Module):
         return int(tokens.shape[-1])
 
     def visual_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, P, c]``: the last stage's positions (``head=conv``), or the pooled feature as one token (``mlp``)."""
+        """``[B, P, c]``: the last stage's positions (``head=conv``), or the pooled feature as one token (``mlp``,
+        ``linear``)."""
         if self.stage is None:
             return self.backbone(images).unsqueeze(1)
         with StageTap(self.backbone, [self.stage]) as tap:
@@ -180,7 +197,10 @@ class OpenVocabStudent(nn.Module):
                           "nor a token sequence; use method.head=mlp")
 
     def _project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens ``[N, P, c]`` -> normalised embeddings ``[N, D]`` (1x1 convs over the P positions, then mean)."""
+        """Tokens ``[N, P, c]`` -> normalised embeddings ``[N, D]`` (1x1 convs over the P positions, then mean; the
+        linear head reads the one pooled token)."""
+        if self.head_kind == "linear":
+            return F.normalize(self.head(tokens.mean(dim=1)).float(), dim=-1)
         x = self.head(tokens.transpose(1, 2).unsqueeze(-1))  # [N, D, P, 1]
         return F.normalize(x.mean(dim=(2, 3)).float(), dim=-1)
 

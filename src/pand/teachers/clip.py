@@ -146,6 +146,16 @@ class ClipTeacher(FrozenTeacher):
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     @torch.no_grad()
+    def caption_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """N x D L2-normalised (float32, on the CPU) embeddings of whole sentences, encoded as they are (no template),
+        about ``_TEXTS_PER_FORWARD`` per text-tower forward: a caption set of 600k sentences must not be one batch."""
+        texts = list(texts)
+        if not texts:
+            raise ConfigError("caption_embeddings needs at least one caption")
+        return torch.cat([self.encode_texts(texts[i:i + _TEXTS_PER_FORWARD]).cpu()
+                          for i in range(0, len(texts), _TEXTS_PER_FORWARD)])
+
+    @torch.no_grad()
     def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """C x D class embeddings: the mean over templates of normalised text embeddings, re-normalised (float32).
 

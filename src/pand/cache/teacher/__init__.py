@@ -14,6 +14,10 @@ and, for a CLIP teacher (``outputs: ["image_embeds"]``):
 
     embeds.npy       float16 [N, K, D]  L2-normalised teacher image embedding of exactly that view
     text.safetensors float32 [C, D]     the class text embeddings of the data config's templates
+    captions.safetensors float16 [M, D] when the training images have captions (``data=captions``): the teacher's
+                                        embedding of each distinct caption, row r for row r of the run's
+                                        :class:`~pand.data.captions.CaptionTable`; meta.json records the table's
+                                        digest (``captions``), so a cache of another caption list is refused
 
 or, for a classifier teacher (``outputs: ["logits"]``; no text file, meta.json has ``num_classes`` and
 ``logits_topk``):

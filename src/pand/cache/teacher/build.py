@@ -34,7 +34,15 @@ from pand.cache.integrity import (
     row_digest,
     verify_cache,
 )
-from pand.cache.teacher.record import CHECKED, check_version, checked_meta, encode_topk, precision_hint
+from pand.cache.teacher.record import (
+    CAPTIONS_FILE,
+    CHECKED,
+    check_captions_file,
+    check_version,
+    checked_meta,
+    encode_topk,
+    precision_hint,
+)
 from pand.data import ClassificationDataset
 from pand.data.device_augment import DeviceShare, loader_share
 from pand.data.transforms import ReplayableAugment, image_hw, view_generator
@@ -56,6 +64,7 @@ def build_cache(
     teacher_source: nn.Module, text_embeds: torch.Tensor | None, teacher_identity: Mapping, *,
     embed_dim: int | None, learned_logit_scale: float | None, batch_size: int, rank: int, world_size: int,
     rebuild: bool, progress: bool, barrier, precision_tolerance: float, augment_on: str, num_workers: int,
+    caption_embeds: torch.Tensor | None = None,
 ) -> dict[str, Any] | None:
     """:meth:`TeacherCache.build <pand.cache.teacher.TeacherCache.build>`'s work (its docstring says what it does),
     short of wrapping the result: the meta.json of the complete cache, else None."""
@@ -76,6 +85,11 @@ def build_cache(
         extra = {"embed_dim": int(embed_dim), "learned_logit_scale": float(learned_logit_scale)}
         layout = array_layout(n, k, augment.num_params, int(embed_dim))
         text = text_embeds.float().cpu()
+    if (record.get("captions") is None) != (caption_embeds is None):
+        raise ValueError("a record with captions goes with their embeddings, and only then")
+    captions = None if caption_embeds is None else caption_embeds.half().cpu()
+    if captions is not None:
+        extra["num_captions"] = int(captions.shape[0])
     failure: BaseException | None = None
     # One build writes a cache folder at a time: a second build of it (same settings) waits, then finds the rows
     # done and opens the cache; without the lock it could rebuild or rewrite rows under the first one. Process 0
@@ -86,7 +100,7 @@ def build_cache(
             try:
                 lock.acquire(wait=True)
                 mark_output_folder(folder, "teacher-cache")
-                created = _prepare(folder, record, layout, teacher_identity, text, extra, rebuild)
+                created = _prepare(folder, record, layout, teacher_identity, text, extra, rebuild, captions)
             except BaseException as err:
                 if barrier is None or isinstance(err, Interrupted):
                     raise
@@ -108,7 +122,7 @@ def build_cache(
                    "its error says why")
         except PrecisionError:
             if created:  # refused before any row was written: leave no cache behind, as if never started
-                remove_cache_files(folder)
+                _remove_all(folder)
             raise
         if rank == 0 or barrier is None:
             return _finish(folder, probe.stats)
@@ -120,8 +134,15 @@ def build_cache(
                 remove_if_unused(folder)
 
 
+def _remove_all(folder: Path) -> None:
+    """Every file of a cache, its caption embeddings included."""
+    remove_cache_files(folder)
+    (folder / CAPTIONS_FILE).unlink(missing_ok=True)
+
+
 def _prepare(folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any], teacher_identity: Mapping,
-             text: torch.Tensor | None, extra: Mapping[str, Any], rebuild: bool) -> bool:
+             text: torch.Tensor | None, extra: Mapping[str, Any], rebuild: bool,
+             captions: torch.Tensor | None = None) -> bool:
     """Process 0: keep, resume, or (re)create the cache folder's files; whether it created them."""
     meta_path = folder / "meta.json"
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,10 +157,10 @@ def _prepare(folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any],
             else:
                 why = "it was made for something else (" + str(err).splitlines()[1].strip() + ")"
             log.warning("rebuilding the teacher cache at %s: %s", folder, why)
-            remove_cache_files(folder)
+            _remove_all(folder)
     if not meta_path.is_file():
         meta = {**record, "teacher": dict(teacher_identity), **extra, "arrays": layout, "complete": False}
-        _create(folder, layout, meta, text, teacher_identity, record["classes"])
+        _create(folder, layout, meta, text, teacher_identity, record["classes"], captions)
         return True
     return False
 
@@ -154,14 +175,18 @@ def _check_existing(folder: Path, record: Mapping[str, Any], layout: Mapping[str
         raise MismatchError(f"{folder} was made for something else and is refused:\n  arrays: stored {stored}, "
                             f"expected {dict(layout)}")
     verify_cache(folder, meta, rows=bool(meta.get("complete")))
+    check_captions_file(folder, meta)
 
 
 def _create(folder: Path, layout: Mapping[str, Any], meta: Mapping[str, Any], text: torch.Tensor | None,
-            teacher_identity: Mapping, classes: Sequence[str]) -> None:
-    """Allocate every array and write meta.json (and a CLIP cache's text.safetensors); ``text`` None: no text."""
+            teacher_identity: Mapping, classes: Sequence[str], captions: torch.Tensor | None = None) -> None:
+    """Allocate every array and write meta.json (and a CLIP cache's text.safetensors, and its captions file when
+    given); ``text`` None: no text."""
     needs = {f"{name}.npy": len(npy_header(spec)) + data_bytes(spec) for name, spec in layout.items()}
     text_bytes = SLACK_BYTES if text is None else text.numel() * text.element_size() + SLACK_BYTES
     needs["meta.json (estimate)" if text is None else "text.safetensors and meta.json (estimate)"] = text_bytes
+    if captions is not None:
+        needs[CAPTIONS_FILE] = captions.numel() * captions.element_size() + SLACK_BYTES
     check_free_space(folder, needs)
     try:
         for name, spec in layout.items():
@@ -177,9 +202,19 @@ def _create(folder: Path, layout: Mapping[str, Any], meta: Mapping[str, Any], te
                     raise allocation_error(path, text_bytes, err) from err
                 raise
             checksums["text.safetensors"] = file_digest(path)
+        if captions is not None:
+            path = folder / CAPTIONS_FILE
+            try:
+                save_tensors(path, {"caption_embeds": captions},
+                             {"teacher": dict(teacher_identity), "captions": meta["captions"]})
+            except OSError as err:
+                if err.errno in OUTPUT_ERRNOS:
+                    raise allocation_error(path, needs[CAPTIONS_FILE], err) from err
+                raise
+            checksums[CAPTIONS_FILE] = file_digest(path)
         atomic_write_json(folder / "meta.json", {**meta, "checksums": checksums})
     except BaseException:
-        remove_cache_files(folder)  # nothing half-made is left behind to be resumed
+        _remove_all(folder)  # nothing half-made is left behind to be resumed
         raise
 
 
@@ -256,6 +291,7 @@ def _finish(folder: Path, agreement: Mapping[str, Any] | None = None) -> dict[st
             meta["agreement"] = dict(agreement)
         try:
             verify_cache(folder, meta, verify="full")
+            check_captions_file(folder, meta)
         except CacheDamagedError as err:
             raise CacheDamagedError(folder, f"{err.reason} (found when verifying the cache just built, which "
                                             "is left incomplete; is the disk failing?)") from None

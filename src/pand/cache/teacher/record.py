@@ -11,17 +11,21 @@ from typing import Any
 
 import torch
 
-from pand.cache.integrity import read_meta, verify_cache
+from pand.cache.integrity import CacheDamagedError, read_meta, verify_cache
 from pand.data import ClassificationDataset
 from pand.data.transforms import ReplayableAugment
 from pand.errors import ConfigError, MismatchError, PandError
-from pand.provenance import check_provenance
+from pand.io import file_digest
+from pand.provenance import check_provenance, load_tensors
 from pand.teachers.source import IMAGE_EMBEDS, LOGITS
 
 FORMAT_VERSION = 3
 # What must agree between a cache and a run for the run to use it.
 CHECKED = ("kind", "version", "teacher_spec", "outputs", "logits_topk", "dataset", "split", "fingerprint",
-           "transform", "views", "seed", "classes", "templates", "precision")
+           "transform", "views", "seed", "classes", "templates", "precision", "captions")
+#: The teacher's embeddings of the training images' captions (a cache whose record has ``captions``): float16
+#: ``caption_embeds`` [number of distinct captions, D], row r for row r of the run's CaptionTable.
+CAPTIONS_FILE = "captions.safetensors"
 
 
 def encode_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,11 +72,14 @@ def logits_topk(setting: int | None, num_classes: int) -> int | None:
 def cache_record(
     *, teacher_spec: Mapping[str, Any], dataset: ClassificationDataset, augment: ReplayableAugment, views: int,
     seed: int, templates: Sequence[str] | None, outputs: Sequence[str] = (IMAGE_EMBEDS,), topk: int | None = None,
-    precision: str = "fp32",
+    precision: str = "fp32", captions: str | None = None,
 ) -> dict[str, Any]:
     """What a cache is made of and for. ``outputs``: ``["image_embeds"]`` (a CLIP teacher; ``templates`` make its
     class text embeddings) or ``["logits"]`` (a classifier teacher, stored in full or as the ``topk`` largest).
-    ``precision``: of the teacher pass that fills it, recorded only when it is not fp32."""
+    ``precision``: of the teacher pass that fills it, recorded only when it is not fp32. ``captions``: the digest of
+    the training images' captions (:meth:`pand.data.captions.CaptionTable.digest`) when the cache also holds their
+    text embeddings (a CLIP teacher on image-caption pairs); recorded only then, so every older cache still matches
+    a run without captions."""
     outputs = list(outputs)
     if outputs not in ([IMAGE_EMBEDS], [LOGITS]):
         raise ValueError(f"a teacher cache stores ['{IMAGE_EMBEDS}'] or ['{LOGITS}'], not {outputs}")
@@ -96,6 +103,10 @@ def cache_record(
         record["templates"] = list(templates or [])
     if precision != "fp32":
         record["precision"] = precision
+    if captions is not None:
+        if outputs != [IMAGE_EMBEDS]:
+            raise ValueError("caption embeddings go with a cache of image embeddings (a teacher with a text tower)")
+        record["captions"] = captions
     return record
 
 
@@ -136,4 +147,26 @@ def checked_meta(folder: Path, expected: Mapping[str, Any] | None = None, verify
         check_provenance(folder, meta, expected, keys=keys, hint=hint)
     check_version(folder, meta)
     verify_cache(folder, meta, verify)
+    check_captions_file(folder, meta)
     return meta
+
+
+def check_captions_file(folder: Path, meta: Mapping[str, Any]) -> None:
+    """A cache whose record has ``captions`` holds them in :data:`CAPTIONS_FILE`, whole and unaltered; else
+    :class:`CacheDamagedError` naming the file."""
+    if meta.get("captions") is None:
+        return
+    path = folder / CAPTIONS_FILE
+    if not path.is_file():
+        raise CacheDamagedError(folder, f"{CAPTIONS_FILE} is missing")
+    try:
+        tensors, _ = load_tensors(path)
+    except PandError as err:
+        raise CacheDamagedError(folder, f"{CAPTIONS_FILE} cannot be read ({err})") from None
+    want = (int(meta.get("num_captions", -1)), int(meta["embed_dim"]))
+    found = tensors.get("caption_embeds")
+    if found is None or tuple(found.shape) != want:
+        got = "no 'caption_embeds'" if found is None else f"caption_embeds {list(found.shape)}"
+        raise CacheDamagedError(folder, f"{CAPTIONS_FILE} holds {got}, expected caption_embeds {list(want)}")
+    if (meta.get("checksums") or {}).get(CAPTIONS_FILE) != file_digest(path):
+        raise CacheDamagedError(folder, f"{CAPTIONS_FILE} does not match its checksum in meta.json")

@@ -14,9 +14,10 @@ from torch import nn
 
 from pand.cache.integrity import CacheDamagedError, check_array, output_names
 from pand.cache.teacher.build import build_cache
-from pand.cache.teacher.record import checked_meta, decode_topk
+from pand.cache.teacher.record import CAPTIONS_FILE, checked_meta, decode_topk
 from pand.data import ClassificationDataset
 from pand.data.transforms import ReplayableAugment
+from pand.errors import PandError
 from pand.provenance import load_tensors
 from pand.teachers.precision import DEFAULT_TOLERANCE
 from pand.teachers.source import IMAGE_EMBEDS, LOGITS
@@ -91,6 +92,13 @@ class TeacherCache:
     def text_embeds(self) -> torch.Tensor:
         return load_tensors(self.folder / "text.safetensors")[0]["text_embeds"].float()
 
+    def caption_embeds(self) -> torch.Tensor:
+        """float16 ``[M, D]``: the teacher's embeddings of the training images' captions (see ``cache_record``)."""
+        if self.meta.get("captions") is None:
+            raise PandError(f"the teacher cache at {self.folder} holds no caption embeddings: it was built for "
+                            "training images without captions")
+        return load_tensors(self.folder / CAPTIONS_FILE)[0]["caption_embeds"]
+
     @classmethod
     def open(cls, folder: str | os.PathLike, expected: Mapping[str, Any] | None = None,
              verify: str = "auto") -> TeacherCache:
@@ -109,6 +117,7 @@ class TeacherCache:
         teacher_identity: Mapping, *, embed_dim: int | None = None, learned_logit_scale: float | None = None,
         batch_size: int = 64, rank: int = 0, world_size: int = 1, rebuild: bool = False, progress: bool = True,
         barrier=None, precision_tolerance: float = DEFAULT_TOLERANCE, augment_on: str = "cpu", num_workers: int = 0,
+        caption_embeds: torch.Tensor | None = None,
     ) -> TeacherCache | None:
         """Build (or resume) this process's share of the cache: rows ``rank, rank + world_size, ...``.
 
@@ -125,10 +134,13 @@ class TeacherCache:
         not agree with fp32 within ``precision_tolerance`` raises :class:`~pand.errors.PrecisionError` before a row
         is written, and the files this call created are removed again (an interrupted cache being resumed is left as
         it was). The measured agreement of process 0 goes into meta.json (``agreement``).
+
+        ``caption_embeds``: the teacher's ``[M, D]`` embeddings of the training images' captions, stored (float16) in
+        ``captions.safetensors`` when the record has ``captions`` (and required then).
         """
         meta = build_cache(
             folder, record, dataset, augment, teacher_source, text_embeds, teacher_identity, embed_dim=embed_dim,
             learned_logit_scale=learned_logit_scale, batch_size=batch_size, rank=rank, world_size=world_size,
             rebuild=rebuild, progress=progress, barrier=barrier, precision_tolerance=precision_tolerance,
-            augment_on=augment_on, num_workers=num_workers)
+            augment_on=augment_on, num_workers=num_workers, caption_embeds=caption_embeds)
         return None if meta is None else cls(folder, meta)
