@@ -34,7 +34,8 @@ def _context(**fields):
 def _distiller(context=None, **options):
     torch.manual_seed(0)
     student = build_student("resnet18", C, pretrained=False, image_size=32)
-    return build_distiller({"name": "openvocab", **options}, student, C, context or _context())
+    # KDEOV's two terms unless a test says otherwise, so that each test sees only the terms it is about
+    return build_distiller({"name": "openvocab", "icl_weight": 0.0, **options}, student, C, context or _context())
 
 
 def _batch(captions=(0, 3, 3, -1, 1, 4)):
@@ -76,7 +77,7 @@ def test_off_by_default_read_only_when_on_and_never_saved():
     assert not OpenVocab.reads_captions({}) and OpenVocab.reads_captions({"caption_weight": 0.2})
     d = _distiller(caption_weight=1.0)
     assert "caption_embeds" not in d.state_dict() and d.caption_embeds.dtype == torch.float16
-    off = {"distill_weight": 0.0, "align_weight": 0.0}
+    off = {"distill_weight": 0.0, "align_weight": 0.0, "icl_weight": 0.0}
     assert any("nothing to learn" in e and "method.caption_weight=0" in e for e in OpenVocab.check_config(
         {"method": off}))
     assert not any("nothing to learn" in e for e in OpenVocab.check_config({"method": {**off, "caption_weight": 1}}))

@@ -164,9 +164,11 @@ def test_openvocab_losses_match_an_independent_computation(context, batch):
 def test_openvocab_declares_what_it_reads():
     cls = get_distiller_class("openvocab")
     assert cls.requires_for({}) == {"image_embeds"}
-    assert cls.requires_for({"distill_weight": 0.0}) == frozenset()  # only class text: no teacher pass per image
+    # only class text: no teacher pass per image
+    assert cls.requires_for({"distill_weight": 0.0, "icl_weight": 0.0}) == frozenset()
     context = TeacherContext(embed_dim=D, logit_scale=10.0, text_embeds=_unit(C, D, seed=0))
-    assert build_distiller({"name": "openvocab", "distill_weight": 0.0}, _student(), C, context).requires == frozenset()
+    only_text = {"name": "openvocab", "distill_weight": 0.0, "icl_weight": 0.0}
+    assert build_distiller(only_text, _student(), C, context).requires == frozenset()
     assert cls.reads_text_tokens({"fusion": "cross_attention"}) and not cls.reads_text_tokens({"fusion": "film"})
     assert cls.embeds_images
 
@@ -174,7 +176,7 @@ def test_openvocab_declares_what_it_reads():
 def test_openvocab_refuses_settings_it_cannot_honour():
     cls = get_distiller_class("openvocab")
     assert any("nothing to learn" in e for e in
-               cls.check_config({"method": {"distill_weight": 0.0, "align_weight": 0.0}}))
+               cls.check_config({"method": {"distill_weight": 0.0, "align_weight": 0.0, "icl_weight": 0.0}}))
     assert any("Mixup" in e for e in cls.check_config({"method": {}, "mixing": {"mixup_alpha": 0.2}}))
     assert any("text tower" in e for e in cls.check_config({"method": {}, "teacher": {"kind": "classifier"}}))
     with pytest.raises(ValueError, match="per-token"):

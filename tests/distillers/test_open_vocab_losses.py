@@ -85,20 +85,23 @@ def test_terms_at_weight_zero_are_absent_and_not_computed(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a term with weight 0 was computed")
 
-    monkeypatch.setattr(open_vocab, "interactive_contrastive_loss", refuse)
     monkeypatch.setattr(open_vocab, "affinity_mimicking_loss", refuse)
-    out = _distiller().training_losses(_batch(), TEACHER, Progress(0, 1))  # the defaults: today's two terms
+    out = _distiller().training_losses(_batch(), TEACHER, Progress(0, 1))  # the defaults: ICL on, affinity off
+    assert set(out.losses) == {"distill", "align", "icl"}
+    monkeypatch.setattr(open_vocab, "interactive_contrastive_loss", refuse)
+    out = _distiller(icl_weight=0.0).training_losses(_batch(), TEACHER, Progress(0, 1))  # KDEOV's two terms
     assert set(out.losses) == {"distill", "align"}
     monkeypatch.undo()
     out = _distiller(icl_weight=1.0, distill_weight=0.0).training_losses(_batch(), TEACHER, Progress(0, 1))
     assert set(out.losses) == {"align", "icl"}
-    out = _distiller(affinity_weight=1.0, align_weight=0.0).training_losses(_batch(), TEACHER, Progress(0, 1))
+    out = _distiller(affinity_weight=1.0, align_weight=0.0, icl_weight=0.0).training_losses(_batch(), TEACHER,
+                                                                                       Progress(0, 1))
     assert set(out.losses) == {"distill", "affinity"}
 
 
 @pytest.mark.parametrize("term", ["icl", "affinity"])
 def test_each_relational_term_trains_the_student(term):
-    d = _distiller(distill_weight=0.0, align_weight=0.0, **{f"{term}_weight": 1.0}).train()
+    d = _distiller(**{"distill_weight": 0.0, "align_weight": 0.0, "icl_weight": 0.0, f"{term}_weight": 1.0}).train()
     out = d.training_losses(_batch(), TEACHER, Progress(0, 1))
     assert set(out.losses) == {term}
     out.losses[term].backward()
@@ -110,16 +113,20 @@ def test_each_relational_term_trains_the_student(term):
 
 def test_the_teacher_images_are_read_when_any_term_on_them_is_on():
     assert OpenVocab.requires_for({}) == {"image_embeds"}
-    assert OpenVocab.requires_for({"distill_weight": 0.0}) == frozenset()
+    assert OpenVocab.requires_for({"distill_weight": 0.0}) == {"image_embeds"}  # ICL is on by default
+    assert OpenVocab.requires_for({"distill_weight": 0.0, "icl_weight": 0.0}) == frozenset()
     assert OpenVocab.requires_for({"distill_weight": 0.0, "icl_weight": 0.3}) == {"image_embeds"}
-    assert OpenVocab.requires_for({"distill_weight": 0.0, "affinity_weight": 0.3}) == {"image_embeds"}
+    assert OpenVocab.requires_for({"distill_weight": 0.0, "icl_weight": 0.0, "affinity_weight": 0.3}) == {
+        "image_embeds"}
     assert _distiller(distill_weight=0.0, affinity_weight=1.0).requires == {"image_embeds"}
     assert _distiller(distill_weight=0.0, icl_weight=0.0).requires == frozenset()
 
 
 def test_nothing_to_learn_counts_the_relational_weights():
-    off = {"distill_weight": 0.0, "align_weight": 0.0}
+    off = {"distill_weight": 0.0, "align_weight": 0.0, "icl_weight": 0.0}
     assert any("nothing to learn" in e for e in OpenVocab.check_config({"method": off}))
+    assert not any("nothing to learn" in e for e in  # ICL's default weight counts
+                   OpenVocab.check_config({"method": {"distill_weight": 0.0, "align_weight": 0.0}}))
     for term in ("icl_weight", "affinity_weight"):
         assert not any("nothing to learn" in e for e in OpenVocab.check_config({"method": {**off, term: 0.1}}))
     errors = OpenVocab.check_config({"method": {**off, "icl_weight": 0.0, "affinity_weight": 0.0}})
@@ -136,9 +143,9 @@ def test_option_rules():
     assert len(check_rules({"relation_temperature": -0.07}, OpenVocab.option_rules)) == 1
 
 
-def test_the_method_config_has_the_options_off_and_refuses_bad_values():
+def test_the_method_config_has_icl_on_affinity_off_and_refuses_bad_values():
     method = to_plain(compose("train", ["method=openvocab"]))["method"]
-    assert (method["icl_weight"], method["affinity_weight"], method["relation_temperature"]) == (0.0, 0.0, 0.07)
+    assert (method["icl_weight"], method["affinity_weight"], method["relation_temperature"]) == (1.0, 0.0, 0.07)
     config = to_plain(compose("train", ["method=openvocab", "method.icl_weight=-1",
                                         "method.relation_temperature=0"]))
     with pytest.raises(ConfigError, match="relation_temperature"):

@@ -12,8 +12,9 @@ The student (:class:`~pand.students.open_vocab.OpenVocabStudent`) embeds an imag
 * ``L_align``: InfoNCE of the image embeddings against the class text embeddings of the training classes with the
   labels as targets (:func:`pand.losses.label_infonce_loss`): images of the same class are never each other's
   negatives. With fusion, the similarities are the text-conditioned ones ``e(x | t_c) . T_c``.
-* ``L_icl`` (off by default): CLIP-KD's interactive contrastive learning, InfoNCE of ``e_s`` against the teacher's
-  image embeddings of the batch, the same image's as positive (:func:`pand.losses.interactive_contrastive_loss`).
+* ``L_icl`` (on by default, weight 1: the best val score of every protocol of ``benchmarks/open_vocab_protocols.py``):
+  CLIP-KD's interactive contrastive learning, InfoNCE of ``e_s`` against the teacher's image embeddings of the batch,
+  the same image's as positive (:func:`pand.losses.interactive_contrastive_loss`).
 * ``L_affinity`` (off by default): TinyCLIP's affinity mimicking / CLIP-KD's CRD, the KL from the teacher's to the
   student's similarity distributions over the training classes' text (image -> vocabulary) and over the batch's
   images (vocabulary -> images), averaged (:func:`pand.losses.affinity_mimicking_loss`).
@@ -81,7 +82,7 @@ class OpenVocab(Distiller):
     }
 
     #: The terms that read the teacher's image embedding of each sample, with their default weights.
-    image_terms: ClassVar[Mapping[str, float]] = {"distill_weight": 1.0, "icl_weight": 0.0, "affinity_weight": 0.0}
+    image_terms: ClassVar[Mapping[str, float]] = {"distill_weight": 1.0, "icl_weight": 1.0, "affinity_weight": 0.0}
 
     @classmethod
     def requires_for(cls, options: Mapping[str, Any]) -> frozenset[str]:
@@ -130,7 +131,7 @@ class OpenVocab(Distiller):
         align_weight: float = 1.0,
         temperature: float = 0.07,
         symmetric: bool = True,
-        icl_weight: float = 0.0,
+        icl_weight: float = 1.0,
         affinity_weight: float = 0.0,
         relation_temperature: float = 0.07,
         head: str = "conv",
