@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from pand.cli import main
 
 KEYS = ("student_only_ms", "online_teacher_ms", "cached_teacher_ms", "pand_cached_ms", "ratio_online_vs_student",
@@ -182,3 +184,18 @@ def test_bench_refuses_values_out_of_range_and_a_missing_device_before_measuring
     for argv, message in cases.items():
         assert main(["bench", *argv]) == 2
         assert capsys.readouterr().err.startswith(f"pand bench: error: {message}"), argv
+
+
+def test_bench_parallel_times_one_process_against_one_per_core(capsys, monkeypatch):
+    from pand.bench import measure
+
+    monkeypatch.setattr(measure, "available_cores", lambda: 2)  # two workers whatever this machine has
+    code = main(["bench", "--latency", "--parallel", "--teacher", "pand-tiny-vit", "--student", "resnet18",
+                 "--image-size", "16", "--batch", "2", "--steps", "1", "--warmup", "0", "--latency-batches", "1",
+                 "--json"])
+    assert code == 0
+    par = json.loads(capsys.readouterr().out)["parallel"]
+    assert (par["cores"], par["workers"], par["threads_per_worker"]) == (2, 2, 1)
+    assert len(par["per_worker_img_per_s"]) == 2 and all(v > 0 for v in par["per_worker_img_per_s"])
+    assert par["side_by_side_img_per_s"] == pytest.approx(sum(par["per_worker_img_per_s"]), abs=0.2)
+    assert par["speedup"] == pytest.approx(par["side_by_side_img_per_s"] / par["one_process_img_per_s"], rel=0.1)

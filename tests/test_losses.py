@@ -440,3 +440,22 @@ def test_caption_infonce_by_hand_with_two_images_sharing_a_caption():
     u = F.normalize(texts, dim=-1)
     clip = 0.5 * (F.cross_entropy(e @ u.t() / 0.5, torch.arange(3)) + F.cross_entropy(u @ e.t() / 0.5, torch.arange(3)))
     assert caption_infonce_loss(3 * e, texts, ids, 0.5).item() == pytest.approx(clip.item(), rel=1e-5)
+
+
+def test_text_distill_loss_by_hand():
+    from pand.losses import text_distill_loss
+
+    # student texts s0 = (1, 0), s1 = (0.6, 0.8); teacher t0 = (0.8, 0.6), t1 = (0, 1); tau = 0.5
+    s = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    t = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    cosine = ((1 - 0.8) + (1 - 0.8)) / 2
+    # s t^T / tau = [[1.6, 0], [1.92, 1.6]]: rows rank the teacher's texts, columns the student's
+    student_to_teacher = (math.log(1 + math.exp(-1.6)) + math.log(1 + math.exp(0.32))) / 2
+    teacher_to_student = (math.log(1 + math.exp(0.32)) + math.log(1 + math.exp(-1.6))) / 2
+    contrastive = 0.5 * (student_to_teacher + teacher_to_student)
+    assert text_distill_loss(s, t, 0.0, 0.5).item() == pytest.approx(cosine, abs=1e-6)
+    assert text_distill_loss(s, t, 1.0, 0.5).item() == pytest.approx(cosine + contrastive, rel=1e-6)
+    # the weight scales the contrastive term alone; unnormalised inputs are normalised first
+    assert text_distill_loss(3 * s, 2 * t, 0.25, 0.5).item() == pytest.approx(cosine + 0.25 * contrastive, rel=1e-6)
+    # one text has no negative: its InfoNCE is 0
+    assert text_distill_loss(s[:1], t[:1], 1.0, 0.5).item() == pytest.approx(0.2, abs=1e-6)

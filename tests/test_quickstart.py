@@ -15,7 +15,7 @@ def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
     root = make_fashion_mnist(tmp_path / "fm", n_train=80, n_test=30)
     out = tmp_path / "qs"
     code = main([
-        "quickstart", "--out", str(out), "--per-class", "2", "--val-fraction", "0.5", "--epochs", "1",
+        "quickstart", "--out", str(out), "--per-class", "2", "--val-fraction", "0.5", "--epochs", "1", "--jobs", "2",
         "--coop-epochs", "1", "--data-root", str(root), "--tsne-samples", "30",
         "--unlabelled", "20", "--unlabelled-epochs", "1", "--unlabelled-batch-size", "8", "--protocols",
     ])

@@ -17,8 +17,11 @@
     pand bench [--json] [--teacher ...]  ms per training step: student alone vs online teacher vs teacher cache
                                          (--latency: inference ms, images/s, params, FLOPs, student vs teacher)
     pand teacher fit [--out PATH]        re-fit the compact Fashion-MNIST CLIP teacher the quickstart ships with
+    pand teacher text-tower ckpt_path=PATH out=DIR [width=..] [layers=..] [steps=..] ...
+                                         a small text tower distilled from an open-vocabulary run's teacher, and how
+                                         often the student's zero-shot predictions with it agree with the teacher's
     pand export ckpt_path=PATH format=onnx|torch_export|safetensors|open_clip out=DIR [class_names=a,b,...]
-                                         the student alone, for use without pand, with student.json beside it
+                [text_tower=teacher|DIR]  the student alone, for use without pand, with student.json beside it
 
     pand COMMAND --help                  a command's options; for train, config, features, prompts and cache also
                                          the config groups with their options, the settings and examples
@@ -42,12 +45,20 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from pand.cli_help import EVAL_USAGE, EXPORT_USAGE, HELP, PREDICT_USAGE, TEACHER_USAGE
+from pand.cli_help import (
+    EVAL_USAGE,
+    EXPORT_USAGE,
+    HELP,
+    PREDICT_USAGE,
+    TEACHER_USAGE,
+    TEXT_TOWER_USAGE,
+    text_tower_help,
+)
 from pand.config_catalogue import CONFIGS_DIR
 from pand.errors import ConfigError, Interrupted, PandError, close_matches, did_you_mean
 from pand.interrupts import exit_status, signal_name, stop_on_signals
 from pand.io import OUTPUT_ERRNOS
-from pand.rules import validate_export_options, validate_predict_options
+from pand.rules import validate_export_options, validate_predict_options, validate_text_tower_options
 from pand.version import __version__
 
 # Nothing heavy at module level (no torch, Lightning, Hydra): `pand --help`, `pand COMMAND --help`, `pand --version`
@@ -362,23 +373,43 @@ def cmd_bench(args: Sequence[str]) -> int:
 
 
 def cmd_teacher(args: Sequence[str]) -> int:
-    _subcommand("teacher", args, ("fit",), TEACHER_USAGE)
+    _subcommand("teacher", args, ("fit", "text-tower"), TEACHER_USAGE)
+    if args[0] == "text-tower":
+        return _text_tower(args[1:])
     from pand.teachers.standin_fit import main_fit
 
     return main_fit(list(args[1:]))
 
 
-_EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names")
+_TEXT_TOWER_KEYS = ("ckpt_path", "out", "width", "heads", "layers", "steps", "batch_size", "lr", "corpus", "seed",
+                    "device", "warm_start", "contrastive_weight", "temperature")
+_TEXT_TOWER_PATHS = ("ckpt_path", "out", "corpus")
+
+
+@_results_on_stdout
+def _text_tower(args: Sequence[str]) -> int:
+    opts = _key_value_options("teacher text-tower", args, _TEXT_TOWER_KEYS, ("ckpt_path", "out"), TEXT_TOWER_USAGE,
+                              paths=_TEXT_TOWER_PATHS)
+    validate_text_tower_options(opts)  # before torch is imported (but for a GPU device) and the checkpoint loaded
+    from pand.text_tower_fit import fit_text_tower
+
+    ckpt, out = opts.pop("ckpt_path"), opts.pop("out")
+    emit(json.dumps(fit_text_tower(ckpt, out, **opts), indent=2))
+    return 0
+
+
+_EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names", "text_tower")
 
 
 @_results_on_stdout
 def cmd_export(args: Sequence[str]) -> int:
     opts = _key_value_options("export", args, _EXPORT_KEYS, ("ckpt_path", "format", "out"), EXPORT_USAGE,
-                              paths=("ckpt_path", "out"))
+                              paths=("ckpt_path", "out", "text_tower"))
     names = validate_export_options(opts)  # before torch is imported and the checkpoint loaded
     from pand.export import export_student
 
-    result = export_student(opts["ckpt_path"], opts["format"], opts["out"], class_names=names)
+    result = export_student(opts["ckpt_path"], opts["format"], opts["out"], class_names=names,
+                            text_tower=opts.get("text_tower") or "teacher")
     vocab = result["student"].get("open_vocabulary")
     if vocab is not None:
         # A vocabulary of thousands of rows belongs in student.json, not on the terminal.
@@ -479,14 +510,17 @@ def _own_help(command: str, args: Sequence[str]) -> bool:
 
     if command not in HELP:
         return False
-    if command == "teacher":  # `pand teacher fit --help` is fit's own (argparse) help
-        return bool(args) and args[0] in _HELP_FLAGS
+    if command == "teacher":  # `pand teacher fit --help` is fit's own (argparse) help; text-tower's is pand's
+        return bool(args) and (args[0] in _HELP_FLAGS or (
+            args[0] == "text-tower" and any(a in _HELP_FLAGS for a in args[1:])))
     return any(a in _HELP_FLAGS for a in args)
 
 
-def _print_help(command: str | None) -> int:
+def _print_help(command: str | None, args: Sequence[str] = ()) -> int:
     if command is None:
         print(USAGE)
+    elif command == "teacher" and args[:1] == ["text-tower"]:
+        sys.stdout.write(text_tower_help())
     elif command in HELP:
         sys.stdout.write(HELP[command]())
     else:
@@ -516,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         return _unknown_command(command)
     if _own_help(command, args):
-        return _print_help(command)
+        return _print_help(command, list(args))
     _setup_logging()
     try:
         with stop_on_signals():

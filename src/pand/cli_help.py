@@ -215,7 +215,7 @@ example:
 
 
 EXPORT_USAGE = ("pand export ckpt_path=PATH format=onnx|torch_export|safetensors|open_clip out=DIR "
-                "[class_names=a,b,...]")
+                "[class_names=a,b,...] [text_tower=teacher|DIR]")
 
 
 def export_help() -> str:
@@ -231,17 +231,66 @@ options (checked before the model is loaded):
                             open_clip.create_model_and_transforms('local-dir:DIR'))
   out=DIR                   the output folder, created if missing; required
   class_names=a,b,...       another vocabulary for an open-vocabulary student (or a .txt file with one name per line)
+  text_tower=teacher|DIR    format=open_clip: the text tower that goes out, the teacher's (default) or the smaller
+                            one `pand teacher text-tower` distilled from it into DIR (refused if made for another
+                            teacher); student.json records which, with its agreement with the teacher's
 
-example:
+examples:
   pand export ckpt_path=runs/<run>/checkpoints/best.ckpt format=onnx out=exported/
+  pand export ckpt_path=runs/<run>/checkpoints/best.ckpt format=open_clip out=oc/ text_tower=runs/<run>/text_tower
 """
 
 
-TEACHER_USAGE = "pand teacher fit [--out PATH] [--epochs N] [--seed S] ...   (pand teacher fit --help: all options)"
+TEACHER_USAGE = ("pand teacher fit [--out PATH] [--epochs N] [--seed S] ... | pand teacher text-tower ckpt_path=PATH "
+                 "out=DIR [OPTION=VALUE ...]   (pand teacher fit --help, pand teacher text-tower --help: all options)")
 
 
 def teacher_help() -> str:
-    return f"usage: {TEACHER_USAGE}\n\nRe-fit the compact Fashion-MNIST CLIP teacher that the quickstart ships with.\n"
+    return ("usage: pand teacher fit [--out PATH] [--epochs N] [--seed S] ...   (pand teacher fit --help: all options)\n"
+            "       pand teacher text-tower ckpt_path=PATH out=DIR [OPTION=VALUE ...]   (pand teacher text-tower "
+            "--help)\n\n"
+            "fit         re-fit the compact Fashion-MNIST CLIP teacher that the quickstart ships with\n"
+            "text-tower  distil a small text tower from the teacher of an open-vocabulary run, and report how often "
+            "the\n            student's zero-shot predictions with it agree with those with the teacher's text tower\n")
+
+
+TEXT_TOWER_USAGE = ("pand teacher text-tower ckpt_path=PATH out=DIR [width=N] [heads=N] [layers=N] [steps=2000] "
+                    "[batch_size=256] [lr=1e-3] [corpus=FILE] [seed=0] [device=auto] [warm_start=true] "
+                    "[contrastive_weight=1] [temperature=T]")
+
+
+def text_tower_help() -> str:
+    return f"""usage: {TEXT_TOWER_USAGE}
+
+Distil the text tower of an open-vocabulary run's teacher (method=openvocab) into a small open_clip TextTransformer
+that tokenizes like the teacher and embeds in its space, then report, on the run's val and test images, how often the
+student's zero-shot argmax with it is the one with the teacher's text tower (all classes; base and novel apart in a
+base-to-novel run), the student's top-1 with each, and the cosine of the two towers' class embeddings. Writes
+DIR/text_tower.safetensors and DIR/text_tower.json (the record, also printed as JSON on stdout); `pand export
+format=open_clip text_tower=DIR` exports the student with it.
+
+Training texts: the run's templates with its training classes (base classes only with a class split), the training
+captions if any, the words of the teacher tokenizer's vocabulary in the templates (every word of a held-out class name
+removed), and corpus=FILE; one text in 20 is val, on which the tower is selected (never on images).
+
+options (checked before the checkpoint is loaded):
+  ckpt_path=PATH            a checkpoint of an open-vocabulary run (its teacher is loaded as its config says); required
+  out=DIR                   the folder to write, created if missing; required
+  width=N heads=N layers=N  the tower's size (default: half the teacher's text width, at most 256; a head per 64
+                            channels; half its layers, 1 to 4)
+  steps=2000                optimisation steps (>= 1)
+  batch_size=256            texts per step (>= 1)
+  lr=1e-3                   AdamW's peak learning rate (> 0; warm-up, then cosine)
+  corpus=FILE               more training texts, one per line (UTF-8)
+  seed=0                    initialisation and batch order (>= 0)
+  device=auto               auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps
+  warm_start=true           start the token and position embeddings from the teacher's (projected to the width)
+  contrastive_weight=1      weight of the in-batch InfoNCE between the tower's and the teacher's embeddings (>= 0)
+  temperature=T             its temperature (> 0; default: 1 / the teacher's learned logit scale)
+
+example:
+  pand teacher text-tower ckpt_path=runs/<run>/checkpoints/best.ckpt out=runs/<run>/text_tower
+"""
 
 
 HELP = {

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pand.config_catalogue import config_groups
 from pand.errors import ConfigError, close_matches, did_you_mean
+from pand.known_names import explain
 from pand.rules import lookup
 
 # Resolvers used by the packaged configs to build file names.
@@ -131,6 +132,9 @@ def _prepare_overrides(overrides: list[str]) -> list[str]:
         if key in groups and o.package is None and not o.is_delete():
             value = o.value()
             if isinstance(value, str) and value not in groups[key]:
+                known = explain(key, value, groups[key], line)
+                if known:
+                    raise ConfigError(known)
                 hint = did_you_mean([f"{key}={m}" for m in close_matches(value, groups[key])])
                 raise ConfigError(f"unknown {key} option {value!r} (in {line}){hint}; {key} options: "
                                   f"{', '.join(groups[key])}")

@@ -18,7 +18,8 @@ Four formats, each written with ``student.json`` beside it (what it is, how to f
   teacher has one): an open-vocabulary student as a folder that open_clip itself loads,
   ``open_clip.create_model_and_transforms("local-dir:DIR")`` and ``open_clip.get_tokenizer("local-dir:DIR")``:
   ``encode_image`` is the student (its backbone as a timm trunk, its ``method.head=linear`` as the trunk's
-  projection), ``encode_text`` and the tokenizer the run's teacher's, ``logit_scale`` the run's. Students open_clip
+  projection), ``encode_text`` the run's teacher's (or, with ``text_tower=DIR``, the smaller tower ``pand teacher
+  text-tower`` distilled from it), the tokenizer the teacher's, ``logit_scale`` the run's. Students open_clip
   cannot express (other heads, fusion, CIFAR networks, torchvision models without a timm twin) are refused with the
   reason; the folder is loaded by open_clip and its similarities compared with pand's (1e-5) before it is written
   (:mod:`pand.export_open_clip`).
@@ -45,11 +46,11 @@ import pand
 from pand.deploy import load_student, preprocessing
 from pand.errors import ConfigError, PandError
 from pand.export_open_clip import WEIGHTS_NAME as OPEN_CLIP_WEIGHTS
-from pand.export_open_clip import load_for_open_clip, write_open_clip
+from pand.export_open_clip import load_for_open_clip, with_text_tower, write_open_clip
 from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_with, mark_output_folder
 from pand.networks.backbones import resolve_source
 from pand.networks.cifar import create_cifar_model
-from pand.rules import EXPORT_FORMATS, validate_export_options
+from pand.rules import EXPORT_FORMATS, TEACHER_TEXT_TOWER, validate_export_options
 
 log = logging.getLogger("pand")
 
@@ -75,22 +76,28 @@ _ATOL, _RTOL = 1e-3, 1e-3
 
 
 def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike,
-                   class_names: Sequence[str] | None = None) -> dict[str, Any]:
+                   class_names: Sequence[str] | None = None,
+                   text_tower: str | os.PathLike = TEACHER_TEXT_TOWER) -> dict[str, Any]:
     """Export the student of ``ckpt_path`` as ``fmt`` (``onnx``, ``torch_export``, ``safetensors`` or
     ``open_clip``) into ``out_dir``, with ``student.json`` beside it.
 
     ``class_names`` gives an open-vocabulary student another vocabulary (computed with the run's teacher), as in
-    :func:`pand.deploy.load_student`. Returns ``{"format", "files": [model file(s), student.json], "student": the
-    contents of student.json}``.
+    :func:`pand.deploy.load_student`. ``text_tower`` (``open_clip`` only): ``"teacher"`` exports the teacher's text
+    tower, a folder written by ``pand teacher text-tower`` the smaller tower distilled from it (which then also makes
+    the vocabulary). Returns ``{"format", "files": [model file(s), student.json], "student": the contents of
+    student.json}``.
     """
-    validate_export_options({"ckpt_path": ckpt_path, "format": fmt, "out": out_dir, "class_names": class_names})
+    validate_export_options({"ckpt_path": ckpt_path, "format": fmt, "out": out_dir, "class_names": class_names,
+                             "text_tower": text_tower})
     out = Path(out_dir).expanduser().absolute()
     created = not out.exists()  # marked only when pand makes it: out may name a folder of the user's
 
     ckpt_path = Path(ckpt_path)
-    teacher = None
+    teacher = tower = None
     if fmt == "open_clip":
-        loaded, teacher = load_for_open_clip(ckpt_path, class_names)  # the text tower is the teacher's
+        loaded, teacher = load_for_open_clip(ckpt_path, class_names)
+        if text_tower not in (None, TEACHER_TEXT_TOWER):
+            tower = with_text_tower(loaded, teacher, text_tower)
     else:
         loaded = load_student(ckpt_path, class_names)
     model = loaded.model.cpu().eval()
@@ -119,14 +126,16 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
     path = out / FILE_NAMES[fmt]
     files = [path]
     if fmt == "open_clip":
-        files, info = write_open_clip(model, teacher, config, loaded.class_names, out)
+        files, info = write_open_clip(model, teacher, config, loaded.class_names, out, tower)
         meta.update(info)
         meta["files"] = [p.name for p in files]
         meta["output"] = {"name": "encode_image", "shape": ["N", int(model.embed_dim)], "dtype": "float32",
                           "note": "image embeddings; with open_clip's encode_text of the class prompts, "
                                   "logits = logit_scale.exp() * normalised image @ normalised text matrix.T"}
-        meta["open_vocabulary"]["note"] = ("text_matrix is the run's classes' (prompt-template ensemble); the "
-                                           "folder's encode_text and tokenizer make the text matrix of any names")
+        meta["open_vocabulary"]["note"] = ("text_matrix is the run's classes' (prompt-template ensemble, with the "
+                                           f"{'distilled' if tower is not None else 'teacher'}'s text tower that went "
+                                           "out); the folder's encode_text and tokenizer make the text matrix of any "
+                                           "names")
     elif fmt == "safetensors":
         meta.update(_write_safetensors(model, meta["architecture"], path, example))
     elif fmt == "onnx":

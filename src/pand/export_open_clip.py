@@ -11,8 +11,10 @@ its files; ``student.json`` lies beside them. Then, without pand::
 
 ``encode_image`` is the student: its backbone as open_clip's timm trunk (``timm_model_name``) and its projection as
 the trunk's ``timm_proj: linear`` with ``timm_proj_bias: true``. ``encode_text`` is the run's teacher's text tower
-(the teacher's own text config, its weights copied), the tokenizer the teacher's, and ``logit_scale`` (a log, as
-open_clip keeps it) the scale of the run's logits, ``teacher.logit_scale``.
+(the teacher's own text config, its weights copied) or, with ``text_tower=DIR``, a smaller tower distilled from it
+by ``pand teacher text-tower`` (its ``text_cfg`` and weights; refused when it was distilled from another teacher,
+:mod:`pand.teachers.text_tower`); the tokenizer is the teacher's, and ``logit_scale`` (a log, as open_clip keeps it)
+the scale of the run's logits, ``teacher.logit_scale``.
 
 What open_clip can express decides what is exported:
 
@@ -38,8 +40,8 @@ What open_clip can express decides what is exported:
 Before anything is written, the folder is assembled in a temporary folder next to the output, built from there by
 open_clip's own factory and tokenizer, and compared with pand: the tokens of the run's class prompts, and the cosine
 similarities of random images (open_clip's normalised ``encode_image``) with the classes' text embeddings (open_clip's
-prompt-ensemble classifier of its ``encode_text``) against the student's embeddings with the teacher's class
-embeddings. A similarity that differs by more than 1e-5 refuses the export, and nothing is written.
+prompt-ensemble classifier of its ``encode_text``) against the student's embeddings with the class embeddings of the
+text tower that goes out. A similarity that differs by more than 1e-5 refuses the export, and nothing is written.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,10 @@ from pand.deploy import LoadedStudent, load_student, preprocessing
 from pand.errors import ConfigError, PandError
 from pand.io import atomic_write_with
 from pand.networks.backbones import natural_size, resolve_source
+from pand.rules import TEACHER_TEXT_TOWER
 from pand.teachers.clip import ClipTeacher, register_model_configs
 from pand.teachers.registry import load_teacher
+from pand.teachers.text_tower import DistilledTextTower, load_text_tower, param_count
 
 log = logging.getLogger("pand")
 
@@ -94,13 +98,20 @@ def _refusal(reason: str) -> ConfigError:
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
-def load_for_open_clip(ckpt_path: Path, class_names: Sequence[str] | None) -> tuple[LoadedStudent, ClipTeacher]:
-    """The student and the run's teacher. A student open_clip cannot express is refused before the teacher loads."""
-    loaded = load_student(ckpt_path)
+def _refuse_image_tower(loaded: LoadedStudent) -> None:
     vision_tower(loaded.model, loaded.config)
+
+
+def load_for_open_clip(ckpt_path: Path, class_names: Sequence[str] | None, *,
+                       check: Callable[[LoadedStudent], None] = _refuse_image_tower,
+                       refusal: Callable[[str], PandError] = _refusal) -> tuple[LoadedStudent, ClipTeacher]:
+    """The student and the run's teacher. ``check`` refuses a student before the teacher loads (by default one
+    open_clip cannot express); ``refusal`` makes the error of a teacher without an open_clip text tower."""
+    loaded = load_student(ckpt_path)
+    check(loaded)
     teacher = load_teacher(loaded.config, device="cpu")
     if not isinstance(teacher, ClipTeacher):
-        raise _refusal(f"its teacher is a {type(teacher).__name__}, not an open_clip model with a text tower")
+        raise refusal(f"its teacher is a {type(teacher).__name__}, not an open_clip model with a text tower")
     if class_names is not None:
         loaded = load_student(ckpt_path, class_names, teacher=teacher)
     return loaded, teacher
@@ -211,10 +222,34 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.float() if tensor.is_floating_point() else tensor).contiguous().clone()
 
 
-def open_clip_model(model: nn.Module, teacher: ClipTeacher,
-                    config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+def text_tower_record(tower: DistilledTextTower | None) -> dict[str, Any]:
+    """What ``student.json`` says of the exported text tower: the teacher's, or a distilled one with its agreement
+    with the teacher's (``text_tower.json``)."""
+    if tower is None:
+        return {"from": TEACHER_TEXT_TOWER, "note": "the teacher's own text tower: its open_clip text_cfg and weights"}
+    record, fit = tower.record, tower.record.get("fit") or {}
+    return {"from": "distilled", "folder": str(tower.folder), "text_cfg": tower.text_cfg,
+            "params": param_count(tower.tower), "teacher_text_params": record.get("teacher_text_params"),
+            "corpus_sha256": tower.meta.get("corpus_sha256"),
+            "val": {k: fit.get(k) for k in ("val_loss", "val_cosine", "val_top1")},
+            "agreement": record.get("agreement"),
+            "note": "a text tower distilled from the teacher's (pand teacher text-tower); agreement: how often the "
+                    "student's zero-shot argmax with it equals the argmax with the teacher's text tower"}
+
+
+def with_text_tower(loaded: LoadedStudent, teacher: ClipTeacher, folder: str | Path) -> DistilledTextTower:
+    """The distilled tower in ``folder`` (refused unless made for ``teacher``), and the student's vocabulary made with
+    it, so that the exported text matrix is the one the exported ``encode_text`` gives."""
+    tower = load_text_tower(folder, teacher)
+    loaded.model.set_vocabulary(tower.class_embeddings(loaded.class_names, loaded.config["data"]["templates"]))
+    return tower
+
+
+def open_clip_model(model: nn.Module, teacher: ClipTeacher, config: Mapping[str, Any],
+                    tower: DistilledTextTower | None = None
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """``(model_cfg, state dict, record)`` of the open_clip model: the student's image tower, the teacher's text
-    tower and the run's logit scale."""
+    tower (or the distilled ``tower``) and the run's logit scale."""
     vision_cfg, visual, origin = vision_tower(model, config)
     cfg = teacher_model_cfg(config)
     if int(cfg["embed_dim"]) != int(model.embed_dim):
@@ -224,13 +259,18 @@ def open_clip_model(model: nn.Module, teacher: ClipTeacher,
     had_bias = cfg.pop("init_logit_bias", None) is not None
     cfg["vision_cfg"] = vision_cfg
     teacher_state = teacher.model.state_dict()
-    state = {k: _plain(v) for k, v in teacher_state.items()
-             if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+    if tower is None:
+        state = {k: _plain(v) for k, v in teacher_state.items()
+                 if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+    else:
+        cfg["text_cfg"] = tower.text_cfg
+        # A CustomTextCLIP keeps its text tower under `text.`, a CLIP at the top level under the same names.
+        prefix = "text." if cfg.get("custom_text") else ""
+        state = {prefix + k: _plain(v) for k, v in tower.tower.state_dict().items()}
     state.update({k: _plain(v) for k, v in visual.items()})
     scale = float(model.logit_scale)
     state["logit_scale"] = torch.full_like(_plain(teacher_state["logit_scale"]), math.log(scale))
-    record = {"image_tower": {"from": origin, **vision_cfg},
-              "text_tower": "the teacher's ('teacher'): its open_clip text_cfg and its weights",
+    record = {"image_tower": {"from": origin, **vision_cfg}, "text_tower": text_tower_record(tower),
               "tokenizer": type(teacher.tokenizer).__name__, "logit_scale": scale,
               "logit_scale_note": "model.logit_scale holds log(s), as open_clip keeps it: logits = "
                                   "model.logit_scale.exp() * cosine, s the run's teacher.logit_scale"}
@@ -282,8 +322,9 @@ def _preprocess_difference(preprocess, config: Mapping[str, Any]) -> float:
 
 # -- the check -----------------------------------------------------------------------------------------------------
 def _check(folder: Path, model: nn.Module, teacher: ClipTeacher, names: Sequence[str], templates: Sequence[str],
-           config: Mapping[str, Any]) -> dict[str, Any]:
-    """Build the folder with open_clip's own factory and tokenizer and compare it with pand; raises on a difference."""
+           config: Mapping[str, Any], tower: DistilledTextTower | None = None) -> dict[str, Any]:
+    """Build the folder with open_clip's own factory and tokenizer and compare it with pand, whose class embeddings
+    come from the text tower that went out (the teacher's, or the distilled ``tower``); raises on a difference."""
     import open_clip
     import timm
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
@@ -309,7 +350,7 @@ def _check(folder: Path, model: nn.Module, teacher: ClipTeacher, names: Sequence
         text = build_zero_shot_classifier(built, tokenizer, list(names), list(templates), device="cpu",
                                           use_tqdm=False).float()  # [D, C]
         theirs = F.normalize(built.encode_image(images).float(), dim=-1) @ text
-        classes = teacher.class_embeddings(names, templates)
+        classes = (teacher if tower is None else tower).class_embeddings(names, templates)
         ours = model.embed(images) @ classes.t()
         logit_diff = float((built.logit_scale.exp() * theirs - model(images)).abs().max())
         vocab_diff = float((classes - model.vocabulary).abs().max())
@@ -318,8 +359,8 @@ def _check(folder: Path, model: nn.Module, teacher: ClipTeacher, names: Sequence
         raise PandError(f"open_clip's similarities of the exported model differ from pand's by up to {diff:.3g} "
                         f"(tolerance {SIMILARITY_ATOL:g}); nothing was written")
     if vocab_diff > SIMILARITY_ATOL:
-        log.warning("the teacher's class text embeddings differ from the student's stored vocabulary by up to %.3g: "
-                    "the exported text tower is the teacher loaded now", vocab_diff)
+        log.warning("the exported text tower's class text embeddings differ from the student's stored vocabulary by "
+                    "up to %.3g: the exported text tower is the one loaded now", vocab_diff)
     return {"images": _CHECK_IMAGES, "image_size": side, "classes": len(names), "templates": len(templates),
             "max_abs_similarity_diff": diff, "tolerance": SIMILARITY_ATOL, "max_abs_logit_diff": logit_diff,
             "vocabulary_vs_teacher_max_abs_diff": vocab_diff, "tokens_equal": True,
@@ -337,10 +378,11 @@ def _existing_ancestor(folder: Path) -> Path:
 
 
 def write_open_clip(model: nn.Module, teacher: ClipTeacher, config: Mapping[str, Any], names: Sequence[str],
-                    out: Path) -> tuple[list[Path], dict[str, Any]]:
-    """Assemble, check and write the open_clip folder into ``out``; returns the files written and the record for
-    ``student.json``. Nothing reaches ``out`` unless open_clip loads the folder and agrees with pand."""
-    model_cfg, state, record = open_clip_model(model, teacher, config)
+                    out: Path, tower: DistilledTextTower | None = None) -> tuple[list[Path], dict[str, Any]]:
+    """Assemble, check and write the open_clip folder into ``out``, with the teacher's text tower or the distilled
+    ``tower``; returns the files written and the record for ``student.json``. Nothing reaches ``out`` unless
+    open_clip loads the folder and agrees with pand."""
+    model_cfg, state, record = open_clip_model(model, teacher, config, tower)
     pp_cfg, pp_record = preprocess_cfg(config)
     templates = list(config["data"]["templates"])
     # Staged beside the output (same file system), so the check reads exactly the files that are then written.
@@ -352,7 +394,7 @@ def write_open_clip(model: nn.Module, teacher: ClipTeacher, config: Mapping[str,
         if hasattr(teacher.tokenizer, "save_pretrained"):
             # open_clip's local-dir: reads a Hugging Face tokenizer from the folder itself.
             teacher.tokenizer.save_pretrained(str(staging))
-        check = _check(staging, model, teacher, names, templates, config)
+        check = _check(staging, model, teacher, names, templates, config, tower)
         written = []
         # The config last: a reader that finds the new config finds the new weights and tokenizer beside it.
         for path in sorted(staging.iterdir(), key=lambda p: (p.name == CONFIG_NAME, p.name)):

@@ -417,3 +417,25 @@ def caption_infonce_loss(image_embeds: torch.Tensor, caption_embeds: torch.Tenso
     texts = F.normalize(caption_embeds[first].float(), dim=-1)
     similarity = _float_similarity(F.normalize(image_embeds.float(), dim=-1), texts)
     return label_infonce_loss(similarity, rows, temperature, symmetric=True)
+
+
+def text_distill_loss(student_embeds: torch.Tensor, teacher_embeds: torch.Tensor, contrastive_weight: float = 1.0,
+                      temperature: float = 0.01) -> torch.Tensor:
+    """Distillation of a CLIP text tower into a smaller one (TinyCLIP's and CLIP-KD's losses, text side).
+
+    ``s_i`` and ``t_i`` are the L2-normalised student and teacher text embeddings of text ``i`` of a batch of ``B``.
+    The loss is ``mean_i (1 - s_i . t_i)`` (feature distillation in its cosine form) plus ``contrastive_weight`` times
+    the symmetric InfoNCE between the two towers, ``0.5 * (CE(s t^T / tau, i) + CE(t s^T / tau, i))``: each student
+    embedding is pulled to its own teacher embedding and away from the batch's other texts' (CLIP-KD's ICL), and each
+    teacher embedding ranks the student's. The contrastive term keeps apart texts the cosine term alone would let
+    collapse onto one direction, which is what zero-shot argmax needs. A batch of 1 has no negative: its InfoNCE is 0.
+    """
+    s = F.normalize(student_embeds.float(), dim=-1)
+    t = F.normalize(teacher_embeds.float(), dim=-1)
+    cosine = (1 - (s * t).sum(-1)).mean()
+    if not contrastive_weight:
+        return cosine
+    logits = _float_similarity(s, t) / float(temperature)
+    targets = torch.arange(len(s), device=s.device)
+    contrastive = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+    return cosine + float(contrastive_weight) * contrastive

@@ -15,9 +15,13 @@ on the 10,000 test images:
 6. an open-vocabulary student (``method=openvocab``) trained on the labelled images of 5 of the 10 classes
    (``data.class_split=base_novel``) and tested on the 5 seen and the 5 unseen classes, next to the teacher's own
    zero-shot classifier on the same splits (base / novel top-1, their harmonic mean, text -> image retrieval mAP);
-   with ``--protocols``, again with the ``--unlabelled`` images under each protocol (``data.novel_protocol``): ``strict``
-   (unlabelled images of the 5 seen classes only), ``transductive`` (of all 10 classes, labels and unseen names never
-   read), and label-free (``data.samples_per_class=0``: no labelled image, val labelled by the teacher).
+   with ``--protocols``, again with the ``--unlabelled`` images under each protocol (``data.novel_protocol``):
+   ``strict`` (unlabelled images of the 5 seen classes only), ``transductive`` (of all 10 classes, labels and unseen
+   names never read), and label-free (``data.samples_per_class=0``: no labelled image, val labelled by the teacher).
+
+The student runs are independent once stage 1 is done, so they run side by side (``--jobs``, one process per core by
+default, see :mod:`pand.jobs`), each writing its output to ``<out>/seed<N>/<run>.log``; a line per finished
+run gives the time left, and the report ends with the time of each phase.
 
 ``--seeds N`` repeats everything with N labelled pools / initialisations and reports mean and standard deviation.
 """
@@ -36,6 +40,7 @@ from pand.analysis.sweep import save_figure
 from pand.arguments import ArgumentParser
 from pand.errors import PandError
 from pand.io import atomic_write_json, atomic_write_text
+from pand.jobs import MAX_WORKERS, Job, available_cores, default_workers, format_seconds, run_jobs
 
 METHODS = ("ce", "kd", "vl2lite", "pand")
 #: The methods run again with unlabelled images (ce has no teacher term that could use them).
@@ -50,6 +55,9 @@ OPEN_VOCAB_PROTOCOLS = {
     "label-free": ("data.samples_per_class=0",),
 }
 TEACHER_KEYS = ("teacher_zero_shot", "teacher_coop")
+#: Test images per batch of a student's evaluation: no gradients are kept, and a CPU convolves 256 small images
+#: about twice as fast per image as 32 (``pand bench`` measures it).
+EVAL_BATCH_SIZE = 256
 
 
 def _data_overrides(args: argparse.Namespace, seed: int) -> list[str]:
@@ -101,6 +109,7 @@ def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str
         f"trainer.enable_progress_bar={str(sys.stderr.isatty()).lower()}",
         "data.num_workers=0",
         f"data.batch_size={args.batch_size}",
+        f"data.eval_batch_size={EVAL_BATCH_SIZE}",
         "optim.lr=1e-3",
         "scheduler=cosine",
         f"run_dir={seed_dir / (run_name or method)}",
@@ -190,6 +199,8 @@ def report(results: dict[str, Any], out_dir: Path) -> str:
                            "names never read; a transductive result is not comparable with inductive ones), "
                            "`label-free` with no labelled image at all (val labelled by the teacher), each under the "
                            "unlabelled schedule above.")]
+    lines += ["", "Where the time went (wall clock):", "", "| phase | time |", "|---|---:|"]
+    lines += [f"| {name} | {format_seconds(secs)} |" for name, secs in (results.get("phase_seconds") or {}).items()]
     lines += ["", f"Total time: {results['total_seconds']:.0f} s.", ""]
     for name in ("learning_curves.png", "tsne_compare.png"):
         if (out_dir / name).is_file():
@@ -239,6 +250,44 @@ def _open_vocab_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: Fashion-MNIST's test images, which every student run scores once (for the cost estimate only).
+_TEST_IMAGES = 10_000
+
+
+def _expected_cost(args: argparse.Namespace, unlabelled: int | None) -> float:
+    """A run's cost in image passes, for the order of the parallel runs and the time-left estimate: a training image
+    costs about three passes (forward, backward), a test image one."""
+    labelled = args.per_class * 10 * (1 - args.val_fraction)
+    if unlabelled:
+        # an epoch is one pass over the unlabelled images, a quarter of each batch drawn from the labelled pool
+        trained = args.unlabelled_epochs * unlabelled * 4 / 3
+    else:
+        trained = args.epochs * labelled
+    return 3 * trained + _TEST_IMAGES
+
+
+def student_jobs(args: argparse.Namespace, seed: int, seed_dir: Path, prompts: Path) -> list[Job]:
+    """The seed's independent student runs, each with the key of its row in the results."""
+    plan: list[tuple[str, str, int | None, tuple[str, ...]]] = [(m, m, None, ()) for m in METHODS]
+    if args.unlabelled:
+        plan += [(m + UNLABELLED_SUFFIX, m, args.unlabelled, ()) for m in UNLABELLED_METHODS]
+    if not args.no_open_vocab:
+        plan.append((OPEN_VOCAB, OPEN_VOCAB, None, ()))
+        if args.unlabelled and args.protocols:
+            plan += [(f"{OPEN_VOCAB}+{p}", OPEN_VOCAB, args.unlabelled, extra)
+                     for p, extra in OPEN_VOCAB_PROTOCOLS.items()]
+    return [Job(name=f"seed {seed} {key}", fn=run_student,
+                args=(args, seed, seed_dir, method, prompts, unlabelled, key, extra),
+                weight=_expected_cost(args, unlabelled), log=seed_dir / f"{key}.log", info={"seed": seed, "key": key})
+            for key, method, unlabelled, extra in plan]
+
+
+def _describe(job: Job, summary: dict[str, Any]) -> str:
+    if "open_vocab" in summary and "hm" in summary["open_vocab"].get("student", {}):
+        return f"HM {100 * summary['open_vocab']['student']['hm']:.2f} %"
+    return f"test top-1 {100 * summary['test_acc1']:.2f} %" if summary.get("test_acc1") is not None else ""
+
+
 def quickstart(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     out_dir = Path(args.out)
@@ -248,60 +297,66 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
     first_runs: dict[str, Path] = {}
     open_vocab_runs: list[dict[str, Any]] = []
     protocol_runs: dict[str, list[dict[str, Any]]] = {}
+    phases: dict[str, float] = {}
+    jobs: list[Job] = []
+    t0 = time.time()
     for seed in seeds:
         seed_dir = out_dir / f"seed{seed}"
         print(f"== seed {seed}: teacher zero-shot and stage 1 (CoOp on stored teacher features)", flush=True)
-        t0 = time.time()
+        t_seed = time.time()
         stage1 = run_stage1(args, seed, seed_dir)
         per_seed["teacher_zero_shot"].append({"test_acc": stage1["zero_shot_test_acc"], "val_acc": stage1["zero_shot_val_acc"]})
         per_seed["teacher_coop"].append(
-            {"test_acc": stage1["coop_test_acc"], "val_acc": stage1["coop_val_acc"], "train_seconds": time.time() - t0}
+            {"test_acc": stage1["coop_test_acc"], "val_acc": stage1["coop_val_acc"], "train_seconds": time.time() - t_seed}
         )
-        for method in METHODS:
-            print(f"== seed {seed}: student with method={method}", flush=True)
-            summary = run_student(args, seed, seed_dir, method, Path(stage1["text_features"]))
-            per_seed[method].append(
-                {"test_acc": summary["test_acc1"], "val_acc": summary["val_acc1"], "train_seconds": summary["train_seconds"]}
-            )
-            if seed == seeds[0]:
-                first_runs[method] = Path(summary["run_dir"])
-        for method in UNLABELLED_METHODS if args.unlabelled else ():
-            print(f"== seed {seed}: student with method={method} and {args.unlabelled} unlabelled images", flush=True)
-            key = method + UNLABELLED_SUFFIX
-            summary = run_student(args, seed, seed_dir, method, Path(stage1["text_features"]),
-                                  unlabelled=args.unlabelled, run_name=key)
-            per_seed[key].append(
-                {"test_acc": summary["test_acc1"], "val_acc": summary["val_acc1"], "train_seconds": summary["train_seconds"]}
-            )
-        if not args.no_open_vocab:
-            print(f"== seed {seed}: open-vocabulary student, trained on 5 classes, tested on all 10", flush=True)
-            summary = run_student(args, seed, seed_dir, OPEN_VOCAB, Path(stage1["text_features"]))
-            open_vocab_runs.append({**summary["open_vocab"], "train_seconds": summary["train_seconds"]})
-            for protocol, extra in OPEN_VOCAB_PROTOCOLS.items() if args.unlabelled and args.protocols else ():
-                print(f"== seed {seed}: open-vocabulary student with {args.unlabelled} unlabelled images, "
-                      f"{protocol}", flush=True)
-                summary = run_student(args, seed, seed_dir, OPEN_VOCAB, Path(stage1["text_features"]),
-                                      unlabelled=args.unlabelled, run_name=f"{OPEN_VOCAB}+{protocol}", extra=extra)
-                protocol_runs.setdefault(protocol, []).append(
-                    {**summary["open_vocab"], "train_seconds": summary["train_seconds"]})
+        jobs += student_jobs(args, seed, seed_dir, Path(stage1["text_features"]))
+    phases["teacher features and CoOp (stage 1)"] = time.time() - t0
+    workers = default_workers(len(jobs)) if args.jobs in (None, 0) else args.jobs
+    where = (f"{workers} at a time, one thread each" if workers > 1 and available_cores() // workers == 1 else
+             f"{workers} at a time" if workers > 1 else "one after the other")
+    print(f"== {len(jobs)} student runs, {where} (each run's output: <out>/seed<N>/<run>.log)", flush=True)
+    t0 = time.time()
+    done = run_jobs(jobs, workers, describe=_describe, printer=lambda line: print(line, flush=True))
+    phases[f"students ({len(jobs)} runs, {where})"] = time.time() - t0
+    runs: dict[str, dict[str, Any]] = {}
+    for d in done:
+        key, seed, summary = d.job.info["key"], d.job.info["seed"], d.result
+        runs[f"seed{seed}/{key}"] = {"train_seconds": summary["train_seconds"], "eval_seconds":
+                     round(summary["total_seconds"] - summary["train_seconds"], 2), "wall_seconds": round(d.seconds, 2)}
+        if key.startswith(OPEN_VOCAB):
+            row = {**summary["open_vocab"], "train_seconds": summary["train_seconds"]}
+            if key == OPEN_VOCAB:
+                open_vocab_runs.append(row)
+            else:
+                protocol_runs.setdefault(key.split("+", 1)[1], []).append(row)
+            continue
+        per_seed[key].append(
+            {"test_acc": summary["test_acc1"], "val_acc": summary["val_acc1"], "train_seconds": summary["train_seconds"]}
+        )
+        if seed == seeds[0] and key in METHODS:
+            first_runs[key] = Path(summary["run_dir"])
     methods = {}
-    for key, runs in per_seed.items():
-        mean, std = _mean_std([r["test_acc"] for r in runs])
-        secs = [r["train_seconds"] for r in runs if r.get("train_seconds") is not None]
+    for key, runs_of_key in per_seed.items():
+        mean, std = _mean_std([r["test_acc"] for r in runs_of_key])
+        secs = [r["train_seconds"] for r in runs_of_key if r.get("train_seconds") is not None]
         methods[key] = {
             "test_acc": mean,
             "test_acc_std": std,
-            "val_acc": statistics.fmean(r["val_acc"] for r in runs),
+            "val_acc": statistics.fmean(r["val_acc"] for r in runs_of_key),
             "train_seconds": statistics.fmean(secs) if secs else None,
-            "per_seed": runs,
+            "per_seed": runs_of_key,
         }
+    t0 = time.time()
     learning_curves(first_runs, out_dir / "learning_curves.png")
+    phases["learning curves"] = time.time() - t0
     if not args.no_tsne:
         from pand.analysis.tsne import tsne_compare
 
         print("== t-SNE of the students' test features", flush=True)
+        t0 = time.time()
         tsne_compare([first_runs[m] / "checkpoints" / "best.ckpt" for m in METHODS], list(METHODS), out_dir,
                      max_samples=args.tsne_samples, seed=seeds[0])
+        phases["t-SNE"] = time.time() - t0
     results = {
         "seeds": seeds,
         "per_class": args.per_class,
@@ -312,7 +367,10 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
         "unlabelled_batch_size": args.unlabelled_batch_size,
         **methods,
         OPEN_VOCAB: _open_vocab_summary(open_vocab_runs) if open_vocab_runs else None,
-        f"{OPEN_VOCAB}_protocols": {p: _open_vocab_summary(runs) for p, runs in protocol_runs.items()},
+        f"{OPEN_VOCAB}_protocols": {p: _open_vocab_summary(r) for p, r in protocol_runs.items()},
+        "workers": workers,
+        "phase_seconds": {name: round(secs, 1) for name, secs in phases.items()},
+        "run_seconds": runs,
         "total_seconds": round(time.time() - start, 1),
     }
     atomic_write_json(out_dir / "results.json", results)
@@ -343,7 +401,8 @@ def print_table(results: dict[str, Any]) -> None:
         for name, cells in _open_vocab_rows(results):
             t.add_row(name, *cells)
         console.print(t)
-    console.print(f"total time: {results['total_seconds']:.0f} s")
+    phases = ", ".join(f"{name} {format_seconds(secs)}" for name, secs in (results.get("phase_seconds") or {}).items())
+    console.print(f"total time: {results['total_seconds']:.0f} s ({phases})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -370,6 +429,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tsne-samples", type=int, default=2000, help="test images in the t-SNE plot")
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plot")
     p.add_argument("--no-open-vocab", action="store_true", help="skip the open-vocabulary (base-to-novel) student")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="student runs side by side, each in its own process (default 0: one per CPU core, at most "
+                        f"{MAX_WORKERS}; 1: one after the other in this process)")
     p.add_argument("--protocols", action="store_true",
                    help="also train the open-vocabulary student with the --unlabelled images under each protocol "
                         "(strict, transductive, label-free): three more runs, about 10 minutes on 2 CPU cores")

@@ -376,6 +376,7 @@ def validate_export_options(options: Mapping[str, Any]) -> list[str] | None:
     if missing:
         errors.append(f"format={fmt} needs {', '.join(EXPORT_PACKAGES[fmt])} (missing: {', '.join(missing)}): "
                       "pip install pand[export]")
+    errors += export_text_tower_errors(fmt, options.get("text_tower"))
     names, given = None, options.get("class_names")
     try:
         # one name that looks like a file's (a folder in it, or .txt) is a file of names, one per line
@@ -389,3 +390,65 @@ def validate_export_options(options: Mapping[str, Any]) -> list[str] | None:
     raise_option_errors(errors)
     check_writable(options["out"], "the export folder (out=)")
     return names
+
+
+#: The files of a distilled text tower's folder (``pand teacher text-tower``; :mod:`pand.teachers.text_tower`).
+TEXT_TOWER_WEIGHTS, TEXT_TOWER_RECORD = "text_tower.safetensors", "text_tower.json"
+#: ``text_tower=`` of ``pand export format=open_clip``: the teacher's own text tower, or a distilled one's folder.
+TEACHER_TEXT_TOWER = "teacher"
+
+
+def text_tower_folder_errors(key: str, value: Any) -> list[str]:
+    """A folder that ``pand teacher text-tower`` wrote: it exists and holds the tower's two files."""
+    path, errors = _as_path(key, value)
+    if errors:
+        return errors
+    shown = show(os.fspath(value))
+    if not path.is_dir():
+        return [f"{key}={shown}: no such folder; expected {TEACHER_TEXT_TOWER!r} or the folder of a text tower made by "
+                "pand teacher text-tower"]
+    missing = [n for n in (TEXT_TOWER_WEIGHTS, TEXT_TOWER_RECORD) if not (path / n).is_file()]
+    if missing:
+        return [f"{key}={shown} is not a text tower folder: it has no {' or '.join(missing)} (pand teacher text-tower "
+                "writes them)"]
+    return []
+
+
+def export_text_tower_errors(fmt: Any, value: Any) -> list[str]:
+    if value in (None, TEACHER_TEXT_TOWER):
+        return []
+    if fmt != "open_clip":
+        return [f"text_tower={show(os.fspath(value) if isinstance(value, os.PathLike) else value)} chooses the text "
+                f"tower of format=open_clip; format={show(fmt)} exports the student alone"]
+    return text_tower_folder_errors("text_tower", value)
+
+
+TEXT_TOWER_RULES: dict[str, Rule] = {
+    "width": integer(1),
+    "heads": integer(1),
+    "layers": integer(1),
+    "steps": integer(1),
+    "batch_size": integer(1),
+    "lr": POSITIVE,
+    "seed": integer(0),
+    "warm_start": BOOL,
+    "contrastive_weight": NON_NEGATIVE,
+    "temperature": number(0, low_open=True, optional=True),
+}
+
+
+def validate_text_tower_options(options: Mapping[str, Any]) -> None:
+    """Refuse ``pand teacher text-tower`` options before torch is imported and the checkpoint loaded."""
+    errors = check_rules(options, TEXT_TOWER_RULES)
+    errors += input_file_errors("ckpt_path", options.get("ckpt_path"), "a checkpoint file")
+    errors += output_folder_errors("out", options.get("out"))
+    if options.get("corpus") is not None:
+        errors += input_file_errors("corpus", options["corpus"], "a UTF-8 text file with one training text per line")
+    if options.get("device") is not None:
+        errors += device_errors("device", options["device"])
+    width, heads = options.get("width"), options.get("heads")
+    if not errors and width is not None and heads is not None and width % heads:
+        errors.append(f"width={width} is not a multiple of heads={heads}: each attention head takes an equal share of "
+                      "the width")
+    raise_option_errors(errors)
+    check_writable(options["out"], "the text tower folder (out=)")

@@ -69,8 +69,9 @@ def test_run_sweep_records_a_failed_run_and_goes_on(cub_root, tmp_path):  # noqa
     sweep_dir = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(cub_root, tmp_path / "unused", "trainer.max_epochs=1", "test=false")
                  if not o.startswith(("run_dir=", "data.num_classes="))]
-    # the data has 3 classes: both runs fail with a ConfigError before training, and the second is still tried
-    results = run_sweep([*overrides, "data.num_classes=5,7"], str(sweep_dir))
+    # the data has 3 classes: both runs fail with a ConfigError before training, and the second is still tried; side
+    # by side in two processes, each run's output in its own log
+    results = run_sweep([*overrides, "data.num_classes=5,7"], str(sweep_dir), jobs=2)
     assert [r["status"] for r in results] == ["failed", "failed"]
     assert all("ConfigError" in r["error"] and "3 classes" in r["error"] for r in results)
     rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
@@ -78,6 +79,7 @@ def test_run_sweep_records_a_failed_run_and_goes_on(cub_root, tmp_path):  # noqa
     assert [r["data.num_classes"] for r in rows] == ["5", "7"]
     assert all(r["error"] for r in rows)
     assert "| failed: ConfigError" in (sweep_dir / "results.md").read_text()
+    assert all("3 classes" in (sweep_dir / f"{r}.log").read_text() for r in ("0-num_classes_5", "1-num_classes_7"))
     assert main_sweep([*overrides, "--sweep-dir", str(tmp_path / "cli"), "data.num_classes=5"]) == 1
 
 

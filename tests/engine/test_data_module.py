@@ -67,3 +67,13 @@ def test_a_resumed_epoch_is_replayed_even_when_iteration_starts_before_the_epoch
     assert list(resumed) == whole_epoch[4:]
     resumed.set_epoch(3)
     assert len(list(resumed)) == 12  # the skip applies to the resumed epoch only
+
+
+def test_evaluation_batches_take_eval_batch_size_and_training_keeps_batch_size(cub_root):
+    dm = PandDataModule(_data_cfg(cub_root, eval_batch_size=5), seed=0)
+    dm.setup()
+    assert dm.train_dataloader().batch_size == 4
+    assert dm.val_dataloader().batch_size == 5 and dm.test_dataloader().batch_size == 5
+    assert [len(b["label"]) for b in dm.test_dataloader()] == [5, 1]  # 6 test images, none dropped
+    dm = PandDataModule(_data_cfg(cub_root), seed=0)  # not set (or null): the training batch size
+    assert dm.test_dataloader().batch_size == 4

@@ -99,50 +99,110 @@ def test_pands_32_px_models_have_no_pretrained_weights():
         timm.create_model("pand_vit_p4_32", pretrained=True)
 
 
-def _child_sides(sequence, side):
-    """The output side of every block of a sequence, from a dry run."""
-    sides = []
-    hooks = [m.register_forward_hook(lambda m, a, out: sides.append(out.shape[-1])) for m in sequence]
-    with torch.no_grad():
-        sequence(torch.zeros(1, 3, side, side))
-    for h in hooks:
-        h.remove()
-    return sides
+# (name, source, stages at 32 px): the last block of each resolution, the deepest one the map the network pools.
+NETWORKS = [
+    ("mobilenet_v2", "torchvision", [f"features.{i}" for i in (1, 3, 6, 13, 18)]),  # 18: the 1x1 conv to 1280
+    ("mobilenet_v3_small", "torchvision", [f"features.{i}" for i in (0, 1, 3, 8, 12)]),
+    ("efficientnet_b0", "torchvision", [f"features.{i}" for i in (1, 2, 3, 5, 8)]),
+    ("convnext_tiny", "torchvision", [f"features.{i}" for i in (1, 3, 5, 7)]),  # not the downsample layers 2, 4, 6
+    ("regnet_y_400mf", "torchvision", ["stem", *(f"trunk_output.block{i}" for i in range(1, 5))]),
+    ("mnasnet0_5", "torchvision", [f"layers.{i}" for i in (7, 8, 9, 11, 16)]),
+    ("densenet121", "torchvision", [f"features.{n}" for n in ("relu0", "denseblock1", "denseblock2", "denseblock3",
+                                                             "norm5")]),
+    ("regnety_002", "timm", ["stem", "s1", "s2", "s3", "s4"]),
+    ("cs3darknet_focus_s", "timm", ["stem.conv1", *(f"stages.{i}" for i in range(4))]),
+    # timm's feature_info ends at blocks.6 (320 channels); conv_head and bn2 follow before the pool
+    ("mobilenetv2_050", "timm", ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2"]),
+]
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5",
-                                  "densenet121"])
-def test_torchvision_block_sequences_give_the_last_block_of_each_resolution(name):
-    student = build_student(name, 5, source="torchvision", pretrained=False, image_size=64)
-    path = "features" if hasattr(student.backbone, "features") else "layers"
-    sequence = getattr(student.backbone, path)
-    keys = list(sequence._modules)
-    sides = _child_sides(sequence.eval(), 64)
-    expected = [keys[i] for i in range(len(keys) - 1) if sides[i + 1] < sides[i]] + [keys[-1]]
+def _last_map_and_pooled(student, x):
+    """The last stage's map from a forward pass, and the reference it must equal: timm's forward_features, the input
+    of torchvision's avgpool, or (functional pooling) the pooled feature as the mean of the map."""
+    backbone = student.backbone
+    last_stage = default_stages(student, tuple(x.shape[1:]))[-1]
+    seen = []
+    pool = getattr(backbone, "avgpool", None)
+    hook = pool.register_forward_pre_hook(lambda m, args: seen.append(args[0])) if pool is not None else None
+    with StageTap(student, [last_stage]) as tap, torch.no_grad():
+        pooled = backbone(x)
+        (last,) = tap.take()
+        if hasattr(backbone, "forward_features"):
+            return last, backbone.forward_features(x)
+    if hook is not None:
+        hook.remove()
+        return last, seen[0]
+    return last.mean((2, 3)), pooled
+
+
+@pytest.mark.parametrize(("name", "source", "expected"), NETWORKS, ids=[n[0] for n in NETWORKS])
+def test_the_dry_run_finds_the_last_block_of_each_resolution_ending_with_the_pooled_map(name, source, expected):
+    torch.manual_seed(0)
+    student = build_student(name, 5, source=source, pretrained=False, image_size=32).eval()
     names = default_stages(student)
-    assert names == [f"backbone.{path}.{k}" for k in expected]
-    assert [s[-1] for s in stage_shapes(student, names, (3, 64, 64))] == [32, 16, 8, 4, 2]
+    assert names == [f"backbone.{n}" for n in expected]
+    sides = [s[-1] for s in stage_shapes(student, names, (3, 32, 32))]
+    assert sides == sorted(set(sides), reverse=True) and sides[-1] == 1  # strictly shrinking, down to 32 / 32
+    got, reference = _last_map_and_pooled(student, torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(got, reference)
 
 
-def test_mobilenet_v2_stages_end_with_the_1280_channel_map_it_pools():
-    student = build_student("mobilenet_v2", 5, source="torchvision", pretrained=False, image_size=64)
-    names = default_stages(student)
-    assert names == [f"backbone.features.{i}" for i in (1, 3, 6, 13, 18)]
-    assert [s[0] for s in stage_shapes(student, names, (3, 64, 64))] == [16, 24, 32, 96, 1280]
-
-
-def test_the_sequence_rule_reads_strides_and_refuses_a_single_resolution():
+def test_the_dry_run_reads_plain_modules_and_refuses_a_single_resolution_or_growing_maps():
     from torch import nn
 
-    net = nn.Module()
-    net.features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=(2, 2)), nn.ReLU(),
-                                 nn.MaxPool2d(2))
+    class Net(nn.Module):
+        def __init__(self, features):
+            super().__init__()
+            self.features, self.pool, self.fc = features, nn.AdaptiveAvgPool2d(1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.features(x)).flatten(1))
+
+    net = Net(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=(2, 2)), nn.ReLU(),
+                            nn.Dropout(), nn.MaxPool2d(2)))
     # the stem's stride has no block before it; the last block is a stage even though it downsamples itself
-    assert default_stages(net) == ["features.1", "features.3", "features.4"]
-    flat = nn.Module()
-    flat.features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
-    with pytest.raises(ConfigError, match="name them"):  # e.g. torchvision's Swin: patch merging has no stride
+    assert default_stages(net) == ["features.1", "features.3", "features.5"]
+    flat = Net(nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()))
+    with pytest.raises(ConfigError, match="do not shrink.*name them"):
         default_stages(flat)
+    # channels-last maps (torchvision's Swin) read as [B, H, W, C] would "grow" in C: refused, not misread
+    from torchvision.models import SwinTransformer
+
+    swin = SwinTransformer([4, 4], 8, [1, 1, 1, 1], [1, 1, 1, 1], [2, 2])
+    with pytest.raises(ConfigError, match="do not shrink.*name them"):
+        default_stages(swin)
+
+
+def test_the_dry_run_leaves_modes_random_state_and_hooks_as_they_were():
+    student = build_student("mobilenet_v2", 5, source="torchvision", pretrained=False, image_size=32).train()
+    student.backbone.features[3].eval()
+    modes = {name: m.training for name, m in student.named_modules()}
+    rng = torch.get_rng_state()
+    default_stages(student)
+    assert {name: m.training for name, m in student.named_modules()} == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(m._forward_hooks for m in student.modules())
+
+
+def test_unknown_stage_names_are_listed_with_the_paths_near_them():
+    from pand.networks.stages import check_stage_names
+
+    student = build_student("mobilenet_v2", 5, source="torchvision", pretrained=False, image_size=32)
+    with pytest.raises(ConfigError, match=r"method.stages: Student has no submodule 'backbone.features.19', "
+                                          r"'features.6' \(near 'backbone.features.19': .*backbone.features.18.*; "
+                                          r"near 'features.6': .*backbone.features.6"):
+        check_stage_names(student, ["backbone.features.19", "features.6", "backbone.features.3"], "method.stages")
+    with pytest.raises(ConfigError, match="must be a list of submodule paths.*got 'backbone.features.6'"):
+        check_stage_names(student, "backbone.features.6", "method.stages")
+    assert check_stage_names(student, ("backbone.features.6",)) == ["backbone.features.6"]
+
+
+def test_open_clips_timm_tower_is_looked_into():
+    from torch import nn
+
+    tower = nn.Module()
+    tower.trunk = build_student("regnety_002", 5, source="timm", pretrained=False).backbone
+    assert default_stages(tower, 32) == ["trunk.stem", "trunk.s1", "trunk.s2", "trunk.s3", "trunk.s4"]
 
 
 @pytest.mark.parametrize(("name", "depth"), [("cs3darknet_s", 4), ("cs3darknet_focus_s", 4), ("cspdarknet53", 5)])

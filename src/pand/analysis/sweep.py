@@ -28,6 +28,7 @@ from typing import Any
 from pand.arguments import ArgumentParser
 from pand.errors import ConfigError, PandError
 from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable, read_json
+from pand.jobs import Job, run_jobs
 from pand.spreadsheet import spreadsheet_cell
 
 log = logging.getLogger("pand.sweep")
@@ -121,8 +122,9 @@ def _check_every_combination(combos: Sequence[Sequence[str]]) -> None:
             for message, runs in problems.items()))
 
 
-def run_sweep(overrides: list[str], sweep_dir: str | None = None) -> list[dict]:
-    """Train every combination of the swept overrides in turn, then tabulate and plot them in ``sweep_dir``.
+def run_sweep(overrides: list[str], sweep_dir: str | None = None, jobs: int = 1) -> list[dict]:
+    """Train every combination of the swept overrides (``jobs`` at a time, each in its own process when more than
+    one: see :mod:`pand.jobs`), then tabulate and plot them in ``sweep_dir``.
 
     Returns one dict per combination: the run summary (plus ``overrides`` and ``status``) or, for a run that raised a
     pand error, ``{"run_dir", "overrides", "status": "failed", "error"}``.
@@ -137,7 +139,6 @@ def run_sweep(overrides: list[str], sweep_dir: str | None = None) -> list[dict]:
     combos = expand_sweep(user)
     swept = _swept_keys(user)
     _check_every_combination(combos)
-    from pand.engine.run import train
     if sweep_dir is None:
         runs_dir = to_plain(compose("train", combos[0]))["paths"]["runs_dir"]
         sweep_path = Path(runs_dir) / f"sweep-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -147,30 +148,40 @@ def run_sweep(overrides: list[str], sweep_dir: str | None = None) -> list[dict]:
     sweep_path.mkdir(parents=True, exist_ok=True)
     log.info("sweep of %d run(s) over %s in %s", len(combos), ", ".join(swept) or "(nothing swept)", sweep_path)
 
-    results: list[dict] = []
     run_dirs: list[Path] = []
+    todo: list[Job] = []
     for i, combo in enumerate(combos):
         short = _short_name(combo, swept)
         run_dir = sweep_path / (f"{i}-{short}" if short else str(i))
         run_dirs.append(run_dir)
-        log.info("sweep run %d/%d: %s", i + 1, len(combos), " ".join(combo))
-        config = None
-        try:
-            config = to_plain(compose("train", [*combo, f"run_dir={_quote(str(run_dir))}"]))
-            config["run_dir"] = str(run_dir)
-            summary = train(config)
-            results.append({**summary, "overrides": combo, "status": "ok"})
-        except PandError as err:
-            log.error("sweep run %d/%d failed: %s", i + 1, len(combos), err)
-            record = {"run_dir": str(run_dir), "overrides": combo, "status": "failed",
-                      "error": f"{type(err).__name__}: {err}"}
-            atomic_write_json(run_dir / ERROR_FILE, {**record, "config": config})
-            results.append(record)
+        todo.append(Job(name=f"sweep run {i + 1}/{len(combos)}", fn=_sweep_run, args=(combo, str(run_dir)),
+                        log=run_dir.with_name(run_dir.name + ".log") if jobs > 1 else None))
+    if jobs <= 1:
+        for job in todo:
+            log.info("%s: %s", job.name, " ".join(job.args[0]))
+    done = run_jobs(todo, jobs, describe=lambda job, r: r["status"], printer=log.info)
+    results = [d.result for d in done]
     gather_runs(run_dirs, sweep_path)
     return results
 
 
-# ------------------------------------------------------------------------------------------------------------ gather
+def _sweep_run(combo: list[str], run_dir: str) -> dict[str, Any]:
+    """One run of a sweep; a pand error is the run's result (the sweep goes on), recorded beside it."""
+    from pand.config import compose, to_plain
+    from pand.engine.run import train
+
+    config = None
+    try:
+        config = to_plain(compose("train", [*combo, f"run_dir={_quote(run_dir)}"]))
+        config["run_dir"] = run_dir
+        return {**train(config), "overrides": combo, "status": "ok"}
+    except PandError as err:
+        log.error("run %s failed: %s", run_dir, err)
+        record = {"run_dir": run_dir, "overrides": combo, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        atomic_write_json(Path(run_dir) / ERROR_FILE, {**record, "config": config})
+        return record
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, Mapping):
         flat: dict[str, Any] = {}
@@ -407,8 +418,9 @@ def main_sweep(args: list[str]) -> int:
     """``pand sweep OVERRIDE... [--sweep-dir DIR]``: exit status 0 if every run finished, 1 if one failed."""
     parser = ArgumentParser(
         prog="pand sweep",
-        description="Train every combination of swept Hydra overrides, one run after another, then write\n"
-                    "results.csv, results.md and (one numeric swept key) results.png into the sweep folder.\n"
+        description="Train every combination of swept Hydra overrides (one run after another, or --jobs N at a\n"
+                    "time), then write results.csv, results.md and (one numeric swept key) results.png into\n"
+                    "the sweep folder.\n"
                     "A run that fails is listed as failed and the sweep goes on (exit status 1).",
         epilog="example: pand sweep data=cub method=vl2lite 'optim.lr=1e-3,3e-3' 'seed=range(0,3)'\n"
                "Sweep syntax as in Hydra multirun: a,b,c  choice(a,b)  range(start,stop[,step]);\nquote values that "
@@ -418,8 +430,13 @@ def main_sweep(args: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides of the train config")
     parser.add_argument("--sweep-dir", default=None, metavar="DIR",
                         help="folder for the runs and the results (default: <paths.runs_dir>/sweep-<time>)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs side by side, each in its own process with cores/N threads and its output in "
+                             "<run folder>.log (default 1: one after another; for small CPU runs, N = cores pays)")
     ns = parser.parse_intermixed_args(args)
-    results = run_sweep(ns.overrides, ns.sweep_dir)
+    if ns.jobs < 1:
+        parser.error(f"--jobs={ns.jobs} is not allowed: expected an integer >= 1")
+    results = run_sweep(ns.overrides, ns.sweep_dir, jobs=ns.jobs)
     sweep_dir = Path(results[0]["run_dir"]).parent if results else None
     if sweep_dir is not None and (sweep_dir / "results.md").is_file():
         print((sweep_dir / "results.md").read_text())

@@ -17,7 +17,12 @@ logits) and the CLIP teacher's image tower (``--teacher`` at its own input size 
 models and batch sizes, inputs already on the device. It reports the median milliseconds per batch, images/s,
 parameters, forward FLOPs per image (``torch.utils.flop_counter``, one batch-1 forward) and teacher ms / student ms.
 ``--latency`` replaces the training-step table (it does not add to it); ``--zoo`` and ``--loader`` still add their
-parts when given with it, so the training-step table needs a second run without ``--latency``.
+parts when given with it, so the training-step table needs a second run without ``--latency``. With
+``--latency --latency-batches 32,256`` its student rows give what a larger ``data.eval_batch_size`` gains.
+
+``--parallel`` adds the student's training images/s (cross-entropy steps on the CPU) in one process with a thread per
+core, next to one process per core (at most 4) running the same steps side by side: what ``--jobs`` of
+``pand quickstart`` and ``pand sweep`` gain for small students, whose steps leave cores idle.
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
                         "training-step table; --zoo and --loader still add theirs")
     p.add_argument("--latency-batches", type=_parse_batches, default="1,32",
                    help="comma-separated batch sizes of --latency (default 1,32)")
+    p.add_argument("--parallel", action="store_true",
+                   help="also measure the student's training images/s in one process with every core against one "
+                        "process per core side by side (what --jobs of pand quickstart and pand sweep do)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 

@@ -21,6 +21,7 @@ from pand.bench.loader import measure_loader_throughput, run_estimates
 from pand.cache.teacher import CachedTeacherSource, TeacherCache
 from pand.distillers import Progress, TeacherContext, build_distiller
 from pand.engine.teacher_side import add_stages
+from pand.jobs import Job, available_cores, default_workers, run_jobs
 from pand.rules import resolve_device
 from pand.students import build_student
 from pand.teachers import ClassifierTeacher, LiveTeacherSource, ZeroShotLogits, load_clip_teacher
@@ -96,6 +97,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.loader:
         student_ms = result.get("student_only_ms") or _student_step_ms(args, device, autocast)
         result["loader"] = _loader_bench(args, device, student_ms)
+    if args.parallel:
+        result["parallel"] = _parallel_bench(args)
     return result
 
 
@@ -371,6 +374,44 @@ def _student_step_ms(args: argparse.Namespace, device: torch.device, autocast) -
     return statistics.median(times)
 
 
+def student_throughput(student: str, classes: int, image_size: int, batch: int, steps: int, warmup: int) -> float:
+    """Images/s of the student's own training step on the CPU over ``steps`` steps after ``warmup`` (wall clock, with
+    the threads this process has): the unit of ``--parallel``, run in one process or in several side by side."""
+    torch.manual_seed(0)
+    step = _Step("ce", build_distiller({"name": "ce"}, build_student(student, classes, pretrained=False,
+                                                                     image_size=image_size), classes, None),
+                 None, torch.device("cpu"), nullcontext, False)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(batch, 3, image_size, image_size, generator=g),
+                "label": torch.randint(0, classes, (batch,), generator=g)} for _ in range(2)]
+    for i in range(warmup):
+        step(batches[i % 2])
+    start = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % 2])
+    return steps * batch / (time.perf_counter() - start)
+
+
+def _parallel_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """The student's training images/s on this CPU: one process with every core's threads, against one process per
+    core (``pand quickstart --jobs``, ``pand sweep --jobs``) running the same step side by side."""
+    cores = available_cores()
+    workers = default_workers(cores, cores)
+    spec = (args.student, args.classes, args.image_size, args.batch, 2 * args.steps, args.warmup)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        (alone,) = run_jobs([Job("one process", student_throughput, spec)], 1, printer=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    side = run_jobs([Job(f"process {i}", student_throughput, spec) for i in range(workers)], workers, cores=cores,
+                    printer=lambda line: None)
+    together = sum(d.result for d in side)
+    return {"cores": cores, "workers": workers, "threads_per_worker": max(1, cores // workers),
+            "one_process_img_per_s": round(alone.result, 1), "side_by_side_img_per_s": round(together, 1),
+            "per_worker_img_per_s": [round(d.result, 1) for d in side], "speedup": round(together / alone.result, 2)}
+
+
 def _loader_bench(args: argparse.Namespace, device: torch.device, student_ms: float) -> dict[str, Any]:
     """Loader images/s on each path (views made per image in the loader, or per batch on the device), JPEG and
     decoded cache, next to the student's training images/s at the same size and batch, and which one limits a run."""
@@ -419,6 +460,21 @@ def print_result(result: dict[str, Any]) -> None:
         console.print(t)
     if "loader" in result:
         _print_loader(console, result["loader"], c)
+    if "parallel" in result:
+        _print_parallel(console, result["parallel"], c)
+
+
+def _print_parallel(console, par: dict[str, Any], c: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"pand bench --parallel: {c['student']} training steps (ce), {c['image_size']} px, batch "
+                    f"{c['batch']}, {par['cores']} CPU cores")
+    for col in ("runs", "images/s", "x one process"):
+        t.add_column(col, justify="left" if col == "runs" else "right")
+    t.add_row(f"one process, {par['cores']} threads", f"{par['one_process_img_per_s']:.1f}", "1.00")
+    t.add_row(f"{par['workers']} processes side by side, {par['threads_per_worker']} thread(s) each",
+              f"{par['side_by_side_img_per_s']:.1f}", f"{par['speedup']:.2f}")
+    console.print(t)
 
 
 def _print_latency(console, lat: dict[str, Any], c: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from pand.errors import ConfigError
 from pand.losses import kd_loss, nlrd_loss, nrkd_feature_loss, token_grid_side
 from pand.networks.stages import (
     StageTap,
+    check_stage_names,
     default_stages,
     pair_deepest,
     require_input_size,
@@ -86,7 +87,10 @@ class NRKD(Distiller):
                 raise ConfigError("nrkd's feature term needs the teacher's stages (a live teacher); set "
                                   "method.feature_weight=0 to distil the responses only")
             input_size = require_input_size(student, "nrkd")
-            names = list(stages) if stages else default_stages(student)
+            if stages:
+                names = check_stage_names(student, stages, "method.stages")
+            else:
+                names = default_stages(student, input_size)
             s_usable = [n for n, shape in zip(names, stage_shapes(student, names, input_size)) if _positions(shape) > 1]
             t_usable = [i for i, shape in enumerate(context.stage_shapes or []) if _positions(shape) > 1]
             if not s_usable or not t_usable:

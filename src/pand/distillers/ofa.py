@@ -9,8 +9,10 @@ target ``-sum_c [(p_t + y)^eps - y]_c log p_s,c`` (see :func:`pand.losses.ofa_lo
 Only the teacher's final logits are read, so any teacher works and a CLIP teacher's cache serves it. The branches are
 training-only: they live in the distiller (saved in checkpoints, never part of the exported student). Stage features
 come from forward hooks (:class:`~pand.networks.stages.StageTap`); branch shapes from a dry run at the run's input
-size, so 32-px CIFAR works as well as 224 px. Channels-last stage outputs (timm's Swin) arrive as ``[B, C, H, W]``:
-the tap rearranges them.
+size, so 32-px CIFAR works as well as 224 px. The stages are ``method.stages`` when given, else every stage
+:func:`~pand.networks.stages.default_stages` finds but the last; each branch brings its stage down to the resolution
+of the map the student pools (of the deepest named stage, for a network whose stages only a user can tell).
+Channels-last stage outputs (timm's Swin) arrive as ``[B, C, H, W]``: the tap rearranges them.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from torch import nn
 from pand.distillers.base import Distiller, DistillerOutput, Progress, TeacherContext
 from pand.distillers.ofa_branches import build_exit_branch
 from pand.distillers.registry import register_distiller
+from pand.errors import ConfigError
 from pand.losses import ofa_loss, token_grid_side
 from pand.networks.stages import (
     StageTap,
+    check_stage_names,
     default_stages,
     require_input_size,
     stage_shapes,
@@ -64,15 +68,22 @@ class OFA(Distiller):
         self.temperature, self.eps = float(temperature), float(eps)
         self.ce_weight, self.kd_weight, self.ofa_weight = float(ce_weight), float(kd_weight), float(ofa_weight)
         input_size = require_input_size(student, "ofa")
-        every = default_stages(student)
-        names = list(stages) if stages else every[:-1]  # the last stage already ends in the student's own head
-        shapes = stage_shapes(student, names + every[-1:], input_size)
+        if stages:
+            names = check_stage_names(student, stages, "method.stages")
+            try:
+                final = default_stages(student, input_size)[-1:]
+            except ConfigError:
+                final = []  # stages the finder cannot tell: the branches reduce to the deepest named one instead
+        else:
+            every = default_stages(student, input_size)
+            names, final = every[:-1], every[-1:]  # the last stage already ends in the student's own head
+        shapes = stage_shapes(student, names + final, input_size)
         target = _spatial(shapes[-1])
         self.stage_names = names
         self.branches = nn.ModuleList(
             # the factory reads the layout from the rank of a batched shape (4-D map, 3-D tokens)
             build_exit_branch((1, *shape), num_classes, target_hw=target, depth=int(branch_depth))
-            for shape in shapes[:-1]
+            for shape in shapes[:len(names)]
         )
         self._tap = StageTap(student, names)
         self._tap.enabled = False

@@ -34,7 +34,7 @@ list of names can replace it (``student.set_vocabulary``), which is what base-to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -139,6 +139,7 @@ class OpenVocab(Distiller):
         fusion: str = "none",
         fusion_heads: int = 4,
         caption_weight: float = 0.0,
+        stages: Sequence[str] | None = None,
     ) -> None:
         super().__init__(student, num_classes, context)
         embedding_distill_loss(torch.zeros(1, 2), torch.ones(1, 2), distill)  # refuse an unknown kind now
@@ -164,7 +165,7 @@ class OpenVocab(Distiller):
         self.student = OpenVocabStudent(
             student, int(context.embed_dim), head=head, dropout=dropout, fusion=fusion, fusion_heads=fusion_heads,
             logit_scale=float(context.logit_scale), vocabulary=self.text_embeds,
-            input_size=getattr(student, "input_size", None) or (3, 224, 224),
+            input_size=getattr(student, "input_size", None) or (3, 224, 224), stages=stages,
         )
         if fusion == "cross_attention":
             if context.text_tokens is None:

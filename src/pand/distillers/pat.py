@@ -69,6 +69,7 @@ from pand.networks.stages import (
     CHANNELS_LAST,
     SEQUENCE_FIRST,
     StageTap,
+    check_stage_names,
     default_stages,
     pair_deepest,
     require_input_size,
@@ -196,7 +197,10 @@ class PAT(Distiller):
         self._mean = tuple(context.input_mean or teacher.mean)
         self._std = tuple(context.input_std or teacher.std)
 
-        s_names = list(stages) if stages else default_stages(student)
+        if stages:
+            s_names = check_stage_names(student, stages, "method.stages")
+        else:
+            s_names = default_stages(student, input_size)
         count = len(context.stage_names)
         t_index = list(range(count)) if teacher_stages is None else [int(i) for i in teacher_stages]
         if not t_index or any(i < 0 or i >= count for i in t_index) or t_index != sorted(set(t_index)):

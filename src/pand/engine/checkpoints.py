@@ -210,7 +210,7 @@ def run_record(run_dir: str | os.PathLike, splits: Mapping[str, Any], context: A
 # loader workers, devices, the number of epochs, where the views are made: the same views to ~1e-6) may change; what
 # they point at is checked by the record instead.
 _IGNORED_ON_RESUME = {
-    "data": {"root", "download", "num_workers", "pin_memory", "decoded_cache", "augment_on"},
+    "data": {"root", "download", "num_workers", "pin_memory", "decoded_cache", "augment_on", "eval_batch_size"},
     "teacher": {"pretrained", "cache_dir", "text_features", "weights", "ckpt"},
     "student": {"pretrained", "weights"},
     "method": set(),

@@ -61,6 +61,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "trainer.limit_val_batches": _LIMIT,
     "trainer.limit_test_batches": _LIMIT,
     "data.batch_size": integer(1),
+    "data.eval_batch_size": integer(1, optional=True),
     "data.num_workers": integer(0),
     "data.image_size": integer(1),
     "data.resize_size": integer(1),

@@ -257,6 +257,11 @@ class ShardSampler(Sampler):
         return iter(range(self.rank, self.size, self.world_size))
 
 
+def eval_batch_size(data: Mapping[str, Any]) -> int:
+    """Images per evaluation batch: ``data.eval_batch_size``, else the training batch size."""
+    return int(data.get("eval_batch_size") or data["batch_size"])
+
+
 def augment_config(data: Mapping[str, Any]) -> AugmentConfig:
     aug = dict(data.get("augment") or {})
     if "blur_sigma" in aug:
@@ -376,11 +381,12 @@ class PandDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool, loader_cls=DataLoader, **extra) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler, drop_last: bool, loader_cls=DataLoader, *,
+                batch_size: int | None = None, **extra) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
         return loader_cls(
             dataset,
-            batch_size=int(self.cfg["batch_size"]),
+            batch_size=int(batch_size or self.cfg["batch_size"]),
             sampler=sampler,
             num_workers=workers,
             pin_memory=bool(self.cfg.get("pin_memory", False)) and torch.cuda.is_available(),
@@ -435,7 +441,8 @@ class PandDataModule(L.LightningDataModule):
     def _items_loader(self, split: str) -> DataLoader:
         rank, world = self._rank_world()
         items = EvalItems(self.splits[split], self.eval_transform)
-        return self._loader(items, ShardSampler(len(items), rank, world), drop_last=False)
+        return self._loader(items, ShardSampler(len(items), rank, world), drop_last=False,
+                            batch_size=eval_batch_size(self.cfg))
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

@@ -40,7 +40,7 @@ from pand.data import ClassificationDataset
 from pand.data.assembly import NOVEL_PROTOCOLS, NOVEL_TEST, novel_protocol
 from pand.data.captions import captions_of, has_class_labels
 from pand.engine.caption_retrieval import add_caption_retrieval, format_caption_retrieval
-from pand.engine.data import EvalItems
+from pand.engine.data import EvalItems, eval_batch_size
 from pand.errors import ConfigError
 from pand.io import atomic_write_json
 from pand.stage1.features import extract_features
@@ -239,7 +239,7 @@ def open_vocab_report(student, data, config: Mapping[str, Any], teacher=None, *,
         raise ConfigError("the open-vocabulary report needs a CLIP teacher (its text tower)")
     splits = data.splits
     templates = list(config["data"]["templates"])
-    batch_size, workers = int(config["data"]["batch_size"]), int(config["data"].get("num_workers", 0))
+    batch_size, workers = eval_batch_size(config["data"]), int(config["data"].get("num_workers", 0))
     test_captions = captions_of(splits["test"])
     if test_captions is not None and not has_class_labels(splits["test"]):
         # image-caption pairs without classes: the test split is scored by caption retrieval alone

@@ -1,12 +1,13 @@
 """An open-vocabulary student: any backbone mapped into the teacher's joint image-text space (KDEOV).
 
-The student embeds an image as ``e = norm(pool(head(F)))`` where ``F`` is the backbone's last feature map (or its
-pooled feature, seen as a 1 x 1 map) and ``head`` is a projection into the teacher's embedding width ``D``:
-1x1 conv, BatchNorm, ReLU, dropout, 1x1 conv, BatchNorm. On a 1 x 1 map those 1x1 convolutions are exactly an MLP,
-which is the head for backbones whose spatial map is not wanted (``head="mlp"``). ``head="linear"`` is CLIP's own
-image projection: ``e = norm(W h + b)`` with ``h`` the backbone's pooled feature (global average pooling of the last
-feature map for CNNs, the library's own pooling for ViTs) and dropout before ``W``. It is the head that open_clip's
-timm image tower computes (``timm_proj: linear``, ``timm_proj_bias: true``), so such a student exports as an
+The student embeds an image as ``e = norm(pool(head(F)))`` where ``F`` is the map the backbone pools (the deepest
+stage of :func:`~pand.networks.stages.default_stages`, or the stage ``method.stages`` names; or its pooled feature,
+seen as a 1 x 1 map) and ``head`` is a projection into the teacher's embedding width ``D``: 1x1 conv, BatchNorm,
+ReLU, dropout, 1x1 conv, BatchNorm. On a 1 x 1 map those 1x1 convolutions are exactly an MLP, which is the head
+for backbones whose spatial map is not wanted (``head="mlp"``). ``head="linear"`` is CLIP's own image projection:
+``e = norm(W h + b)`` with ``h`` the backbone's pooled feature (global average pooling of the last feature map for
+CNNs, the library's own pooling for ViTs) and dropout before ``W``. It is the head that open_clip's timm image tower
+computes (``timm_proj: linear``, ``timm_proj_bias: true``), so such a student exports as an
 open_clip model (``pand export format=open_clip``); ``conv`` and ``mlp`` apply a ReLU (``conv`` before pooling) that
 no open_clip image tower has.
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pand.errors import ConfigError
-from pand.networks.stages import StageTap, default_stages
+from pand.networks.stages import StageTap, check_stage_names, default_stages
 from pand.students.factory import Student
 
 HEADS = ("conv", "mlp", "linear")
@@ -104,6 +105,23 @@ class CrossAttentionFusion(nn.Module):
         return tokens + self.out(attended)
 
 
+def _head_stage(student: Student, head: str, stages: Sequence[str] | None, input_size: Sequence[int]) -> str | None:
+    """The backbone path of the map the conv head reads (None for the heads on the pooled feature)."""
+    if head != "conv":
+        if stages:
+            raise ConfigError(f"method.stages names the map the conv head reads, and method.head={head} reads the "
+                              "pooled feature: drop method.stages or set method.head=conv")
+        return None
+    if not stages:
+        return default_stages(student.backbone, input_size)[-1]
+    path = check_stage_names(student, stages, "method.stages")[-1]
+    if not path.startswith("backbone."):
+        pooled = "backbone." + default_stages(student.backbone, input_size)[-1]
+        raise ConfigError(f"method.stages={list(stages)}: the conv head reads a map of the backbone, a path starting "
+                          f"with 'backbone.' (such as {pooled}, the map it pools)")
+    return path[len("backbone."):]
+
+
 class OpenVocabStudent(nn.Module):
     """A backbone, a projection into the teacher space, optional text fusion, and a vocabulary to classify with.
 
@@ -117,6 +135,9 @@ class OpenVocabStudent(nn.Module):
         logit_scale: ``s`` of the cosine logits.
         vocabulary: the ``C x D`` class text matrix (L2-normalised) the logits are computed against.
         input_size: ``(3, H, W)`` of the run's images, to size the head with a dry run.
+        stages: ``head="conv"`` only: student stage paths (``backbone.features.13``, as ``method.stages`` of the other
+            methods) whose last is the map the head reads; None: the map the backbone pools, the deepest stage
+            :func:`~pand.networks.stages.default_stages` finds.
     """
 
     def __init__(
@@ -131,6 +152,7 @@ class OpenVocabStudent(nn.Module):
         vocabulary: torch.Tensor | None = None,
         input_size: Sequence[int] = (3, 224, 224),
         fusion_heads: int = 4,
+        stages: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -141,8 +163,9 @@ class OpenVocabStudent(nn.Module):
         self.backbone = student.backbone
         self.head_kind, self.fusion_kind = head, fusion
         self.embed_dim = int(embed_dim)
-        self.stage = default_stages(student.backbone)[-1] if head == "conv" else None
-        channels = self._measure_channels(tuple(int(s) for s in input_size)) if head == "conv" else student.feature_dim
+        input_size = tuple(int(s) for s in input_size)
+        self.stage = _head_stage(student, head, stages, input_size)
+        channels = self._measure_channels(input_size) if head == "conv" else student.feature_dim
         make_head = linear_head if head == "linear" else projection_head
         self.head = make_head(channels, self.embed_dim, float(dropout))
         if fusion == "film":
@@ -165,7 +188,8 @@ class OpenVocabStudent(nn.Module):
         vocab = state["vocabulary"]
         model = cls(student, int(vocab.shape[1]), head=options.get("head", "conv"),
                     dropout=float(options.get("dropout", 0.1)), fusion=options.get("fusion", "none"),
-                    fusion_heads=int(options.get("fusion_heads", 4)), input_size=input_size)
+                    fusion_heads=int(options.get("fusion_heads", 4)), input_size=input_size,
+                    stages=options.get("stages"))
         model.set_vocabulary(vocab, state.get("vocabulary_tokens"), state.get("vocabulary_mask"))
         model.load_state_dict(state)
         return model

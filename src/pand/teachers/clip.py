@@ -70,7 +70,7 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-#: Prompts encoded per text-tower forward by :meth:`ClipTeacher.class_embeddings`.
+#: Prompts encoded per text-tower forward by :func:`prompt_ensemble`.
 _TEXTS_PER_FORWARD = 1024
 
 
@@ -84,6 +84,45 @@ class _Float32Text:
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         out = self.model.encode_text(tokens).float()
         return F.normalize(out, dim=-1) if normalize else out
+
+
+@torch.no_grad()
+def prompt_ensemble(model: nn.Module, tokenizer: Any, classnames: Sequence[str], templates: Sequence[str],
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """C x D class embeddings of a text tower (anything with ``encode_text(tokens)``: an open_clip model, or a text
+    tower distilled from one): the mean over templates of normalised text embeddings, re-normalised (float32).
+
+    The computation is open_clip's ``build_zero_shot_classifier`` (every template formatted per class, encoded,
+    normalised, averaged over the templates and re-normalised; with one template the average is that template's
+    embedding), which returns D x C, hence the transpose. pand keeps only what the library does not do:
+
+    * clear errors: no templates, a template without ``{}`` or no class names raise :class:`ConfigError` (the
+      library asserts, or formats a template without ``{}`` into the same prompt for every class);
+    * float32: the library normalises and averages in the text tower's dtype (and under any enclosing autocast);
+      pand's contract, like :meth:`ClipTeacher.encode_texts`, is float32 embeddings, so the text tower's output is
+      cast to float32 before it is normalised (a no-op for a float32 teacher);
+    * batches of about ``_TEXTS_PER_FORWARD`` prompts (the library's default is 10 classes, however many
+      templates), so that 80 templates do not mean 80 x the memory of one.
+    """
+    if not templates:
+        raise ConfigError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
+    for t in templates:
+        if "{}" not in t:
+            raise ConfigError(f"prompt template {t!r} has no '{{}}' where the class name goes")
+    if not classnames:
+        raise ConfigError("class_embeddings needs at least one class name")
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    weights = build_zero_shot_classifier(
+        _Float32Text(model),
+        tokenizer,
+        list(classnames),
+        list(templates),
+        num_classes_per_batch=max(1, _TEXTS_PER_FORWARD // len(templates)),
+        device=device,
+        use_tqdm=False,
+    )  # [D, C]
+    return weights.t().contiguous()
 
 
 class ClipTeacher(FrozenTeacher):
@@ -157,39 +196,9 @@ class ClipTeacher(FrozenTeacher):
 
     @torch.no_grad()
     def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """C x D class embeddings: the mean over templates of normalised text embeddings, re-normalised (float32).
-
-        The computation is open_clip's ``build_zero_shot_classifier`` (every template formatted per class, encoded,
-        normalised, averaged over the templates and re-normalised; with one template the average is that template's
-        embedding), which returns D x C, hence the transpose. pand keeps only what the library does not do:
-
-        * clear errors: no templates, a template without ``{}`` or no class names raise :class:`ConfigError` (the
-          library asserts, or formats a template without ``{}`` into the same prompt for every class);
-        * float32: the library normalises and averages in the text tower's dtype (and under any enclosing autocast);
-          pand's contract, like :meth:`encode_texts`, is float32 embeddings, so the text tower's output is cast to
-          float32 before it is normalised (a no-op for a float32 teacher);
-        * batches of about ``_TEXTS_PER_FORWARD`` prompts (the library's default is 10 classes, however many
-          templates), so that 80 templates do not mean 80 x the memory of one.
-        """
-        if not templates:
-            raise ConfigError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
-        for t in templates:
-            if "{}" not in t:
-                raise ConfigError(f"prompt template {t!r} has no '{{}}' where the class name goes")
-        if not classnames:
-            raise ConfigError("class_embeddings needs at least one class name")
-        from open_clip.zero_shot_classifier import build_zero_shot_classifier
-
-        weights = build_zero_shot_classifier(
-            _Float32Text(self.model),
-            self.tokenizer,
-            list(classnames),
-            list(templates),
-            num_classes_per_batch=max(1, _TEXTS_PER_FORWARD // len(templates)),
-            device=self.device,
-            use_tqdm=False,
-        )  # [D, C]
-        return weights.t().contiguous()
+        """C x D class embeddings: the mean over templates of normalised text embeddings, re-normalised (float32);
+        :func:`prompt_ensemble` of this teacher's text tower."""
+        return prompt_ensemble(self.model, self.tokenizer, classnames, templates, self.device)
 
     @torch.no_grad()
     def class_token_features(self, classnames: Sequence[str],
