@@ -75,6 +75,22 @@ def group_runs(group: str, chosen: tuple[str, ...] = ()) -> dict[str, tuple[int,
     return {f"{n:,}": (n, (TRANSDUCTIVE, *chosen)) for n in SIZES}
 
 
+def student_run(qs, seed: int, seed_dir: Path, unlabelled: int, overrides: tuple[str, ...], label: str) -> dict:
+    """The summary of one open-vocabulary student run: read back when a finished run is in ``seed_dir``, resumed from
+    its ``last.ckpt`` when one stopped midway, else trained."""
+    from pand.quickstart import OPEN_VOCAB, run_student
+
+    name = _run_name(unlabelled, overrides)
+    summary = _finished(seed_dir / name)
+    if summary is None:
+        print(f"== {label}, seed {seed}", flush=True)
+        last = seed_dir / name / "checkpoints" / "last.ckpt"
+        resume = (f"ckpt_path={last}",) if last.is_file() else ()
+        summary = run_student(qs, seed, seed_dir, OPEN_VOCAB, Path("unused"), unlabelled=unlabelled or None,
+                              run_name=name, extra=(*overrides, *resume))
+    return summary
+
+
 def choose_losses(rows: dict[str, list[dict[str, float]]]) -> str:
     """The loss variant with the best mean val score (seen classes' val images: nothing else may choose); the
     earlier, simpler variant on a tie."""
@@ -173,7 +189,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from pand.io import atomic_write_json, atomic_write_text
-    from pand.quickstart import OPEN_VOCAB, parser, run_student
+    from pand.quickstart import parser
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/open_vocab_protocols")
@@ -202,15 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = args.size_seeds if group == "size" and args.size_seeds is not None else args.seeds
         for seed in range(seeds):
             for variant, (unlabelled, overrides) in runs.items():
-                seed_dir = out / f"seed{seed}"
-                name = _run_name(unlabelled, overrides)
-                summary = _finished(seed_dir / name)
-                if summary is None:
-                    print(f"== {group} / {variant}, seed {seed}", flush=True)
-                    last = seed_dir / name / "checkpoints" / "last.ckpt"
-                    resume = (f"ckpt_path={last}",) if last.is_file() else ()  # a run stopped midway continues
-                    summary = run_student(qs, seed, seed_dir, OPEN_VOCAB, Path("unused"), unlabelled=unlabelled or None,
-                                          run_name=name, extra=(*overrides, *resume))
+                summary = student_run(qs, seed, out / f"seed{seed}", unlabelled, overrides, f"{group} / {variant}")
                 per_seed[group][variant].append(_row(summary))
                 print(f"RESULT {group} / {variant} seed {seed}: " + json.dumps(
                     {k: round(100 * v, 2) for k, v in _row(summary).items() if k != "train_seconds"}), flush=True)

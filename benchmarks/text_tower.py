@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from open_vocab_protocols import _finished, _run_name, group_runs
+from open_vocab_protocols import _run_name, group_runs, student_run
 
 #: The settings measured besides the defaults: without the warm start of the token embeddings, and without the
 #: contrastive term.
@@ -84,7 +84,7 @@ def report(rows: list[dict[str, Any]], chosen: str, student: dict[str, Any], sec
 
 def main(argv: list[str] | None = None) -> int:
     from pand.io import atomic_write_json, atomic_write_text
-    from pand.quickstart import OPEN_VOCAB, parser, run_student
+    from pand.quickstart import parser
     from pand.text_tower_fit import fit_text_tower
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,15 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     qs = parser().parse_args(["--out", str(out)] + (["--data-root", args.data_root] if args.data_root else []))
     unlabelled, overrides = group_runs("loss")["+icl"]  # the transductive run with CLIP-KD's ICL
     seed_dir = out / f"seed{args.seed}"
-    name = _run_name(unlabelled, overrides)
-    summary = _finished(seed_dir / name)
-    if summary is None:
-        print(f"== the student: {name}, seed {args.seed}", flush=True)
-        last = seed_dir / name / "checkpoints" / "last.ckpt"
-        resume = (f"ckpt_path={last}",) if last.is_file() else ()
-        summary = run_student(qs, args.seed, seed_dir, OPEN_VOCAB, Path("unused"), unlabelled=unlabelled,
-                              run_name=name, extra=(*overrides, *resume))
-    ckpt = seed_dir / name / "checkpoints" / "best.ckpt"
+    summary = student_run(qs, args.seed, seed_dir, unlabelled, overrides, "the student")
+    ckpt = seed_dir / _run_name(unlabelled, overrides) / "checkpoints" / "best.ckpt"
     settings = {"defaults": {}, **{v: _options(v) for v in (args.variant or VARIANTS)}}
     rows = []
     for label, options in settings.items():
