@@ -360,9 +360,7 @@ def _cpu_name() -> str:
 
 def _student_step_ms(args: argparse.Namespace, device: torch.device, autocast) -> float:
     """Median ms of the student's own training step (cross-entropy), for ``--loader`` when no training table ran."""
-    torch.manual_seed(0)
-    step = _Step("ce", build_distiller({"name": "ce"}, build_student(args.student, args.classes, pretrained=False),
-                                       args.classes, None), None, device, autocast, args.channels_last)
+    step = _student_step(args.student, args.classes, None, device, autocast, args.channels_last)
     g = torch.Generator().manual_seed(0)
     times = []
     for i in range(args.warmup + args.steps):
@@ -374,13 +372,18 @@ def _student_step_ms(args: argparse.Namespace, device: torch.device, autocast) -
     return statistics.median(times)
 
 
+def _student_step(student: str, classes: int, image_size: int | None, device: torch.device, autocast,
+                  channels_last: bool) -> _Step:
+    """The student's own training step (cross-entropy, no teacher), seeded."""
+    torch.manual_seed(0)
+    model = build_student(student, classes, pretrained=False, image_size=image_size)
+    return _Step("ce", build_distiller({"name": "ce"}, model, classes, None), None, device, autocast, channels_last)
+
+
 def student_throughput(student: str, classes: int, image_size: int, batch: int, steps: int, warmup: int) -> float:
     """Images/s of the student's own training step on the CPU over ``steps`` steps after ``warmup`` (wall clock, with
     the threads this process has): the unit of ``--parallel``, run in one process or in several side by side."""
-    torch.manual_seed(0)
-    step = _Step("ce", build_distiller({"name": "ce"}, build_student(student, classes, pretrained=False,
-                                                                     image_size=image_size), classes, None),
-                 None, torch.device("cpu"), nullcontext, False)
+    step = _student_step(student, classes, image_size, torch.device("cpu"), nullcontext, False)
     g = torch.Generator().manual_seed(0)
     batches = [{"image": torch.randn(batch, 3, image_size, image_size, generator=g),
                 "label": torch.randint(0, classes, (batch,), generator=g)} for _ in range(2)]
