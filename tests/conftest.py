@@ -25,3 +25,11 @@ def cub_root(tmp_path):
     from tests.fixtures.datasets import make_cub
 
     return make_cub(tmp_path / "data", n_classes=3, per_class=6, test_per_class=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The same tiny CUB-200-2011 shared by a module's tests (export, text tower): trained on once per module."""
+    from tests.fixtures.datasets import make_cub
+
+    return make_cub(tmp_path_factory.mktemp("data"), n_classes=3, per_class=6, test_per_class=2)

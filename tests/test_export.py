@@ -12,18 +12,12 @@ from pand.errors import ConfigError
 from pand.export import export_student
 from pand.io import is_output_folder
 from tests.engine.conftest import tiny_overrides
-from tests.fixtures.datasets import make_cub
 
 
 def _train(data, run, *extra):
     # method=ce never loads the teacher; one epoch (no test pass) is enough for weights that are not the initial ones.
     assert main(["train", *tiny_overrides(data, run, "method=ce", "trainer.max_epochs=1", "test=false", *extra)]) == 0
     return run / "checkpoints" / "best.ckpt"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_cub(tmp_path_factory.mktemp("data"), n_classes=3, per_class=6, test_per_class=2)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from pand.students import build_student
 from pand.students.open_vocab import OpenVocabStudent
 from pand.teachers.registry import load_teacher
 from tests.engine.conftest import tiny_overrides
-from tests.fixtures.datasets import make_cub
 
 SMALL = ("student=cifar", "student.name=resnet8")  # the quickest student to train, for the refusals
 
@@ -29,11 +28,6 @@ def _train(data, run, *extra):
     argv = tiny_overrides(data, run, "method=openvocab", "trainer.max_epochs=1", "test=false", *extra)
     assert main(["train", *argv]) == 0
     return run / "checkpoints" / "best.ckpt"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_cub(tmp_path_factory.mktemp("data"), n_classes=3, per_class=6, test_per_class=2)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ from tests.test_cli import run_in_clean_interpreter
 
 # The runs the open_clip export tests and the open-vocabulary eval tests train: a 3-class resnet18 with
 # method.head=linear (exportable), and a 10-class base-to-novel run (5 base, 5 novel classes).
-data = export_tests.data
 resnet18_ckpt = export_tests.resnet18_ckpt
 trained = eval_tests.trained
 
