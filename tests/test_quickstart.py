@@ -36,6 +36,13 @@ def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
     assert "ce+unlabelled" not in results and "test top-1 +unlabelled (%)" in report
     printed = capsys.readouterr().out
     assert "pand quickstart" in printed and "total time" in printed
+    # two runs at a time: a line per finished run with the time left, each run's output in its own log, phase times
+    assert "== 11 student runs, 2 at a time" in printed and "[1/11] seed 0 " in printed and "left" in printed
+    assert (out / "seed0" / "kd+unlabelled.log").read_text().strip()
+    assert results["workers"] == 2 and set(results["run_seconds"]) == {f"seed0/{k}" for k in (
+        *KEYS[2:], "kd+unlabelled", "vl2lite+unlabelled", "pand+unlabelled", "openvocab", "openvocab+strict",
+        "openvocab+transductive", "openvocab+label-free")}
+    assert "Where the time went" in report and "| t-SNE |" in report
     # The open-vocabulary row: trained on 5 classes, tested on the 5 others too, student next to teacher.
     ov = results["openvocab"]
     assert len(ov["base_classes"]) == 5 and len(ov["novel_classes"]) == 5
@@ -57,3 +64,11 @@ def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
     # the student of each method saw 2 images per class: 1 train + 1 val
     summary = json.loads((out / "seed0" / "pand" / "summary.json").read_text())
     assert summary["method"] == "pand" and summary["test_acc1"] == pytest.approx(results["pand"]["test_acc"])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["quickstart", "--jobs", "-1"], "--jobs=-1 is not allowed"),
+    (["sweep", "--jobs", "0", "method=kd"], "--jobs=0 is not allowed"),
+])
+def test_a_negative_number_of_side_by_side_runs_is_refused(argv, message, capsys):
+    assert main(argv) == 2 and message in capsys.readouterr().err

@@ -440,7 +440,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main_quickstart(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.jobs < 0:
+        p.error(f"--jobs={args.jobs} is not allowed: expected 0 (one run per core) or a number of runs >= 1")
     try:
         results = quickstart(args)
     except PandError as err:
