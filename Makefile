@@ -27,6 +27,11 @@ TORCH_STAMP := $(VENV)/.pand-torch
 TORCH_PIN := $(VENV)/pand-torch-pin.txt
 DEMO_STAMP := $(VENV)/.pand-demo
 TEST_STAMP := $(VENV)/.pand-test
+# pip compiles each installed file to bytecode one at a time (about 35 s for torch and the rest on one core);
+# installing with --no-compile and then compiling with a process per core (compileall -j 0) does the same work in
+# about 20 s on 2 cores. A file that does not compile is skipped, as pip skips it.
+COMPILE = $(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+	>/dev/null 2>&1 || true
 
 .PHONY: demo test install install-test torch fashion-mnist clean
 
@@ -88,7 +93,8 @@ $(TORCH_STAMP): | $(PY)
 	        echo "pand: make clean, then make ... TORCH_INDEX=<an index or mirror with torch's CPU wheels>."; \
 	    fi; \
 	fi; \
-	if [ -n "$$index" ]; then $(PIP) install --index-url "$$index" $(TORCH_REQS); else $(PIP) install $(TORCH_REQS); fi
+	if [ -n "$$index" ]; then $(PIP) install --no-compile --index-url "$$index" $(TORCH_REQS); \
+	else $(PIP) install --no-compile $(TORCH_REQS); fi
 	$(PIP) freeze | grep -E '^(torch|torchvision)==' > $(TORCH_PIN) || true
 	@echo "pand: torch in $(VENV): $$(tr '\n' ' ' < $(TORCH_PIN))"
 	touch $(TORCH_STAMP)
@@ -96,11 +102,13 @@ $(TORCH_STAMP): | $(PY)
 torch: $(TORCH_STAMP)
 
 $(DEMO_STAMP): pyproject.toml $(TORCH_STAMP)
-	$(PIP) install -q -c $(TORCH_PIN) -e .
+	$(PIP) install -q --no-compile -c $(TORCH_PIN) -e .
+	$(COMPILE)
 	touch $(DEMO_STAMP)
 
 $(TEST_STAMP): pyproject.toml $(TORCH_STAMP)
-	$(PIP) install -q -c $(TORCH_PIN) -e ".[test]"
+	$(PIP) install -q --no-compile -c $(TORCH_PIN) -e ".[test]"
+	$(COMPILE)
 	touch $(TEST_STAMP)
 
 install: $(DEMO_STAMP)

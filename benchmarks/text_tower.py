@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from open_vocab_protocols import _run_name, group_runs, student_run
+from open_vocab_protocols import UNLABELLED_EPOCHS, _run_name, group_runs, student_run
 
 #: The settings measured besides the defaults: without the warm start of the token embeddings, and without the
 #: contrastive term.
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     start = time.time()
-    qs = parser().parse_args(["--out", str(out)] + (["--data-root", args.data_root] if args.data_root else []))
+    qs = parser().parse_args(["--out", str(out), "--unlabelled-epochs", str(UNLABELLED_EPOCHS)]
+                             + (["--data-root", args.data_root] if args.data_root else []))
     unlabelled, overrides = group_runs("loss")["+icl"]  # the transductive run with CLIP-KD's ICL
     seed_dir = out / f"seed{args.seed}"
     summary = student_run(qs, args.seed, seed_dir, unlabelled, overrides, "the student")

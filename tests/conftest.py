@@ -1,3 +1,4 @@
+import logging
 import os
 import tempfile
 
@@ -33,3 +34,20 @@ def data(tmp_path_factory):
     from tests.fixtures.datasets import make_cub
 
     return make_cub(tmp_path_factory.mktemp("data"), n_classes=3, per_class=6, test_per_class=2)
+
+
+@pytest.fixture(autouse=True)
+def _pand_logger_restored():
+    """The command line's logging set-up stops the "pand" logger from propagating to the root, where pytest's caplog
+    listens, and a library's ``logging.config.dictConfig`` (import-linter's, in test_layers) disables every logger it
+    does not name: a test that ran either must not change what a later test's caplog sees."""
+    log = logging.getLogger("pand")
+    state = (log.propagate, log.level, list(log.handlers))
+    disabled = {name: logger.disabled for name, logger in logging.root.manager.loggerDict.items()
+                if name.split(".")[0] == "pand" and isinstance(logger, logging.Logger)}
+    yield
+    log.propagate, log.level = state[0], state[1]
+    log.handlers[:] = state[2]
+    for name, logger in logging.root.manager.loggerDict.items():
+        if name.split(".")[0] == "pand" and isinstance(logger, logging.Logger):
+            logger.disabled = disabled.get(name, False)

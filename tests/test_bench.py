@@ -4,7 +4,7 @@ import pytest
 
 from pand.cli import main
 
-KEYS = ("student_only_ms", "online_teacher_ms", "cached_teacher_ms", "pand_cached_ms", "ratio_online_vs_student",
+KEYS = ("student_only_ms", "student_unfused_optimizer_ms", "online_teacher_ms", "cached_teacher_ms", "pand_cached_ms", "ratio_online_vs_student",
         "ratio_cached_vs_student", "kd_cached_ms", "dkd_cached_ms", "ratio_kd_cached_vs_student")
 
 
@@ -199,3 +199,14 @@ def test_bench_parallel_times_one_process_against_one_per_core(capsys, monkeypat
     assert len(par["per_worker_img_per_s"]) == 2 and all(v > 0 for v in par["per_worker_img_per_s"])
     assert par["side_by_side_img_per_s"] == pytest.approx(sum(par["per_worker_img_per_s"]), abs=0.2)
     assert par["speedup"] == pytest.approx(par["side_by_side_img_per_s"] / par["one_process_img_per_s"], rel=0.1)
+
+
+def test_the_timed_steps_use_the_optimizer_pand_train_builds():
+    from contextlib import nullcontext
+
+    import torch
+
+    from pand.bench.measure import _student_step
+
+    step = _student_step("resnet18", 3, 32, torch.device("cpu"), nullcontext, False)
+    assert isinstance(step.optimizer, torch.optim.AdamW) and step.optimizer.defaults["fused"] is True

@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 
 import pand
 from pand import config_catalogue
-from pand.cli import COMMANDS, _setup_logging, main
+from pand.cli import COMMANDS, main
 from pand.config import PAND_TRAINER_ARGS, TRAINER_ARGS, compose, to_plain
 from pand.errors import ConfigError
+from pand.logs import setup_logging
 
 HEAVY = ("torch", "lightning", "hydra", "open_clip", "timm")
 
@@ -285,7 +286,7 @@ def test_config_prints_only_yaml_on_stdout(capsys):
 
 # --------------------------------------------------------------------------------------------------------- logging
 def test_lightning_tips_are_dropped_and_other_lines_kept():
-    _setup_logging()
+    setup_logging()
     log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     seen = []
 
@@ -295,6 +296,8 @@ def test_lightning_tips_are_dropped_and_other_lines_kept():
 
     handler = Keep()
     log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)  # as `import lightning` leaves it (alone, this test runs before anything imports it)
     try:
         log.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing "
                  "[litlogger](https://pypi.org/project/litlogger/) to enable LitLogger, which logs metrics")
@@ -303,6 +306,7 @@ def test_lightning_tips_are_dropped_and_other_lines_kept():
         log.info("GPU available: False, used: False")
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     assert seen == ["GPU available: False, used: False"]
     # lightning's own console handler prints its lines; they must not reach the root handler a second time
     assert logging.getLogger("lightning").propagate is False
@@ -311,7 +315,7 @@ def test_lightning_tips_are_dropped_and_other_lines_kept():
 def test_known_deprecation_warnings_are_silenced_narrowly():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _setup_logging()
+        setup_logging()
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and "
                       "treespec.is_leaf()` instead.", FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)

@@ -42,7 +42,12 @@ def test_reduced_quickstart_runs_every_stage(tmp_path, capsys):
     assert results["workers"] == 2 and set(results["run_seconds"]) == {f"seed0/{k}" for k in (
         *KEYS[2:], "kd+unlabelled", "vl2lite+unlabelled", "pand+unlabelled", "openvocab", "openvocab+strict",
         "openvocab+transductive", "openvocab+label-free")}
-    assert "Where the time went" in report and "| t-SNE |" in report
+    assert "Where the time went" in report and "| t-SNE figures (embedded in the runs) |" in report
+    # the labelled runs embedded their own test features (30 images) for the figure, beside their checkpoints
+    for key in KEYS[2:]:
+        assert (out / "seed0" / key / "tsne_test.npz").is_file() and results["run_seconds"][f"seed0/{key}"][
+            "tsne_seconds"] > 0
+    assert not (out / "seed0" / "kd+unlabelled" / "tsne_test.npz").exists()
     # The open-vocabulary row: trained on 5 classes, tested on the 5 others too, student next to teacher.
     ov = results["openvocab"]
     assert len(ov["base_classes"]) == 5 and len(ov["novel_classes"]) == 5

@@ -313,3 +313,14 @@ def test_help_is_printed_without_importing_torch(argv):
     assert "text-tower" in out and "usage" in out
     if argv[-2:] == ["text-tower", "--help"]:
         assert "ckpt_path=PATH" in out and "warm_start=true" in out and "text_tower=DIR" in out
+
+
+def test_the_words_of_a_hugging_face_tokenizers_vocabulary():
+    """open_clip's HFTokenizer keeps the transformers tokenizer as ``.tokenizer``: its entries carry a word-start mark
+    (BPE ``Ġ``, SentencePiece ``▁``) and WordPiece continuations start with ``##``; a stand-in with such a vocabulary
+    (nothing downloaded)."""
+    from types import SimpleNamespace
+
+    vocab = {"Ġshirt": 0, "▁Dress": 1, "##ing": 2, "Ġa": 3, "Ġ123": 4, "[CLS]": 5, "boot": 6, "shirt": 7, "Ġcafé": 8}
+    hf = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: vocab))
+    assert vocabulary_words(hf) == ["shirt", "dress", "boot"]  # once each, in vocabulary order, lower-cased

@@ -14,7 +14,6 @@ convolution's products in another order, which moves an accuracy by at most a te
 from __future__ import annotations
 
 import concurrent.futures as cf
-import logging
 import multiprocessing
 import os
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pand.errors import PandError
+from pand.logs import setup_logging
 
 #: More workers than this rarely pay on one machine: each holds its data and models in memory.
 MAX_WORKERS = 4
@@ -69,12 +69,19 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """``[k/n] name: what it gave, in s; elapsed m:ss, about m:ss left``, the estimate from the finished jobs' pace."""
+    """``[k/n] name: what it gave, in s; elapsed m:ss, about m:ss left``.
 
-    def __init__(self, jobs: Sequence[Job], start: float | None = None, printer: Callable[[str], None] = print):
+    The estimate: the finished jobs' seconds per unit of weight on one worker, times the weight left, shared by the
+    ``workers`` (or by the jobs left, when fewer).
+    """
+
+    def __init__(self, jobs: Sequence[Job], start: float | None = None, printer: Callable[[str], None] = print,
+                 workers: int = 1):
         self.total = sum(j.weight for j in jobs)
         self.n = len(jobs)
+        self.workers = max(1, workers)
         self.done_weight = 0.0
+        self.done_seconds = 0.0
         self.done = 0
         self.start = time.time() if start is None else start
         self.printer = printer
@@ -82,11 +89,13 @@ class Progress:
     def left(self, now: float) -> float:
         if self.done_weight <= 0:
             return float("nan")
-        return (now - self.start) / self.done_weight * (self.total - self.done_weight)
+        share = max(1, min(self.workers, self.n - self.done))
+        return self.done_seconds / self.done_weight * (self.total - self.done_weight) / share
 
     def finished(self, job: Job, seconds: float, what: str = "") -> str:
         self.done += 1
         self.done_weight += job.weight
+        self.done_seconds += seconds
         now = time.time()
         line = f"[{self.done}/{self.n}] {job.name}: {what + ', ' if what else ''}{seconds:.0f} s; elapsed " \
                f"{format_seconds(now - self.start)}"
@@ -96,12 +105,14 @@ class Progress:
         return line
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, gpus=None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    if gpus is not None:  # this worker's own GPU, before torch initialises CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get()
     import torch
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="pand: %(message)s", force=True)
+    setup_logging()  # as the command line logs: each line once
 
 
 def _run_logged(fn: Callable[..., Any], args: tuple, log: str | None) -> tuple[Any, float]:
@@ -122,10 +133,16 @@ def _run_logged(fn: Callable[..., Any], args: tuple, log: str | None) -> tuple[A
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, *, describe: Callable[[Job, Any], str] = lambda job, result: "",
-             printer: Callable[[str], None] = print, cores: int | None = None) -> list[Done]:
+             printer: Callable[[str], None] = print, cores: int | None = None,
+             gpus: Sequence[str] | None = None) -> list[Done]:
     """Run every job (in ``workers`` processes, or here one after the other when ``workers`` is 1) and return them
-    done, in the order given. The first failure stops the rest and is raised, naming the job and its log."""
-    progress = Progress(jobs, printer=printer)
+    done, in the order given. The first failure stops the rest and is raised, naming the job and its log.
+
+    ``gpus``: CUDA device ids, at least one per worker; each worker sees only its own (``CUDA_VISIBLE_DEVICES``), so
+    that runs side by side never share a GPU."""
+    if gpus is not None and workers > 1 and len(gpus) < workers:
+        raise PandError(f"{workers} runs side by side need a GPU each; {len(gpus)} given ({', '.join(gpus)})")
+    progress = Progress(jobs, printer=printer, workers=workers)
     if workers <= 1:
         out = []
         for job in jobs:
@@ -137,8 +154,13 @@ def run_jobs(jobs: Sequence[Job], workers: int, *, describe: Callable[[Job, Any]
     order = sorted(jobs, key=lambda j: -j.weight)  # heaviest first: the last to finish are short ones
     done: dict[int, Done] = {}
     context = multiprocessing.get_context("spawn")  # a fork would copy the parent's threads and open files
+    gpu_queue = None
+    if gpus is not None:
+        gpu_queue = context.Queue()
+        for gpu in list(gpus)[:workers]:
+            gpu_queue.put(str(gpu))
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                initargs=(threads,)) as pool:
+                                initargs=(threads, gpu_queue)) as pool:
         futures = {pool.submit(_run_logged, job.fn, job.args, str(job.log) if job.log else None): job
                    for job in order}
         try:

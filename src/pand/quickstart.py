@@ -129,6 +129,20 @@ def run_student(args: argparse.Namespace, seed: int, seed_dir: Path, method: str
     return train(to_plain(compose("train", overrides + list(extra) + user)))
 
 
+def run_student_and_embed(args: argparse.Namespace, seed: int, seed_dir: Path, method: str, prompts: Path,
+                          unlabelled: int | None, run_name: str, extra: tuple[str, ...]) -> dict[str, Any]:
+    """:func:`run_student`, then the t-SNE of its best checkpoint's test features (``--tsne-samples`` images) saved
+    beside it, in the same process: the embeddings of the figure are computed while other runs still train."""
+    from pand.analysis.tsne import embed_checkpoint
+
+    summary = run_student(args, seed, seed_dir, method, prompts, unlabelled, run_name, extra)
+    start = time.time()
+    run_dir = Path(summary["run_dir"])
+    embedding = embed_checkpoint(run_dir / "checkpoints" / "best.ckpt", method, "test", seed=seed,
+                                 max_samples=args.tsne_samples)
+    return {**summary, TSNE_FILE: str(embedding.save(run_dir / TSNE_FILE)), "tsne_seconds": time.time() - start}
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -252,6 +266,10 @@ def _open_vocab_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 #: Fashion-MNIST's test images, which every student run scores once (for the cost estimate only).
 _TEST_IMAGES = 10_000
+#: A t-SNE of N images costs about as much as 3 N image passes on one core (2,000 images: about 8 s).
+_TSNE_COST_PER_IMAGE = 3
+#: The t-SNE embedding of a run's test features, in its run folder.
+TSNE_FILE = "tsne_test.npz"
 
 
 def _expected_cost(args: argparse.Namespace, unlabelled: int | None) -> float:
@@ -276,10 +294,16 @@ def student_jobs(args: argparse.Namespace, seed: int, seed_dir: Path, prompts: P
         if args.unlabelled and args.protocols:
             plan += [(f"{OPEN_VOCAB}+{p}", OPEN_VOCAB, args.unlabelled, extra)
                      for p, extra in OPEN_VOCAB_PROTOCOLS.items()]
-    return [Job(name=f"seed {seed} {key}", fn=run_student,
-                args=(args, seed, seed_dir, method, prompts, unlabelled, key, extra),
-                weight=_expected_cost(args, unlabelled), log=seed_dir / f"{key}.log", info={"seed": seed, "key": key})
-            for key, method, unlabelled, extra in plan]
+    jobs = []
+    for key, method, unlabelled, extra in plan:
+        # The first seed's labelled students are drawn in the t-SNE figure: their runs embed their own features.
+        embeds = not args.no_tsne and seed == args.seed and key in METHODS
+        jobs.append(Job(name=f"seed {seed} {key}", fn=run_student_and_embed if embeds else run_student,
+                        args=(args, seed, seed_dir, method, prompts, unlabelled, key, extra),
+                        weight=_expected_cost(args, unlabelled) + (_TSNE_COST_PER_IMAGE * args.tsne_samples if embeds
+                                                                   else 0),
+                        log=seed_dir / f"{key}.log", info={"seed": seed, "key": key}))
+    return jobs
 
 
 def _describe(job: Job, summary: dict[str, Any]) -> str:
@@ -319,6 +343,7 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
     done = run_jobs(jobs, workers, describe=_describe, printer=lambda line: print(line, flush=True))
     phases[f"students ({len(jobs)} runs, {where})"] = time.time() - t0
     runs: dict[str, dict[str, Any]] = {}
+    tsne_files: dict[str, Path] = {}
     for d in done:
         key, seed, summary = d.job.info["key"], d.job.info["seed"], d.result
         runs[f"seed{seed}/{key}"] = {"train_seconds": summary["train_seconds"], "eval_seconds":
@@ -335,6 +360,9 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
         )
         if seed == seeds[0] and key in METHODS:
             first_runs[key] = Path(summary["run_dir"])
+            if TSNE_FILE in summary:
+                tsne_files[key] = Path(summary[TSNE_FILE])
+                runs[f"seed{seed}/{key}"]["tsne_seconds"] = round(summary["tsne_seconds"], 2)
     methods = {}
     for key, runs_of_key in per_seed.items():
         mean, std = _mean_std([r["test_acc"] for r in runs_of_key])
@@ -349,14 +377,12 @@ def quickstart(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     learning_curves(first_runs, out_dir / "learning_curves.png")
     phases["learning curves"] = time.time() - t0
-    if not args.no_tsne:
-        from pand.analysis.tsne import tsne_compare
+    if tsne_files:
+        from pand.analysis.tsne import Embedding, plot_embeddings
 
-        print("== t-SNE of the students' test features", flush=True)
         t0 = time.time()
-        tsne_compare([first_runs[m] / "checkpoints" / "best.ckpt" for m in METHODS], list(METHODS), out_dir,
-                     max_samples=args.tsne_samples, seed=seeds[0])
-        phases["t-SNE"] = time.time() - t0
+        plot_embeddings([Embedding.load(tsne_files[m]) for m in METHODS], out_dir)
+        phases["t-SNE figures (embedded in the runs)"] = time.time() - t0
     results = {
         "seeds": seeds,
         "per_class": args.per_class,
@@ -417,7 +443,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--unlabelled", type=int, default=5000,
                    help="unlabelled training images added in the second run of kd, vl2lite and pand (0: skip them)")
-    p.add_argument("--unlabelled-epochs", type=int, default=5, help="epochs over the unlabelled images")
+    p.add_argument("--unlabelled-epochs", type=int, default=3,
+                   help="epochs over the unlabelled images (3: within every row's seed spread of 5, in 60 %% of the "
+                        "time)")
     p.add_argument("--unlabelled-batch-size", type=int, default=128,
                    help="batch size of the runs with unlabelled images (a quarter from the labelled pool)")
     p.add_argument("--coop-epochs", type=int, default=50, help="stage-1 CoOp epochs")
@@ -426,7 +454,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: data/ or Debian's package path)")
     p.add_argument("--download", action="store_true",
                    help="download Fashion-MNIST (checksum-verified) if it is neither under data/ nor installed by Debian")
-    p.add_argument("--tsne-samples", type=int, default=2000, help="test images in the t-SNE plot")
+    p.add_argument("--tsne-samples", type=int, default=1000,
+                   help="test images in the t-SNE plot (the same seeded ones for every student)")
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plot")
     p.add_argument("--no-open-vocab", action="store_true", help="skip the open-vocabulary (base-to-novel) student")
     p.add_argument("--jobs", type=int, default=0,

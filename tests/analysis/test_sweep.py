@@ -158,3 +158,26 @@ def test_results_csv_escapes_text_a_spreadsheet_would_run_and_keeps_numbers(tmp_
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open(newline="")))
     assert [r["data.name"] for r in rows] == ["'" + n for n in names]
     assert [r["method.shift"] for r in rows] == [str(-0.5 * i) for i in range(len(names))]  # numbers stay numbers
+
+
+def test_side_by_side_runs_on_gpus_get_one_each_or_are_refused(monkeypatch):
+    import torch
+
+    from pand.analysis.sweep import _gpu_per_run
+
+    cpu = [["trainer=cpu", "seed=0"], ["trainer=cpu", "seed=1"]]
+    assert _gpu_per_run(cpu, 2) is None  # no GPU is looked for
+    gpu = [["trainer=gpu", "seed=0"], ["trainer=gpu", "seed=1"]]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _gpu_per_run(gpu, 2) is None  # no CUDA: the runs refuse trainer=gpu themselves, with the reason
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="--jobs 2 runs side by side would share this machine's 1 GPU"):
+        _gpu_per_run(gpu, 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert _gpu_per_run(gpu, 2) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert _gpu_per_run(gpu, 2) == ["4", "6"]  # the ids this sweep was given, not the machine's first two
+    with pytest.raises(ConfigError, match="trainer.devices=2 each .* one at a time"):
+        _gpu_per_run([[*c, "trainer.devices=2"] for c in gpu], 2)

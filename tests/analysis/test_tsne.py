@@ -78,13 +78,46 @@ def test_tsne_compare_refuses_a_label_count_mismatch(tiny_ckpts, tmp_path):
 def test_tsne_compare_refuses_checkpoints_of_different_data(tmp_path, monkeypatch):
     sizes = iter([6, 9])
 
-    def fake_features(path, split, data_overrides, batch_size=None, device="cpu"):
+    def fake_features(path, split, data_overrides, batch_size, device, max_samples, seed):
         n = next(sizes)
-        return np.random.default_rng(0).normal(size=(n, 8)), np.arange(n) % 3, ["a", "b", "c"]
+        kept = min(n, max_samples or n)  # the subsets are of the same size; the splits are not
+        return np.random.default_rng(0).normal(size=(kept, 8)), np.arange(kept) % 3, ["a", "b", "c"], n
 
-    monkeypatch.setattr(tsne, "student_features", fake_features)
+    monkeypatch.setattr(tsne, "_features", fake_features)
     with pytest.raises(MismatchError, match="differ in size"):
-        tsne_compare(["x.ckpt", "y.ckpt"], ["x", "y"], tmp_path)
+        tsne_compare(["x.ckpt", "y.ckpt"], ["x", "y"], tmp_path, max_samples=5)
+
+
+def test_a_subset_reads_only_its_images_and_matches_the_whole_splits_rows(tiny_ckpts, monkeypatch):
+    (ckpt, _), _ = tiny_ckpts
+    whole, whole_labels, _ = student_features(ckpt, "test", batch_size=4)
+    keep = tsne.sample_indices(len(whole), 4, seed=3)
+    assert keep == sorted(keep) and len(set(keep)) == 4 and tsne.sample_indices(6, 6, 0) is None
+    read = []
+    original = PandDataModule.eval_dataloader
+    monkeypatch.setattr(PandDataModule, "eval_dataloader",
+                        lambda self, split, indices=None: read.append(indices) or original(self, split, indices))
+    part, part_labels, _ = student_features(ckpt, "test", batch_size=4, max_samples=4, seed=3)
+    assert read == [keep]
+    np.testing.assert_allclose(part, whole[keep], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(part_labels, whole_labels[keep])
+
+
+def test_an_embedding_saved_and_loaded_draws_the_same_figures(tiny_ckpts, tmp_path):
+    ckpts, _ = tiny_ckpts
+    embeddings = [tsne.embed_checkpoint(c, label, max_samples=5, seed=1) for c, label in zip(ckpts, ("a", "b"))]
+    assert embeddings[0].points.shape == (5, 2) and embeddings[0].split == "test"
+    paths = [e.save(tmp_path / f"{e.label}.npz") for e in embeddings]
+    loaded = [tsne.Embedding.load(p) for p in paths]
+    for e, back in zip(embeddings, loaded):
+        np.testing.assert_array_equal(back.points, e.points.astype(np.float32))
+        np.testing.assert_array_equal(back.labels, e.labels)
+        assert (back.label, back.classes, back.split) == (e.label, e.classes, e.split)
+    written = tsne.plot_embeddings(loaded, tmp_path / "figs")
+    assert [p.name for p in written] == ["tsne_compare.png", "tsne_0_a.png", "tsne_1_b.png"]
+    with pytest.raises(MismatchError, match="different numbers of images"):
+        tsne.plot_embeddings([loaded[0], tsne.Embedding("c", loaded[1].points[:3], loaded[1].labels[:3],
+                                                        loaded[1].classes, "test")], tmp_path / "no")
 
 
 def test_embed_clamps_the_perplexity():

@@ -361,6 +361,21 @@ def test_settings_a_captions_run_cannot_honour_are_refused(setting, message, tmp
         load_splits(_data(root, setting))
 
 
+def test_a_captions_runs_settings_are_refused_together_before_anything_loads(tmp_path, monkeypatch):
+    from pand.engine.config_checks import validate_train_config
+
+    monkeypatch.setattr("pand.data.captions.load", lambda *a, **k: pytest.fail("the dataset was read"))
+    config = to_plain(compose("train", ["data=captions", f"data.root={tmp_path / 'absent'}", "method=openvocab",
+                                        "data.num_classes=3", "data.incomplete=maybe", "data.csv_separator=';;'",
+                                        f"run_dir={tmp_path / 'run'}"]))
+    with pytest.raises(ConfigError) as err:
+        validate_train_config(config)
+    for part in ("data.num_classes=3 does not go with data=captions", "data.incomplete='maybe' is not allowed",
+                 "data.csv_separator=';;' is not allowed"):
+        assert part in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_training_images_of_a_captions_dataset_can_be_the_unlabelled_pool_of_a_classification_run(tmp_path):
     cub, root = make_cub(tmp_path / "cub"), make_img2dataset(tmp_path / "web")
     data = to_plain(compose("train", ["data=cub", f"data.root={cub}", "data.num_classes=3", "data.samples_per_class=2",

@@ -114,6 +114,49 @@ def test_any_torch_optimizer_by_class_path():
     assert isinstance(opt, torch.optim.RAdam) and opt.param_groups[0]["weight_decay"] == 0.01
 
 
+def _adamw(**extra):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+    return params, build_optimizer({**to_plain(compose("train", []))["optim"], "lr": 1e-2, **extra}, params)
+
+
+def test_the_default_optimizer_takes_torchs_fused_kernel_and_makes_the_same_update():
+    params, fused = _adamw()
+    assert fused.defaults["fused"] is True
+    plain_params, plain = _adamw(fused=False)
+    assert not plain.defaults["fused"]
+    start = [p.detach().clone() for p in params]
+    for step in range(5):
+        for opt, ps in ((fused, params), (plain, plain_params)):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.1 * (step + 1)) + torch.sin(p.detach())
+            opt.step()
+    for a, b, a0 in zip(params, plain_params, start):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert (a - a0).abs().mean() > 1e-2  # the weights moved: five Adam steps of lr 1e-2
+
+
+def test_a_set_foreach_or_a_class_without_a_fused_kernel_keeps_the_class_default():
+    _, opt = _adamw(foreach=True)
+    assert not opt.defaults["fused"] and opt.defaults["foreach"] is True
+
+    class NoFusedHere(torch.optim.AdamW):  # a torch or device without the kernel refuses fused=True
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                                   "devices")
+            super().__init__(params, fused=fused, **kwargs)
+
+    torch.optim.NoFusedHere = NoFusedHere
+    try:
+        opt = build_optimizer({"_target_": "torch.optim.NoFusedHere", "lr": 1e-3}, iter([torch.nn.Parameter(
+            torch.zeros(3))]))  # a generator of parameters survives the refused first attempt
+    finally:
+        del torch.optim.NoFusedHere
+    assert isinstance(opt, NoFusedHere) and not opt.defaults["fused"]
+    assert len(opt.param_groups[0]["params"]) == 1
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -159,10 +159,38 @@ def run_sweep(overrides: list[str], sweep_dir: str | None = None, jobs: int = 1)
     if jobs <= 1:
         for job in todo:
             log.info("%s: %s", job.name, " ".join(job.args[0]))
-    done = run_jobs(todo, jobs, describe=lambda job, r: r["status"], printer=log.info)
+    gpus = _gpu_per_run(combos, jobs) if jobs > 1 else None
+    done = run_jobs(todo, jobs, describe=lambda job, r: r["status"], printer=log.info, gpus=gpus)
     results = [d.result for d in done]
     gather_runs(run_dirs, sweep_path)
     return results
+
+
+def _gpu_per_run(combos: list[list[str]], jobs: int) -> list[str] | None:
+    """For ``--jobs N`` runs on GPUs: one GPU per side-by-side run (``None`` when the runs use the CPU). Refused when
+    there are fewer GPUs than runs side by side, or when a run uses several devices itself (it starts its own
+    processes: run those one at a time)."""
+    from pand.config import compose, to_plain
+
+    trainers = [to_plain(compose("train", combo))["trainer"] for combo in combos]
+    accelerators = {str(t.get("accelerator", "auto")).lower() for t in trainers}
+    if accelerators <= {"cpu"}:
+        return None
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:  # auto means the CPU here; a run that asks for a GPU is refused by the run itself, with the reason
+        return None
+    several = [t.get("devices") for t in trainers if str(t.get("devices", 1)) not in ("1", "[0]")]
+    if several:
+        raise ConfigError(f"--jobs {jobs}: these runs use trainer.devices={several[0]} each and start their own "
+                          "processes; run them one at a time (--jobs 1)")
+    if count < jobs:
+        raise ConfigError(f"--jobs {jobs} runs side by side would share this machine's {count} GPU(s); give --jobs "
+                          f"{count} or fewer (each run gets a GPU of its own), or trainer=cpu")
+    # ids as this process sees them, mapped back through a CUDA_VISIBLE_DEVICES it was given
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[:count] if len(visible) >= count else [str(i) for i in range(count)]
 
 
 def _sweep_run(combo: list[str], run_dir: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """t-SNE of student features: compare how students (e.g. w/o KD, VL2Lite, PAND) arrange the classes of a split.
 
-    pand tsne CKPT_A CKPT_B ... --labels "w/o KD,VL2Lite,PAND" --out DIR [--split test] [--perplexity 30] [data.root=...]
+    pand tsne CKPT_A CKPT_B ... --labels "w/o KD,VL2Lite,PAND" --out DIR [--split test] [--perplexity 30]
+              [--max-samples N] [data.root=...]
 
 Writes ``tsne_compare.png`` (one panel per checkpoint, side by side) and ``tsne_<i>_<label>.png`` per checkpoint.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 from pand.analysis.sweep import save_figure
 from pand.arguments import ArgumentParser
 from pand.errors import ConfigError, MismatchError
+from pand.io import atomic_write_with
 
 _MAX_LEGEND_CLASSES = 20
 
@@ -41,12 +44,28 @@ def student_features(
     data_overrides: dict | None = None,
     batch_size: int | None = None,
     device: str = "cpu",
+    max_samples: int | None = None,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Pooled student features ``[N, d]``, labels ``[N]`` and class names for every sample of ``split``.
+    """Pooled student features ``[N, d]``, labels ``[N]`` and class names for every sample of ``split``, or for the
+    seeded subset of ``max_samples`` of them that :func:`sample_indices` picks (only those images are read).
 
     The data module and the student are rebuilt from the config stored in the checkpoint (no teacher, no pretrained
     download); ``data_overrides`` changes the data section (e.g. ``{"root": ...}`` when the data moved).
     """
+    return _features(ckpt_path, split, data_overrides, batch_size, device, max_samples, seed)[:3]
+
+
+def _features(
+    ckpt_path: str | os.PathLike,
+    split: str = "test",
+    data_overrides: dict | None = None,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """:func:`student_features`, and the number of samples in the whole split."""
     import torch
 
     from pand.deploy import load_student
@@ -65,18 +84,28 @@ def student_features(
     if len(classes) != student.num_classes:
         raise MismatchError(f"{ckpt_path} classifies {student.num_classes} classes; its data has {len(classes)}")
 
+    size = len(data.splits[split])
+    indices = sample_indices(size, max_samples, seed)
     features, labels = [], []
     with torch.no_grad():
-        for batch in data.eval_dataloader(split):  # no drop_last: every sample of the split
+        for batch in data.eval_dataloader(split, indices):  # no drop_last: every sample asked for
             feats = student.features(batch["image"].to(device))
             features.append(feats.float().flatten(1).cpu().numpy())
             labels.append(np.asarray(batch["label"]))
-    n = len(data.splits[split])
+    n = size if indices is None else len(indices)
     if not features:
         raise ConfigError(f"the {split} split of {ckpt_path}'s data is empty")
     feats_np, labels_np = np.concatenate(features), np.concatenate(labels).astype(np.int64)
-    assert len(feats_np) == n, f"read {len(feats_np)} features for a {split} split of {n} samples"
-    return feats_np, labels_np, classes
+    assert len(feats_np) == n, f"read {len(feats_np)} features for {n} samples of the {split} split"
+    return feats_np, labels_np, classes, size
+
+
+def sample_indices(size: int, max_samples: int | None, seed: int) -> list[int] | None:
+    """The sorted seeded subset of ``max_samples`` of a split's ``size`` samples (``None``: all of them), the same
+    for every checkpoint of the same data, so that their panels show the same images."""
+    if not max_samples or size <= max_samples:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(size, int(max_samples), replace=False)).tolist()
 
 
 def _slug(label: str) -> str:
@@ -112,6 +141,38 @@ def _scatter(ax, points: np.ndarray, labels: np.ndarray, num_classes: int, title
     return handles
 
 
+@dataclass
+class Embedding:
+    """The 2-D t-SNE of one checkpoint's student features on a split: what one panel of the figures shows."""
+
+    label: str  #: panel title
+    points: np.ndarray  #: ``[n, 2]``
+    labels: np.ndarray  #: ``[n]`` class indices
+    classes: list[str]
+    split: str
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to an ``.npz`` file (atomically; arrays and strings only, read back without unpickling)."""
+        arrays = {"points": self.points.astype(np.float32), "labels": self.labels.astype(np.int64),
+                  "classes": np.asarray(self.classes, dtype=str), "label": np.asarray(self.label),
+                  "split": np.asarray(self.split)}
+        return atomic_write_with(path, lambda f: np.savez(f, **arrays))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Embedding:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(label=str(z["label"]), points=z["points"], labels=z["labels"],
+                       classes=[str(c) for c in z["classes"]], split=str(z["split"]))
+
+
+def embed_checkpoint(ckpt_path: str | os.PathLike, label: str, split: str = "test", perplexity: float = 30,
+                     seed: int = 0, max_samples: int | None = None, **feature_kwargs: Any) -> Embedding:
+    """t-SNE of one checkpoint's student features on ``split`` (``max_samples``: of the seeded subset that
+    :func:`sample_indices` picks; ``feature_kwargs``: the rest of :func:`student_features`' arguments)."""
+    feats, ys, classes = student_features(ckpt_path, split, max_samples=max_samples, seed=seed, **feature_kwargs)
+    return Embedding(label, embed(feats, perplexity, seed), ys, classes, split)
+
+
 def tsne_compare(
     ckpt_paths: Sequence[str | os.PathLike],
     labels: Sequence[str],
@@ -126,13 +187,12 @@ def tsne_compare(
 ) -> list[Path]:
     """t-SNE of each checkpoint's student features on ``split``; returns ``[tsne_compare.png, tsne_<i>_<label>.png...]``.
 
-    ``max_samples`` embeds the same seeded random subset of the split for every checkpoint (t-SNE is quadratic in N).
+    ``max_samples`` embeds the same seeded random subset of the split for every checkpoint (t-SNE is quadratic in N),
+    and only those images are read.
 
     Points are coloured by class (legend of class names up to 20 classes). All checkpoints must see the same number
     of samples (the same data), otherwise a MismatchError names the sizes.
     """
-    from matplotlib.figure import Figure
-
     ckpt_paths, labels = list(ckpt_paths), list(labels)
     if not ckpt_paths:
         raise ConfigError("tsne_compare needs at least one checkpoint")
@@ -141,24 +201,30 @@ def tsne_compare(
             f"{len(ckpt_paths)} checkpoint(s) but {len(labels)} label(s) ({', '.join(map(repr, labels))}); "
             "give one label per checkpoint"
         )
-    out_dir = Path(out_dir)
-    runs = []
-    for path in ckpt_paths:
-        feats, ys, classes = student_features(path, split, data_overrides, batch_size=batch_size, device=device)
-        runs.append((Path(path), feats, ys, classes))
-    sizes = {str(p): len(f) for p, f, _, _ in runs}
+    runs = [_features(path, split, data_overrides, batch_size, device, max_samples, seed) for path in ckpt_paths]
+    sizes = {str(p): size for p, (_, _, _, size) in zip(ckpt_paths, runs)}
     if len(set(sizes.values())) > 1:
         raise MismatchError(
             f"the checkpoints' {split} splits differ in size ({', '.join(f'{p}: {n}' for p, n in sizes.items())}); "
             "they were trained on different data - compare checkpoints of the same dataset (or pass data overrides)"
         )
-    if max_samples and len(runs[0][1]) > max_samples:
-        keep = np.sort(np.random.default_rng(seed).choice(len(runs[0][1]), int(max_samples), replace=False))
-        runs = [(p, f[keep], ys[keep], c) for p, f, ys, c in runs]
-    classes = runs[0][3]
-    num_classes = max(len(classes), *(int(ys.max()) + 1 for _, _, ys, _ in runs))
-    embeddings = [embed(feats, perplexity, seed) for _, feats, _, _ in runs]
-    n = len(runs[0][1])
+    return plot_embeddings([Embedding(label, embed(feats, perplexity, seed), ys, classes, split)
+                            for label, (feats, ys, classes, _) in zip(labels, runs)], out_dir)
+
+
+def plot_embeddings(embeddings: Sequence[Embedding], out_dir: str | os.PathLike) -> list[Path]:
+    """``tsne_compare.png`` (the panels side by side) and ``tsne_<i>_<label>.png`` (one each); returns their paths."""
+    from matplotlib.figure import Figure
+
+    if not embeddings:
+        raise ConfigError("no t-SNE embedding to plot")
+    sizes = {len(e.points) for e in embeddings}
+    if len(sizes) > 1:
+        raise MismatchError(f"the t-SNE embeddings hold different numbers of images ({sorted(sizes)}): they are not "
+                            "of the same images")
+    out_dir = Path(out_dir)
+    classes, split, n = embeddings[0].classes, embeddings[0].split, len(embeddings[0].points)
+    num_classes = max(len(classes), *(int(e.labels.max()) + 1 for e in embeddings))
 
     def legend(fig_or_ax, handles):
         if handles:
@@ -167,22 +233,22 @@ def tsne_compare(
                              markerscale=2, frameon=False)
 
     written: list[Path] = []
-    k = len(runs)
+    k = len(embeddings)
     fig = Figure(figsize=(4.2 * k + (2.0 if num_classes <= _MAX_LEGEND_CLASSES else 0.0), 4.4))
     axes = fig.subplots(1, k, squeeze=False)[0]
     handles = []
-    for ax, (_, _, ys, _), points, label in zip(axes, runs, embeddings, labels):
-        handles = _scatter(ax, points, ys, num_classes, label)
+    for ax, e in zip(axes, embeddings):
+        handles = _scatter(ax, e.points, e.labels, num_classes, e.label)
     fig.suptitle(f"t-SNE of student features ({split}, {n} images, {num_classes} classes)")
     fig.tight_layout()
     legend(fig, handles)
     written.append(save_figure(fig, out_dir / "tsne_compare.png"))
 
-    for i, ((_, _, ys, _), points, label) in enumerate(zip(runs, embeddings, labels)):
+    for i, e in enumerate(embeddings):
         fig = Figure(figsize=(5.5 if num_classes <= _MAX_LEGEND_CLASSES else 4.6, 4.6))
         ax = fig.add_subplot()
-        legend(ax, _scatter(ax, points, ys, num_classes, f"{label} ({split}, {n} images)"))
-        written.append(save_figure(fig, out_dir / f"tsne_{i}_{_slug(label)}.png"))
+        legend(ax, _scatter(ax, e.points, e.labels, num_classes, f"{e.label} ({split}, {n} images)"))
+        written.append(save_figure(fig, out_dir / f"tsne_{i}_{_slug(e.label)}.png"))
     return written
 
 
@@ -211,6 +277,9 @@ def main_tsne(args: list[str]) -> int:
     parser.add_argument("--perplexity", type=float, default=30.0,
                         help="t-SNE perplexity (clamped below the number of samples)")
     parser.add_argument("--seed", type=int, default=0, help="t-SNE random state")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="embed a seeded random subset of this many images of the split, the same for every "
+                             "checkpoint (t-SNE time grows quadratically; default: all)")
     parser.add_argument("--batch-size", type=int, default=None, help="feature extraction batch size")
     parser.add_argument("--device", default="cpu", help="torch device for feature extraction (cpu, cuda, ...)")
     ns = parser.parse_intermixed_args(args)
@@ -230,7 +299,8 @@ def main_tsne(args: list[str]) -> int:
     else:
         labels = [s.strip() for s in ns.labels.split(",")]
     written = tsne_compare(ckpts, labels, ns.out, split=ns.split, perplexity=ns.perplexity, seed=ns.seed,
-                           data_overrides=data_overrides, batch_size=ns.batch_size, device=ns.device)
+                           data_overrides=data_overrides, batch_size=ns.batch_size, device=ns.device,
+                           max_samples=ns.max_samples)
     for path in written:
         print(path)
     return 0

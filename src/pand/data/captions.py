@@ -358,26 +358,63 @@ def _settle(read: _Read, incomplete: str, source: Path) -> _Read:
 
 # -- options ----------------------------------------------------------------------------------------------------------
 def _paths_option(value: Mapping[str, Any] | None, name: str) -> dict[str, str]:
+    errors = _paths_option_errors(value, name)
+    if errors:
+        raise ConfigError(errors[0])
+    return {k: str(v) for k, v in (value or {}).items() if v not in (None, "")}
+
+
+def _paths_option_errors(value: Any, name: str) -> list[str]:
     if value is None:
-        return {}
+        return []
     if not isinstance(value, Mapping):
-        raise ConfigError(f"data.{name}={value!r} is not allowed: expected a mapping such as "
-                          f"{{train: ..., val: null, test: ...}}")
+        return [f"data.{name}={value!r} is not allowed: expected a mapping such as {{train: ..., val: null, test: ...}}"]
     unknown = sorted(set(value) - set(SPLITS))
-    if unknown:
-        raise ConfigError(f"data.{name} has unknown split(s) {unknown}; the splits are {', '.join(SPLITS)}")
-    return {k: str(v) for k, v in value.items() if v not in (None, "")}
+    return [f"data.{name} has unknown split(s) {unknown}; the splits are {', '.join(SPLITS)}"] if unknown else []
+
+
+def _option_errors(format: Any, incomplete: Any, csv_separator: Any) -> list[str]:
+    errors = []
+    if format not in ("auto", *FORMATS):
+        errors.append(f"data.format={format!r} is not allowed: expected auto or one of {', '.join(FORMATS)}")
+    if incomplete not in INCOMPLETE:
+        errors.append(f"data.incomplete={incomplete!r} is not allowed: expected error (refuse images without caption "
+                      "and captions without image) or skip (leave them out, counted in a warning)")
+    if csv_separator is not None and len(str(csv_separator)) != 1:
+        errors.append(f"data.csv_separator={csv_separator!r} is not allowed: expected one character (a tab or a "
+                      "comma), or null to read it from the header row")
+    return errors
 
 
 def _check_options(format: str, incomplete: str, csv_separator: str | None) -> None:
-    if format not in ("auto", *FORMATS):
-        raise ConfigError(f"data.format={format!r} is not allowed: expected auto or one of {', '.join(FORMATS)}")
-    if incomplete not in INCOMPLETE:
-        raise ConfigError(f"data.incomplete={incomplete!r} is not allowed: expected error (refuse images without "
-                          "caption and captions without image) or skip (leave them out, counted in a warning)")
-    if csv_separator is not None and len(str(csv_separator)) != 1:
-        raise ConfigError(f"data.csv_separator={csv_separator!r} is not allowed: expected one character "
-                          "(a tab or a comma), or null to read it from the header row")
+    errors = _option_errors(format, incomplete, csv_separator)
+    if errors:
+        raise ConfigError(errors[0])
+
+
+#: Data settings of a class-labelled run that a captions dataset has no use for, and why.
+NOT_FOR_CAPTIONS = {
+    "samples_per_class": "there are no classes to sample labelled images of: every training image is already "
+                         "unlabelled",
+    "unlabelled": "every training image of a captions dataset is already in the unlabelled pool",
+    "class_split": "there are no classes to split",
+    "class_names_file": "there are no classes to name",
+    "num_classes": "there are no classes (the val captions stand in for them, for model selection)",
+}
+
+
+def setting_errors(data: Mapping[str, Any]) -> list[str]:
+    """Every ``data.*`` setting of a captions run that is refused, with the reason: checked with the rest of a run's
+    config before anything loads (:mod:`pand.engine.config_checks`), and again when the splits are assembled."""
+    errors = []
+    for key, why in NOT_FOR_CAPTIONS.items():
+        value = data.get(key)
+        if value is not None and str(value).strip().lower() not in ("", "none", "null"):
+            errors.append(f"data.{key}={value!r} does not go with data=captions: {why}; remove it")
+    errors += _option_errors(data.get("format", "auto"), data.get("incomplete", "error"), data.get("csv_separator"))
+    for name in ("split_paths", "image_dirs"):
+        errors += _paths_option_errors(data.get(name), name)
+    return errors
 
 
 def detect_format(root: Path, split_paths: Mapping[str, str] | None = None) -> str:
@@ -544,17 +581,9 @@ def selection_vocabulary(captions: Sequence[Sequence[str]]) -> tuple[list[str], 
 
 def run_splits(data: Mapping[str, Any]) -> RunSplits:
     """The splits of a run on a captions dataset (``data=captions``); see the module docstring."""
-    for key, off, why in (
-        ("samples_per_class", None, "there are no classes to sample labelled images of: every training image is "
-                                    "already unlabelled"),
-        ("unlabelled", None, "every training image of a captions dataset is already in the unlabelled pool"),
-        ("class_split", None, "there are no classes to split"),
-        ("class_names_file", None, "there are no classes to name"),
-        ("num_classes", None, "there are no classes (the val captions stand in for them, for model selection)"),
-    ):
-        value = data.get(key)
-        if value is not None and str(value).strip().lower() not in ("", "none", "null"):
-            raise ConfigError(f"data.{key}={value!r} does not go with data=captions: {why}; remove it")
+    errors = setting_errors(data)
+    if errors:
+        raise ConfigError("; ".join(errors))
     options = {k: data[k] for k in OPTIONS if k in data}
     root = data["root"]
     full = load(root, "train", download=bool(data.get("download", False)), **options)

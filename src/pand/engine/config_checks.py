@@ -122,6 +122,16 @@ TRAIN_RULES: dict[str, Rule] = {
 
 
 
+def _dataset_errors(config: Mapping[str, Any]) -> list[str]:
+    """Settings that the configured dataset kind itself refuses (today: a captions dataset's)."""
+    data = config.get("data") or {}
+    if data.get("name") != "captions":
+        return []
+    from pand.data import captions  # torch comes with the data package: only this full check imports it
+
+    return captions.setting_errors(data)
+
+
 def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
     """What the method reads against what the configured teacher side provides, and settings it would ignore."""
     errors: list[str] = []
@@ -344,6 +354,7 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
         errors += _teacher_errors(config, cls)
         errors += _unlabelled_errors(config, cls)
         errors += _novel_protocol_errors(config)
+    errors += _dataset_errors(config)
     raise_option_errors(errors, "training setting")
     run_dir = config.get("run_dir") or lookup(config, "paths.runs_dir")
     if not for_cache_build and run_dir not in (None, MISSING):

@@ -431,16 +431,18 @@ class PandDataModule(L.LightningDataModule):
             batch["image"] = self.batched_augment(batch.pop(WINDOW), batch["aug"])
         return batch
 
-    def eval_dataloader(self, split: str) -> DataLoader:
+    def eval_dataloader(self, split: str, indices: list[int] | None = None) -> DataLoader:
+        """Every sample of ``split`` in order (``indices``: only those samples, in that order), evaluation views."""
         if not self.scored(split):
             raise ConfigError(f"the {split} images of {self.cfg.get('name')} have captions but no class to score them "
                               "on; they are scored by the two-way caption retrieval of the open-vocabulary report "
                               "(open_vocab.json), which `pand eval` adds: evaluate with splits=[val]")
-        return self._items_loader(split)
+        return self._items_loader(split, indices)
 
-    def _items_loader(self, split: str) -> DataLoader:
+    def _items_loader(self, split: str, indices: list[int] | None = None) -> DataLoader:
         rank, world = self._rank_world()
-        items = EvalItems(self.splits[split], self.eval_transform)
+        samples = self.splits[split] if indices is None else subset(self.splits[split], indices)
+        items = EvalItems(samples, self.eval_transform)
         return self._loader(items, ShardSampler(len(items), rank, world), drop_last=False,
                             batch_size=eval_batch_size(self.cfg))
 

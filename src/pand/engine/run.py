@@ -332,17 +332,11 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         precision=config["trainer"].get("precision", "32-true"),
     )
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
-    if data.label_free and "val" in splits:
-        # its val images have no labels of their own: training labelled them with the teacher's predictions
-        splits = tuple(s for s in splits if s != "val")
-        results["val_skipped"] = "label-free run: its val images carry no labels (training scored them by agreement " \
-                                 "with the teacher)"
-    unscored = tuple(s for s in splits if not data.scored(s))
-    for split in unscored:
-        # a captions test split: the caption retrieval of the open-vocabulary report below scores it
-        results[f"{split}_skipped"] = ("its images have captions but no class to score top-1 on; the two-way "
-                                       "caption retrieval under open_vocab scores them")
-    splits = tuple(s for s in splits if s not in unscored)
+    for split in splits:
+        why = _why_not_scored(data, split)
+        if why:
+            results[f"{split}_skipped"] = why
+    splits = tuple(s for s in splits if f"{s}_skipped" not in results)
     for split in splits:
         loader = data.eval_dataloader(split)
         metrics = (trainer.validate if split == "val" else trainer.test)(module, dataloaders=loader, verbose=False)[0]
@@ -368,6 +362,17 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         reason = OUTPUT_ERRNOS.get(err.errno, err.strerror or str(err))
         raise OutputError(f"could not write {written}: {reason}; the results are printed above") from None
     return results
+
+
+def _why_not_scored(data: PandDataModule, split: str) -> str | None:
+    """Why ``pand eval`` cannot score top-1 on ``split`` of ``data`` (``None``: it can)."""
+    if split == "val" and data.label_free:
+        # training labelled them with the teacher's predictions
+        return "label-free run: its val images carry no labels (training scored them by agreement with the teacher)"
+    if not data.scored(split):  # a captions test split
+        return ("its images have captions but no class to score top-1 on; the two-way caption retrieval under "
+                "open_vocab scores them")
+    return None
 
 
 def _clip_benchmark_beside(out_path: Path) -> Path:
