@@ -21,7 +21,9 @@ on the 10,000 test images:
 
 The student runs are independent once stage 1 is done, so they run side by side (``--jobs``, one process per core by
 default, see :mod:`pand.jobs`), each writing its output to ``<out>/seed<N>/<run>.log``; a line per finished
-run gives the time left, and the report ends with the time of each phase.
+run gives the time left, and the report ends with the time of each phase. The first seed's labelled-only runs also
+embed their test features for the t-SNE plot (``--tsne-samples`` images) before they end, so that the plot takes no
+phase of its own.
 
 ``--seeds N`` repeats everything with N labelled pools / initialisations and reports mean and standard deviation.
 """
@@ -463,7 +465,7 @@ def parser() -> argparse.ArgumentParser:
                         f"{MAX_WORKERS}; 1: one after the other in this process)")
     p.add_argument("--protocols", action="store_true",
                    help="also train the open-vocabulary student with the --unlabelled images under each protocol "
-                        "(strict, transductive, label-free): three more runs, about 10 minutes on 2 CPU cores")
+                        "(strict, transductive, label-free): three more runs of the size of the unlabelled ones")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the student runs (e.g. trainer.max_epochs=5)")
     return p
 

@@ -56,16 +56,9 @@ def student_features(
     return _features(ckpt_path, split, data_overrides, batch_size, device, max_samples, seed)[:3]
 
 
-def _features(
-    ckpt_path: str | os.PathLike,
-    split: str = "test",
-    data_overrides: dict | None = None,
-    batch_size: int | None = None,
-    device: str = "cpu",
-    max_samples: int | None = None,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """:func:`student_features`, and the number of samples in the whole split."""
+def _features(ckpt_path: str | os.PathLike, split: str, data_overrides: dict | None, batch_size: int | None,
+              device: str, max_samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """:func:`student_features` (its arguments in its order), and the number of samples in the whole split."""
     import torch
 
     from pand.deploy import load_student
