@@ -324,3 +324,25 @@ def test_the_words_of_a_hugging_face_tokenizers_vocabulary():
     vocab = {"Ġshirt": 0, "▁Dress": 1, "##ing": 2, "Ġa": 3, "Ġ123": 4, "[CLS]": 5, "boot": 6, "shirt": 7, "Ġcafé": 8}
     hf = SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: vocab))
     assert vocabulary_words(hf) == ["shirt", "dress", "boot"]  # once each, in vocabulary order, lower-cased
+
+
+def test_data_overrides_rebuild_the_runs_data_from_where_it_moved(resnet18_ckpt, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    config = torch.load(resnet18_ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["config"]
+    moved = tmp_path / "moved"
+    shutil.copytree(config["data"]["root"], moved)
+    roots = []
+    original = fitting.PandDataModule
+
+    def recording(cfg, **kwargs):
+        roots.append(cfg["root"])
+        return original(cfg, **kwargs)
+
+    monkeypatch.setattr(fitting, "PandDataModule", recording)
+    monkeypatch.setattr(fitting, "vocabulary_words", lambda tok: vocabulary_words(tok)[:FEW_WORDS])
+    argv = ["teacher", "text-tower", f"ckpt_path={resnet18_ckpt}", f"out={tmp_path / 'tower'}", "steps=2",
+            f"data.root={moved}", "data.num_workers=0"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert roots and set(roots) == {str(moved)}
+    assert json.loads(capsys.readouterr().out)["options"]["steps"] == 2

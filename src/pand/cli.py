@@ -387,13 +387,18 @@ _TEXT_TOWER_PATHS = ("ckpt_path", "out", "corpus")
 
 @_results_on_stdout
 def _text_tower(args: Sequence[str]) -> int:
-    opts = _key_value_options("teacher text-tower", args, _TEXT_TOWER_KEYS, ("ckpt_path", "out"), TEXT_TOWER_USAGE,
-                              paths=_TEXT_TOWER_PATHS)
+    # data.KEY=VALUE changes the run's data section (the data moved); the rest are the command's own options
+    data_args = [a for a in args if a.startswith("data.") and "=" in a]
+    opts = _key_value_options("teacher text-tower", [a for a in args if a not in data_args], _TEXT_TOWER_KEYS,
+                              ("ckpt_path", "out"), TEXT_TOWER_USAGE, paths=_TEXT_TOWER_PATHS)
     validate_text_tower_options(opts)  # before torch is imported (but for a GPU device) and the checkpoint loaded
+    from omegaconf import OmegaConf
+
     from pand.text_tower_fit import fit_text_tower
 
     ckpt, out = opts.pop("ckpt_path"), opts.pop("out")
-    emit(json.dumps(fit_text_tower(ckpt, out, **opts), indent=2))
+    data = OmegaConf.to_container(OmegaConf.from_dotlist(data_args))["data"] if data_args else None
+    emit(json.dumps(fit_text_tower(ckpt, out, data_overrides=data, **opts), indent=2))
     return 0
 
 

@@ -256,7 +256,7 @@ def teacher_help() -> str:
 
 TEXT_TOWER_USAGE = ("pand teacher text-tower ckpt_path=PATH out=DIR [width=N] [heads=N] [layers=N] [steps=2000] "
                     "[batch_size=256] [lr=1e-3] [corpus=FILE] [seed=0] [device=auto] [warm_start=true] "
-                    "[contrastive_weight=1] [temperature=T]")
+                    "[contrastive_weight=1] [temperature=T] [data.KEY=VALUE ...]")
 
 
 def text_tower_help() -> str:
@@ -287,6 +287,8 @@ options (checked before the checkpoint is loaded):
   warm_start=true           start the token and position embeddings from the teacher's (projected to the width)
   contrastive_weight=1      weight of the in-batch InfoNCE between the tower's and the teacher's embeddings (>= 0)
   temperature=T             its temperature (> 0; default: 1 / the teacher's learned logit scale)
+  data.KEY=VALUE            a change to the run's data section, rebuilt from the checkpoint (data.root=/new/place
+                            where the data moved)
 
 example:
   pand teacher text-tower ckpt_path=runs/<run>/checkpoints/best.ckpt out=runs/<run>/text_tower

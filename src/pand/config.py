@@ -240,3 +240,16 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except Exception as err:  # noqa: BLE001 - OmegaConf raises several types for a missing or bad value
         raise ConfigError(f"incomplete configuration: {err}") from err
+
+
+def with_data_overrides(config: Mapping[str, Any], data_overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A stored run config with ``data_overrides`` merged into its ``data`` section (keys of that section, or
+    ``{"data": {...}}``): for commands that rebuild a run's data from a checkpoint after the data moved
+    (``data.root=/new/place``)."""
+    if not data_overrides:
+        return dict(config)
+    overrides = dict(data_overrides)
+    if set(overrides) == {"data"} and isinstance(overrides["data"], Mapping):
+        overrides = dict(overrides["data"])
+    data = OmegaConf.merge(OmegaConf.create(dict(config["data"])), OmegaConf.create(overrides))
+    return {**config, "data": OmegaConf.to_container(data, resolve=True)}

@@ -68,6 +68,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import pand
+from pand.config import with_data_overrides
 from pand.data.assembly import NOVEL_TEST
 from pand.deploy import LoadedStudent
 from pand.engine.data import EvalItems, PandDataModule
@@ -427,9 +428,11 @@ def _teacher_text_params(model: nn.Module) -> int:
 
 
 def fit_text_tower(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, width: int | None = None,
-                   heads: int | None = None, layers: int | None = None, **options: Any) -> dict[str, Any]:
+                   heads: int | None = None, layers: int | None = None,
+                   data_overrides: Mapping[str, Any] | None = None, **options: Any) -> dict[str, Any]:
     """Distil the text tower of the teacher of ``ckpt_path`` (an open-vocabulary run) into ``out``; returns the
-    record written to ``out/text_tower.json``. ``options``: those of :data:`DEFAULTS`."""
+    record written to ``out/text_tower.json``. ``options``: those of :data:`DEFAULTS`; ``data_overrides``: changes
+    to the run's ``data`` section (``{"root": ...}`` when the data moved)."""
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown text tower option(s) {', '.join(unknown)}; known: width, heads, layers, "
@@ -442,7 +445,7 @@ def fit_text_tower(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, widt
     loaded, teacher = load_for_open_clip(
         ckpt_path, None, check=_refuse_student(ckpt_path),
         refusal=lambda reason: ConfigError(f"no text tower can be distilled for {ckpt_path}: {reason}"))
-    student, config = loaded.model, loaded.config
+    student, config = loaded.model, with_data_overrides(loaded.config, data_overrides)
     check_tokenizer(teacher.tokenizer)
     teacher_cfg = teacher_model_cfg(config)
     text_cfg = tower_text_cfg(teacher_cfg["text_cfg"], width=width, heads=heads, layers=layers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,23 +19,11 @@ import numpy as np
 
 from pand.analysis.sweep import save_figure
 from pand.arguments import ArgumentParser
+from pand.config import with_data_overrides
 from pand.errors import ConfigError, MismatchError
 from pand.io import atomic_write_with
 
 _MAX_LEGEND_CLASSES = 20
-
-
-def _merge_data(config: dict[str, Any], data_overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The checkpoint's config with ``data_overrides`` (keys of the ``data`` section, or ``{"data": {...}}``) merged."""
-    if not data_overrides:
-        return config
-    from omegaconf import OmegaConf
-
-    overrides = dict(data_overrides)
-    if set(overrides) == {"data"} and isinstance(overrides["data"], Mapping):
-        overrides = dict(overrides["data"])
-    data = OmegaConf.merge(OmegaConf.create(config["data"]), OmegaConf.create(overrides))
-    return {**config, "data": OmegaConf.to_container(data, resolve=True)}
 
 
 def student_features(
@@ -69,7 +57,7 @@ def _features(ckpt_path: str | os.PathLike, split: str, data_overrides: dict | N
         raise ConfigError(f"split must be train, val or test, got {split!r}")
     loaded = load_student(ckpt_path, device=device)
     student, stored = loaded.model, loaded.config
-    config = _merge_data(dict(stored), data_overrides)
+    config = with_data_overrides(stored, data_overrides)
     if batch_size is not None:
         config["data"] = {**config["data"], "batch_size": int(batch_size)}
     data = PandDataModule(config["data"], seed=int(config["seed"]))
