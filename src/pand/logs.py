@@ -1,4 +1,5 @@
-"""How pand's processes log: set up once in the command line and in each worker of :mod:`pand.jobs`."""
+"""How pand's processes log (set up once in the command line and in each worker of :mod:`pand.jobs`), and the
+progress bars of its long loops."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -72,3 +76,25 @@ def setup_logging() -> None:
             log.addFilter(_DropLightningTips())
     for message, category in _KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+
+
+@contextmanager
+def tracked(iterable: Iterable, enabled: bool = True, **options: Any) -> Iterator[Iterable]:
+    """``iterable`` with rich's progress bar (``options``: those of ``rich.progress.track``), closed when the block
+    ends, however it ends.
+
+    A loop left by an exception abandons rich's ``track`` generator with its display and refresh threads still
+    running; the garbage collector later finishes it in whatever thread it runs in, possibly the refresh thread of a
+    later progress bar, which then waits for itself: a process that caught the error and went on (a build resumed in
+    the same process) hung. Closing the generator here stops both at once, in this thread.
+    """
+    if not enabled:
+        yield iterable
+        return
+    from rich.progress import track
+
+    steps = track(iterable, **options)
+    try:
+        yield steps
+    finally:
+        steps.close()

@@ -28,6 +28,7 @@ from pand.data.walk import listed, reads, walk
 from pand.deploy import load_student
 from pand.errors import ConfigError
 from pand.io import atomic_write_json, atomic_write_text
+from pand.logs import tracked
 from pand.rules import PREDICTION_SUFFIXES, read_class_names, resolve_device, validate_predict_options
 from pand.spreadsheet import spreadsheet_cell
 
@@ -101,14 +102,10 @@ def predict(ckpt_path: str | os.PathLike, images: str | os.PathLike, *, topk: in
     loader = DataLoader(_Files(files, loaded.preprocess), batch_size=int(batch_size), num_workers=int(num_workers))
     if progress is None:
         progress = sys.stderr.isatty()
-    batches = loader
-    if progress:
-        from rich.progress import track
-
-        batches = track(loader, description="predict", console=_stderr_console())
     rows: list[dict[str, Any]] = []
     done = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), tracked(loader, bool(progress), description="predict",
+                                         console=_stderr_console() if progress else None) as batches:
         for batch in batches:
             probs = loaded.model(batch.to(device)).float().softmax(dim=-1).cpu()
             top_p, top_i = probs.topk(k, dim=-1)

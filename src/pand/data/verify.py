@@ -26,6 +26,7 @@ from pathlib import Path
 from pand.data.base import ArrayDataset, ClassificationDataset, FileDataset, SubsetDataset, open_rgb
 from pand.errors import CorruptImageError, DatasetNotFoundError
 from pand.io import atomic_write_json
+from pand.logs import tracked
 
 __all__ = ["default_memo_dir", "verify_images", "verify_splits"]
 
@@ -169,11 +170,9 @@ def _decode_all(
     n_workers = max(1, min(workers or MAX_WORKERS, os.cpu_count() or 1, len(paths)))
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pand-verify") as pool:
         results: Iterable[str | None] = pool.map(_decode_error, paths)
-        if progress and len(paths) >= PROGRESS_MIN_FILES:
-            from rich.progress import track
-
-            results = track(results, total=len(paths), description=f"checking images of {where}")
-        return list(zip(paths, results))
+        with tracked(results, progress and len(paths) >= PROGRESS_MIN_FILES, total=len(paths),
+                     description=f"checking images of {where}") as steps:
+            return list(zip(paths, steps))
 
 
 # -- reporting --------------------------------------------------------------------------------------------------------

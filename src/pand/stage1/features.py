@@ -27,6 +27,7 @@ from pand.cache.integrity import TENSOR_DIGESTS, check_tensor_digests, tensor_di
 from pand.data import ClassificationDataset
 from pand.data.transforms import eval_transform
 from pand.errors import MismatchError, PandError
+from pand.logs import tracked
 from pand.provenance import check_provenance, load_record, load_tensors, save_tensors
 from pand.teachers import ClipTeacher
 from pand.teachers.precision import DEFAULT_TOLERANCE, AgreementProbe, teacher_autocast
@@ -97,15 +98,11 @@ def extract_features(
     loader = DataLoader(_Images(dataset, transform), batch_size=batch_size, num_workers=num_workers, shuffle=False)
     embeds, labels = [], []
     device = teacher.device
-    iterator = loader
-    if progress:
-        from rich.progress import track
-
-        iterator = track(loader, description=f"teacher features {dataset.name}/{dataset.split}")
-    for images, y in iterator:
-        images = images.to(device)
-        embeds.append(probe(lambda p, images=images: _encode(teacher, images, p)).float().cpu())
-        labels.append(y)
+    with tracked(loader, progress, description=f"teacher features {dataset.name}/{dataset.split}") as batches:
+        for images, y in batches:
+            images = images.to(device)
+            embeds.append(probe(lambda p, images=images: _encode(teacher, images, p)).float().cpu())
+            labels.append(y)
     return torch.cat(embeds), torch.cat(labels)
 
 

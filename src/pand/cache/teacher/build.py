@@ -50,6 +50,7 @@ from pand.errors import Interrupted, MismatchError, PandError, PrecisionError
 from pand.interrupts import ignore_stop_signals
 from pand.io import OUTPUT_ERRNOS, atomic_write_json, file_digest, mark_output_folder
 from pand.locks import FolderLock, remove_if_unused
+from pand.logs import tracked
 from pand.provenance import check_provenance, save_tensors
 from pand.teachers.precision import AgreementProbe, teacher_autocast
 from pand.teachers.source import IMAGE_EMBEDS, LOGITS
@@ -255,25 +256,22 @@ def _fill_share(folder: Path, dataset: ClassificationDataset, augment: Replayabl
         _ChunkViews(dataset, augment, augment_on, seed, k, chunks), batch_size=None, num_workers=num_workers,
         prefetch_factor=2 if num_workers else None, pin_memory=device.type == "cuda",
         generator=torch.Generator(), worker_init_fn=ignore_stop_signals if num_workers else None)
-    if progress:
-        from rich.progress import track
-
-        loader = track(loader, total=len(chunks), description=f"teacher cache ({k} views, rank {rank})")
-    for chunk, params, pixels in loader:
-        for v in range(k):
-            batch = finish_views(pixels[v], params[v], device)
-            out = probe(lambda p, batch=batch: _teacher_outputs(teacher_source, batch, key, p))
-            columns["params"][chunk, v] = params[v].numpy()
-            for name, rows in _stored_rows(out.float().cpu(), meta, chunk, v).items():
-                columns[name][chunk, v] = rows
-        for array in columns.values():
-            array.flush()
-        for i in chunk:
-            for column, array in enumerate(columns.values()):
-                digests[i, column] = np.frombuffer(row_digest(array[i]), np.uint8)
-        digests.flush()
-        done[chunk] = True  # only after the rows and their digests are on disk
-        done.flush()
+    with tracked(loader, progress, total=len(chunks), description=f"teacher cache ({k} views, rank {rank})") as steps:
+        for chunk, params, pixels in steps:
+            for v in range(k):
+                batch = finish_views(pixels[v], params[v], device)
+                out = probe(lambda p, batch=batch: _teacher_outputs(teacher_source, batch, key, p))
+                columns["params"][chunk, v] = params[v].numpy()
+                for name, rows in _stored_rows(out.float().cpu(), meta, chunk, v).items():
+                    columns[name][chunk, v] = rows
+            for array in columns.values():
+                array.flush()
+            for i in chunk:
+                for column, array in enumerate(columns.values()):
+                    digests[i, column] = np.frombuffer(row_digest(array[i]), np.uint8)
+            digests.flush()
+            done[chunk] = True  # only after the rows and their digests are on disk
+            done.flush()
     del columns, done, digests
 
 
