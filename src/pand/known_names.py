@@ -30,57 +30,47 @@ _LS = "Logit Standardization (Sun et al., CVPR 2024; mdistiller's LOGIT_STAND) i
 _TAGS_SHOWN = 4
 _KDEOV = "KDEOV's two losses (cosine distillation + label-aware InfoNCE); pand's default adds CLIP-KD's ICL"
 
+def _aliases(equivalent: Equivalent, *names: str) -> dict[str, Equivalent]:
+    """The same equivalent under each of ``names`` (normalised)."""
+    return dict.fromkeys(names, equivalent)
+
+
+_STAGE1 = ("`pand prompts` with the same overrides, then `pand train method=pand teacher.text_features=<the file it "
+           "wrote>`")
+
 #: group -> {normalised foreign name: its equivalent}
 KNOWN: Mapping[str, Mapping[str, Equivalent]] = {
     "method": {
-        "ls": Equivalent(("method=kd", "method.standardize=true"), _LS),
-        "lskd": Equivalent(("method=kd", "method.standardize=true"), _LS),
-        "kdls": Equivalent(("method=kd", "method.standardize=true"), _LS),
-        "logitstand": Equivalent(("method=kd", "method.standardize=true"), _LS),
-        "logitstandardization": Equivalent(("method=kd", "method.standardize=true"), _LS),
-        "dkdls": Equivalent(("method=dkd", "method.standardize=true"), _LS),
-        "lsdkd": Equivalent(("method=dkd", "method.standardize=true"), _LS),
-        "vanilla": Equivalent(("method=ce",), "the student alone, on the labels (no teacher)"),
-        "baseline": Equivalent(("method=ce",), "the student alone, on the labels (no teacher)"),
-        "scratch": Equivalent(("method=ce",), "the student alone, on the labels (no teacher)"),
-        "crossentropy": Equivalent(("method=ce",), "the student alone, on the labels (no teacher)"),
-        "hinton": Equivalent(("method=kd",), "Hinton et al.'s knowledge distillation"),
-        "vanillakd": Equivalent(("method=kd",), "Hinton et al.'s knowledge distillation"),
-        "onefitsall": Equivalent(("method=ofa",), "OFA-KD (Hao et al., NeurIPS 2023)"),
-        "ofakd": Equivalent(("method=ofa",), "OFA-KD (Hao et al., NeurIPS 2023)"),
+        **_aliases(Equivalent(("method=kd", "method.standardize=true"), _LS),
+                   "ls", "lskd", "kdls", "logitstand", "logitstandardization"),
+        **_aliases(Equivalent(("method=dkd", "method.standardize=true"), _LS), "dkdls", "lsdkd"),
+        **_aliases(Equivalent(("method=ce",), "the student alone, on the labels (no teacher)"),
+                   "vanilla", "baseline", "scratch", "crossentropy"),
+        **_aliases(Equivalent(("method=kd",), "Hinton et al.'s knowledge distillation"), "hinton", "vanillakd"),
+        **_aliases(Equivalent(("method=ofa",), "OFA-KD (Hao et al., NeurIPS 2023)"), "onefitsall", "ofakd"),
         "nsd": Equivalent(("method=pand",), "PAND's stage 2 (neighbourhood-structure distillation, with NLRD)"),
         "kdeov": Equivalent(("method=openvocab", "method.icl_weight=0"), _KDEOV),
         "clipkd": Equivalent(("method=openvocab",), "CLIP-KD's feature distillation and ICL, the method's defaults"),
         "tinyclip": Equivalent(("method=openvocab", "method.affinity_weight=1"),
                                "TinyCLIP's affinity mimicking, next to the default terms"),
         "openvocabulary": Equivalent(("method=openvocab",), "the open-vocabulary student"),
-        "coop": Equivalent((), "CoOp prompts are PAND's stage 1, a command of its own: `pand prompts` with the same "
-                               "overrides, then `pand train method=pand teacher.text_features=<the file it wrote>`"),
-        "psc": Equivalent((), "PAND's stage 1 (CoOp prompts) is a command of its own: `pand prompts` with the same "
-                              "overrides, then `pand train method=pand teacher.text_features=<the file it wrote>`"),
+        "coop": Equivalent((), f"CoOp prompts are PAND's stage 1, a command of its own: {_STAGE1}"),
+        "psc": Equivalent((), f"PAND's stage 1 (CoOp prompts) is a command of its own: {_STAGE1}"),
     },
     "student": {
-        "mbv2": Equivalent(("student=mobilenet_v2",), "torchvision's MobileNetV2"),
-        "mobilenet": Equivalent(("student=mobilenet_v2",), "torchvision's MobileNetV2"),
-        "res18": Equivalent(("student=resnet18",), "torchvision's ResNet-18"),
-        "r18": Equivalent(("student=resnet18",), "torchvision's ResNet-18"),
-        "yolo": Equivalent(("student=cspdarknet",), "KDEOV's YOLO-style CSP-Darknet backbones (timm's)"),
-        "darknet": Equivalent(("student=cspdarknet",), "KDEOV's YOLO-style CSP-Darknet backbones (timm's)"),
+        **_aliases(Equivalent(("student=mobilenet_v2",), "torchvision's MobileNetV2"), "mbv2", "mobilenet"),
+        **_aliases(Equivalent(("student=resnet18",), "torchvision's ResNet-18"), "res18", "r18"),
+        **_aliases(Equivalent(("student=cspdarknet",), "KDEOV's YOLO-style CSP-Darknet backbones (timm's)"),
+                   "yolo", "darknet"),
     },
     "data": {
-        "cub200": Equivalent(("data=cub",), "CUB-200-2011"),
-        "cub2002011": Equivalent(("data=cub",), "CUB-200-2011"),
-        "birds": Equivalent(("data=cub",), "CUB-200-2011"),
-        "fgvcaircraft": Equivalent(("data=aircraft",), "FGVC-Aircraft"),
-        "aircrafts": Equivalent(("data=aircraft",), "FGVC-Aircraft"),
-        "oxfordpets": Equivalent(("data=pets",), "Oxford-IIIT Pet"),
-        "oxfordiiitpet": Equivalent(("data=pets",), "Oxford-IIIT Pet"),
-        "pet": Equivalent(("data=pets",), "Oxford-IIIT Pet"),
+        **_aliases(Equivalent(("data=cub",), "CUB-200-2011"), "cub200", "cub2002011", "birds"),
+        **_aliases(Equivalent(("data=aircraft",), "FGVC-Aircraft"), "fgvcaircraft", "aircrafts"),
+        **_aliases(Equivalent(("data=pets",), "Oxford-IIIT Pet"), "oxfordpets", "oxfordiiitpet", "pet"),
         "stanforddogs": Equivalent(("data=dogs",), "Stanford Dogs"),
         "fmnist": Equivalent(("data=fashion_mnist",), "Fashion-MNIST"),
         "cifar": Equivalent(("data=cifar100",), "CIFAR-100"),
-        "imagenet1k": Equivalent(("data=imagenet",), "ImageNet-1k (ILSVRC 2012)"),
-        "ilsvrc2012": Equivalent(("data=imagenet",), "ImageNet-1k (ILSVRC 2012)"),
+        **_aliases(Equivalent(("data=imagenet",), "ImageNet-1k (ILSVRC 2012)"), "imagenet1k", "ilsvrc2012"),
         "coco": Equivalent(("data=captions", "data.format=coco"), "image-caption pairs in COCO's layout"),
         "folder": Equivalent(("data=imagefolder",), "a folder of class folders"),
     },

@@ -52,7 +52,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -78,6 +77,7 @@ from pand.io import atomic_write_bytes, atomic_write_json, file_digest, mark_out
 from pand.losses import text_distill_loss
 from pand.rules import TEXT_TOWER_RECORD, TEXT_TOWER_WEIGHTS, resolve_device, validate_text_tower_options
 from pand.teachers.clip import ClipTeacher
+from pand.teachers.clip_training import clip_optimizer, warmup_cosine
 from pand.teachers.text_tower import (
     DistilledTextTower,
     build_tower,
@@ -100,7 +100,6 @@ DEFAULTS: dict[str, Any] = {"steps": 2000, "batch_size": 256, "lr": 1e-3, "seed"
 VAL_ONE_IN = 20
 #: Times the val part is scored over a fit (and once before it).
 EVALUATIONS = 10
-WARMUP_STEPS = 100
 #: The class prompts join every batch when they are at most this share of it (1 / 4): a few names among thousands of
 #: words would otherwise be seen a few times in a whole fit.
 EVERY_BATCH_SHARE = 4
@@ -207,13 +206,6 @@ def run_corpus(data: PandDataModule, templates: Sequence[str], tokenizer: Any,
 
 
 # -- fitting -------------------------------------------------------------------------------------------------------
-def _param_groups(tower: nn.Module) -> list[dict[str, Any]]:
-    decay, plain = [], []
-    for name, p in tower.named_parameters():
-        (plain if p.ndim < 2 or "embedding" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": plain, "weight_decay": 0.0}]
-
-
 @torch.no_grad()
 def _embed(encode, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat([F.normalize(encode(tokens[i:i + _TEXTS_PER_FORWARD].to(device)).float(), dim=-1)
@@ -247,14 +239,8 @@ def fit_tower(tower: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, val
     generator = torch.Generator().manual_seed(int(seed))
     always = torch.arange(every_batch)
     n, bs = len(tokens) - every_batch, max(1, min(int(batch_size) - every_batch, len(tokens) - every_batch))
-    optimizer = torch.optim.AdamW(_param_groups(tower), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    warmup = min(WARMUP_STEPS, max(1, steps // 10))
+    optimizer = clip_optimizer(tower, lr, WEIGHT_DECAY)
     every = max(1, steps // EVALUATIONS)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     def score(step: int, train_loss: float | None) -> dict[str, Any]:
         tower.eval()
@@ -273,7 +259,7 @@ def fit_tower(tower: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, val
         batch = torch.cat([always, every_batch + order[position:position + bs]])
         position += bs
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_cosine(step, lr=lr, total=steps)
         loss = text_distill_loss(tower(tokens[batch].to(device)), targets[batch], contrastive_weight, temperature)
         if not torch.isfinite(loss):
             raise PandError(f"the text tower's loss is {float(loss)} at step {step + 1}; try a lower lr= (now {lr})")

@@ -164,10 +164,15 @@ def test_side_by_side_runs_on_gpus_get_one_each_or_are_refused(monkeypatch):
     import torch
 
     from pand.analysis.sweep import _gpu_per_run
+    from pand.config import compose, to_plain
 
-    cpu = [["trainer=cpu", "seed=0"], ["trainer=cpu", "seed=1"]]
+    def trainers(*combos):
+        return [to_plain(compose("train", combo))["trainer"] for combo in combos]
+
+    cpu = trainers(["trainer=cpu", "seed=0"], ["trainer=cpu", "seed=1"])
     assert _gpu_per_run(cpu, 2) is None  # no GPU is looked for
-    gpu = [["trainer=gpu", "seed=0"], ["trainer=gpu", "seed=1"]]
+    gpu_combos = [["trainer=gpu", "seed=0"], ["trainer=gpu", "seed=1"]]
+    gpu = trainers(*gpu_combos)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _gpu_per_run(gpu, 2) is None  # no CUDA: the runs refuse trainer=gpu themselves, with the reason
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -180,4 +185,4 @@ def test_side_by_side_runs_on_gpus_get_one_each_or_are_refused(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert _gpu_per_run(gpu, 2) == ["4", "6"]  # the ids this sweep was given, not the machine's first two
     with pytest.raises(ConfigError, match="trainer.devices=2 each .* one at a time"):
-        _gpu_per_run([[*c, "trainer.devices=2"] for c in gpu], 2)
+        _gpu_per_run(trainers(*([*c, "trainer.devices=2"] for c in gpu_combos)), 2)

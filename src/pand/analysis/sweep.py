@@ -104,22 +104,26 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _check_every_combination(combos: Sequence[Sequence[str]]) -> None:
+def _check_every_combination(combos: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
     """Compose and check the settings of every run before the first one starts, so that a typo or a value out of range
-    in one combination is refused in a second instead of failing that run hours into the sweep."""
+    in one combination is refused in a second instead of failing that run hours into the sweep; returns the composed
+    configs, in the order of ``combos``."""
     from pand.config import compose, to_plain
     from pand.engine.config_checks import validate_train_settings
 
     problems: dict[str, list[str]] = {}
+    configs = []
     for combo in combos:
         try:
-            validate_train_settings(to_plain(compose("train", combo)))
+            configs.append(to_plain(compose("train", combo)))
+            validate_train_settings(configs[-1])
         except PandError as err:
             problems.setdefault(str(err), []).append(" ".join(combo))
     if problems:
         raise ConfigError("the sweep was not started; " + "\n".join(
             f"{message} (in {len(runs)} of {len(combos)} run(s), e.g. {runs[0]})"
             for message, runs in problems.items()))
+    return configs
 
 
 def run_sweep(overrides: list[str], sweep_dir: str | None = None, jobs: int = 1) -> list[dict]:
@@ -129,8 +133,6 @@ def run_sweep(overrides: list[str], sweep_dir: str | None = None, jobs: int = 1)
     Returns one dict per combination: the run summary (plus ``overrides`` and ``status``) or, for a run that raised a
     pand error, ``{"run_dir", "overrides", "status": "failed", "error"}``.
     """
-    from pand.config import compose, to_plain
-
     user = list(overrides)
     dropped = [o for o in user if o.lstrip("+~").split("=", 1)[0] == "run_dir"]
     if dropped:
@@ -138,9 +140,9 @@ def run_sweep(overrides: list[str], sweep_dir: str | None = None, jobs: int = 1)
         user = [o for o in user if o not in dropped]
     combos = expand_sweep(user)
     swept = _swept_keys(user)
-    _check_every_combination(combos)
+    configs = _check_every_combination(combos)
     if sweep_dir is None:
-        runs_dir = to_plain(compose("train", combos[0]))["paths"]["runs_dir"]
+        runs_dir = configs[0]["paths"]["runs_dir"]
         sweep_path = Path(runs_dir) / f"sweep-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     else:
         sweep_path = Path(sweep_dir)
@@ -159,20 +161,17 @@ def run_sweep(overrides: list[str], sweep_dir: str | None = None, jobs: int = 1)
     if jobs <= 1:
         for job in todo:
             log.info("%s: %s", job.name, " ".join(job.args[0]))
-    gpus = _gpu_per_run(combos, jobs) if jobs > 1 else None
+    gpus = _gpu_per_run([c["trainer"] for c in configs], jobs) if jobs > 1 else None
     done = run_jobs(todo, jobs, describe=lambda job, r: r["status"], printer=log.info, gpus=gpus)
     results = [d.result for d in done]
     gather_runs(run_dirs, sweep_path)
     return results
 
 
-def _gpu_per_run(combos: list[list[str]], jobs: int) -> list[str] | None:
-    """For ``--jobs N`` runs on GPUs: one GPU per side-by-side run (``None`` when the runs use the CPU). Refused when
-    there are fewer GPUs than runs side by side, or when a run uses several devices itself (it starts its own
-    processes: run those one at a time)."""
-    from pand.config import compose, to_plain
-
-    trainers = [to_plain(compose("train", combo))["trainer"] for combo in combos]
+def _gpu_per_run(trainers: Sequence[Mapping[str, Any]], jobs: int) -> list[str] | None:
+    """For ``--jobs N`` runs on GPUs (``trainers``: the runs' ``trainer`` sections): one GPU per side-by-side run
+    (``None`` when the runs use the CPU). Refused when there are fewer GPUs than runs side by side, or when a run uses
+    several devices itself (it starts its own processes: run those one at a time)."""
     accelerators = {str(t.get("accelerator", "auto")).lower() for t in trainers}
     if accelerators <= {"cpu"}:
         return None

@@ -69,7 +69,6 @@ DEFAULT_SEED = 0
 #: barrier as soon as another process competes for a core (measured 3-7 s/step against 1.1 s/step with one thread).
 DEFAULT_NUM_THREADS = 1
 WEIGHT_DECAY = 0.05
-WARMUP_STEPS = 100
 MAX_LOGIT_SCALE = 100.0
 
 
@@ -203,16 +202,6 @@ def _build_model() -> torch.nn.Module:
     )
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _contrastive_loss(
     img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, tidx: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
@@ -327,6 +316,7 @@ def _fit(
     from pand.data import get_dataset
     from pand.data import fashion_mnist as fmnist
     from pand.teachers.clip import load_clip_teacher
+    from pand.teachers.clip_training import clip_optimizer, warmup_cosine
 
     out_path = Path(out_path)
     root = str(data_root) if data_root is not None else str(fmnist.SYSTEM_DIR)
@@ -366,13 +356,7 @@ def _fit(
     bs = min(int(batch_size), n)
     steps_per_epoch = max(1, n // bs)  # drop the last partial batch
     total = steps_per_epoch * epochs
-    warmup = min(WARMUP_STEPS, max(1, total // 10))
-    opt = torch.optim.AdamW(_param_groups(model, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    opt = clip_optimizer(model, lr, WEIGHT_DECAY)
 
     say(
         f"fitting {ARCHITECTURE} on {n} Fashion-MNIST train images: {epochs} epochs x {steps_per_epoch} steps "
@@ -390,7 +374,7 @@ def _fit(
             labels = y_train[idx].to(device)
             tidx = torch.randint(0, n_tmpl, (len(idx),), generator=gen).to(device)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step)
+                group["lr"] = warmup_cosine(step, lr=lr, total=total)
             img = F.normalize(model.encode_image(images), dim=-1)
             txt = F.normalize(model.encode_text(tokens), dim=-1).view(n_cls, n_tmpl, -1)
             loss = _contrastive_loss(img, txt, labels, tidx, model.logit_scale.exp())
