@@ -346,3 +346,11 @@ def test_data_overrides_rebuild_the_runs_data_from_where_it_moved(resnet18_ckpt,
     assert main(argv) == 0, capsys.readouterr().err
     assert roots and set(roots) == {str(moved)}
     assert json.loads(capsys.readouterr().out)["options"]["steps"] == 2
+
+
+def test_a_misspelt_data_override_is_refused_with_the_setting_meant(resnet18_ckpt, tmp_path, capsys):
+    argv = ["teacher", "text-tower", f"ckpt_path={resnet18_ckpt}", f"out={tmp_path / 'tower'}", "data.rot=/elsewhere"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.rot: the run's data section has no such setting; did you mean data.root?" in err
+    assert not (tmp_path / "tower" / "text_tower.safetensors").exists()

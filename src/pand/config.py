@@ -251,5 +251,11 @@ def with_data_overrides(config: Mapping[str, Any], data_overrides: Mapping[str, 
     overrides = dict(data_overrides)
     if set(overrides) == {"data"} and isinstance(overrides["data"], Mapping):
         overrides = dict(overrides["data"])
+    unknown = [k for k in overrides if k not in config["data"]]
+    if unknown:  # a misspelt key would otherwise be ignored, and the run's old value used
+        key = unknown[0]
+        hint = did_you_mean([f"data.{m}" for m in close_matches(key, list(config["data"]))])
+        raise ConfigError(f"data.{key}: the run's data section has no such setting{hint or ';'} it has "
+                          f"{', '.join(sorted(config['data']))}")
     data = OmegaConf.merge(OmegaConf.create(dict(config["data"])), OmegaConf.create(overrides))
     return {**config, "data": OmegaConf.to_container(data, resolve=True)}
