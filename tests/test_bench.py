@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from pand.cli import main
 
@@ -92,11 +93,35 @@ def test_bench_latency_times_student_and_teacher_at_each_batch_size(capsys, monk
     assert lat["teacher"]["params_with_text_tower"] == sum(p.numel() for p in teacher.model.parameters())
     assert lat["teacher"]["flops_per_image"] > lat["student"]["flops_per_image"]
 
+    # the student as it ships: exported, quantized and timed in the run, next to PyTorch with the same threads
+    ex = lat["exported"]
+    assert ex["batches"] == [1, 32] and ex["repeats"] == 2 and ex["threads"] == torch.get_num_threads()
+    assert list(ex["models"]) == ["PyTorch eager float32", "ONNX Runtime float32", "ONNX Runtime int8"]
+    for name, m in ex["models"].items():
+        for batch in ("1", "32"):
+            assert m["ms"][batch] > 0 and _within_rounding(m["images_per_s"][batch], int(batch), m["ms"][batch])
+        assert m["megabytes"] > 0
+    assert ex["models"]["PyTorch eager float32"]["speedup"] == {"1": 1.0, "32": 1.0}
+    floats, int8 = (ex["models"][f"ONNX Runtime {k}"]["megabytes"] for k in ("float32", "int8"))
+    assert int8 < floats / 2  # int8 weights: a quarter of the float ones, plus scales and zero points
+    assert ex["int8"]["int8_mac_share"] == 1.0 and isinstance(ex["isa"], list)
+
     monkeypatch.setenv("COLUMNS", "250")
     print_result(result)
     printed = capsys.readouterr().out
     assert f"student: {LATENCY_STUDENT}" in printed and "teacher: pand-tiny-vit" in printed
     assert "teacher / student" in printed and "ms, batch 32" in printed and "training step" not in printed
+    assert "the student as it ships" in printed and "ONNX Runtime int8" in printed and "vs PyTorch" in printed
+
+
+def test_instruction_sets_are_read_from_the_cpu_flags(tmp_path):
+    from pand.bench.exported import instruction_sets
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_vnni amx_int8\nprocessor : 1\n"
+                    "flags : fpu sse avx2 avx512f avx512_vnni amx_int8\n")
+    assert instruction_sets(info) == ["avx2", "avx512f", "avx512_vnni", "amx_int8"]
+    assert instruction_sets(tmp_path / "missing") == []
 
 
 def test_latency_flops_of_the_tiny_vit_teacher_count_every_product():

@@ -136,7 +136,8 @@ def test_missing_onnx_packages_name_the_extra(resnet18_ckpt, tmp_path, monkeypat
         export_student(resnet18_ckpt, "onnx", tmp_path)
     assert not list(tmp_path.iterdir())
     assert main(["export", f"ckpt_path={resnet18_ckpt}", "format=tflite", f"out={tmp_path}"]) == 2
-    assert "format='tflite' is not allowed: expected one of 'onnx', 'torch_export', 'safetensors', 'open_clip'" in \
+    assert "format='tflite' is not allowed: expected one of 'onnx', 'torch_export', 'safetensors', 'open_clip', " \
+           "'timm'" in \
         capsys.readouterr().err
 
 
@@ -187,7 +188,7 @@ def test_export_options_are_checked_before_the_student_loads(tmp_path, monkeypat
                                  "one class name per line",
         "class_names=[a,a]": "invalid option: class_names=['a', 'a']: class names must be distinct; repeated: 'a'",
         "format=ONNX": "invalid option: format='ONNX' is not allowed: expected one of 'onnx', 'torch_export', "
-                       "'safetensors', 'open_clip' (did you mean 'onnx'?)",
+                       "'safetensors', 'open_clip', 'timm' (did you mean 'onnx'?)",
     }
     for option, message in cases.items():
         argv = [f"{k}={v}" for k, v in {**base, **dict([option.split("=", 1)])}.items()]

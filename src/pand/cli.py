@@ -2,8 +2,10 @@
 
     pand train [overrides...]            distil (Hydra overrides: data=cub method=vl2lite trainer.devices=4 ...)
     pand eval ckpt_path=PATH [overrides] evaluate a student checkpoint on val and test
+    pand eval model=PATH [data.KEY=VALUE]  evaluate what pand export wrote (student.onnx, student.pt2) the same way
     pand predict ckpt_path=PATH images=FILE|DIR|GLOB [topk=5] [classes=[a,b]|classes_file=F] [out=preds.csv|.json]
-                                         top-k classes of image files (open-vocabulary students: any class names)
+                                         top-k classes of image files (open-vocabulary students: any class names);
+                                         ckpt_path= (or model=) may also name an exported student.onnx / student.pt2
     pand config [overrides...]           print the composed training config
     pand features [overrides...]         PAND stage 1: store the teacher's image embeddings of train/val/test
     pand prompts [overrides...]          PAND stage 1: learn CoOp prompts on the stored embeddings
@@ -20,8 +22,9 @@
     pand teacher text-tower ckpt_path=PATH out=DIR [width=..] [layers=..] [steps=..] ...
                                          a small text tower distilled from an open-vocabulary run's teacher, and how
                                          often the student's zero-shot predictions with it agree with the teacher's
-    pand export ckpt_path=PATH format=onnx|torch_export|safetensors|open_clip out=DIR [class_names=a,b,...]
+    pand export ckpt_path=PATH format=onnx|torch_export|safetensors|open_clip|timm out=DIR [class_names=a,b,...]
                 [text_tower=teacher|DIR]  the student alone, for use without pand, with student.json beside it
+                [quantize=int8 calibration=N]  format=onnx: also student.int8.onnx (ONNX Runtime, calibrated)
 
     pand COMMAND --help                  a command's options; for train, config, features, prompts and cache also
                                          the config groups with their options, the settings and examples
@@ -36,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import shlex
 import signal
@@ -131,13 +135,13 @@ def _read_values(args: Sequence[str]) -> dict:
     return OmegaConf.to_container(values)
 
 
-_EVAL_KEYS = ("ckpt_path", "splits", "out", "clip_benchmark_dir")
+_EVAL_KEYS = ("ckpt_path", "model", "splits", "out", "clip_benchmark_dir")
 _SETTING = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*=")
 
 
 def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
-    """``pand eval`` options (ckpt_path, splits, out, clip_benchmark_dir; defaults from eval.yaml) vs overrides of the
-    checkpoint's config; nothing heavy is imported (OmegaConf only)."""
+    """``pand eval`` options (ckpt_path or model, splits, out, clip_benchmark_dir; defaults from eval.yaml) vs
+    overrides of the checkpoint's config; nothing heavy is imported (OmegaConf only)."""
     from omegaconf import OmegaConf
 
     from pand.engine.config_checks import EVAL_SPLITS
@@ -152,7 +156,7 @@ def _split_eval_args(args: Sequence[str]) -> tuple[dict, dict]:
     own = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONFIGS_DIR / "eval.yaml")).items()
            if k != "ckpt_path"}  # ??? in eval.yaml: cmd_eval asks for it
     own.update(_key_value_options("eval", own_args, _EVAL_KEYS, (), EVAL_USAGE,
-                                  paths=("ckpt_path", "out", "clip_benchmark_dir")))
+                                  paths=("ckpt_path", "model", "out", "clip_benchmark_dir")))
     if own.get("splits") in EVAL_SPLITS:  # splits=test
         own["splits"] = [own["splits"]]
     return own, _read_values(overrides)
@@ -196,18 +200,24 @@ def _train(args: Sequence[str]) -> int:
     config = _compose_train(args)
     validate_train_settings(config)  # a value out of range is refused before torch is imported
     from pand.engine.run import train
+    from pand.export import ship_int8
 
-    emit(json.dumps(train(config), indent=2))
+    emit(json.dumps(ship_int8(train(config), config), indent=2))
     return 0
 
 
-_PREDICT_KEYS = ("ckpt_path", "images", "topk", "classes", "classes_file", "out", "batch_size", "num_workers",
-                 "device")
+_PREDICT_KEYS = ("ckpt_path", "model", "images", "topk", "classes", "classes_file", "out", "batch_size",
+                 "num_workers", "device")
 _PREDICT_PATHS = ("ckpt_path", "images", "classes_file", "out")
 
 
 @_results_on_stdout
 def cmd_predict(args: Sequence[str]) -> int:
+    # model= is another name for ckpt_path=: a checkpoint or an exported model, told apart by pand.deploy
+    if any(a.startswith("model=") for a in args) and any(a.startswith("ckpt_path=") for a in args):
+        raise ConfigError(f"give ckpt_path= or model= (two names for the same option), not both; usage: "
+                          f"{PREDICT_USAGE}")
+    args = [f"ckpt_path={a[len('model='):]}" if a.startswith("model=") else a for a in args]
     opts = _key_value_options("predict", args, _PREDICT_KEYS, ("ckpt_path", "images"), PREDICT_USAGE,
                               paths=_PREDICT_PATHS)
     validate_predict_options(opts)  # before torch is imported (but for a GPU device) and before the model is loaded
@@ -230,11 +240,20 @@ def cmd_eval(args: Sequence[str]) -> int:
     from pand.engine.config_checks import validate_eval_options
 
     _refuse_flags("eval", args)
-    ckpt = [a.partition("=")[2].strip() for a in args if a.startswith("ckpt_path=")]
-    if not ckpt or ckpt[-1] in ("", "null", "None", "???"):
-        raise ConfigError(f"pand eval needs ckpt_path=PATH (a checkpoint such as "
-                          f"runs/<run>/checkpoints/best.ckpt); usage: {EVAL_USAGE}")
+
+    def given(key: str) -> bool:
+        values = [a.partition("=")[2].strip() for a in args if a.startswith(f"{key}=")]
+        return bool(values) and values[-1] not in ("", "null", "None", "???")
+
+    if given("ckpt_path") and given("model"):
+        raise ConfigError(f"give ckpt_path= (a checkpoint) or model= (an exported model), not both; usage: "
+                          f"{EVAL_USAGE}")
+    if not given("ckpt_path") and not given("model"):
+        raise ConfigError(f"pand eval needs ckpt_path=PATH (a checkpoint such as runs/<run>/checkpoints/best.ckpt) "
+                          f"or model=PATH (a student.onnx or student.pt2 that pand export wrote); usage: {EVAL_USAGE}")
     own, overrides = _split_eval_args(args)
+    if given("model"):
+        return _eval_exported(own, overrides)
     validate_eval_options(own["splits"], own.get("out"), ckpt_path=own["ckpt_path"], overrides=overrides,
                           clip_benchmark_dir=own.get("clip_benchmark_dir"))
     from pand.engine.run import evaluate
@@ -242,6 +261,27 @@ def cmd_eval(args: Sequence[str]) -> int:
     results = evaluate(own["ckpt_path"], overrides, splits=tuple(own["splits"]), out=own.get("out"),
                        clip_benchmark_dir=own.get("clip_benchmark_dir"))
     emit(json.dumps(results, indent=2))
+    return 0
+
+
+def _eval_exported(own: dict, overrides: dict) -> int:
+    from pand.engine.config_checks import validate_eval_options
+
+    if own.get("clip_benchmark_dir") is not None:
+        raise ConfigError("clip_benchmark_dir= needs the checkpoint of an open-vocabulary student (pand eval "
+                          "ckpt_path=...); an exported model is scored on its exported classes only")
+    if not os.path.exists(os.path.expanduser(own["model"])):
+        raise ConfigError(f"model={own['model']}: no such file or folder; expected a student.onnx or student.pt2 "
+                          "written by pand export (or its folder)")
+    other = sorted(set(overrides) - {"data"})
+    if other:
+        raise ConfigError(f"pand eval model=... takes data.KEY=VALUE overrides only, not {other[0]}.*: an exported "
+                          "model keeps nothing else of its run's config (it runs on the CPU in float32)")
+    validate_eval_options(own["splits"], own.get("out"), overrides=overrides)
+    from pand.engine.run import evaluate_exported
+
+    emit(json.dumps(evaluate_exported(own["model"], overrides, splits=tuple(own["splits"]), out=own.get("out")),
+                    indent=2))
     return 0
 
 
@@ -402,7 +442,8 @@ def _text_tower(args: Sequence[str]) -> int:
     return 0
 
 
-_EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names", "text_tower")
+_EXPORT_KEYS = ("ckpt_path", "format", "out", "class_names", "text_tower", "quantize", "calibration",
+                "calibration_method")
 
 
 @_results_on_stdout
@@ -413,7 +454,8 @@ def cmd_export(args: Sequence[str]) -> int:
     from pand.export import export_student
 
     result = export_student(opts["ckpt_path"], opts["format"], opts["out"], class_names=names,
-                            text_tower=opts.get("text_tower") or "teacher")
+                            text_tower=opts.get("text_tower") or "teacher", quantize=opts.get("quantize"),
+                            **{k: opts[k] for k in ("calibration", "calibration_method") if opts.get(k) is not None})
     vocab = result["student"].get("open_vocabulary")
     if vocab is not None:
         # A vocabulary of thousands of rows belongs in student.json, not on the terminal.

@@ -158,7 +158,8 @@ def cache_help() -> str:
     )
 
 
-EVAL_USAGE = "pand eval ckpt_path=PATH [splits=[val,test]] [out=FILE.json] [clip_benchmark_dir=DIR] [OVERRIDE ...]"
+EVAL_USAGE = ("pand eval ckpt_path=PATH|model=PATH [splits=[val,test]] [out=FILE.json] [clip_benchmark_dir=DIR] "
+              "[OVERRIDE ...]")
 
 
 def eval_help() -> str:
@@ -173,7 +174,12 @@ classifier. Its clip_benchmark records are also written one per file, named and 
 results ({{dataset}}_{{pretrained}}_{{model}}_{{language}}_{{task}}.json), so that `clip_benchmark build` aggregates them.
 
 options (checked before the checkpoint is loaded):
-  ckpt_path=PATH            the checkpoint (e.g. runs/<run>/checkpoints/best.ckpt); required
+  ckpt_path=PATH            the checkpoint (e.g. runs/<run>/checkpoints/best.ckpt); this or model= is required
+  model=PATH                instead of a checkpoint, what pand export wrote: student.onnx (run by onnxruntime on
+                            the CPU), student.int8.onnx, student.pt2 (torch.export) or their folder, with the data
+                            and seed of the student.json beside it; the same report, naming the model file, its
+                            sha256 and runtime (default out: student.onnx.eval.json beside student.onnx). Overrides:
+                            data.KEY=VALUE only. An open-vocabulary student is scored on its exported classes only
   splits=[val,test]         the splits to evaluate: [val,test], [val] or [test]
   out=FILE.json             where to write the results (default: next to the checkpoint, best.eval.json for best.ckpt)
   clip_benchmark_dir=DIR    open-vocabulary students: the folder of the clip_benchmark files (default: beside the
@@ -185,10 +191,11 @@ examples:
   pand eval ckpt_path=runs/cub-vl2lite-resnet18-20250101-120000/checkpoints/best.ckpt
   pand eval ckpt_path=best.ckpt splits=[test] data.root=/data/CUB_200_2011 | jq .test_acc1
   pand eval ckpt_path=runs/<openvocab run>/checkpoints/best.ckpt clip_benchmark_dir=results/ | jq .open_vocab.student
+  pand eval model=exported/student.onnx splits=[test] | jq .test_acc1      the number of the file that ships
 """
 
 
-PREDICT_USAGE = ("pand predict ckpt_path=PATH images=FILE|DIR|GLOB [topk=5] [classes=[a,b]|classes_file=F] "
+PREDICT_USAGE = ("pand predict ckpt_path=PATH|model=PATH images=FILE|DIR|GLOB [topk=5] [classes=[a,b]|classes_file=F] "
                  "[out=F.csv|F.json]")
 
 
@@ -199,7 +206,9 @@ The top-k classes of image files; an open-vocabulary student takes any class nam
 JSON on stdout (with out=..., a table goes to stderr and the file is written).
 
 options (checked before the model is loaded):
-  ckpt_path=PATH            a student checkpoint; required
+  ckpt_path=PATH            a student checkpoint, or what pand export wrote (student.onnx, student.int8.onnx,
+                            student.pt2 or their folder: run on the CPU, its classes fixed); required
+  model=PATH                the same as ckpt_path=
   images=FILE|DIR|GLOB      the images; required
   topk=5                    classes per image (an integer >= 1)
   classes=[a,b] | classes_file=F    the class names (open-vocabulary students); F: a UTF-8 text file, one per line
@@ -211,11 +220,13 @@ options (checked before the model is loaded):
 
 example:
   pand predict ckpt_path=runs/<run>/checkpoints/best.ckpt images='photos/*.jpg' topk=3
+  pand predict model=exported/student.onnx images=photos/ out=preds.csv
 """
 
 
-EXPORT_USAGE = ("pand export ckpt_path=PATH format=onnx|torch_export|safetensors|open_clip out=DIR "
-                "[class_names=a,b,...] [text_tower=teacher|DIR]")
+EXPORT_USAGE = ("pand export ckpt_path=PATH format=onnx|torch_export|safetensors|open_clip|timm out=DIR "
+                "[class_names=a,b,...] [text_tower=teacher|DIR] [quantize=int8 [calibration=N] "
+                "[calibration_method=minmax|percentile|entropy]]")
 
 
 def export_help() -> str:
@@ -226,18 +237,28 @@ as JSON on stdout.
 
 options (checked before the model is loaded):
   ckpt_path=PATH            a student checkpoint; required
-  format=onnx|torch_export|safetensors|open_clip    required (onnx needs pip install pand[export]; open_clip:
+  format=onnx|torch_export|safetensors|open_clip|timm    required (onnx needs pip install pand[export]; open_clip:
                             an open-vocabulary student with method.head=linear, as a folder open_clip loads with
-                            open_clip.create_model_and_transforms('local-dir:DIR'))
+                            open_clip.create_model_and_transforms('local-dir:DIR'); timm: a timm student, or a
+                            torchvision one timm has (ResNets, DenseNets, mobilenet_v2), as a folder timm loads with
+                            timm.create_model('local-dir:DIR', pretrained=True), class names and preprocessing in
+                            its config.json)
   out=DIR                   the output folder, created if missing; required
   class_names=a,b,...       another vocabulary for an open-vocabulary student (or a .txt file with one name per line)
   text_tower=teacher|DIR    format=open_clip: the text tower that goes out, the teacher's (default) or the smaller
                             one `pand teacher text-tower` distilled from it into DIR (refused if made for another
                             teacher); student.json records which, with its agreement with the teacher's
+  quantize=int8             format=onnx: also write student.int8.onnx, quantized by ONNX Runtime (QDQ: int8 weights
+                            per output channel, uint8 activations per tensor); student.json describes it, names the
+                            operators left float and the int8 model's agreement with the float one
+  calibration=N             training images (evaluation preprocessing, seeded) that set the activation ranges (512)
+  calibration_method=minmax|percentile|entropy   how ranges are read from them (minmax)
 
 examples:
   pand export ckpt_path=runs/<run>/checkpoints/best.ckpt format=onnx out=exported/
+  pand export ckpt_path=runs/<run>/checkpoints/best.ckpt format=onnx quantize=int8 calibration=512 out=int8/
   pand export ckpt_path=runs/<run>/checkpoints/best.ckpt format=open_clip out=oc/ text_tower=runs/<run>/text_tower
+  pand export ckpt_path=runs/<run>/checkpoints/best.ckpt format=timm out=timm/
 """
 
 

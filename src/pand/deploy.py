@@ -8,42 +8,19 @@ student's classifier) and without downloading anything.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from pand.data.transforms import eval_transform
 from pand.engine.open_vocab_eval import vocabulary_for
 from pand.errors import ConfigError
 from pand.students.checkpoint import load_checkpoint_student
+from pand.students.exported import is_exported_path, load_exported
+from pand.students.loaded import LoadedStudent
 from pand.teachers.registry import load_teacher
-
-
-class LoadedStudent(tuple):
-    """``(model, preprocess, class_names)``: the model (eval mode), its preprocessing (PIL image -> normalised
-    tensor, as in evaluation) and the class names its logits refer to, in order. ``.config`` is the training config
-    stored in the checkpoint."""
-
-    def __new__(cls, model: nn.Module, preprocess: Callable[[Any], torch.Tensor], class_names: list[str],
-                config: dict[str, Any]) -> LoadedStudent:
-        loaded = super().__new__(cls, (model, preprocess, class_names))
-        loaded.config = config
-        return loaded
-
-    @property
-    def model(self) -> nn.Module:
-        return self[0]
-
-    @property
-    def preprocess(self) -> Callable[[Any], torch.Tensor]:
-        return self[1]
-
-    @property
-    def class_names(self) -> list[str]:
-        return self[2]
 
 
 def preprocessing(config: dict[str, Any]) -> dict[str, Any]:
@@ -62,8 +39,14 @@ def load_student(path: str | os.PathLike, class_names: Sequence[str] | None = No
     with the teacher's text tower (prompt-template ensemble of the run) and kept in the model. A closed-set student
     classifies only the classes it was trained on, so it refuses other names. ``teacher`` skips loading the
     teacher again (a loaded CLIP teacher).
+
+    ``path`` may also be what ``pand export`` wrote: a ``.onnx`` or ``.pt2`` file (or its folder), read with the
+    ``student.json`` beside it (:func:`pand.students.exported.load_exported`). It runs on the CPU whatever
+    ``device`` says, and its classes are fixed: other class names are refused.
     """
 
+    if is_exported_path(path):
+        return _load_exported(path, class_names)
     path = Path(path)
     model, config, record = load_checkpoint_student(path)
     names = list(record.get("classes") or [])
@@ -84,3 +67,14 @@ def load_student(path: str | os.PathLike, class_names: Sequence[str] | None = No
     pp = preprocessing(config)
     transform = eval_transform(pp["image_size"], pp["resize_size"], tuple(pp["mean"]), tuple(pp["std"]))
     return LoadedStudent(model.to(device).eval(), transform, names, config)
+
+
+def _load_exported(path: str | os.PathLike, class_names: Sequence[str] | None) -> LoadedStudent:
+    exported = load_exported(path)
+    names = exported.class_names
+    if class_names is not None and [str(c) for c in class_names] != names:
+        # an exported graph holds its classifier (an open-vocabulary student's text matrix too) as constants
+        raise ConfigError(f"{exported.path} classifies its {len(names)} exported classes ({', '.join(names[:5])}"
+                          f"{', ...' if len(names) > 5 else ''}); the vocabulary is fixed in an exported model. "
+                          "Predict with the checkpoint, or export it again with class_names=...")
+    return LoadedStudent(exported.model, exported.preprocess, names, exported.config)

@@ -1,6 +1,6 @@
 """A trained student on its own, for use without pand: ``pand export ckpt_path=... format=... out=DIR``.
 
-Four formats, each written with ``student.json`` beside it (what it is, how to feed it, where it came from):
+Five formats, each written with ``student.json`` beside it (what it is, how to feed it, where it came from):
 
 * ``onnx`` (``student.onnx``): the eval-mode model through ``torch.onnx.export``; input ``image`` (N x 3 x H x W
   float32, normalised as ``preprocessing`` says), output ``logits`` (N x C). Checked with onnxruntime before it is
@@ -23,6 +23,13 @@ Four formats, each written with ``student.json`` beside it (what it is, how to f
   cannot express (other heads, fusion, CIFAR networks, torchvision models without a timm twin) are refused with the
   reason; the folder is loaded by open_clip and its similarities compared with pand's (1e-5) before it is written
   (:mod:`pand.export_open_clip`).
+* ``timm`` (``config.json``, ``model.safetensors``): a closed-set student as a folder that timm's own factory loads,
+  ``timm.create_model("local-dir:DIR", pretrained=True)``: ``config.json`` names the timm architecture, its
+  ``model_args``, the run's class names (``label_names``) and its eval preprocessing (``pretrained_cfg``), the
+  weights are under timm's keys. A timm student is its own architecture; a torchvision one its timm twin (ResNets,
+  ResNeXts, Wide ResNets, DenseNets, MobileNetV2); others (pand's CIFAR networks and ``pand_*`` models, torchvision
+  models without a twin, open-vocabulary students) are refused with the reason and the format to use. The folder is
+  loaded by timm and its logits compared with pand's (1e-5) before it is written (:mod:`pand.export_timm`).
 
 A batch dimension that stays dynamic is checked at other batch sizes than the example's; a model that cannot be
 exported with one is exported for a fixed batch of 1 instead, and ``student.json`` says so.
@@ -30,11 +37,9 @@ exported with one is exported for a fixed batch of 1 instead, and ``student.json
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,10 +49,15 @@ from torch import nn
 
 import pand
 from pand.deploy import load_student, preprocessing
-from pand.errors import ConfigError, PandError
+from pand.engine.run import evaluate_exported, is_first_process
+from pand.errors import ConfigError
+from pand.export_int8 import DEFAULT_CALIBRATION, INT8_SUFFIX, calibration_images, quantize_onnx
 from pand.export_open_clip import WEIGHTS_NAME as OPEN_CLIP_WEIGHTS
 from pand.export_open_clip import load_for_open_clip, with_text_tower, write_open_clip
-from pand.io import atomic_write_bytes, atomic_write_json, atomic_write_with, mark_output_folder
+from pand.export_programs import EXAMPLE_BATCH, FIXED_BATCH, INPUT_NAME, OUTPUT_NAME, write_onnx, write_torch_export
+from pand.export_timm import WEIGHTS_NAME as TIMM_WEIGHTS
+from pand.export_timm import write_timm
+from pand.io import atomic_write_bytes, atomic_write_json, mark_output_folder
 from pand.networks.backbones import resolve_source
 from pand.networks.cifar import create_cifar_model
 from pand.rules import EXPORT_FORMATS, TEACHER_TEXT_TOWER, validate_export_options
@@ -56,9 +66,8 @@ log = logging.getLogger("pand")
 
 FORMATS = EXPORT_FORMATS
 FILE_NAMES = {"onnx": "student.onnx", "torch_export": "student.pt2", "safetensors": "student.safetensors",
-              "open_clip": OPEN_CLIP_WEIGHTS}
+              "open_clip": OPEN_CLIP_WEIGHTS, "timm": TIMM_WEIGHTS}
 METADATA_NAME = "student.json"
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 OPEN_VOCAB_KEYS = (
     "OpenVocabStudent.state_dict() as is: 'backbone.<key>' where <key> is the library model's own key (the model "
@@ -67,28 +76,28 @@ OPEN_VOCAB_KEYS = (
     "L2-normalised) and, for cross-attention fusion, 'vocabulary_tokens' and 'vocabulary_mask'"
 )
 
-# torch.export specialises a dimension of size 1 to a constant, so the example batch that keeps it dynamic is larger.
-_EXAMPLE_BATCH = 2
-_CHECK_BATCHES = (1, 3)
-_FIXED_BATCH = 1
-# Exported graphs fuse and reorder float32 operations; a real export error is far larger than this.
+# Exported weights are compared with the student's; a real export error is far larger than this.
 _ATOL, _RTOL = 1e-3, 1e-3
 
 
 def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.PathLike,
                    class_names: Sequence[str] | None = None,
-                   text_tower: str | os.PathLike = TEACHER_TEXT_TOWER) -> dict[str, Any]:
-    """Export the student of ``ckpt_path`` as ``fmt`` (``onnx``, ``torch_export``, ``safetensors`` or
-    ``open_clip``) into ``out_dir``, with ``student.json`` beside it.
+                   text_tower: str | os.PathLike = TEACHER_TEXT_TOWER, quantize: str | None = None,
+                   calibration: int = DEFAULT_CALIBRATION, calibration_method: str = "minmax") -> dict[str, Any]:
+    """Export the student of ``ckpt_path`` as ``fmt`` (``onnx``, ``torch_export``, ``safetensors``, ``open_clip`` or
+    ``timm``) into ``out_dir``, with ``student.json`` beside it.
 
     ``class_names`` gives an open-vocabulary student another vocabulary (computed with the run's teacher), as in
     :func:`pand.deploy.load_student`. ``text_tower`` (``open_clip`` only): ``"teacher"`` exports the teacher's text
     tower, a folder written by ``pand teacher text-tower`` the smaller tower distilled from it (which then also makes
-    the vocabulary). Returns ``{"format", "files": [model file(s), student.json], "student": the contents of
-    student.json}``.
+    the vocabulary). ``quantize="int8"`` (``onnx`` only) also writes ``student.int8.onnx``, quantized with
+    ``calibration`` training images (:mod:`pand.export_int8`); ``student.json`` then describes the int8 file, and
+    names the float one under ``quantization.float_file``. Returns ``{"format", "files": [model file(s),
+    student.json], "student": the contents of student.json}``.
     """
     validate_export_options({"ckpt_path": ckpt_path, "format": fmt, "out": out_dir, "class_names": class_names,
-                             "text_tower": text_tower})
+                             "text_tower": text_tower, "quantize": quantize, "calibration": calibration,
+                             "calibration_method": calibration_method})
     out = Path(out_dir).expanduser().absolute()
     created = not out.exists()  # marked only when pand makes it: out may name a folder of the user's
 
@@ -117,12 +126,15 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
         "architecture": _architecture(model, config, len(loaded.class_names)),
         "pand_version": pand.__version__,
         "checkpoint": {"path": str(ckpt_path.absolute()), "sha256": _sha256(ckpt_path)},
+        # the run's data section and seed: `pand eval model=<exported file>` rebuilds the same splits from them
+        "data": config["data"],
+        "seed": int(config.get("seed", 0)),
     }
     if open_vocab:
         meta["open_vocabulary"] = _open_vocab_record(model, config)
 
     generator = torch.Generator().manual_seed(0)
-    example = torch.randn(_EXAMPLE_BATCH, 3, side, side, generator=generator)
+    example = torch.randn(EXAMPLE_BATCH, 3, side, side, generator=generator)
     path = out / FILE_NAMES[fmt]
     files = [path]
     if fmt == "open_clip":
@@ -136,12 +148,25 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
                                            f"{'distilled' if tower is not None else 'teacher'}'s text tower that went "
                                            "out); the folder's encode_text and tokenizer make the text matrix of any "
                                            "names")
+    elif fmt == "timm":
+        files, info = write_timm(model, config, loaded.class_names, out, library_state_dict)
+        meta.update(info)
+        meta["files"] = [p.name for p in files]
     elif fmt == "safetensors":
         meta.update(_write_safetensors(model, meta["architecture"], path, example))
     elif fmt == "onnx":
-        meta.update(_write_onnx(model, path, example))
+        meta.update(write_onnx(model, path, example))
+        if quantize == "int8":
+            int8 = path.with_name(path.name[:-len(".onnx")] + INT8_SUFFIX)
+            batches = calibration_images(config, int(calibration))
+            meta["quantization"] = quantize_onnx(path, int8, batches, method=calibration_method,
+                                                 input_name=INPUT_NAME,
+                                                 fixed_batch=None if meta["dynamic_batch"] else FIXED_BATCH)
+            meta["quantization"]["bytes"] = {"float": path.stat().st_size, "int8": int8.stat().st_size}
+            meta["file"] = int8.name
+            files.insert(0, int8)
     else:
-        meta.update(_write_torch_export(model, path, example))
+        meta.update(write_torch_export(model, path, example))
     if meta.get("dynamic_batch") is False:
         meta["input"]["shape"][0] = meta["output"]["shape"][0] = meta["batch_size"]
     json_path = atomic_write_json(out / METADATA_NAME, meta)
@@ -302,93 +327,30 @@ def _write_safetensors(model: nn.Module, arch: dict[str, Any], path: Path, examp
     return info
 
 
-# -- torch.export and ONNX -----------------------------------------------------------------------------------------
-def _compare(reference: nn.Module, run, side: int, batches: Sequence[int], what: str) -> float:
-    worst = 0.0
-    generator = torch.Generator().manual_seed(1)
-    for b in batches:
-        x = torch.randn(b, 3, side, side, generator=generator)
-        with torch.no_grad():
-            want = reference(x)
-            got = torch.as_tensor(run(x))
-        if got.shape != want.shape:
-            raise PandError(f"the {what} gives logits of shape {tuple(got.shape)} for a batch of {b}, the student "
-                            f"{tuple(want.shape)}")
-        diff = (got - want).abs().max().item()
-        if diff > _ATOL + _RTOL * want.abs().max().item():
-            raise PandError(f"the {what} differs from the student by up to {diff:.3g} in the logits (batch {b}); "
-                            "nothing was written")
-        worst = max(worst, diff)
-    return worst
+# -- the end of a quantization-aware run --------------------------------------------------------------------------
+INT8_FOLDER = "int8"
 
 
-def _dynamic_batch() -> torch.export.Dim:
-    return torch.export.Dim("batch", min=1)
-
-
-def _dynamic_or_fixed(build, check) -> tuple[Any, dict[str, Any]]:
-    """``build(dynamic)`` then ``check(artefact, batches)``: with a dynamic batch checked at several sizes, or, where
-    that fails to export or to match, for a fixed batch of one. Returns the artefact and what ``student.json`` says."""
-    try:
-        batches = (*_CHECK_BATCHES, _EXAMPLE_BATCH)
-        artefact = build(True)
-        diff = check(artefact, batches)
-        return artefact, {"dynamic_batch": True, "check": {"batch_sizes": list(batches), "max_abs_logit_diff": diff}}
-    except Exception as err:  # noqa: BLE001 - export failures come in many types; the fixed batch is the fallback
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-    log.warning("the student could not be exported with a dynamic batch (%s); it takes batches of %d only",
-                reason, _FIXED_BATCH)
-    artefact = build(False)
-    diff = check(artefact, (_FIXED_BATCH,))
-    return artefact, {"dynamic_batch": False, "batch_size": _FIXED_BATCH, "dynamic_batch_error": reason,
-                      "check": {"batch_sizes": [_FIXED_BATCH], "max_abs_logit_diff": diff}}
-
-
-def _write_torch_export(model: nn.Module, path: Path, example: torch.Tensor) -> dict[str, Any]:
-    def build(dynamic: bool):
-        if dynamic:
-            return torch.export.export(model, (example,), dynamic_shapes=({0: _dynamic_batch()},))
-        return torch.export.export(model, (example[:_FIXED_BATCH],))
-
-    def check(program, batches) -> float:
-        return _compare(model, program.module(), example.shape[-1], batches, "exported program")
-
-    program, record = _dynamic_or_fixed(build, check)
-    atomic_write_with(path, lambda f: torch.export.save(program, f))
-    record["check"]["runtime"] = f"torch {torch.__version__}"
-    return {**record, "load": "torch.export.load(path).module()(image)"}
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    # The exporter reports its progress on stdout, which `pand export` keeps for its JSON.
-    with contextlib.redirect_stdout(sys.stderr):
-        yield
-
-
-def _write_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> dict[str, Any]:
-    import onnx
-    import onnxruntime as ort
-
-    def build(dynamic: bool) -> bytes:
-        args = (example,) if dynamic else (example[:_FIXED_BATCH],)
-        with _quiet_stdout():
-            program = torch.onnx.export(model, args, dynamo=True, input_names=[INPUT_NAME],
-                                        output_names=[OUTPUT_NAME], verbose=False,
-                                        dynamic_shapes=({0: _dynamic_batch()},) if dynamic else None)
-        return program.model_proto.SerializeToString()
-
-    def check(data: bytes, batches) -> float:
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-        if names != ([INPUT_NAME], [OUTPUT_NAME]):
-            raise PandError(f"the ONNX graph has inputs {names[0]} and outputs {names[1]}, expected "
-                            f"[{INPUT_NAME!r}] and [{OUTPUT_NAME!r}]")
-        return _compare(model, lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], example.shape[-1],
-                        batches, "ONNX model (onnxruntime)")
-
-    data, record = _dynamic_or_fixed(build, check)
-    atomic_write_bytes(path, data)
-    record["check"]["runtime"] = f"onnxruntime {ort.__version__}"
-    opset = next((o.version for o in onnx.load_from_string(data).opset_import if o.domain in ("", "ai.onnx")), None)
-    return {**record, "opset": opset}
+def ship_int8(summary: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """After ``pand train ... quantize=qat`` (with ``quantize.export``): its selected checkpoint exported as the int8
+    ONNX model (``<run_dir>/int8``, as ``pand export format=onnx quantize=int8`` would) and, if the run tests, that
+    file's test top-1 under ONNX Runtime, the number that ships. Added to ``summary.json`` under ``int8``; returns the
+    summary."""
+    q = config.get("quantize") or {}
+    if (q.get("name") != "qat" or not q.get("export", True) or summary.get("status") != "done"
+            or not is_first_process()):
+        return summary
+    run_dir = Path(summary["run_dir"])
+    exported = export_student(summary["best_checkpoint"], "onnx", run_dir / INT8_FOLDER, quantize="int8",
+                              calibration=int(q.get("calibration", DEFAULT_CALIBRATION)))
+    model = Path(exported["files"][0])
+    record: dict[str, Any] = {"file": str(model), "bytes": exported["student"]["quantization"]["bytes"]}
+    if config.get("test", True) and summary.get("test_acc1") is not None:
+        results = evaluate_exported(model, splits=("test",))
+        record.update(test_acc1=results.get("test_acc1"), test_acc5=results.get("test_acc5"),
+                      simulated_test_acc1=summary["test_acc1"])
+        log.info("int8 model %s: test top-1 %.2f %% under ONNX Runtime (%.2f %% simulated in training)", model,
+                 100 * record["test_acc1"], 100 * summary["test_acc1"])
+    summary = {**summary, "int8": record}
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

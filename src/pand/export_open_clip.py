@@ -68,6 +68,7 @@ from pand.deploy import LoadedStudent, load_student, preprocessing
 from pand.errors import ConfigError, PandError
 from pand.io import atomic_write_with
 from pand.networks.backbones import natural_size, resolve_source
+from pand.networks.timm_twins import TORCHVISION_IN_TIMM
 from pand.rules import TEACHER_TEXT_TOWER
 from pand.teachers.clip import ClipTeacher, register_model_configs
 from pand.teachers.registry import load_teacher
@@ -79,13 +80,6 @@ CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 SIMILARITY_ATOL = 1e-5
 
-#: torchvision students whose timm namesake has the same state-dict keys and computes the same function (torchvision
-#: 0.2x and timm 1.0: conv1/bn1/layerN/downsample, and DenseNet's features.*; the classifier is stripped on both sides).
-TORCHVISION_IN_TIMM = {name: name for name in (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2",
-    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "densenet121", "densenet161", "densenet169",
-    "densenet201",
-)}
 #: student.kwargs of a timm student that open_clip's vision_cfg hands on to timm, and the vision_cfg key for each.
 TIMM_KWARGS = {"drop_path_rate": "timm_drop_path", "patch_drop_rate": "patch_dropout", "global_pool": "timm_pool"}
 

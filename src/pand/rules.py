@@ -323,6 +323,11 @@ def data_setting_errors(config: Mapping[str, Any]) -> list[str]:
 
 
 
+def _is_export_folder(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike)) and bool(os.fspath(value).strip()) and (
+        Path(value).expanduser() / "student.json").is_file()
+
+
 PREDICT_RULES: dict[str, Rule] = {
     "topk": integer(1),
     "batch_size": integer(1),
@@ -335,7 +340,8 @@ def validate_predict_options(options: Mapping[str, Any]) -> list[str] | None:
     """Refuse ``pand predict`` options (:func:`pand.predict.predict`'s arguments) before anything is loaded; returns
     the class names given, if any."""
     errors = check_rules(options, PREDICT_RULES)
-    errors += input_file_errors("ckpt_path", options.get("ckpt_path"), "a checkpoint file")
+    if not _is_export_folder(options.get("ckpt_path")):  # pand export's folder names its one model file
+        errors += input_file_errors("ckpt_path", options.get("ckpt_path"), "a checkpoint file")
     errors += images_errors("images", options.get("images"))
     if options.get("device") is not None:
         errors += device_errors("device", options["device"])
@@ -353,10 +359,24 @@ def validate_predict_options(options: Mapping[str, Any]) -> list[str] | None:
     return names
 
 
-EXPORT_FORMATS = ("onnx", "torch_export", "safetensors", "open_clip")
+EXPORT_FORMATS = ("onnx", "torch_export", "safetensors", "open_clip", "timm")
 # what a format needs besides pand's own dependencies (pip install pand[export])
 EXPORT_PACKAGES = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
-EXPORT_RULES: dict[str, Rule] = {"format": choice(*EXPORT_FORMATS)}
+# int8 export (pand.export_int8): ONNX Runtime's static quantization, calibrated on training images
+EXPORT_QUANTIZE = ("none", "int8")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+EXPORT_RULES: dict[str, Rule] = {"format": choice(*EXPORT_FORMATS), "quantize": choice(*EXPORT_QUANTIZE, optional=True),
+                                 "calibration": integer(1), "calibration_method": choice(*CALIBRATION_METHODS)}
+# Why quantize=int8 is refused for the other formats.
+_NOT_QUANTIZED = {
+    "torch_export": "PyTorch's int8 flow for exported programs (PT2E) has moved out of torch into torchao, whose x86 "
+                    "quantizer fails on torch 2.14's exported ResNet-18 ('Input partition has more than one output "
+                    "node'); export format=onnx quantize=int8 instead",
+    "safetensors": "safetensors holds float weights for torchvision / timm to load; export format=onnx quantize=int8 "
+                   "for an int8 model",
+    "open_clip": "open_clip loads float towers; export format=onnx quantize=int8 for an int8 image classifier",
+    "timm": "timm builds float models from the folder; export format=onnx quantize=int8 for an int8 model",
+}
 
 
 def _missing_export_packages(fmt: str) -> list[str]:
@@ -370,6 +390,10 @@ def validate_export_options(options: Mapping[str, Any]) -> list[str] | None:
     (``class_names=a,b,...``, or the path of a file with one name per line)."""
     errors = check_rules(options, EXPORT_RULES)
     errors += input_file_errors("ckpt_path", options.get("ckpt_path"), "a checkpoint file")
+    if isinstance(options.get("ckpt_path"), (str, os.PathLike)) and Path(options["ckpt_path"]).suffix.lower() in (
+            ".onnx", ".pt2"):  # pand.deploy.load_student reads these too, but they hold no trainable student
+        errors.append(f"ckpt_path={show(os.fspath(options['ckpt_path']))} is an exported model; export from the "
+                      "checkpoint it came from (its student.json names it)")
     errors += output_folder_errors("out", options.get("out"))
     fmt = options.get("format")
     missing = [] if errors or fmt not in EXPORT_PACKAGES else _missing_export_packages(fmt)
@@ -377,6 +401,9 @@ def validate_export_options(options: Mapping[str, Any]) -> list[str] | None:
         errors.append(f"format={fmt} needs {', '.join(EXPORT_PACKAGES[fmt])} (missing: {', '.join(missing)}): "
                       "pip install pand[export]")
     errors += export_text_tower_errors(fmt, options.get("text_tower"))
+    if options.get("quantize") == "int8" and fmt in EXPORT_FORMATS and fmt != "onnx":
+        errors.append(f"quantize=int8 is not available for format={fmt}: "
+                      + _NOT_QUANTIZED.get(fmt, "export format=onnx quantize=int8 instead"))
     names, given = None, options.get("class_names")
     try:
         # one name that looks like a file's (a folder in it, or .txt) is a file of names, one per line

@@ -256,9 +256,9 @@ def test_eval_options_are_checked_before_the_checkpoint_is_loaded(tmp_path, caps
         "data.batch_size=0": "invalid option: data.batch_size=0 is not allowed: expected an integer >= 1",
         "data=cub": "invalid option: data='cub' would replace the whole data section of the checkpoint's config; "
                     "override single settings (data.NAME=VALUE) instead",
-        "+data.x=1": "unknown argument '+data.x=1': pand eval takes ckpt_path=, splits=, out=, clip_benchmark_dir= and "
-                     "overrides KEY=VALUE of settings of the checkpoint's config (such as data.root=/new/place); usage: "
-                     "pand eval",
+        "+data.x=1": "unknown argument '+data.x=1': pand eval takes ckpt_path=, model=, splits=, out=, "
+                     "clip_benchmark_dir= and overrides KEY=VALUE of settings of the checkpoint's config (such as "
+                     "data.root=/new/place); usage: pand eval",
     }
     for option, message in cases.items():
         assert main(["eval", f"ckpt_path={ckpt}", option]) == 2

@@ -18,7 +18,10 @@ models and batch sizes, inputs already on the device. It reports the median mill
 parameters, forward FLOPs per image (``torch.utils.flop_counter``, one batch-1 forward) and teacher ms / student ms.
 ``--latency`` replaces the training-step table (it does not add to it); ``--zoo`` and ``--loader`` still add their
 parts when given with it, so the training-step table needs a second run without ``--latency``. With
-``--latency --latency-batches 32,256`` its student rows give what a larger ``data.eval_batch_size`` gains.
+``--latency --latency-batches 32,256`` its student rows give what a larger ``data.eval_batch_size`` gains. On the CPU it
+also times the student as it ships (:mod:`pand.bench.exported`): exported to ONNX and quantized to int8 in the run,
+under ONNX Runtime with the same threads, next to PyTorch eager, with the files' sizes and the CPU's instruction sets
+that matter for int8 (VNNI, AMX); ``--no-exported`` leaves them out.
 
 ``--parallel`` adds the student's training images/s (cross-entropy steps on the CPU) in one process with a thread per
 core, next to one process per core (at most 4) running the same steps side by side: what ``--jobs`` of
@@ -77,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
                         "training-step table; --zoo and --loader still add theirs")
     p.add_argument("--latency-batches", type=_parse_batches, default="1,32",
                    help="comma-separated batch sizes of --latency (default 1,32)")
+    p.add_argument("--no-exported", dest="exported", action="store_false",
+                   help="--latency without the rows of the student as it ships (ONNX Runtime float32 and int8, "
+                        "exported and quantized in the run; CPU only)")
     p.add_argument("--parallel", action="store_true",
                    help="also measure the student's training images/s in one process with every core against one "
                         "process per core side by side (what --jobs of pand quickstart and pand sweep do)")

@@ -6,6 +6,7 @@ Kept apart from the command line so that ``pand bench --help`` answers without i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import tempfile
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pand.bench.exported import exported_rows
 from pand.bench.loader import measure_loader_throughput, run_estimates
 from pand.cache.teacher import CachedTeacherSource, TeacherCache
 from pand.distillers import Progress, TeacherContext, build_distiller
@@ -356,6 +358,12 @@ def _latency_bench(args: argparse.Namespace, device: torch.device, autocast) -> 
     # What a student replaces at inference is the image tower; the text tower runs once per class list.
     out["teacher"]["params_with_text_tower"] = _num_params(teacher.model)
     out["ratio_teacher_vs_student"] = {str(b): round(med["teacher", b] / med["student", b], 3) for b in batches}
+    if args.exported and device.type == "cpu":
+        if importlib.util.find_spec("onnxruntime") is None:
+            out["exported"] = {"skipped": "onnxruntime is not installed: pip install pand[export]"}
+        else:
+            out["exported"] = exported_rows(student, args.image_size, threads=torch.get_num_threads(),
+                                            batches=batches, repeats=args.steps, warmup=args.warmup)
     return out
 
 
@@ -519,6 +527,33 @@ def _print_latency(console, lat: dict[str, Any], c: dict[str, Any]) -> None:
     console.print(t)
     console.print(f"teacher parameters: {teacher['params'] / 1e6:.3g} M in the image tower (timed), "
                   f"{teacher['params_with_text_tower'] / 1e6:.3g} M with the text tower")
+    if "exported" in lat:
+        _print_exported(console, lat["exported"], student["name"])
+
+
+def _print_exported(console, ex: dict[str, Any], name: str) -> None:
+    from rich.table import Table
+
+    if "skipped" in ex:
+        console.print(f"exported student rows skipped: {ex['skipped']}")
+        return
+    t = Table(title=f"the student as it ships ({name}, random weights): median of {ex['repeats']} batches, "
+                    f"{ex['threads']} threads; instruction sets: {', '.join(ex['isa']) or 'none of note'}")
+    t.add_column("model", justify="left")
+    t.add_column("MB on disk", justify="right")
+    for b in ex["batches"]:
+        t.add_column(f"ms, batch {b}", justify="right")
+        t.add_column(f"vs PyTorch, batch {b}", justify="right")
+    for model, m in ex["models"].items():
+        cells = []
+        for b in ex["batches"]:
+            cells += [f"{m['ms'][str(b)]:.3f}", f"{m['speedup'][str(b)]:.2f}x"]
+        t.add_row(model, f"{m['megabytes']:.2f}", *cells)
+    console.print(t)
+    share = ex["int8"]["int8_mac_share"]
+    left = ", ".join(f"{op} x{len(v)}" for op, v in ex["int8"]["float_operators"].items())
+    console.print(f"int8: {100 * share:.0f} % of Conv / Gemm / MatMul operators run in int8" if share is not None
+                  else "int8: no Conv / Gemm / MatMul operator", f"; left in float: {left}" if left else "", sep="")
 
 
 def _print_loader(console, loader: dict[str, Any], c: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""pand's own Lightning callbacks: the exponential moving average of the weights (``callbacks=ema``) and the one-line
-parameter summary that replaces Lightning's model table."""
+"""pand's own Lightning callbacks: the exponential moving average of the weights (``callbacks=ema``), the one-line
+parameter summary that replaces Lightning's model table, and the schedule of quantization-aware training."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 
 from pand.errors import ConfigError
+from pand.students.quantize import quantization_state
 
 log = logging.getLogger("pand")
 
@@ -49,3 +50,24 @@ class ParameterSummary(Callback):
         name = getattr(distiller.student, "name", type(distiller.student).__name__)
         log.info("student %s: %s parameters; method %s: %s trainable in its heads; %s trainable in all", name,
                  _millions(sum(p.numel() for p in student)), distiller.name, _millions(heads), _millions(trainable))
+
+
+class QuantizationSchedule(Callback):
+    """``quantize=qat``: each epoch's switches, from the epoch alone (so a resumed run sets them as the uninterrupted
+    one did): training steps run quantized from ``start_epoch`` on, BatchNorm is frozen for the last
+    ``freeze_bn_epochs`` epochs."""
+
+    def __init__(self, start_epoch: int, freeze_bn_epochs: int) -> None:
+        self.start_epoch, self.freeze_bn_epochs = int(start_epoch), int(freeze_bn_epochs)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        state = quantization_state(pl_module)
+        if state is None:
+            raise ConfigError("quantize=qat, but the student holds no fake-quantized layer")
+        epoch, epochs = trainer.current_epoch, trainer.max_epochs
+        quantized = epoch >= self.start_epoch
+        frozen = self.freeze_bn_epochs > 0 and epochs is not None and epoch >= epochs - self.freeze_bn_epochs
+        if (quantized, frozen) != (state.train_quantized, state.freeze_batch_norm) and trainer.is_global_zero:
+            log.info("epoch %d: training steps %s, BatchNorm %s", epoch, "quantized" if quantized else "in float",
+                     "frozen" if frozen else "training")
+        state.train_quantized, state.freeze_batch_norm = quantized, frozen

@@ -216,7 +216,11 @@ _IGNORED_ON_RESUME = {
     "method": set(),
     "optim": set(),
     "scheduler": set(),
+    # where the fine-tune started and the export after it do not change the training a resume continues
+    "quantize": {"init_from", "export", "calibration"},
 }
+# A section that older checkpoints do not have, and the value that meant.
+_ABSENT = {"quantize": {"name": "none"}}
 # Sections of which only some entries define the training: of the callbacks, the weight average (the rest log or
 # stop early, which a resume may change).
 _COMPARED_ON_RESUME = {"callbacks": {"ema"}}
@@ -232,7 +236,7 @@ def _flatten(obj: Any, prefix: str) -> dict[str, Any]:
 
 
 def _compared_part(config: Mapping[str, Any], group: str) -> dict[str, Any]:
-    section = config.get(group) or {}
+    section = config.get(group) or _ABSENT.get(group, {})
     if group in _COMPARED_ON_RESUME:
         return {k: v for k, v in section.items() if k in _COMPARED_ON_RESUME[group]}
     return {k: v for k, v in section.items() if k not in _IGNORED_ON_RESUME[group]}

@@ -118,6 +118,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "cache.precision_tolerance": TOLERANCE_RULE,
     "checkpoint.every_n_steps": integer(0, optional=True),
     "checkpoint.allow_older": BOOL,
+    "quantize.name": choice("none", "qat"),
+    "quantize.start_epoch": integer(0),
+    "quantize.freeze_bn_epochs": integer(0),
+    "quantize.export": BOOL,
+    "quantize.calibration": integer(1),
 }
 
 
@@ -265,10 +270,25 @@ def _engine_setting_errors(config: Mapping[str, Any]) -> list[str]:
         for cls, (modules, extra) in _LOGGER_PACKAGES.items():
             if target.endswith("." + cls) and not any(importlib.util.find_spec(m) for m in modules):
                 errors.append(f"logger {name} ({cls}) needs the {modules[0]} package: pip install 'pand[{extra}]'")
+    errors += _quantize_errors(config)
     warmup, epochs = lookup(config, "scheduler.warmup_epochs"), lookup(config, "trainer.max_epochs")
     if isinstance(warmup, int) and isinstance(epochs, int) and 0 < epochs <= warmup:
         errors.append(f"scheduler.warmup_epochs={warmup} is not below trainer.max_epochs={epochs}: training would "
                       "end inside the warm-up")
+    return errors
+
+
+def _quantize_errors(config: Mapping[str, Any]) -> list[str]:
+    """A quantization-aware run that would never train quantized, or starts from a checkpoint that is not there."""
+    q = config.get("quantize") or {}
+    if q.get("name") != "qat":
+        extra = sorted(set(q) - {"name"})
+        return [f"quantize.{k} is set but quantize={q.get('name')} does not read it: use quantize=qat" for k in extra]
+    errors = []
+    start, epochs = q.get("start_epoch", 0), lookup(config, "trainer.max_epochs")
+    if isinstance(start, int) and isinstance(epochs, int) and start >= epochs >= 1:
+        errors.append(f"quantize.start_epoch={start} is not below trainer.max_epochs={epochs}: no training step "
+                      "would run quantized")
     return errors
 
 
@@ -355,6 +375,9 @@ def validate_train_config(config: Mapping[str, Any], *, for_cache_build: bool = 
         errors += _unlabelled_errors(config, cls)
         errors += _novel_protocol_errors(config)
     errors += _dataset_errors(config)
+    if config.get("init_from") not in (None, "") and config.get("ckpt_path") in (None, ""):
+        # a resume takes its weights from its checkpoint; checked here, where files are (like the dataset's)
+        errors += input_file_errors("init_from", config["init_from"], "a pand checkpoint (.ckpt)")
     raise_option_errors(errors, "training setting")
     run_dir = config.get("run_dir") or lookup(config, "paths.runs_dir")
     if not for_cache_build and run_dir not in (None, MISSING):

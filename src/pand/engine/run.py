@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -20,12 +21,13 @@ import torch
 from omegaconf import OmegaConf
 
 from pand.cache.teacher import TeacherCache
-from pand.config import teacher_cache_settings
+from pand.checkpoint_files import STUDENT_PREFIX, read_checkpoint, stored_config
+from pand.config import teacher_cache_settings, with_data_overrides
 from pand.data.assembly import UNLABELLED_SPLIT
 from pand.data.mixing import BatchMixer
 from pand.distillers import Distiller, build_distiller, get_distiller_class
 from pand.engine.builders import build_callbacks, build_loggers, close_loggers
-from pand.engine.callbacks import ParameterSummary
+from pand.engine.callbacks import ParameterSummary, QuantizationSchedule
 from pand.engine.checkpoints import (
     AtomicCheckpointIO,
     RunCheckpoints,
@@ -56,7 +58,9 @@ from pand.locks import FolderLock, remove_if_unused
 from pand.provenance import software_record
 from pand.students import build_student
 from pand.students.checkpoint import load_checkpoint_student
+from pand.students.exported import exported_model_file, file_sha256, load_exported
 from pand.students.open_vocab import OpenVocabStudent
+from pand.students.quantize import QuantizedStudent, prepare_qat
 from pand.teachers.registry import load_teacher
 
 log = logging.getLogger("pand")
@@ -93,9 +97,12 @@ def build_student_from(config: Mapping[str, Any], num_classes: int):
     s = config["student"]
     # Built for the run's input size (timm ViTs, Mixers, Swins take img_size); methods that attach heads to the
     # student's stages size them with a dry run at it (student.input_size).
+    # init_from replaces every weight of the student: the library's pretrained ones are not downloaded for nothing
+    start = bool(config.get("init_from"))
     return build_student(
-        s["name"], num_classes, source=s.get("source", "auto"), pretrained=_pretrained(s.get("pretrained", True)),
-        weights=s.get("weights"), image_size=int(config["data"]["image_size"]), kwargs=s.get("kwargs"),
+        s["name"], num_classes, source=s.get("source", "auto"),
+        pretrained=False if start else _pretrained(s.get("pretrained", True)),
+        weights=None if start else s.get("weights"), image_size=int(config["data"]["image_size"]), kwargs=s.get("kwargs"),
     )
 
 
@@ -118,11 +125,50 @@ def build_training(config: Mapping[str, Any], run_dir: Path | None = None
     if data.label_free:
         label_val_with_teacher(config, data, context, source)
     student = build_student_from(config, len(classes))
+    _prepare_quantization(config, student)  # before the distiller taps the student's stages
     distiller = build_distiller(config["method"], student, len(classes), context)
+    _start_from(config, distiller)
     mixer = BatchMixer.from_config(config.get("mixing"), len(classes), seed=int(config["seed"]))
     module = DistillationModule(distiller, source, optim=config["optim"], scheduler=config.get("scheduler"),
                                 config=config, mixer=mixer)
     return data, module
+
+
+def _prepare_quantization(config: Mapping[str, Any], student) -> QuantizedStudent | None:
+    """``quantize=qat``: fake-quantize the student's layers (:mod:`pand.students.quantize`)."""
+    q = config.get("quantize") or {}
+    if q.get("name") != "qat":
+        return None
+    quantized = prepare_qat(student)
+    if is_first_process():
+        log.info("quantization-aware training: %d layers fake-quantized (int8 weights per channel, uint8 inputs)%s",
+                 len(quantized.quantized), f"; left in float: {', '.join(quantized.float_layers)}"
+                 if quantized.float_layers else "")
+    return quantized
+
+
+def _start_from(config: Mapping[str, Any], distiller: Distiller) -> None:
+    """``init_from``: the student of a pand checkpoint starts this run (a fine-tune, a quantization-aware one)."""
+    path = config.get("init_from")
+    if not path:
+        return
+    if config.get("ckpt_path"):
+        if is_first_process():
+            log.info("init_from=%s is not read: the run resumes from ckpt_path, which holds its weights", path)
+        return
+    ckpt = read_checkpoint(path)
+    state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
+    stored = stored_config(ckpt, path)["student"]
+    if stored.get("name") != config["student"]["name"]:
+        raise MismatchError(f"init_from={path} holds a {stored.get('name')} student; this run trains a "
+                            f"{config['student']['name']}")
+    try:
+        distiller.student.load_state_dict(state)
+    except RuntimeError as err:
+        raise MismatchError(f"the student of init_from={path} does not fit this run's student (another "
+                            f"architecture, classes or method head): {str(err).splitlines()[0]}") from None
+    if is_first_process():
+        log.info("the student starts from the one of %s", path)
 
 
 def build_trainer(
@@ -135,6 +181,9 @@ def build_trainer(
     loggers = build_loggers(config.get("logger"), run_dir, resume_step)
     # pand's checkpointing runs last, after any callback that changes the weights it saves (the EMA's average).
     callbacks = [*build_callbacks(config.get("callbacks"), has_logger=bool(loggers)), ParameterSummary(), checkpoints]
+    q = config.get("quantize") or {}
+    if q.get("name") == "qat":
+        callbacks.insert(0, QuantizationSchedule(q.get("start_epoch", 0), q.get("freeze_bn_epochs", 0)))
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         logger=loggers or False,
@@ -324,25 +373,10 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
     if data.num_classes != student.num_classes:
         raise MismatchError(f"{ckpt_path} classifies {student.num_classes} classes; its data has "
                             f"{data.num_classes}")
-    module = DistillationModule(Distiller(student, data.num_classes))
-    trainer = L.Trainer(
-        accelerator=config["trainer"].get("accelerator", "auto"), devices=1, logger=False,
-        enable_progress_bar=bool(config["trainer"].get("enable_progress_bar", True)),
-        use_distributed_sampler=False, enable_checkpointing=False,
-        precision=config["trainer"].get("precision", "32-true"),
-    )
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
-    for split in splits:
-        why = _why_not_scored(data, split)
-        if why:
-            results[f"{split}_skipped"] = why
-    splits = tuple(s for s in splits if f"{s}_skipped" not in results)
-    for split in splits:
-        loader = data.eval_dataloader(split)
-        metrics = (trainer.validate if split == "val" else trainer.test)(module, dataloaders=loader, verbose=False)[0]
-        results[f"{split}_acc1"] = _as_float(metrics[f"{split}/acc1"])
-        results[f"{split}_acc5"] = _as_float(metrics[f"{split}/acc5"])
-        results[f"{split}_size"] = len(data.splits[split])
+    _score_splits(student, data, splits, results, accelerator=config["trainer"].get("accelerator", "auto"),
+                  precision=config["trainer"].get("precision", "32-true"),
+                  progress=bool(config["trainer"].get("enable_progress_bar", True)))
     if open_vocab:
         teacher = load_teacher(config)
         student.to(next(teacher.parameters()).device)
@@ -350,10 +384,86 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         log.info("%s", format_report(report))
         results["open_vocab"] = report
         results["clip_benchmark_dir"] = str(bench_dir)
+    _write_results(results, out_path, bench_dir if open_vocab else None)
+    return results
+
+
+def evaluate_exported(model_path: str | os.PathLike, data_overrides: Mapping[str, Any] | None = None,
+                      splits=("val", "test"), out: str | None = None) -> dict[str, Any]:
+    """Evaluate an exported student (``student.onnx``, ``student.int8.onnx``, ``student.pt2``, or the export folder)
+    on the splits of the run it came from, as :func:`evaluate` does its checkpoint: the number of the file that ships.
+
+    The data section and seed come from the ``student.json`` beside the model, with ``data_overrides`` (keys of the
+    data section, or ``{"data": {...}}``) merged in. The model runs on the CPU in float32 (ONNX in onnxruntime).
+    Results go to ``out`` (default: beside the model, ``student.onnx.eval.json`` for ``student.onnx``).
+    """
+    overrides = dict(data_overrides or {})
+    if set(overrides) - {"data"} and "data" in overrides:
+        raise ConfigError(f"pand eval model=... takes data.KEY=VALUE overrides only, not "
+                          f"{', '.join(sorted(set(overrides) - {'data'}))}: an exported model keeps no other part of "
+                          "its run's config (it runs on the CPU in float32)")
+    path = exported_model_file(model_path)
+    splits = tuple(splits)
+    # the model's full name: student.onnx and student.int8.onnx of one folder never share a results file
+    out_path = Path(out) if out else path.with_name(path.name + ".eval.json")
+    validate_eval_options(splits, str(out_path))  # before the work, so results are never computed and then lost
+    exported = load_exported(path)
+    meta, model = exported.meta, exported.model
+    if not isinstance(meta.get("data"), Mapping):
+        ckpt = (meta.get("checkpoint") or {}).get("path")
+        raise ConfigError(f"{exported.metadata_path} has no data section (an export of an earlier pand), so the "
+                          "splits of its run cannot be rebuilt; export it again, or evaluate "
+                          f"{'the checkpoint ' + ckpt if ckpt else 'its checkpoint'} with pand eval ckpt_path=...")
+    config = with_data_overrides({"data": meta["data"]}, overrides)
+    data = PandDataModule(config["data"], seed=int(meta.get("seed", 0)))
+    names = exported.class_names
+    if data.num_classes != model.num_classes:
+        raise MismatchError(f"{path} classifies {model.num_classes} classes; its data has {data.num_classes}")
+    # pand's stand-in names (a checkpoint without its class list) say nothing; real names must be the data's
+    if list(data.classes) != names and names != [f"class {i}" for i in range(len(names))]:
+        differ = next(i for i, (a, b) in enumerate(zip(names, data.classes)) if a != b)
+        raise MismatchError(f"{path} was exported for other classes than its data's: class {differ} is "
+                            f"{names[differ]!r} there, {data.classes[differ]!r} in the data (an open-vocabulary "
+                            "student exported with class_names=...?); top-1 would score other classes")
+    results: dict[str, Any] = {"model": str(path), "format": model.format, "runtime": model.runtime,
+                               "model_sha256": file_sha256(path), "exported_from": meta.get("checkpoint")}
+    _score_splits(model, data, splits, results, accelerator="cpu", precision="32-true",
+                  progress=sys.stderr.isatty())
+    if meta.get("open_vocabulary") is not None:
+        ckpt = (meta.get("checkpoint") or {}).get("path") or "..."
+        results["note"] = ("open-vocabulary student: top-1 on its exported classes only; the open-vocabulary report "
+                           "(base / novel, retrieval, clip_benchmark) needs its checkpoint and teacher: pand eval "
+                           f"ckpt_path={ckpt}")
+    _write_results(results, out_path)
+    return results
+
+
+def _score_splits(student: torch.nn.Module, data: PandDataModule, splits: tuple[str, ...], results: dict[str, Any],
+                  *, accelerator: str, precision: str, progress: bool) -> None:
+    """Top-1 / top-5 of ``student`` on each split into ``results`` (``<split>_acc1``, ``_acc5``, ``_size``, or
+    ``<split>_skipped`` with the reason): one loop for checkpoints and exported models, so both report alike."""
+    module = DistillationModule(Distiller(student, data.num_classes))
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, logger=False, enable_progress_bar=progress,
+        use_distributed_sampler=False, enable_checkpointing=False, precision=precision,
+    )
+    for split in splits:
+        why = _why_not_scored(data, split)
+        if why:
+            results[f"{split}_skipped"] = why
+    for split in (s for s in splits if f"{s}_skipped" not in results):
+        loader = data.eval_dataloader(split)
+        metrics = (trainer.validate if split == "val" else trainer.test)(module, dataloaders=loader, verbose=False)[0]
+        results[f"{split}_acc1"] = _as_float(metrics[f"{split}/acc1"])
+        results[f"{split}_acc5"] = _as_float(metrics[f"{split}/acc5"])
+        results[f"{split}_size"] = len(data.splits[split])
+
+
+def _write_results(results: dict[str, Any], out_path: Path, bench_dir: Path | None = None) -> None:
     written = out_path
     try:
         atomic_write_json(out_path, results)
-        if open_vocab:
+        if bench_dir is not None:
             written = bench_dir
             write_clip_benchmark(results["open_vocab"]["clip_benchmark"], bench_dir)
     except OSError as err:
@@ -361,7 +471,6 @@ def evaluate(ckpt_path: str | os.PathLike, overrides: Mapping[str, Any] | None =
         log.error("results: %s", results)
         reason = OUTPUT_ERRNOS.get(err.errno, err.strerror or str(err))
         raise OutputError(f"could not write {written}: {reason}; the results are printed above") from None
-    return results
 
 
 def _why_not_scored(data: PandDataModule, split: str) -> str | None:
