@@ -82,7 +82,8 @@ def test_the_schedule_runs_float_steps_first_and_freezes_batch_norm_last(cub_roo
     run = tmp_path / "run"
     overrides = tiny_overrides(cub_root, run, "student=mobilenet_v2", "method=kd", "trainer.max_epochs=3",
                                "test=false", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-                               "quantize=qat", "quantize.start_epoch=1", "quantize.freeze_bn_epochs=1")
+                               "quantize=qat", "quantize.start_epoch=1", "quantize.freeze_bn_epochs=1",
+                               "quantize.export=false")
     assert main(["train", *overrides]) == 0
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pand: epoch ")]
     assert said == ["pand: epoch 0: training steps in float, BatchNorm training",
@@ -93,7 +94,7 @@ def test_the_schedule_runs_float_steps_first_and_freezes_batch_norm_last(cub_roo
 def test_a_frozen_epoch_leaves_the_batch_norm_statistics_as_they_were(cub_root, tmp_path, capsys):
     run = tmp_path / "run"
     common = ("student=mobilenet_v2", "method=kd", "test=false", "trainer.limit_train_batches=2",
-              "trainer.limit_val_batches=1", "quantize=qat")
+              "trainer.limit_val_batches=1", "quantize=qat", "quantize.export=false")
     assert main(["train", *tiny_overrides(cub_root, run, *common, "trainer.max_epochs=1",
                                           "quantize.freeze_bn_epochs=0")]) == 0
     before = load_checkpoint_student(run / "checkpoints" / "last.ckpt")[0].state_dict()
@@ -116,7 +117,7 @@ def test_a_resumed_quantized_run_continues_exactly(cub_root, tmp_path):
     does: the switches follow the epoch, and fake quantization keeps no state of its own."""
     common = ("student=mobilenet_v2", "method=kd", "test=false", "trainer.limit_train_batches=2",
               "trainer.limit_val_batches=1", "quantize=qat", "quantize.start_epoch=1", "quantize.freeze_bn_epochs=0",
-              "trainer.max_epochs=3")
+              "trainer.max_epochs=3", "quantize.export=false")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", *tiny_overrides(cub_root, straight, *common)]) == 0
     assert main(["train", *tiny_overrides(cub_root, resumed, *common, "trainer.max_epochs=2")]) == 0
