@@ -57,14 +57,14 @@ def run_one(out: str, seed: int, student: str, qat_epochs: int, qat_lr: float, c
     best = Path(float_run["best_checkpoint"])
     ptq = export_student(best, "onnx", seed_dir / f"{student}-ptq", quantize="int8", calibration=calibration)
     started = time.time()
-    qat_run = run_student(args, seed, seed_dir, METHOD, Path("unused"), unlabelled, f"{student}-qat", student_args + (
-        "quantize=qat", f"init_from={best}", f"trainer.max_epochs={qat_epochs}", f"optim.lr={qat_lr}",
-        "quantize.export=false"))
+    tune = (f"init_from={best}", f"trainer.max_epochs={qat_epochs}", f"optim.lr={qat_lr}")
+    qat_run = run_student(args, seed, seed_dir, METHOD, Path("unused"), unlabelled, f"{student}-qat",
+                          student_args + tune + ("quantize=qat", "quantize.export=false"))
     qat_seconds = time.time() - started
     # the same fine-tune in float: what the extra epoch gives without quantization, so that the QAT row's gain or loss
     # is the quantization's, not the extra training's
     control = run_student(args, seed, seed_dir, METHOD, Path("unused"), unlabelled, f"{student}-float-tuned",
-                          student_args + (f"init_from={best}", f"trainer.max_epochs={qat_epochs}", f"optim.lr={qat_lr}"))
+                          student_args + tune)
     qat = export_student(qat_run["best_checkpoint"], "onnx", seed_dir / f"{student}-qat-int8", quantize="int8",
                          calibration=calibration)
     folder = Path(ptq["files"][0]).parent

@@ -12,7 +12,7 @@ from pand.cli import main
 from pand.engine.data import PandDataModule
 from pand.errors import ConfigError
 from pand.export import export_student
-from pand.export_int8 import operator_coverage
+from pand.export_int8 import _Reader, operator_coverage
 from tests.engine.conftest import tiny_overrides
 from tests.fixtures.datasets import make_cub
 
@@ -139,6 +139,8 @@ def test_calibration_draws_from_the_unlabelled_training_images_of_a_run_that_had
     everything = calibration_images(config, 1000)
     assert everything.sources == {"train": labelled, "unlabelled": unlabelled}
     assert sum(len(b) for b in everything) == labelled + unlabelled
+    assert everything.batch_sizes == [len(b) for b in everything]  # known before any image is read
+    assert len(_Reader(everything, "image", fixed_batch=1)) == labelled + unlabelled  # row by row
     some = calibration_images(config, 5)
     assert sum(some.sources.values()) == 5 and sum(len(b) for b in some) == 5
     again = calibration_images(config, 5)

@@ -64,6 +64,11 @@ def stored_config(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[str,
 STUDENT_PREFIX = "distiller.student."
 
 
+def student_state(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The student's weights of a pand checkpoint, under the student's own keys."""
+    return {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
+
+
 def is_resumable(ckpt: Mapping[str, Any]) -> bool:
     """Whether a checkpoint holds the training state (loops, optimizers), not only weights."""
     return "loops" in ckpt and "optimizer_states" in ckpt

@@ -37,7 +37,6 @@ exported with one is exported for a fixed batch of 1 instead, and ``student.json
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -57,9 +56,10 @@ from pand.export_open_clip import load_for_open_clip, with_text_tower, write_ope
 from pand.export_programs import EXAMPLE_BATCH, FIXED_BATCH, INPUT_NAME, OUTPUT_NAME, write_onnx, write_torch_export
 from pand.export_timm import WEIGHTS_NAME as TIMM_WEIGHTS
 from pand.export_timm import write_timm
-from pand.io import atomic_write_bytes, atomic_write_json, mark_output_folder
+from pand.io import atomic_write_bytes, atomic_write_json, file_sha256, mark_output_folder
 from pand.networks.backbones import resolve_source
 from pand.networks.cifar import create_cifar_model
+from pand.networks.timm_models import create_timm_sized
 from pand.rules import EXPORT_FORMATS, TEACHER_TEXT_TOWER, validate_export_options
 
 log = logging.getLogger("pand")
@@ -125,7 +125,7 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
         "class_names": list(loaded.class_names),
         "architecture": _architecture(model, config, len(loaded.class_names)),
         "pand_version": pand.__version__,
-        "checkpoint": {"path": str(ckpt_path.absolute()), "sha256": _sha256(ckpt_path)},
+        "checkpoint": {"path": str(ckpt_path.absolute()), "sha256": file_sha256(ckpt_path)},
         # the run's data section and seed: `pand eval model=<exported file>` rebuilds the same splits from them
         "data": config["data"],
         "seed": int(config.get("seed", 0)),
@@ -176,19 +176,9 @@ def export_student(ckpt_path: str | os.PathLike, fmt: str, out_dir: str | os.Pat
 
 
 # -- metadata ------------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _architecture(model: nn.Module, config: dict[str, Any], num_classes: int) -> dict[str, Any]:
     s = config["student"]
-    source = s.get("source", "auto")
-    if source == "auto":
-        source = resolve_source(s["name"])
+    source = resolve_source(s["name"], s.get("source", "auto"))
     head = getattr(model, "head_name", None)
     return {"source": source, "name": s["name"], "kwargs": dict(s.get("kwargs") or {}),
             "image_size": int(config["data"]["image_size"]), "num_classes": int(num_classes),
@@ -258,19 +248,10 @@ def _library_model(arch: dict[str, Any]) -> tuple[nn.Module, str, dict[str, Any]
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         return model, f"torchvision.models.get_model({name!r}, num_classes={num_classes}{_call_args(kwargs)})", kwargs
     if source == "timm":
-        import timm
-
-        if "img_size" not in kwargs:
-            # pand builds patch models (ViT, Mixer, Swin) for the run's size; CNNs refuse img_size, as in pand.
-            try:
-                sized = {**kwargs, "img_size": arch["image_size"]}
-                model = timm.create_model(name, pretrained=False, num_classes=num_classes, **sized)
-                return model, f"timm.create_model({name!r}, num_classes={num_classes}{_call_args(sized)})", sized
-            except TypeError as err:
-                if "img_size" not in str(err):
-                    raise
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-        return model, f"timm.create_model({name!r}, num_classes={num_classes}{_call_args(kwargs)})", kwargs
+        # pand builds patch models (ViT, Mixer, Swin) for the run's size, as the student was built
+        model, used = create_timm_sized(name, pretrained=False, num_classes=num_classes,
+                                        image_size=arch["image_size"], kwargs=kwargs)
+        return model, f"timm.create_model({name!r}, num_classes={num_classes}{_call_args(used)})", used
     if source == "cifar":
         return (create_cifar_model(name, num_classes=num_classes),
                 f"pand.students.cifar.create_cifar_model({name!r}, num_classes={num_classes})", {})

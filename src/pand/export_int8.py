@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +59,19 @@ _NAMES_SHOWN = 5
 
 
 class Calibration:
-    """Batches of calibration images (float32 N x 3 x S x S), read afresh by each iteration; ``len``: the number of
-    batches."""
+    """Batches of calibration images (float32 N x 3 x S x S), read afresh by each iteration. ``batch_sizes`` are
+    their sizes, known before any image is read (``len``: the number of batches)."""
 
-    def __init__(self, batches: Callable[[], Iterable[np.ndarray]], num_batches: int,
+    def __init__(self, batches: Callable[[], Iterable[np.ndarray]], batch_sizes: Sequence[int],
                  sources: dict[str, int] | None = None) -> None:
-        self._batches, self._len = batches, num_batches
+        self._batches, self.batch_sizes = batches, [int(b) for b in batch_sizes]
         self.sources = dict(sources or {})  # images per split of the run, where they come from one
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return iter(self._batches())
 
     def __len__(self) -> int:
-        return self._len
+        return len(self.batch_sizes)
 
 
 def calibration_images(config: dict[str, Any], count: int) -> Calibration:
@@ -85,12 +85,15 @@ def calibration_images(config: dict[str, Any], count: int) -> Calibration:
         raise ConfigError("the run has no training images to calibrate the int8 model on")
     # seeded by the count alone, so that calibrating twice with the same N reads the same images
     chosen = np.sort(np.random.default_rng(count).choice(total, min(count, total), replace=False))
-    loaders, sources, start = [], {}, 0
+    loaders, sources, sizes, start = [], {}, [], 0
     for split, n in pools:
         picked = [int(i) - start for i in chosen if start <= i < start + n]
         if picked:
-            loaders.append(data.eval_dataloader(split, indices=picked))
+            loader = data.eval_dataloader(split, indices=picked)
+            loaders.append(loader)
             sources[split] = len(picked)
+            full, rest = divmod(len(picked), loader.batch_size)
+            sizes += [loader.batch_size] * full + ([rest] if rest else [])
         start += n
 
     def batches() -> Iterator[np.ndarray]:
@@ -98,7 +101,7 @@ def calibration_images(config: dict[str, Any], count: int) -> Calibration:
             for batch in loader:
                 yield batch["image"].float().numpy()
 
-    return Calibration(batches, sum(len(loader) for loader in loaders), sources)
+    return Calibration(batches, sizes, sources)
 
 
 def quantize_onnx(float_path: Path, out_path: Path, batches: Calibration, *,
@@ -159,8 +162,8 @@ class _Reader:
         self.images = 0
 
     def __len__(self) -> int:
-        # a model that takes fixed batches is fed row by row: as many feeds as images (batches are full but the last)
-        return len(self._batches) if not self._fixed else sum(len(b) // self._fixed for b in self._batches)
+        # a model that takes fixed batches is fed slices of its batch: counted from the sizes, no image read
+        return len(self._batches) if not self._fixed else sum(b // self._fixed for b in self._batches.batch_sizes)
 
     def set_range(self, start_index: int, end_index: int) -> None:
         self._left = end_index - start_index

@@ -128,9 +128,8 @@ def vision_tower(model: nn.Module, config: Mapping[str, Any]) -> tuple[dict[str,
         raise _refusal(f"its method.head={model.head_kind} applies {what}, and open_clip's timm image tower only "
                        f"pools and then projects with a Linear or a GELU MLP; {_FIX_HEAD}")
     student = config["student"]
-    name, source = student["name"], student.get("source", "auto")
-    if source == "auto":
-        source = resolve_source(name)
+    name = student["name"]
+    source = resolve_source(name, student.get("source", "auto"))
     kwargs = dict(student.get("kwargs") or {})
     size = int(config["data"]["image_size"])
     options: dict[str, Any] = {}

@@ -51,7 +51,7 @@ from pand.deploy import preprocessing
 from pand.errors import ConfigError, PandError
 from pand.io import atomic_write_with
 from pand.networks.backbones import resolve_source
-from pand.networks.timm_models import timm_head_name
+from pand.networks.timm_models import create_timm_sized, timm_head_name
 from pand.networks.timm_twins import TORCHVISION_IN_TIMM, TORCHVISION_RENAMED_IN_TIMM, timm_state_dict, timm_twin
 
 log = logging.getLogger("pand")
@@ -74,9 +74,7 @@ def _refusal(reason: str) -> ConfigError:
 
 
 def _source(config: Mapping[str, Any]) -> str:
-    student = config["student"]
-    source = student.get("source", "auto")
-    return resolve_source(student["name"]) if source == "auto" else source
+    return resolve_source(config["student"]["name"], config["student"].get("source", "auto"))
 
 
 # -- what timm builds ----------------------------------------------------------------------------------------------
@@ -133,20 +131,11 @@ def _model_args(config: Mapping[str, Any]) -> dict[str, Any]:
 def reference_model(architecture: str, num_classes: int, image_size: int,
                     kwargs: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """timm's ``architecture`` with random weights, built as the student was (for the run's ``img_size`` where its
-    constructor takes one, as :func:`pand.networks.timm_models.create_timm` does), and the ``model_args`` that
+    constructor takes one: :func:`pand.networks.timm_models.create_timm_sized`), and the ``model_args`` that
     rebuild it."""
-    import timm
-
     with torch.random.fork_rng(devices=[]):  # timm initialises at random; the caller's random stream is left alone
-        if "img_size" not in kwargs:
-            sized = {**kwargs, "img_size": image_size}
-            try:
-                return timm.create_model(architecture, pretrained=False, num_classes=num_classes, **sized), sized
-            except TypeError as err:
-                # CNNs have no img_size; the constructor refuses it before building anything.
-                if "img_size" not in str(err):
-                    raise
-        return timm.create_model(architecture, pretrained=False, num_classes=num_classes, **kwargs), dict(kwargs)
+        return create_timm_sized(architecture, pretrained=False, num_classes=num_classes, image_size=image_size,
+                                 kwargs=kwargs)
 
 
 # -- config.json ---------------------------------------------------------------------------------------------------

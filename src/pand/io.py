@@ -145,14 +145,22 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def file_digest(path: str | os.PathLike, digest_size: int = 16) -> str:
-    """blake2b of a file's content (hex), read in 1 MB blocks: names a weights file or a cache array by what it
-    holds, so that a file rewritten in place under the same name is told apart."""
-    h = hashlib.blake2b(digest_size=digest_size)
+def _hash_file(path: str | os.PathLike, h) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike, digest_size: int = 16) -> str:
+    """blake2b of a file's content (hex), read in 1 MB blocks: names a weights file or a cache array by what it
+    holds, so that a file rewritten in place under the same name is told apart."""
+    return _hash_file(path, hashlib.blake2b(digest_size=digest_size))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's content (hex), the digest users check a shipped file with (``sha256sum``)."""
+    return _hash_file(path, hashlib.sha256())
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

@@ -54,8 +54,9 @@ def test_every_method_family_trains_quantized(cub_root, tmp_path, method, term):
 def test_a_quantized_run_reads_the_teacher_cache_as_any_run_does(cub_root, tmp_path):
     """The teacher side does not change with quantize=qat: a cache built by a float run serves the quantized one."""
     cache = tmp_path / "cache"
-    common = ("student=mobilenet_v2", "method=kd", "trainer.max_epochs=1", "test=false", "trainer.limit_train_batches=2",
-              "trainer.limit_val_batches=1", f"cache.dir={cache}", "cache.views=2", "quantize.export=false")
+    common = ("student=mobilenet_v2", "method=kd", "trainer.max_epochs=1", "test=false",
+              "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", f"cache.dir={cache}", "cache.views=2",
+              "quantize.export=false")
     assert main(["train", *tiny_overrides(cub_root, tmp_path / "float", *common[:-1])]) == 0
     built = sorted(p.name for p in cache.iterdir())
     run = tmp_path / "qat"

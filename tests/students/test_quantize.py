@@ -118,7 +118,7 @@ def test_the_grid_is_the_one_onnx_runtime_ships(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     path = tmp_path / "m.onnx"
     torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["image"], output_names=["logits"])
-    quantize_onnx(path, tmp_path / "m.int8.onnx", Calibration(lambda: iter([x.numpy()]), 1),
+    quantize_onnx(path, tmp_path / "m.int8.onnx", Calibration(lambda: iter([x.numpy()]), [len(x)]),
                   input_name="image")
     graph = onnx.load(str(tmp_path / "m.int8.onnx")).graph
     init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}

@@ -103,7 +103,7 @@ def exported_rows(model: nn.Module, image_size: int, *, threads: int, batches: S
         example = torch.randn(2, 3, image_size, image_size, generator=g)
         record = write_onnx(model, float_path, example)
         fixed = None if record.get("dynamic_batch", True) else int(record["batch_size"])
-        quantized = quantize_onnx(float_path, int8_path, Calibration(lambda: iter(images), len(images)),
+        quantized = quantize_onnx(float_path, int8_path, Calibration(lambda: iter(images), [len(b) for b in images]),
                                   fixed_batch=fixed)
         if fixed:
             batches = [b for b in batches if b == fixed] or [fixed]

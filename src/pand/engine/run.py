@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pand.cache.teacher import TeacherCache
-from pand.checkpoint_files import STUDENT_PREFIX, read_checkpoint, stored_config
+from pand.checkpoint_files import read_checkpoint, stored_config, student_state
 from pand.config import teacher_cache_settings, with_data_overrides
 from pand.data.assembly import UNLABELLED_SPLIT
 from pand.data.mixing import BatchMixer
@@ -52,15 +52,16 @@ from pand.io import (
     atomic_write_json,
     atomic_write_text,
     check_writable,
+    file_sha256,
     mark_output_folder,
 )
 from pand.locks import FolderLock, remove_if_unused
 from pand.provenance import software_record
 from pand.students import build_student
 from pand.students.checkpoint import load_checkpoint_student
-from pand.students.exported import exported_model_file, file_sha256, load_exported
+from pand.students.exported import exported_model_file, load_exported
 from pand.students.open_vocab import OpenVocabStudent
-from pand.students.quantize import QuantizedStudent, prepare_qat
+from pand.students.quantize import prepare_qat
 from pand.teachers.registry import load_teacher
 
 log = logging.getLogger("pand")
@@ -102,7 +103,8 @@ def build_student_from(config: Mapping[str, Any], num_classes: int):
     return build_student(
         s["name"], num_classes, source=s.get("source", "auto"),
         pretrained=False if start else _pretrained(s.get("pretrained", True)),
-        weights=None if start else s.get("weights"), image_size=int(config["data"]["image_size"]), kwargs=s.get("kwargs"),
+        weights=None if start else s.get("weights"), image_size=int(config["data"]["image_size"]),
+        kwargs=s.get("kwargs"),
     )
 
 
@@ -134,17 +136,15 @@ def build_training(config: Mapping[str, Any], run_dir: Path | None = None
     return data, module
 
 
-def _prepare_quantization(config: Mapping[str, Any], student) -> QuantizedStudent | None:
+def _prepare_quantization(config: Mapping[str, Any], student) -> None:
     """``quantize=qat``: fake-quantize the student's layers (:mod:`pand.students.quantize`)."""
-    q = config.get("quantize") or {}
-    if q.get("name") != "qat":
-        return None
+    if (config.get("quantize") or {}).get("name") != "qat":
+        return
     quantized = prepare_qat(student)
     if is_first_process():
         log.info("quantization-aware training: %d layers fake-quantized (int8 weights per channel, uint8 inputs)%s",
                  len(quantized.quantized), f"; left in float: {', '.join(quantized.float_layers)}"
                  if quantized.float_layers else "")
-    return quantized
 
 
 def _start_from(config: Mapping[str, Any], distiller: Distiller) -> None:
@@ -157,7 +157,7 @@ def _start_from(config: Mapping[str, Any], distiller: Distiller) -> None:
             log.info("init_from=%s is not read: the run resumes from ckpt_path, which holds its weights", path)
         return
     ckpt = read_checkpoint(path)
-    state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
+    state = student_state(ckpt)
     stored = stored_config(ckpt, path)["student"]
     if stored.get("name") != config["student"]["name"]:
         raise MismatchError(f"init_from={path} holds a {stored.get('name')} student; this run trains a "

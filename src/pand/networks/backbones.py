@@ -42,8 +42,11 @@ def _cifar_backbone(name: str, pretrained: bool, weights_file: str | None) -> nn
     return model
 
 
-def resolve_source(name: str) -> str:
-    """torchvision if it knows ``name``; pand's CIFAR networks for a name only they have; timm otherwise."""
+def resolve_source(name: str, source: str = "auto") -> str:
+    """Where the model ``name`` comes from: ``source`` itself unless it is ``auto``; then torchvision if it knows
+    ``name``, pand's CIFAR networks for a name only they have, timm otherwise."""
+    if source != "auto":
+        return source
     import torchvision
 
     if name in torchvision.models.list_models(module=torchvision.models):
@@ -63,8 +66,7 @@ def build_backbone(
     """The backbone ``name`` from ``source`` (``torchvision``, ``timm``, ``cifar`` or ``auto``) and the source it came
     from. ``pretrained`` downloads the library's weights (for torchvision it may name them), ``weights`` loads a local
     file instead; timm models that take ``img_size`` are built for ``image_size``; ``kwargs`` go to the library."""
-    if source == "auto":
-        source = resolve_source(name)
+    source = resolve_source(name, source)
     if isinstance(pretrained, str) and source != "torchvision":
         raise ConfigError(f"student.pretrained={pretrained!r} names torchvision weights, but {name!r} is a {source} "
                           "model: use true or false (timm models take a tag in the name, e.g. resnet18.a1_in1k)")

@@ -82,18 +82,27 @@ def _timm_download_failed(name: str, local: str, err: Exception) -> WeightsUnava
     return WeightsUnavailableError(f"could not download the pretrained weights of {what} ({err}). Offline, {local}")
 
 
-def create_timm(name: str, download: bool, image_size: tuple[int, int] | None, kwargs: Mapping[str, Any]):
-    """``timm.create_model`` built for ``image_size`` where the model takes ``img_size`` (ViTs, Mixers, Swins)."""
+def create_timm_sized(name: str, *, pretrained: bool, num_classes: int, image_size: Any,
+                      kwargs: Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """``timm.create_model`` built for ``image_size`` (a side or ``(H, W)``; ``None``: the model's default) where the
+    model takes ``img_size`` (ViTs, Mixers, Swins), and the keyword arguments that built it (``img_size`` included
+    where it was taken), so that an export can write down the call that rebuilds it."""
     import timm
 
     if image_size is not None and "img_size" not in kwargs:
+        sized = {**kwargs, "img_size": image_size}
         try:
-            return timm.create_model(name, pretrained=download, num_classes=0, img_size=image_size, **kwargs)
+            return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **sized), sized
         except TypeError as err:
             # CNNs have no img_size; the constructor refuses it before building anything, so retrying is cheap.
             if "img_size" not in str(err):
                 raise
-    return timm.create_model(name, pretrained=download, num_classes=0, **kwargs)
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs), dict(kwargs)
+
+
+def create_timm(name: str, download: bool, image_size: tuple[int, int] | None, kwargs: Mapping[str, Any]):
+    """A timm backbone (no classifier) built for ``image_size`` where the model takes ``img_size``."""
+    return create_timm_sized(name, pretrained=download, num_classes=0, image_size=image_size, kwargs=kwargs)[0]
 
 
 def timm_backbone(

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pand.checkpoint_files import RECORD_KEY, STUDENT_PREFIX, read_checkpoint, stored_config
+from pand.checkpoint_files import RECORD_KEY, STUDENT_PREFIX, read_checkpoint, stored_config, student_state
 from pand.errors import CheckpointError, MismatchError
 from pand.students.factory import build_student
 from pand.students.open_vocab import OpenVocabStudent
@@ -20,7 +20,7 @@ def load_checkpoint_student(path: str | os.PathLike) -> tuple[torch.nn.Module, d
     """
     ckpt = read_checkpoint(path)
     config = stored_config(ckpt, path)
-    state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
+    state = student_state(ckpt)
     # A closed-set student has a linear classifier; an open-vocabulary one a vocabulary (class text matrix).
     head = state.get("linear_cls.weight", state.get("vocabulary"))
     if head is None:

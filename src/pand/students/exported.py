@@ -10,7 +10,6 @@ batch: it is run on slices of its size. Any file of the folder can be named (``s
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -189,14 +188,6 @@ def load_exported(path: str | os.PathLike) -> ExportedStudent:
     config = {"data": data, "seed": int(meta.get("seed", 0)),
               "student": {k: arch[k] for k in ("name", "source", "kwargs") if k in arch}}
     return ExportedStudent(model, transform, names, config, json_path)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fixed_batch(meta: Mapping[str, Any]) -> int | None:
