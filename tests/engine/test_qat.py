@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import pand.engine.run
 from pand.cli import main
 from pand.config import compose, to_plain
 from pand.engine.config_checks import validate_train_config
@@ -66,11 +67,17 @@ def test_a_quantized_run_reads_the_teacher_cache_as_any_run_does(cub_root, tmp_p
     assert len([r for r in rows if r.get("train/kd")]) == 2
 
 
-def test_the_fine_tune_starts_from_the_float_checkpoint_and_steps_quantized(cub_root, tmp_path, float_ckpt):
+def test_the_fine_tune_starts_from_the_float_checkpoint_and_steps_quantized(cub_root, tmp_path, float_ckpt,
+                                                                             monkeypatch):
+    # student.pretrained=true as in a real config: init_from replaces every weight, so none is downloaded
     config = to_plain(compose("train", tiny_overrides(cub_root, tmp_path / "qat", "student=mobilenet_v2",
-                                                      "method=kd", "quantize=qat",
+                                                      "method=kd", "quantize=qat", "student.pretrained=true",
                                                       f"init_from={float_ckpt}")))
+    built = []
+    real = pand.engine.run.build_student
+    monkeypatch.setattr(pand.engine.run, "build_student", lambda *a, **k: built.append(k) or real(*a, **k))
     _, module = build_training(config)
+    assert [(k["pretrained"], k["weights"]) for k in built] == [(False, None)]
     start, _, _ = load_checkpoint_student(float_ckpt)
     student = module.distiller.student
     for key, value in start.state_dict().items():
