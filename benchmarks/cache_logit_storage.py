@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pand.cache.codecs import decode_int8_rows, encode_int8_rows
 from pand.cache.integrity import index_dtype
 from pand.cache.teacher import decode_topk, encode_topk
 
@@ -61,11 +62,14 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
 
 
 def storage(c: int, kind: str) -> tuple[int, callable]:
-    """Bytes per view and the round trip of one float32 row batch through that storage."""
+    """Bytes per view and the round trip of one float32 row batch through that storage: ``float32``, ``float16``,
+    ``int8`` (per-row float16 scale, :mod:`pand.cache.codecs`; measured by ``cache_output_storage.py``) or ``topK``."""
     if kind == "float32":
         return 4 * c, lambda z: z.float().double()
     if kind == "float16":
         return 2 * c, lambda z: z.float().half().double()
+    if kind == "int8":
+        return c + 2, lambda z: decode_int8_rows(*encode_int8_rows(z.float())).double()
     k = int(kind.removeprefix("top"))
     bytes_per_view = 2 * (k + 1) + index_dtype(c).itemsize * k
 

@@ -4,19 +4,23 @@
   splits (sha256 of every file) vs one epoch of the training data path on the same images, and their remembered
   re-runs;
 * opening the decoded-image cache with its per-chunk digests vs reading one epoch of images from it;
-* ``TeacherCache.open`` with its integrity checks (header and size of every array, per-row blake2b digests) vs reading
-  one epoch of embeddings from the same cache;
+* ``TeacherCache.open`` with its integrity checks (header and size of every shard's arrays, per-row blake2b digests)
+  vs reading one epoch of embeddings from the same cache (format 4: rows in shards, written with
+  :func:`pand.cache.teacher.layout.write_shard` as a build writes them), and the open time of the same rows in more,
+  smaller shards;
 * an atomic checkpoint save (temporary file beside the real one, fsync, rename) vs a plain ``torch.save`` of the same
   ResNet-18 training checkpoint (weights + AdamW state), and taking a run folder's lock.
 
     python benchmarks/integrity_checks.py [--images 600] [--cache-images 6000] [--views 10] [--dim 1024]
-                                          [--decoded-images 5000]
+                                          [--shard-sizes 128 16] [--decoded-images 5000]
+                                          [--sections images teacher-cache decoded-image-cache checkpoint]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,14 +30,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pand.cache.images import DecodedImageCache
-from pand.cache.integrity import allocate_npy, array_layout, file_digest, row_digest, verify_cache
 from pand.bench.loader import make_jpegs
+from pand.cache.images import DecodedImageCache
 from pand.cache.teacher import FORMAT_VERSION, TeacherCache
-from pand.data.transforms import AugmentConfig, ReplayableAugment, view_generator
+from pand.cache.teacher.layout import (
+    default_shard_size,
+    num_shards,
+    row_layout,
+    shard_digests_checksum,
+    shard_name,
+    shard_rows,
+    verify_cache,
+    write_shard,
+)
 from pand.data.overlap import item_digests
+from pand.data.transforms import AugmentConfig, ReplayableAugment, view_generator
 from pand.data.verify import verify_splits
-from pand.io import atomic_write_json, atomic_write_with
+from pand.io import atomic_write_json, atomic_write_with, file_digest
 from pand.locks import FolderLock
 from pand.provenance import save_tensors
 
@@ -94,33 +107,34 @@ def decoded(root: Path, n: int) -> list[tuple[str, float, float]]:
     ]
 
 
-def cache(root: Path, n: int, views: int, dim: int) -> list[tuple[str, float, float]]:
-    folder = root / "cache"
+def _teacher_cache(folder: Path, n: int, views: int, dim: int, shard_size: int) -> dict:
+    """A complete format-4 teacher cache of random rows, written shard by shard as a build writes it; its meta."""
     folder.mkdir()
-    layout = array_layout(n, views, 16, dim)
-    for name, spec in layout.items():
-        allocate_npy(folder / f"{name}.npy", spec)
-    rng = np.random.default_rng(0)
-    params, embeds = (np.load(folder / f"{k}.npy", mmap_mode="r+") for k in ("params", "embeds"))
-    digests, done = (np.load(folder / f"{k}.npy", mmap_mode="r+") for k in ("digests", "done"))
-    for s in range(0, n, 500):
-        e = min(n, s + 500)
-        params[s:e] = rng.standard_normal((e - s, views, 16), dtype=np.float32)
-        embeds[s:e] = rng.standard_normal((e - s, views, dim), dtype=np.float32).astype(np.float16)
-    for i in range(n):
-        digests[i, 0] = np.frombuffer(row_digest(params[i]), np.uint8)
-        digests[i, 1] = np.frombuffer(row_digest(embeds[i]), np.uint8)
-    done[:] = True
-    for a in (params, embeds, digests, done):
-        a.flush()
-    del params, embeds, digests, done
     classes = [f"class {i}" for i in range(200)]
     save_tensors(folder / "text.safetensors", {"text_embeds": torch.zeros(len(classes), dim)}, {})
-    meta = {"version": FORMAT_VERSION, "outputs": ["image_embeds"], "num_samples": n, "views": views, "embed_dim": dim, "classes": classes, "arrays": layout,
-            "complete": True, "checksums": {"text.safetensors": file_digest(folder / "text.safetensors"),
-                                            "digests.npy": file_digest(folder / "digests.npy")}}
+    meta = {"version": FORMAT_VERSION, "outputs": ["image_embeds"], "num_samples": n, "views": views,
+            "embed_dim": dim, "classes": classes, "arrays": row_layout(views, 16, dim), "shard_size": shard_size,
+            "num_shards": num_shards(n, shard_size), "complete": False,
+            "checksums": {"text.safetensors": file_digest(folder / "text.safetensors")}}
+    rng = np.random.default_rng(0)
+    for s in range(meta["num_shards"]):
+        m = len(shard_rows(meta, s))
+        write_shard(folder, meta, s, {
+            "params": rng.standard_normal((m, views, 16), dtype=np.float32),
+            "embeds": rng.standard_normal((m, views, dim), dtype=np.float32).astype(np.float16)})
+    meta.update(complete=True, shards={shard_name(s): shard_digests_checksum(folder, s)
+                                       for s in range(meta["num_shards"])})
     atomic_write_json(folder / "meta.json", meta)
+    return meta
+
+
+def cache(root: Path, n: int, views: int, dim: int, shard_sizes: list[int]) -> list[tuple[str, float, float]]:
+    rows = row_layout(views, 16, dim)
+    size = default_shard_size(rows)
+    folder = root / "cache"
+    meta = _teacher_cache(folder, n, views, dim, size)
     opened = TeacherCache(folder, meta)
+    rng = np.random.default_rng(1)
 
     def one_epoch() -> None:  # what training reads: one random view of every image, in batches of 64
         order = rng.permutation(n)
@@ -132,13 +146,25 @@ def cache(root: Path, n: int, views: int, dim: int) -> list[tuple[str, float, fl
     structural = _median(lambda: verify_cache(folder, meta, rows=False), 5)
     full = _median(lambda: TeacherCache.open(folder), 3)
     sampled = _median(lambda: verify_cache(folder, meta, verify="sample"), 3)
-    size = (folder / "embeds.npy").stat().st_size / 2**20
-    return [
-        (f"read one epoch of embeddings ({n} images x {views} views, D={dim}, {size:.0f} MiB file)", epoch, 1.0),
+    mib = sum(p.stat().st_size for p in folder.rglob("embeds.npy")) / 2**20
+    out = [
+        (f"read one epoch of embeddings ({n} images x {views} views, D={dim}, {mib:.0f} MiB in "
+         f"{meta['num_shards']} shards of {size} rows)", epoch, 1.0),
         ("TeacherCache.open: structure only (headers, sizes, checksummed small files)", structural, structural / epoch),
         ("TeacherCache.open: as used (every row's digest, <= 1 GiB)", full, full / epoch),
         ("TeacherCache.open: sampled rows (used above 1 GiB)", sampled, sampled / epoch),
     ]
+    for shard_size in shard_sizes:  # the same rows in more, smaller shards: what each shard adds to an open
+        other = root / f"cache-{shard_size}"
+        other_meta = _teacher_cache(other, n, views, dim, shard_size)
+        count = other_meta["num_shards"]
+        structural = _median(lambda: verify_cache(other, other_meta, rows=False), 5)
+        full = _median(lambda: TeacherCache.open(other), 3)
+        out += [(f"TeacherCache.open, {count} shards of {shard_size} rows: structure only", structural,
+                 structural / epoch),
+                (f"TeacherCache.open, {count} shards of {shard_size} rows: as used", full, full / epoch)]
+        shutil.rmtree(other)
+    return out
 
 
 def checkpoint(root: Path) -> list[tuple[str, float, float]]:
@@ -172,6 +198,9 @@ def checkpoint(root: Path) -> list[tuple[str, float, float]]:
             ("taking and releasing a run folder's lock (once per run)", held, held / p)]
 
 
+SECTIONS = ("images", "teacher-cache", "decoded-image-cache", "checkpoint")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=600)
@@ -179,16 +208,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoded-images", type=int, default=5000)
     parser.add_argument("--views", type=int, default=10)
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--shard-sizes", type=int, nargs="*", default=[128, 16],
+                        help="also time opening the same rows in shards of these sizes (the default size is timed "
+                             "anyway)")
+    parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these sections (default: all)")
     ns = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="pand-integrity-bench-") as tmp:
         root = Path(tmp)
-        sections = {
-            "images": images(root, ns.images),
-            "teacher cache": cache(root, ns.cache_images, ns.views, ns.dim),
-            "decoded-image cache": decoded(root, ns.decoded_images),
-            "checkpoint": checkpoint(root),
+        run = {
+            "images": lambda: images(root, ns.images),
+            "teacher-cache": lambda: cache(root, ns.cache_images, ns.views, ns.dim, ns.shard_sizes),
+            "decoded-image-cache": lambda: decoded(root, ns.decoded_images),
+            "checkpoint": lambda: checkpoint(root),
         }
+        sections = {name: run[name]() for name in SECTIONS if name in ns.sections}
     print("| check | seconds | ratio to the first row of its section |\n| --- | ---: | ---: |")
     for rows in sections.values():
         for label, seconds, ratio in rows:

@@ -1,4 +1,6 @@
-"""Data-loader throughput of each view path, JPEG vs decoded cache (see pand.bench.loader).
+"""Data-loader throughput of each view path: JPEGs from a folder, the same JPEGs from tar shards, the decoded cache.
+
+See pand.bench.loader.
 
     python benchmarks/loader_throughput.py                   # table, 224 px views, device's share on the CPU
     python benchmarks/loader_throughput.py --device cuda     # the device's share of augment_on=device on a GPU
@@ -39,10 +41,18 @@ def main() -> None:
     print(f"{r['images']} JPEGs {args.height}x{args.width} ({r['jpeg_mb']} MiB) -> decoded cache at short side "
           f"{r['resize_size']} ({r['cache_mb']} MiB), built in {r['build_cache_s']} s; {r['image_size']} px views, "
           f"batch {r['batch_size']}; {r['cpu_count']} CPUs")
-    print(f"{'mode':8} {'workers':>7} {'jpeg img/s':>11} {'cache img/s':>12} {'speed-up':>9}")
+    print(f"{'mode':8} {'workers':>7} {'jpeg img/s':>11} {'shard img/s':>12} {'cache img/s':>12} {'speed-up':>9}")
     for row in r["rows"]:
-        print(f"{row['mode']:8} {row['workers']:>7} {row['jpeg_img_per_s']:>11.1f} {row['cache_img_per_s']:>12.1f} "
-              f"{row['speedup']:>8.2f}x")
+        print(f"{row['mode']:8} {row['workers']:>7} {row['jpeg_img_per_s']:>11.1f} {row['shard_img_per_s']:>12.1f} "
+              f"{row['cache_img_per_s']:>12.1f} {row['speedup']:>8.2f}x")
+    shards = r["shards"]
+    n = shards["shards"]
+    print(f"the same JPEGs in {n} tar shard{'s' if n > 1 else ''} of up to {shards['samples_per_shard']} samples "
+          f"(written and indexed in {shards['write_and_index_s']} s), images/s per core:")
+    print(f"{'mode':8} {'cores':>5} {'folder':>8} {'shards':>8} {'shards/folder':>14}")
+    for row in shards["rows"]:
+        print(f"{row['mode']:8} {row['cores']:>5} {row['folder_img_per_s_per_core']:>8.1f} "
+              f"{row['shard_img_per_s_per_core']:>8.1f} {row['shard_vs_folder']:>13.2f}x")
     share = r.get("device_augment")
     if share:
         print(f"device's share of augment_on=device on {share['device']}: {share['img_per_s']:.1f} img/s "

@@ -34,7 +34,8 @@ def test_integrity_benchmark_prints_every_row():
                           "--dim", "8", "--decoded-images", "8"], capture_output=True, text=True, timeout=300,
                          check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| check")]
-    assert len(rows) == 1 + 16 and "pand's atomic save" in out and "verify again" in out
+    assert len(rows) == 1 + 20 and "pand's atomic save" in out and "verify again" in out
+    assert "1 shards of 16 rows: as used" in out  # the open time as the same rows come in more shards
     assert "content digests again" in out and "DecodedImageCache.open" in out and "run folder's lock" in out
 
 
@@ -151,7 +152,10 @@ def test_bench_loader_reports_each_view_path_next_to_the_student(capsys):
     loader = result["loader"]
     assert loader["image_size"] == 32 and loader["batch_size"] == 4
     assert [(r["mode"], r["workers"]) for r in loader["rows"]] == [("load", 0), ("augment", 0), ("device", 0)]
-    assert all(r["jpeg_img_per_s"] > 0 and r["cache_img_per_s"] > 0 for r in loader["rows"])
+    assert all(r[f"{source}_img_per_s"] > 0 for r in loader["rows"] for source in ("jpeg", "shard", "cache"))
+    # the same JPEGs from a folder and from tar shards, per core, side by side
+    assert [(r["mode"], r["cores"]) for r in loader["shards"]["rows"]] == [("load", 1), ("augment", 1), ("device", 1)]
+    assert all(r["shard_vs_folder"] > 0 for r in loader["shards"]["rows"]) and loader["shards"]["shards"] == 1
     assert loader["device_augment"]["device"] == "cpu" and loader["device_augment"]["img_per_s"] > 0
     # the student's rate is the training table's student-alone step of the same run
     assert abs(loader["student_train_img_per_s"] - 4000 / result["student_only_ms"]) <= 0.1 + 1e-3 * 4000 / (
@@ -163,7 +167,8 @@ def test_bench_loader_reports_each_view_path_next_to_the_student(capsys):
         assert e["limited_by"] == "loader" if e["loader_img_per_s"] < e["device_side_img_per_s"] else \
             e["limited_by"].startswith("student step")
         if e["augment_on"] == "device":  # the batched augmentation shares the device with the training step
-            assert e["device_side_img_per_s"] < loader["student_train_img_per_s"]
+            # (<=: both are rounded to 0.1 image/s, and a slow student makes the two equal after rounding)
+            assert e["device_side_img_per_s"] <= loader["student_train_img_per_s"]
 
 
 def test_loader_estimates_name_the_slower_side():

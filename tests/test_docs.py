@@ -64,6 +64,7 @@ from tests.fixtures.datasets import (
     make_fashion_mnist,
     make_imagefolder,
     make_imagenet,
+    make_shards,
     write_image,
 )
 
@@ -82,8 +83,10 @@ EXCLUDED = {
     r"make test": "runs the whole test suite, this module included",
     r"pip install .*": "installs packages from an index",
     r"torchrun .*": "several processes (a cache built in shares); the single-process command next to it is run",
+    r"NODE_RANK=.*": "one process per node of a multi-node launch; tests/engine/test_two_nodes.py runs two over the "
+                     "loopback",
 }
-TRAINING = ("train", "sweep", "features", "prompts", "cache build")
+TRAINING = ("train", "sweep", "features", "prompts", "cache build", "cache export")
 #: Config groups whose choice, as written, is part of a command's shape (besides the composed data, teacher,
 #: student and method).
 GROUPS = ("experiment", "logger", "callbacks")
@@ -103,6 +106,7 @@ PATHS = {
     "/path/to/my_images": "fixtures:my_images",
     "/data/coco": "fixtures:coco",
     "/data/bird_photos": "fixtures:bird_photos",
+    "/data/shards": "fixtures:shards/train",
     "/shared/path/run": "runs/shared-path-run",
 }
 #: Text substitutions in python code: (documented, run).
@@ -197,8 +201,8 @@ def excluded(cmd: Command) -> str | None:
 
 def subcommand(words: list[str]) -> str:
     """``train``, ``cache build``, ...; ``train -m`` is a sweep."""
-    if words[1:3] == ["cache", "build"]:
-        return "cache build"
+    if words[1:3] in (["cache", "build"], ["cache", "export"]):
+        return " ".join(words[1:3])
     sub = words[1] if len(words) > 1 else ""
     if sub == "train" and any(w in ("-m", "--multirun") for w in words):
         return "sweep"
@@ -213,7 +217,7 @@ def overrides(words: list[str]) -> list[str]:
             skip = False
         elif w in ("--sweep-dir",):
             skip = True
-        elif not w.startswith("-"):
+        elif not w.startswith("-") and not (words[1:3] == ["cache", "export"] and w.startswith("out=")):
             out.append(w)
     return out
 
@@ -323,6 +327,9 @@ def tiny_argv(cmd: Command, fixtures: Path, index: int) -> list[str]:
         value = _map_path(subst.get(bare, lambda v: v)(_first_values(value)), fixtures)
         if bare == "data.unlabelled" and value.startswith("captions:"):
             value = "captions:" + _map_path(value[len("captions:"):], fixtures)
+        if bare == "data.unlabelled" and value.strip('"').startswith("wds:"):
+            value = '"wds:' + _map_path(value.strip('"')[len("wds:"):], fixtures) + '"'
+
         out.append(f"{key}={value}")
     teacher = config["teacher"]
     extra = {}
@@ -342,7 +349,8 @@ def tiny_argv(cmd: Command, fixtures: Path, index: int) -> list[str]:
     if sub == "train" and not config.get("run_dir") and not resume:
         extra["run_dir"] = f"runs/docs-run-{index}"
     out += [f"{k}={v}" for k, v in extra.items() if k not in given]
-    head = ["cache", "build"] if sub == "cache build" else [words[1]]
+    head = sub.split() if sub.startswith("cache") else [words[1]]
+    out += [w for w in words[3:] if sub == "cache export" and w.startswith("out=")]  # the export's own option
     sweep_dir = [w for i, w in enumerate(words) if i and words[i - 1] == "--sweep-dir"]
     flags = [f for f in flags if f != "--sweep-dir"]
     return [*head, *flags, *out, *(["--sweep-dir", sweep_dir[0]] if sweep_dir else [])]
@@ -414,6 +422,7 @@ def fixtures(tmp_path_factory):
     make_imagenet(root / "imagenet")
     make_imagefolder(root / "my_images")
     make_captions(root / "coco", n_train=20, n_test=4)
+    make_shards(root / "shards", seed=50_000)  # other images than the CUB fixture's: no overlap
     for i in range(6):
         write_image(root / "bird_photos" / f"photo_{i}.jpg", i % 3, 3, seed=700 + i)
     return root

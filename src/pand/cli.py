@@ -16,6 +16,8 @@
     pand quickstart [--out DIR] [--seeds N]     the whole pipeline offline on Fashion-MNIST (a few minutes, CPU)
     pand cache build cache.dir=DIR cache.views=K [overrides]   store K augmented views per training image with the
                                          teacher's embedding of each (torchrun --nproc_per_node=N splits the work)
+    pand cache verify|export|import ...  check every row of a cache; write it as WebDataset tars (out=DIR) that
+                                         another machine imports (src=DIR cache.dir=DIR) and trains from
     pand bench [--json] [--teacher ...]  ms per training step: student alone vs online teacher vs teacher cache
                                          (--latency: inference ms, images/s, params, FLOPs, student vs teacher)
     pand teacher fit [--out PATH]        re-fit the compact Fashion-MNIST CLIP teacher the quickstart ships with
@@ -378,9 +380,59 @@ def _subcommand(command: str, args: Sequence[str], subcommands: Sequence[str], u
         raise ConfigError(f"unknown subcommand {args[0]!r}{hint or ';'} usage: {usage}")
 
 
+CACHE_USAGE = ("pand cache build cache.dir=DIR cache.views=K [overrides...] | pand cache verify cache.dir=DIR | "
+               "pand cache export cache.dir=DIR out=DIR [overrides...] | pand cache import src=DIR cache.dir=DIR")
+
+
 def cmd_cache(args: Sequence[str]) -> int:
-    _subcommand("cache", args, ("build",), "pand cache build cache.dir=DIR cache.views=K [overrides...]")
-    return _cache_build(args[1:])
+    _subcommand("cache", args, ("build", "verify", "export", "import"), CACHE_USAGE)
+    return {"build": _cache_build, "verify": _cache_verify, "export": _cache_export,
+            "import": _cache_import}[args[0]](args[1:])
+
+
+@_results_on_stdout
+def _cache_verify(args: Sequence[str]) -> int:
+    opts = _key_value_options("cache verify", args, ("cache.dir",), ("cache.dir",), CACHE_USAGE, paths=("cache.dir",))
+    from pand.cache.teacher import TeacherCache
+
+    cache = TeacherCache.open(opts["cache.dir"], verify="full")
+    m = cache.meta
+    print(f"teacher cache verified: {cache.folder} (every row of {m['num_shards']} shards matches its digest)",
+          file=sys.stderr)
+    emit(json.dumps({"cache": str(cache.folder), "images": m["num_samples"], "views": m["views"],
+                     "shards": m["num_shards"], "outputs": cache.describe_outputs(), "verified": "full"}, indent=2))
+    return 0
+
+
+@_results_on_stdout
+def _cache_export(args: Sequence[str]) -> int:
+    _refuse_flags("cache export", args)
+    out = [a for a in args if a.startswith("out=")]
+    if len(out) != 1 or not out[0][4:]:
+        raise ConfigError(f"pand cache export needs out=DIR (a new folder for the tars); usage: {CACHE_USAGE}")
+    config = _compose_train([a for a in args if not a.startswith("out=")])
+    from pand.engine.run import export_teacher_cache
+
+    exported = export_teacher_cache(config, out[0][4:])
+    tars = exported["export"]["tars"]
+    print(f"teacher cache exported: {len(tars)} WebDataset tars of {exported['num_samples']} images in "
+          f"{out[0][4:]}", file=sys.stderr)
+    emit(json.dumps({"out": out[0][4:], "tars": len(tars), "images": exported["num_samples"]}, indent=2))
+    return 0
+
+
+@_results_on_stdout
+def _cache_import(args: Sequence[str]) -> int:
+    opts = _key_value_options("cache import", args, ("src", "cache.dir"), ("src", "cache.dir"), CACHE_USAGE,
+                              paths=("src", "cache.dir"))
+    from pand.cache.teacher.portable import import_cache
+
+    meta = import_cache(opts["src"], opts["cache.dir"])
+    print(f"teacher cache imported: {opts['cache.dir']} ({meta['num_samples']} images, {meta['num_shards']} shards, "
+          "identical to the exported cache)", file=sys.stderr)
+    emit(json.dumps({"cache": opts["cache.dir"], "images": meta["num_samples"], "shards": meta["num_shards"]},
+                    indent=2))
+    return 0
 
 
 @_results_on_stdout

@@ -148,12 +148,21 @@ def prompts_help() -> str:
 
 def cache_help() -> str:
     return _config_help(
-        "usage: pand cache build cache.dir=DIR cache.views=K [OVERRIDE ...]",
-        "Store K augmented views of every training image with the teacher's output for each, so that training "
-        "(the same overrides plus cache.dir=DIR) does not run the teacher. torchrun --nproc_per_node=N splits the "
-        "work. Prints one line describing the finished cache.",
+        "usage: pand cache build cache.dir=DIR cache.views=K [OVERRIDE ...]\n"
+        "       pand cache verify cache.dir=DIR\n"
+        "       pand cache export cache.dir=DIR out=DIR [OVERRIDE ...]\n"
+        "       pand cache import src=DIR cache.dir=DIR",
+        "build: store K augmented views of every training image with the teacher's output for each, in shards, so "
+        "that training (the same overrides plus cache.dir=DIR) does not run the teacher. Several processes split "
+        "the shards: torchrun --nproc_per_node=N, or one process per node with NODE_RANK, MASTER_ADDR and "
+        "MASTER_PORT set and trainer.num_nodes=N. Prints one line describing the finished cache. verify: check "
+        "every row of a cache against its digests (a copy, before it is shared). export: the cache as WebDataset "
+        "tars (one sample per image: its key, augmentation parameters and teacher outputs per view), with the "
+        "run's data settings to name the images. import: those tars back into a cache folder, byte-identical.",
         "examples:\n  pand cache build data=cub cache.dir=caches/cub-k10 cache.views=10\n"
-        "  pand train data=cub method=vl2lite cache.dir=caches/cub-k10",
+        "  pand train data=cub method=vl2lite cache.dir=caches/cub-k10\n"
+        "  pand cache export data=cub cache.dir=caches/cub-k10 cache.views=10 out=/shared/cub-k10-wds\n"
+        "  pand cache import src=/shared/cub-k10-wds cache.dir=caches/cub-k10",
         expand=("cache",),
     )
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pand.config_catalogue import config_groups
+from pand.config_catalogue import CONFIGS_DIR, config_groups
 from pand.errors import ConfigError, close_matches, did_you_mean
 from pand.known_names import explain
 from pand.rules import lookup
@@ -240,6 +240,47 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except Exception as err:  # noqa: BLE001 - OmegaConf raises several types for a missing or bad value
         raise ConfigError(f"incomplete configuration: {err}") from err
+
+
+def group_option(group: str, option: str, configs_dir: Path | None = None) -> dict[str, Any]:
+    """The section that ``group=option`` composes (``teacher=fmnist_clip``: the teacher section), read without
+    composing a whole run config: for settings that hold whole sections themselves, such as the members of a teacher
+    ensemble (``teacher.members``), which must get the same defaults as ``teacher=...`` gives.
+
+    The option's file is merged over the options of its ``defaults`` list, in order, with ``_self_`` where it stands
+    (last when absent), as Hydra does; interpolations are resolved. Only what the group files use is understood: a
+    defaults entry naming an option of the same group; anything else is refused rather than composed differently.
+    """
+    folder = (configs_dir or CONFIGS_DIR) / group
+    return _read_group_option(folder, group, option, ())
+
+
+def _read_group_option(folder: Path, group: str, option: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    path = folder / f"{option}.yaml"
+    if not path.is_file():
+        options = config_groups(folder.parent).get(group, [])
+        hint = did_you_mean([repr(m) for m in close_matches(option, options)])
+        raise ConfigError(f"{group} option {option!r} does not exist{hint}; {group} options: {', '.join(options)}")
+    if option in seen:
+        raise ConfigError(f"the defaults of {group} option {seen[0]!r} include themselves ({' -> '.join(seen)})")
+    node = OmegaConf.load(path)
+    if not isinstance(node, DictConfig) or "@package" in path.read_text(encoding="utf-8").split("\n", 1)[0]:
+        raise ConfigError(f"{path} is not a plain section of group {group} (a mapping without a @package line)")
+    own = OmegaConf.masked_copy(node, [k for k in node if k != "defaults"]) if "defaults" in node else node
+    entries = list(node.get("defaults") or [])
+    if "_self_" not in entries:
+        entries.append("_self_")
+    merged = OmegaConf.create({})
+    for entry in entries:
+        if entry == "_self_":
+            merged = OmegaConf.merge(merged, own)
+        elif isinstance(entry, str) and "/" not in entry and ":" not in entry:
+            base = _read_group_option(folder, group, entry, (*seen, option))
+            merged = OmegaConf.merge(merged, OmegaConf.create(base))
+        else:
+            raise ConfigError(f"{path}: the defaults entry {entry!r} is not an option of group {group}; "
+                              "pand.config.group_option reads only those")
+    return to_plain(merged)
 
 
 def with_data_overrides(config: Mapping[str, Any], data_overrides: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ OUTPUT_ERRNOS = {
 }
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # The rename is durable only once the folder's entry is on disk; some file systems cannot fsync a folder.
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -98,7 +98,7 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]
             # A failed write on an open file names no file; the message should name the one being written.
             raise OSError(err.errno, err.strerror or str(err), str(path)) from err
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

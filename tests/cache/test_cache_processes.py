@@ -12,7 +12,7 @@ from tests.engine.conftest import tiny_overrides
 def _worker(rank, world, init_file, cub_root, cache_dir, results):
     from pand.config import compose, to_plain
     from pand.engine.data import PandDataModule
-    from pand.engine.run import _all_ok
+    from pand.engine.launch import all_ok as _all_ok
     from pand.engine.teacher_side import open_or_build_cache
     from pand.teachers.registry import load_teacher
 

@@ -14,6 +14,7 @@ from pand.cache.teacher import (
     decode_topk,
     encode_topk,
 )
+from pand.cache.teacher.layout import SHARDS, finished_rows
 from pand.cli import main
 from pand.config import compose, to_plain
 from pand.distillers import Progress, get_distiller_class
@@ -35,7 +36,7 @@ CLASSIFIER = ("teacher=classifier", "teacher.model=test_resnet", "teacher.source
 
 def _overrides(cub_root, tmp_path, *extra, run="run"):
     return tiny_overrides(cub_root, tmp_path / run, *CLASSIFIER, "teacher.pretrained=random", "method=kd",
-                          f"cache.dir={tmp_path / 'cache'}", "cache.views=2", "cache.batch_size=4", *extra)
+                          f"cache.dir={tmp_path / 'cache'}", "cache.views=2", "cache.batch_size=4", "cache.shard_size=4", *extra)
 
 
 def _config(cub_root, tmp_path, *extra):
@@ -60,9 +61,9 @@ def test_cached_logits_equal_the_live_teachers_on_the_replayed_view(cub_root, tm
     assert isinstance(module.teacher_source, CachedTeacherSource)
     assert module.teacher_source.provides == frozenset({LOGITS}) and module.distiller.context.num_classes == 3
     n = len(data.splits["train"])
-    logits = np.load(cache.folder / "logits.npy", mmap_mode="r")
+    logits = cache.array("logits")
     assert logits.shape == (n, 2, 3) and logits.dtype == np.float16
-    assert np.load(cache.folder / "digests.npy").shape == (n, 2, 16)
+    assert cache.array("digests").shape == (n, 2, 16)
     assert not (cache.folder / "text.safetensors").exists()  # class text is CLIP's alone
     meta = json.loads((cache.folder / "meta.json").read_text())
     live = _live(config, data)
@@ -110,12 +111,11 @@ def test_topk_cache_stores_indices_and_the_floor(cub_root, tmp_path):
     data = PandDataModule(config["data"], seed=0)
     cache = open_or_build_cache(config, data)
     n = len(data.splits["train"])
-    values = np.load(cache.folder / "logits_topk.npy")
-    index = np.load(cache.folder / "logits_index.npy")
+    values, index = cache.array("logits_topk"), cache.array("logits_index")
     assert values.shape == (n, 2, 2) and values.dtype == np.float16
     assert index.shape == (n, 2, 1) and index.dtype == np.int16
-    assert np.load(cache.folder / "digests.npy").shape == (n, 3, 16)
-    assert not (cache.folder / "logits.npy").exists()
+    assert cache.array("digests").shape == (n, 3, 16)
+    assert not (cache.folder / SHARDS / "00000" / "logits.npy").exists()
     source = CachedTeacherSource(cache)
     batch = _batch(PandDataModule(config["data"], seed=0, teacher_cache=cache))
     cached, online = source(batch, {LOGITS})[LOGITS], _live(config, data)(batch, {LOGITS})[LOGITS]
@@ -179,11 +179,11 @@ def test_old_format_cache_is_refused_and_says_to_rebuild(cub_root, tmp_path):
     (cache.folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(MismatchError) as err:
         TeacherCache.open(cache.folder)
-    assert "version: stored 2, expected 3" in str(err.value) and "cache.rebuild=true" in str(err.value)
+    assert "version: stored 2, expected 4" in str(err.value) and "cache.rebuild=true" in str(err.value)
     assert "pand cache build" in str(err.value)
-    with pytest.raises(MismatchError, match="version: stored 2, expected 3"):
+    with pytest.raises(MismatchError, match="version: stored 2, expected 4"):
         open_or_build_cache(config, data)
-    assert open_or_build_cache(_config(cub_root, tmp_path, "cache.rebuild=true"), data).meta["version"] == 3
+    assert open_or_build_cache(_config(cub_root, tmp_path, "cache.rebuild=true"), data).meta["version"] == 4
 
 
 @pytest.mark.parametrize("teacher", ["classifier", "clip"])
@@ -215,21 +215,22 @@ def _flip_byte(path, row):
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-@pytest.mark.parametrize(("topk", "name"), [(None, "logits.npy"), (2, "logits_topk.npy"), (2, "logits_index.npy")])
+@pytest.mark.parametrize(("topk", "name"), [(None, "logits"), (2, "logits_topk"), (2, "logits_index")])
 def test_damaged_logit_arrays_are_refused_and_rebuilt(cub_root, tmp_path, topk, name):
     extra = () if topk is None else (f"cache.topk={topk}",)
     config = _config(cub_root, tmp_path, *extra)
     data = PandDataModule(config["data"], seed=0)
     cache = open_or_build_cache(config, data)
-    first = np.load(cache.folder / name).copy()
-    _flip_byte(cache.folder / name, 1)
-    with pytest.raises(CacheDamagedError, match=rf"{name} row 1 does not match its checksum"):
+    first = cache.array(name)
+    path, shown = cache.folder / SHARDS / "00001" / f"{name}.npy", f"shards/00001/{name}.npy"
+    _flip_byte(path, 1)
+    with pytest.raises(CacheDamagedError, match=rf"{shown} row 1 \(image 5\) does not match its checksum"):
         TeacherCache.open(cache.folder)
-    (cache.folder / name).write_bytes((cache.folder / name).read_bytes()[:-4])
-    with pytest.raises(CacheDamagedError, match=rf"{name} is .* bytes, expected .*: truncated"):
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(CacheDamagedError, match=rf"{shown} is .* bytes, expected .*: truncated"):
         open_or_build_cache(config, data)
     rebuilt = open_or_build_cache(_config(cub_root, tmp_path, *extra, "cache.rebuild=true"), data)
-    np.testing.assert_array_equal(np.load(rebuilt.folder / name), first)
+    np.testing.assert_array_equal(rebuilt.array(name), first)
 
 
 def test_interrupted_classifier_build_resumes(cub_root, tmp_path, monkeypatch):
@@ -250,13 +251,14 @@ def test_interrupted_classifier_build_resumes(cub_root, tmp_path, monkeypatch):
     monkeypatch.setattr(LiveTeacherSource, "forward", original)
     with pytest.raises(PandError, match="incomplete"):
         TeacherCache.open(tmp_path / "cache")
-    assert np.load(tmp_path / "cache" / "done.npy").sum() == 4
-    _flip_byte(tmp_path / "cache" / "logits.npy", 0)  # written before the interruption, altered since
+    assert finished_rows(tmp_path / "cache") == 4
+    # finished before the interruption, altered since: found by the resumed build and built again
+    _flip_byte(tmp_path / "cache" / SHARDS / "00000" / "logits.npy", 0)
     cache = open_or_build_cache(config, data)
     fresh_config = _config(cub_root, tmp_path / "fresh")
     fresh = open_or_build_cache(fresh_config, PandDataModule(fresh_config["data"], seed=0))
-    for name in ("params", "logits", "digests", "done"):
-        np.testing.assert_array_equal(np.load(cache.folder / f"{name}.npy"), np.load(fresh.folder / f"{name}.npy"))
+    for path in sorted((fresh.folder / SHARDS).rglob("*.npy")):  # byte for byte, whatever was resumed
+        assert (cache.folder / path.relative_to(fresh.folder)).read_bytes() == path.read_bytes(), path
 
 
 # -- training ------------------------------------------------------------------------------------------------------
@@ -297,8 +299,8 @@ def test_bf16_logit_cache_is_probed_on_its_logits_and_agrees_with_fp32(cub_root,
     stats = low.meta["agreement"]
     assert low.meta["precision"] == "bf16" and "precision" not in reference.meta
     assert stats["rows"] == 4 and 0 < stats["max_rel_error"] <= 0.02
-    a = np.load(reference.folder / "logits.npy").astype(np.float32)
-    b = np.load(low.folder / "logits.npy").astype(np.float32)
+    a = reference.array("logits").astype(np.float32)
+    b = low.array("logits").astype(np.float32)
     rel = np.linalg.norm(b - a, axis=-1) / np.linalg.norm(a, axis=-1)
     assert 0 < rel.max() <= 0.02
     with pytest.raises(PandError, match="max relative L2 error .* > tolerance cache.precision_tolerance=1e-09"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pand.cache.teacher import CachedTeacherSource, TeacherCache
+from pand.cache.teacher.layout import finished_rows, stored_array
 from pand.cli import main
 from pand.config import compose, to_plain
 from pand.distillers import Progress
@@ -22,7 +23,8 @@ from tests.engine.conftest import tiny_overrides
 
 def _config(cub_root, tmp_path, *extra):
     return to_plain(compose("train", tiny_overrides(cub_root, tmp_path / "run", f"cache.dir={tmp_path / 'cache'}",
-                                                    "cache.views=3", "cache.batch_size=4", *extra)))
+                                                    "cache.views=3", "cache.batch_size=4", "cache.shard_size=4",
+                                                    *extra)))
 
 
 def test_cached_views_replay_exactly_and_match_the_online_teacher(cub_root, tmp_path):
@@ -31,7 +33,7 @@ def test_cached_views_replay_exactly_and_match_the_online_teacher(cub_root, tmp_
     cache = data.teacher_cache
     assert isinstance(module.teacher_source, CachedTeacherSource)
     n = len(data.splits["train"])
-    assert np.load(cache.folder / "embeds.npy", mmap_mode="r").shape == (n, 3, 32)
+    assert cache.array("embeds").shape == (n, 3, 32)
     assert json.loads((cache.folder / "meta.json").read_text())["complete"] is True
 
     data.setup()
@@ -76,8 +78,7 @@ def test_interrupted_build_is_not_complete_and_resumes(cub_root, tmp_path, monke
         open_or_build_cache(config, data)
     with pytest.raises(PandError, match="incomplete"):
         TeacherCache.open(tmp_path / "cache")
-    done = np.load(tmp_path / "cache" / "done.npy")
-    assert done.sum() == 4 and not done.all()
+    assert finished_rows(tmp_path / "cache") == 4  # the first shard is kept, the one being filled is not
 
     counted = {"n": 0}
 
@@ -87,7 +88,7 @@ def test_interrupted_build_is_not_complete_and_resumes(cub_root, tmp_path, monke
 
     monkeypatch.setattr(LiveTeacherSource, "forward", counting)
     cache = open_or_build_cache(config, data)
-    assert cache.meta["complete"] and np.load(tmp_path / "cache" / "done.npy").all()
+    assert cache.meta["complete"] and finished_rows(cache.folder) == len(data.splits["train"])
     assert counted["n"] == (len(data.splits["train"]) - 4) * 3  # only the missing rows were computed
 
 
@@ -107,7 +108,7 @@ def test_processes_build_disjoint_shares_into_one_cache(cub_root, tmp_path):
     config = _config(cub_root, tmp_path)
     data = PandDataModule(config["data"], seed=0)
     assert open_or_build_cache(config, data, rank=0, world_size=2) is None  # half done: not complete yet
-    assert not np.load(tmp_path / "cache" / "done.npy").all()
+    assert 0 < finished_rows(tmp_path / "cache") < len(data.splits["train"])
     cache = open_or_build_cache(config, data, rank=1, world_size=2)
     assert cache is not None and cache.meta["complete"]
 
@@ -133,7 +134,7 @@ def test_views_zero_keeps_the_online_teacher(cub_root, tmp_path):
 # -- low-precision builds (cache.precision) -----------------------------------------------------------------------
 def _in(cub_root, folder, *extra):
     return tiny_overrides(cub_root, folder / "run", f"cache.dir={folder / 'cache'}", "cache.views=2",
-                          "cache.batch_size=4", *extra)
+                          "cache.batch_size=4", "cache.shard_size=4", *extra)
 
 
 def _rel_rows(reference, other):
@@ -159,8 +160,8 @@ def test_bf16_cache_agrees_with_fp32_row_by_row_and_other_precisions_are_refused
 
     # the same views, their embeddings within the tolerance of fp32's in every row (and not equal to them)
     ref_folder, low_folder = reference.folder, low.folder
-    assert np.array_equal(np.load(ref_folder / "params.npy"), np.load(low_folder / "params.npy"))
-    rel = _rel_rows(np.load(ref_folder / "embeds.npy"), np.load(low_folder / "embeds.npy"))
+    assert np.array_equal(stored_array(ref_folder, "params"), stored_array(low_folder, "params"))
+    rel = _rel_rows(stored_array(ref_folder, "embeds"), stored_array(low_folder, "embeds"))
     assert rel.shape == (len(data.train_pool), 2) and 0 < rel.max() <= 0.02
 
     # a cache of another precision is refused like any other setting, both ways, with the reason
@@ -206,10 +207,11 @@ def test_a_build_refused_by_the_agreement_check_writes_nothing(cub_root, tmp_pat
     monkeypatch.undo()
 
     def content():  # the lock file names its latest holder, so it changes with every open; the cache must not
-        return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != LOCK_FILE}
+        return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
+                if p.is_file() and p.name != LOCK_FILE}
 
     before = content()
-    assert np.load(folder / "done.npy").sum() == 4
+    assert finished_rows(folder) == 4
     with pytest.raises(PrecisionError):
         open_or_build_cache(strict, data)
     assert content() == before

@@ -20,7 +20,7 @@ def _config_names():
 def test_dataset_names_come_from_the_registry_in_their_listed_order():
     assert DATASET_NAMES == list_datasets()
     assert DATASET_NAMES == ("cub", "aircraft", "pets", "dogs", "fashion_mnist", "cifar100", "imagenet", "imagefolder",
-                             "captions")
+                             "captions", "shards")
 
 
 def test_every_registered_dataset_has_one_config_naming_it_and_every_config_a_dataset():
@@ -42,15 +42,19 @@ def test_the_module_convention_decides_val_and_class_names_file(tmp_path):
     assert get_dataset_kind("aircraft").has_official_val(tmp_path)
     assert not get_dataset_kind("cub").has_official_val(tmp_path)
     assert not get_dataset_kind("imagefolder").has_official_val(tmp_path)
+    # a folder-dependent has_official_val receives the dataset's own settings it names
+    assert not get_dataset_kind("shards").has_official_val(tmp_path, shards={"val": None})
+    assert get_dataset_kind("shards").has_official_val(tmp_path, shards={"val": "wds:v/{0..1}.tar"})
     (tmp_path / "val").mkdir()
     assert get_dataset_kind("imagefolder").has_official_val(tmp_path)
     takers = [n for n in DATASET_NAMES if get_dataset_kind(n).takes_class_names_file]
-    assert takers == ["imagenet", "imagefolder"]
+    assert takers == ["imagenet", "imagefolder", "shards"]
+    assert get_dataset_kind("shards").options == ("shards", "skip_bad") and get_dataset_kind("cub").options == ()
 
 
 def test_unknown_name_lists_the_registered_names(tmp_path):
     with pytest.raises(ConfigError, match="unknown dataset 'cifar'; valid names: cub, aircraft, pets, dogs, "
-                                          "fashion_mnist, cifar100, imagenet, imagefolder, captions$"):
+                                          "fashion_mnist, cifar100, imagenet, imagefolder, captions, shards$"):
         get_dataset_kind("cifar")
 
 

@@ -10,7 +10,7 @@ def test_a_truncated_cache_is_refused_then_rebuilt_on_request(cub_root, tmp_path
     cache = tmp_path / "cache"
     common = ("method=vl2lite", f"cache.dir={cache}", "cache.views=2", "trainer.max_epochs=1", "test=false")
     assert main(["train", *tiny_overrides(cub_root, tmp_path / "first", *common)]) == 0
-    embeds = cache / "embeds.npy"
+    embeds = cache / "shards" / "00000" / "embeds.npy"
     embeds.write_bytes(embeds.read_bytes()[:-100])  # a copy that was cut short
 
     capsys.readouterr()

@@ -62,6 +62,8 @@ def test_training_with_device_views_and_a_cache_of_cpu_views(cub_root, tmp_path)
 def test_cache_build_with_device_views_stores_the_same_cache(cub_root, tmp_path):
     import numpy as np
 
+    from pand.cache.teacher.layout import stored_array
+
     folders = {}
     for on, workers in (("cpu", 0), ("device", 0), ("device-workers", 2)):
         folders[on] = tmp_path / f"cache-{on}"
@@ -71,10 +73,9 @@ def test_cache_build_with_device_views_stores_the_same_cache(cub_root, tmp_path)
         assert main(["cache", "build", *overrides]) == 0
     # loader processes change nothing: every view is a function of (seed, view, index)
     for name in ("params", "embeds", "digests"):
-        assert np.array_equal(np.load(folders["device"] / f"{name}.npy"),
-                              np.load(folders["device-workers"] / f"{name}.npy")), name
-    cpu, device = (np.load(folders[on] / "embeds.npy") for on in ("cpu", "device"))
-    assert np.array_equal(np.load(folders["cpu"] / "params.npy"), np.load(folders["device"] / "params.npy"))
+        assert np.array_equal(stored_array(folders["device"], name), stored_array(folders["device-workers"], name))
+    cpu, device = (stored_array(folders[on], "embeds") for on in ("cpu", "device"))
+    assert np.array_equal(stored_array(folders["cpu"], "params"), stored_array(folders["device"], "params"))
     # float16 rows: equal, or one rounding step apart where a value sits on a float16 boundary
     step = np.spacing(np.abs(cpu).astype(np.float16)).astype(np.float32)
     assert (np.abs(cpu.astype(np.float32) - device.astype(np.float32)) <= step).all()

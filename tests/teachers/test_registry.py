@@ -29,7 +29,7 @@ from tests.engine.conftest import tiny_overrides
 
 
 def test_the_shipped_kinds_and_their_configs_match():
-    assert teacher_kind_names() == ["clip", "classifier"]
+    assert teacher_kind_names() == ["clip", "classifier", "ensemble"]
     kinds = set()
     for path in (CONFIGS_DIR / "teacher").glob("*.yaml"):
         config = yaml.safe_load(path.read_text()) or {}
@@ -39,7 +39,7 @@ def test_the_shipped_kinds_and_their_configs_match():
     assert kinds == set(teacher_kind_names())  # and every registered kind has a config
 
 
-@pytest.mark.parametrize("name", ["clip", "classifier"])
+@pytest.mark.parametrize("name", ["clip", "classifier", "ensemble"])
 def test_a_kind_declares_consistent_outputs(name):
     kind = get_teacher_kind(name)
     assert kind.name == name

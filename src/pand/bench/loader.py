@@ -1,7 +1,8 @@
 """Data-loader throughput of each way of making training views, on synthetic photo-like JPEGs.
 
-Used by ``pand bench --loader`` and ``benchmarks/loader_throughput.py``. Modes, each timed reading JPEGs and reading
-the decoded-image cache, with 0 and N loader worker processes:
+Used by ``pand bench --loader`` and ``benchmarks/loader_throughput.py``. Modes, each timed reading the JPEGs from a
+folder, the same JPEGs from WebDataset tar shards (read by index, :mod:`pand.data.tar_shards`) and the decoded-image
+cache, with 0 and N loader worker processes:
 
 * ``load``: only the image loading (decode + short-side resize, or the cache read);
 * ``augment``: the full training view made per image in the loader (``data.augment_on=cpu``);
@@ -9,13 +10,16 @@ the decoded-image cache, with 0 and N loader worker processes:
   :class:`~pand.data.device_augment.BatchedAugment` on whole batches (with the host-to-device copy of the windows),
   is timed separately on the chosen device, because it runs in the training process, between training steps.
 
-Loader rows use one torch thread per process, as a multi-worker loader does.
+Loader rows use one torch thread per process, as a multi-worker loader does; ``shards`` repeats the folder and shard
+rows per core (a loader with N workers uses N cores, without workers the training process's one).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import statistics
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +33,7 @@ from pand.cache.images import DecodedImageCache, with_decoded_cache
 from pand.data.base import FileDataset
 from pand.data.device_augment import BatchedAugment, loader_share
 from pand.data.image_ops import resize_short, to_uint8_chw
+from pand.data.tar_shards import ShardDataset, read_shards
 from pand.data.transforms import (
     AugmentConfig,
     ReplayableAugment,
@@ -37,6 +42,8 @@ from pand.data.transforms import (
 )
 
 MODES = ("load", "augment", "device")
+#: Samples per tar shard, as img2dataset's default ``number_sample_per_shard`` (10,000) scaled to a benchmark's size.
+SAMPLES_PER_SHARD = 256
 
 
 def make_jpegs(folder: Path, n: int, h: int, w: int, n_classes: int = 10) -> FileDataset:
@@ -55,6 +62,23 @@ def make_jpegs(folder: Path, n: int, h: int, w: int, n_classes: int = 10) -> Fil
         relpaths.append(rel)
         targets.append(c)
     return FileDataset("synthetic", "train", [f"class {c}" for c in range(n_classes)], folder, relpaths, targets)
+
+
+def make_shards(folder: Path, dataset: FileDataset, per_shard: int = SAMPLES_PER_SHARD) -> ShardDataset:
+    """The JPEGs of ``dataset`` written into tar shards of ``per_shard`` samples (``<key>.jpg`` + ``<key>.cls``, as
+    img2dataset writes them) under ``folder``, read back as a dataset (the shards indexed on the way)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():  # a kept --dir may hold shards of another size
+        old.unlink()
+    for s, start in enumerate(range(0, len(dataset), per_shard)):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(start, min(start + per_shard, len(dataset))):
+                for ext, data in (("jpg", dataset.path(i).read_bytes()), ("cls", str(dataset.targets[i]).encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    samples = read_shards(str(folder), setting="bench")
+    return ShardDataset("synthetic", "train", dataset.classes, samples, [int(c) for c in samples.cls])
 
 
 class Views(Dataset):
@@ -138,8 +162,9 @@ def measure_loader_throughput(
     modes=MODES, folder: str | os.PathLike | None = None, image_size: int = 224, resize_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Images per second of a training loader reading JPEGs vs the decoded cache, in each mode, side by side in one
-    process; with ``device`` in ``modes`` also the device's share of ``data.augment_on=device`` on ``device``."""
+    """Images per second of a training loader reading JPEGs from a folder, the same JPEGs from tar shards, and the
+    decoded cache, in each mode, side by side in one process; with ``device`` in ``modes`` also the device's share
+    of ``data.augment_on=device`` on ``device``."""
     workers = list(dict.fromkeys([workers] if isinstance(workers, int) else workers))
     resize_size = int(resize_size) if resize_size is not None else round(image_size * 256 / 224)
     augment = ReplayableAugment(AugmentConfig(image_size=image_size, resize_size=resize_size))
@@ -159,14 +184,22 @@ def measure_loader_throughput(
             t_build = time.perf_counter() - t
             cache_mb = (cache_dir / "pixels.u8").stat().st_size / 2**20
             jpeg_mb = sum(os.path.getsize(dataset.path(i)) for i in range(len(dataset))) / 2**20
-            rows = []
+            t = time.perf_counter()
+            sharded = make_shards(root / "shards", dataset)
+            t_shards = time.perf_counter() - t
+            rows, per_core = [], []
             for mode in modes:
                 for w in workers:
                     row = {"mode": mode, "workers": w}
-                    for source, ds in (("jpeg", dataset), ("cache", cached)):
+                    for source, ds in (("jpeg", dataset), ("shard", sharded), ("cache", cached)):
                         row[f"{source}_img_per_s"] = round(measure(ds, augment, mode, w, batch_size)["img_per_s"], 1)
                     row["speedup"] = round(row["cache_img_per_s"] / row["jpeg_img_per_s"], 2)
                     rows.append(row)
+                    cores = max(1, w)
+                    per_core.append({"mode": mode, "workers": w, "cores": cores,
+                                     "folder_img_per_s_per_core": round(row["jpeg_img_per_s"] / cores, 1),
+                                     "shard_img_per_s_per_core": round(row["shard_img_per_s"] / cores, 1),
+                                     "shard_vs_folder": round(row["shard_img_per_s"] / row["jpeg_img_per_s"], 2)})
             torch.set_num_threads(threads)  # the device's share runs in the training process, with its threads
             device_share = measure_device_augment(cached, augment, device, batch_size) if "device" in modes else None
     finally:
@@ -176,6 +209,8 @@ def measure_loader_throughput(
         "batch_size": batch_size, "cpu_count": os.cpu_count(), "write_jpegs_s": round(t_jpegs, 2),
         "build_cache_s": round(t_build, 2), "jpeg_mb": round(jpeg_mb, 1), "cache_mb": round(cache_mb, 1),
         "rows": rows,
+        "shards": {"shards": len(sharded.paths), "samples_per_shard": SAMPLES_PER_SHARD,
+                   "write_and_index_s": round(t_shards, 2), "rows": per_core},
     }
     if device_share is not None:
         result["device_augment"] = device_share

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pand.bench.exported import exported_rows
 from pand.bench.loader import measure_loader_throughput, run_estimates
 from pand.cache.teacher import CachedTeacherSource, TeacherCache
+from pand.cache.teacher.layout import write_cache
 from pand.distillers import Progress, TeacherContext, build_distiller
 from pand.engine.builders import build_optimizer
 from pand.engine.teacher_side import add_stages
@@ -81,9 +82,9 @@ def _fake_cache(folder: Path, n: int, views: int, dim: int, num_params: int) -> 
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((n, views, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
-    np.save(folder / "embeds.npy", emb.astype(np.float16))
-    np.save(folder / "params.npy", np.zeros((n, views, num_params), np.float32))
-    return TeacherCache(folder, {"views": views, "seed": 0, "embed_dim": dim, "complete": True})
+    meta = write_cache(folder, {"views": views, "seed": 0, "embed_dim": dim},
+                       {"params": np.zeros((n, views, num_params), np.float32), "embeds": emb.astype(np.float16)})
+    return TeacherCache(folder, meta)
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,10 +220,11 @@ ZOO_METHODS = (
 def _fake_logit_cache(folder: Path, n: int, views: int, classes: int) -> TeacherCache:
     """A complete cache of classifier logits of the benchmark's size (full float16 rows): the read path is timed."""
     rng = np.random.default_rng(0)
-    np.save(folder / "logits.npy", (3 * rng.standard_normal((n, views, classes))).astype(np.float16))
-    np.save(folder / "params.npy", np.zeros((n, views, 16), np.float32))
-    return TeacherCache(folder, {"views": views, "seed": 0, "complete": True, "outputs": ["logits"],
-                                 "classes": [str(i) for i in range(classes)]})
+    meta = write_cache(folder, {"views": views, "seed": 0, "outputs": ["logits"], "num_classes": classes,
+                                "logits_topk": None, "classes": [str(i) for i in range(classes)]},
+                       {"params": np.zeros((n, views, 16), np.float32),
+                        "logits": (3 * rng.standard_normal((n, views, classes))).astype(np.float16)})
+    return TeacherCache(folder, meta)
 
 
 def _zoo_bench(args: argparse.Namespace, device: torch.device, autocast) -> dict[str, Any]:
@@ -562,14 +564,25 @@ def _print_loader(console, loader: dict[str, Any], c: dict[str, Any]) -> None:
     t = Table(title=f"pand bench --loader: {loader['images']} JPEGs {loader['image_hw'][0]}x{loader['image_hw'][1]} -> "
                     f"{loader['image_size']} px views (resize {loader['resize_size']}), batch {loader['batch_size']}, "
                     f"{loader['cpu_count']} CPUs; decoded cache built in {loader['build_cache_s']} s")
-    for col in ("what the loader does", "workers", "JPEG images/s", "decoded cache images/s"):
+    for col in ("what the loader does", "workers", "JPEG images/s", "JPEG in tar shards images/s",
+                "decoded cache images/s"):
         t.add_column(col, justify="left" if col.startswith("what") else "right")
     what = {"load": "load only (decode + resize, or cache read)", "augment": "full view per image (augment_on=cpu)",
             "device": "load + crop window (augment_on=device)"}
     for row in loader["rows"]:
         t.add_row(what[row["mode"]], str(row["workers"]), f"{row['jpeg_img_per_s']:.1f}",
-                  f"{row['cache_img_per_s']:.1f}")
+                  f"{row['shard_img_per_s']:.1f}", f"{row['cache_img_per_s']:.1f}")
     console.print(t)
+    shards = loader["shards"]
+    n = shards["shards"]
+    s = Table(title=f"the same JPEGs from a folder and from {n} tar shard{'s' if n > 1 else ''} (read by index): "
+                    "images/s per core")
+    for col in ("what the loader does", "cores", "folder", "tar shards", "shards / folder"):
+        s.add_column(col, justify="left" if col.startswith("what") else "right")
+    for row in shards["rows"]:
+        s.add_row(what[row["mode"]], str(row["cores"]), f"{row['folder_img_per_s_per_core']:.1f}",
+                  f"{row['shard_img_per_s_per_core']:.1f}", f"{row['shard_vs_folder']:.2f}")
+    console.print(s)
     share = loader.get("device_augment")
     if share:
         console.print(f"device's share of augment_on=device (copy + batched views on {share['device']}): "

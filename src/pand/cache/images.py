@@ -57,7 +57,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 
-from pand.cache.integrity import DIGEST_SIZE, _sample_rows, row_digest
+from pand.cache.integrity import DIGEST_SIZE, row_digest, sample_rows
 from pand.data.base import ClassificationDataset
 from pand.data.image_ops import resize_short, to_uint8_chw
 from pand.data.transforms import TRANSFORM_VERSION
@@ -282,7 +282,7 @@ def _verify(folder: Path, meta: dict[str, Any], resize_size: int, verify: str) -
         raise DecodedCacheDamagedError(folder, f"{PIXELS} is {size:,} bytes, expected {end:,}: {state}")
     if len(chunks):
         per_chunk = max(1, end // len(chunks))
-        picked = _sample_rows(len(chunks), end, verify, size=max(1, SAMPLE_BYTES // per_chunk))
+        picked = sample_rows(len(chunks), end, verify, size=max(1, SAMPLE_BYTES // per_chunk))
         pixels = _map_pixels(folder)
         for m in picked:
             reason = _chunk_damage(pixels, index, chunks, int(m))

@@ -1,44 +1,41 @@
 """Integrity and storage of a teacher cache folder: what is checked before a cache is trusted, and how a build
-reserves its disk space.
+makes sure its disk has room. The folder's layout (shards of rows) is :mod:`pand.cache.teacher.layout`.
 
 Integrity. :meth:`TeacherCache.open` refuses a damaged cache with :class:`CacheDamagedError`, naming the file, the
 reason and the remedy (``cache.rebuild=true``, or delete the folder and ``pand cache build``). It checks, in order:
 
-1. meta.json parses as a JSON object and its "arrays" agree with num_samples, views and the size of the stored
-   outputs (embed_dim for image embeddings; num_classes and logits_topk for logits, see :func:`output_arrays`);
-2. every array file exists, its .npy header (read with :mod:`numpy.lib.format`, the data is not mapped) holds the
-   shape and dtype meta.json names, and its size is exactly header + prod(shape) * itemsize (truncated / too long);
-3. a CLIP cache's text.safetensors loads, holds [len(classes), embed_dim] and matches its blake2b checksum in
+1. meta.json parses as a JSON object and its "arrays" agree with views and the size of the stored outputs
+   (embed_dim for image embeddings; num_classes and logits_topk for logits, see :func:`output_arrays`), its
+   num_shards with num_samples and shard_size;
+2. a CLIP cache's text.safetensors loads, holds [len(classes), embed_dim] and matches its blake2b checksum in
    meta.json (a classifier teacher's cache has no text file);
-4. done.npy marks every row written;
-5. digests.npy matches its blake2b checksum in meta.json, then the rows of params and of every output array (embeds;
-   or logits; or logits_topk and logits_index) match their digests: every row when those arrays hold at most
-   :data:`FULL_CHECK_BYTES` (1 GiB), else :data:`SAMPLE_ROWS` random rows plus the first and the last, drawn afresh
-   at each open (``open(..., verify="full")`` forces all rows).
+3. every shard folder exists, its shard.json names the rows it should hold, and each of its array files has a .npy
+   header (read with :mod:`numpy.lib.format`, the data is not mapped) with the shape and dtype meta.json implies and
+   a size of exactly header + prod(shape) * itemsize (truncated / too long);
+4. each shard's digests.npy matches its blake2b checksum in meta.json, then the rows of params and of every output
+   array (embeds; or logits; or logits_topk and logits_index) match their digests: every row when those arrays hold
+   at most :data:`FULL_CHECK_BYTES` (1 GiB), else :data:`SAMPLE_ROWS` random rows plus the first and the last, drawn
+   afresh at each open (``open(..., verify="full")`` forces all rows).
 
-Each process also re-checks the header and size of params.npy and the output arrays before it maps them
-(:meth:`TeacherCache.arrays`), so a file cut short after open() is named instead of failing inside numpy's mmap.
+Each process also re-checks the header and size of a shard's arrays before it maps them, so a file cut short after
+open() is named instead of failing inside numpy's mmap.
 
-Cost: steps 1-4 are a few stat() calls and small reads (about 2 ms). Step 5 reads and hashes params and embeds once,
-blake2b on one core at about 0.6 GB/s: for N=6000, K=10, D=1024, P=16 (123 MB of embeddings, 4 MB of params) a full
-check took 0.22 s with the files in the page cache and 0.23 s after dropping them from it (posix_fadvise DONTNEED), a
-sampled one (4,098 of the 6,000 rows) 0.15 s; one AMD EPYC core, median of 5 / 3 runs. A cold read from a slow disk
-adds the time to read those bytes. Above 1 GiB (e.g. ImageNet-1k at K=10, D=1024: 26 GB) open() samples, so that a
-run does not start by reading the whole cache; a sample of 4,098 rows of 20 KB reads about 84 MB.
-:meth:`TeacherCache.build` digests each row as it writes it (0.24 s for the cache above, so a resumed build is covered
-too), recomputes on resume any written row whose digest no longer matches, and verifies every row (never a sample)
-before it marks a cache complete.
+Cost (``python benchmarks/integrity_checks.py``, figures in benchmarks/README.md): for N=6000, K=10, D=1024 (117 MiB
+of embeddings in 6 shards of 1,024 rows) steps 1-3 took 2 ms, step 4 over every row 0.19 s and over a sample (4,098
+rows) 0.14 s, blake2b on one core of an AMD EPYC with the files in the page cache. Each shard adds about 0.2 ms to
+steps 1-3 and 0.9 ms to an open that checks every row (the same rows in 375 shards of 16: 0.07 s and 0.51 s), nothing
+at the default shard size. A build digests each row as it writes it, checks every row of a finished shard it finds
+when resuming (one whose digests or rows no longer match is built again; one with a file cut short, too long or
+missing is refused like a damaged cache), and verifies every row (never a sample) before it marks a cache complete.
 
-Disk space. Before creating any array file a build compares the bytes it needs with ``shutil.disk_usage`` and refuses
-with both numbers; it then allocates every array with real blocks (``os.posix_fallocate``, else by writing zeros), so
-that a full disk is an :class:`~pand.errors.OutputError` naming the file at allocation time, never a SIGBUS when a
-memory-mapped page is written later. (Copy-on-write file systems such as ZFS or btrfs with compression can still need
-new blocks on overwrite; keep caches on ext4/xfs-like file systems.)
+Disk space. Before writing any shard a build compares the bytes the cache needs with ``shutil.disk_usage`` and
+refuses with both numbers; a full disk while a shard is written is an :class:`~pand.errors.OutputError` naming the
+shard, and the unfinished shard is removed. Shards are written with plain writes, never through a memory map, so a
+full disk cannot surface later as a SIGBUS.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -56,15 +53,11 @@ from pand.errors import OutputError, PandError
 from pand.io import OUTPUT_ERRNOS, file_digest
 from pand.provenance import load_tensors
 
-# Every array file a cache of any kind can hold (what a rebuild removes).
-ARRAYS = ("params", "embeds", "logits", "logits_topk", "logits_index", "done", "digests")
 DIGEST_SIZE = 16  # bytes of blake2b per row and array
 FULL_CHECK_BYTES = 1 << 30  # open() verifies every row up to this many bytes of params + outputs, else a sample
 SAMPLE_ROWS = 4096
 # Room for the text.safetensors header, meta.json and its temporary copy, beyond the exact array sizes.
 SLACK_BYTES = 1 << 20
-_ZERO_CHUNK = 8 << 20
-_NO_FALLOCATE = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
 class CacheDamagedError(PandError):
@@ -102,35 +95,35 @@ def index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
 
 
-def output_arrays(embed_dim: int | None = None, *, num_classes: int | None = None,
-                  topk: int | None = None) -> dict[str, tuple[int, np.dtype]]:
+def output_arrays(embed_dim: int | None = None, *, num_classes: int | None = None, topk: int | None = None,
+                  members: int | None = None, storage: str | None = None) -> dict[str, tuple[int, np.dtype]]:
     """The per-view arrays holding the teacher's outputs, in digest-column order: name -> (row width, dtype).
 
     Image embeddings (``embed_dim``): embeds. Logits (``num_classes``): logits, all of them; or with ``topk`` the k
-    largest and the floor of the rest (logits_topk, k + 1 values) and their class indices (logits_index).
+    largest and the floor of the rest (logits_topk, k + 1 values) and their class indices (logits_index). A teacher
+    ensemble's (``members`` and ``num_classes``): member_logits, the M members' logits side by side (M x C values).
+    float16 rows, or with ``storage="int8"`` int8 rows each followed by its scale (``<name>_scale``, one float16;
+    :func:`pand.cache.codecs.encode_int8_rows`).
     """
     if embed_dim is not None:
-        return {"embeds": (int(embed_dim), np.dtype(np.float16))}
-    if num_classes is None:
+        arrays = {"embeds": (int(embed_dim), np.dtype(np.float16))}
+    elif num_classes is None:
         raise ValueError("a teacher cache stores image embeddings (embed_dim) or logits (num_classes)")
-    if not topk:
-        return {"logits": (int(num_classes), np.dtype(np.float16))}
-    return {"logits_topk": (int(topk) + 1, np.dtype(np.float16)), "logits_index": (int(topk), index_dtype(num_classes))}
-
-
-def array_layout(num_samples: int, views: int, num_params: int, embed_dim: int | None = None, *,
-                 num_classes: int | None = None, topk: int | None = None) -> dict[str, dict[str, Any]]:
-    """Shape and dtype (as .npy descr) of every array of a cache, as stored in meta.json's "arrays".
-
-    digests.npy has one column for params and one per output array (see :func:`output_arrays`).
-    """
-    outputs = output_arrays(embed_dim, num_classes=num_classes, topk=topk)
-    shapes = {"params": ([num_samples, views, num_params], np.float32),
-              **{name: ([num_samples, views, width], dtype) for name, (width, dtype) in outputs.items()},
-              "done": ([num_samples], np.bool_),
-              "digests": ([num_samples, 1 + len(outputs), DIGEST_SIZE], np.uint8)}
-    return {name: {"shape": [int(s) for s in shape], "dtype": np.lib.format.dtype_to_descr(np.dtype(dtype))}
-            for name, (shape, dtype) in shapes.items()}
+    elif members:
+        arrays = {"member_logits": (int(members) * int(num_classes), np.dtype(np.float16))}
+    elif not topk:
+        arrays = {"logits": (int(num_classes), np.dtype(np.float16))}
+    else:
+        if storage not in (None, "float16"):
+            raise ValueError("top-k logits are stored as float16 values and their indices only")
+        return {"logits_topk": (int(topk) + 1, np.dtype(np.float16)),
+                "logits_index": (int(topk), index_dtype(num_classes))}
+    if storage in (None, "float16"):
+        return arrays
+    if storage != "int8":
+        raise ValueError(f"a teacher cache stores its outputs as float16 or int8, not {storage!r}")
+    (name, (width, _)), = arrays.items()
+    return {name: (width, np.dtype(np.int8)), f"{name}_scale": (1, np.dtype(np.float16))}
 
 
 def stored_outputs(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,17 +131,26 @@ def stored_outputs(meta: Mapping[str, Any]) -> dict[str, Any]:
 
     A meta without "outputs" holds image embeddings (the only kind before format version 3).
     """
-    if "logits" in (meta.get("outputs") or ["image_embeds"]):
+    outputs = meta.get("outputs") or ["image_embeds"]
+    storage = {"storage": meta["storage"]} if meta.get("storage") else {}
+    if "member_logits" in outputs:
+        return {"num_classes": int(meta["num_classes"]), "members": int(meta["num_members"]), **storage}
+    if "logits" in outputs:
         topk = meta["logits_topk"]
-        return {"num_classes": int(meta["num_classes"]), "topk": None if topk is None else int(topk)}
-    return {"embed_dim": int(meta["embed_dim"])}
+        return {"num_classes": int(meta["num_classes"]), "topk": None if topk is None else int(topk), **storage}
+    return {"embed_dim": int(meta["embed_dim"]), **storage}
 
 
 def output_names(meta: Mapping[str, Any]) -> list[str]:
     """The output arrays' names, from the fewest meta entries (a cache made without "arrays" still names them)."""
-    if "logits" in (meta.get("outputs") or ["image_embeds"]):
-        return ["logits"] if meta.get("logits_topk") is None else ["logits_topk", "logits_index"]
-    return ["embeds"]
+    outputs = meta.get("outputs") or ["image_embeds"]
+    if "member_logits" in outputs:
+        names = ["member_logits"]
+    elif "logits" in outputs:
+        names = ["logits"] if meta.get("logits_topk") is None else ["logits_topk", "logits_index"]
+    else:
+        names = ["embeds"]
+    return [*names, f"{names[0]}_scale"] if meta.get("storage") == "int8" else names
 
 
 def npy_header(spec: Mapping[str, Any]) -> bytes:
@@ -214,26 +216,6 @@ def read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def meta_layout(folder: Path, meta: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The array layout meta.json promises, checked against its own num_samples, views and output sizes."""
-    try:
-        arrays = meta["arrays"]
-        n, k = int(meta["num_samples"]), int(meta["views"])
-        sizes = stored_outputs(meta)
-        p = int(arrays["params"]["shape"][2])
-        want = array_layout(n, k, p, **sizes)
-    except KeyError as err:
-        raise CacheDamagedError(folder, f"meta.json has no entry {err}") from None
-    except (TypeError, ValueError, IndexError) as err:
-        raise CacheDamagedError(folder, f"meta.json has a garbled num_samples, views, outputs, their sizes or arrays "
-                                        f"({err})") from None
-    if arrays != want:
-        said = ", ".join(f"{key}={value}" for key, value in sizes.items())
-        raise CacheDamagedError(folder, f"meta.json's arrays {arrays} disagree with its num_samples={n}, views={k}, "
-                                        f"{said} (expected {want})")
-    return want
-
-
 def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
@@ -248,28 +230,28 @@ def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
 
 def check_array(folder: Path, name: str, spec: Mapping[str, Any]) -> None:
     """Header and size of ``name``.npy against ``spec``, without mapping the data."""
-    path = folder / f"{name}.npy"
+    path, shown = folder / f"{name}.npy", f"{name}.npy"
     if not path.is_file():
-        raise CacheDamagedError(folder, f"{path.name} is missing")
+        raise CacheDamagedError(folder, f"{shown} is missing")
     try:
         shape, dtype, fortran, offset = _read_npy_header(path)
     except (ValueError, EOFError, SyntaxError, TypeError, UnicodeDecodeError) as err:
-        raise CacheDamagedError(folder, f"{path.name} has no readable .npy header ({err})") from None
+        raise CacheDamagedError(folder, f"{shown} has no readable .npy header ({err})") from None
     want_shape, want_dtype = tuple(spec["shape"]), np.dtype(spec["dtype"])
     if dtype != want_dtype or shape != want_shape or fortran:
         order = " in Fortran order" if fortran else ""
-        raise CacheDamagedError(folder, f"{path.name} holds {dtype.name} {list(shape)}{order}, meta.json expects "
+        raise CacheDamagedError(folder, f"{shown} holds {dtype.name} {list(shape)}{order}, meta.json expects "
                                         f"{want_dtype.name} {list(want_shape)}")
     expected = offset + data_bytes(spec)
     size = path.stat().st_size
     if size < expected:
-        raise CacheDamagedError(folder, f"{path.name} is {_bytes(size)}, expected {expected:,}: truncated")
+        raise CacheDamagedError(folder, f"{shown} is {_bytes(size)}, expected {expected:,}: truncated")
     if size > expected:
-        raise CacheDamagedError(folder, f"{path.name} is {_bytes(size)}, expected {expected:,}: longer than "
+        raise CacheDamagedError(folder, f"{shown} is {_bytes(size)}, expected {expected:,}: longer than "
                                         "its header says")
 
 
-def _check_text(folder: Path, meta: Mapping[str, Any]) -> None:
+def check_text(folder: Path, meta: Mapping[str, Any]) -> None:
     path = folder / "text.safetensors"
     if not path.is_file():
         raise CacheDamagedError(folder, "text.safetensors is missing")
@@ -289,7 +271,7 @@ def _check_text(folder: Path, meta: Mapping[str, Any]) -> None:
         raise CacheDamagedError(folder, reason)
 
 
-def _sample_rows(n: int, total_bytes: int, mode: str, size: int | None = None) -> np.ndarray:
+def sample_rows(n: int, total_bytes: int, mode: str, size: int | None = None) -> np.ndarray:
     """The rows to check: all of them, or ``size`` (default :data:`SAMPLE_ROWS`) random ones plus the first and the
     last (see the module docstring); ``size`` lets a cache of large rows (the decoded-image cache's chunks) sample
     fewer."""
@@ -315,91 +297,11 @@ def bad_rows(columns: Mapping[str, np.ndarray], digests: np.ndarray, rows: Itera
     return bad
 
 
-def verify_cache(folder: str | os.PathLike, meta: Mapping[str, Any], verify: str = "auto", rows: bool = True) -> int:
-    """Raise :class:`CacheDamagedError` naming the first damaged file of a cache (see the module docstring).
-
-    ``rows=False`` stops after the structural checks (1-3), which is what an unfinished build can be held to.
-    Returns the number of rows whose digests were checked.
-    """
-    folder = Path(folder)
-    layout = meta_layout(folder, meta)
-    for name, spec in layout.items():
-        check_array(folder, name, spec)
-    if "embeds" in layout:
-        _check_text(folder, meta)
-    if not rows:
-        return 0
-    done = np.load(folder / "done.npy")
-    if not done.all():
-        missing = np.flatnonzero(~done)
-        raise CacheDamagedError(folder, f"done.npy marks {len(missing)} of {len(done)} rows unwritten (first: row "
-                                        f"{int(missing[0])}) although meta.json says the cache is complete")
-    stored = (meta.get("checksums") or {}).get("digests.npy")
-    if stored != file_digest(folder / "digests.npy"):
-        reason = ("digests.npy does not match its checksum in meta.json (same size, altered content)" if stored
-                  else "meta.json has no checksum of digests.npy")
-        raise CacheDamagedError(folder, reason)
-    digests = np.load(folder / "digests.npy")
-    columns = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in layout
-               if name not in ("done", "digests")}
-    checked = _sample_rows(len(done), sum(a.nbytes for a in columns.values()), verify)
-    for name, bad in bad_rows(columns, digests, checked).items():
-        if bad:
-            raise CacheDamagedError(folder, f"{name} row {bad[0]} does not match its checksum in digests.npy "
-                                            f"({len(bad)} of {len(checked)} rows checked differ): the file was altered "
-                                            "in place (same size, other content)")
-    return len(checked)
-
-
-# -- allocation ----------------------------------------------------------------------------------------------------
-def _fill_zeros(fd: int, offset: int, nbytes: int) -> None:
-    """Give ``nbytes`` from ``offset`` real blocks by writing zeros (where posix_fallocate is unavailable)."""
-    zeros = memoryview(bytes(min(nbytes, _ZERO_CHUNK)))
-    os.lseek(fd, offset, os.SEEK_SET)
-    left = nbytes
-    while left:
-        left -= os.write(fd, zeros[: min(left, len(zeros))])
-    os.fsync(fd)  # network file systems may report a full disk only here
-
-
-def _reserve(fd: int, offset: int, nbytes: int) -> None:
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is not None:
-        try:
-            fallocate(fd, offset, nbytes)
-            return
-        except OSError as err:
-            if err.errno not in _NO_FALLOCATE:
-                raise
-    _fill_zeros(fd, offset, nbytes)
-
-
+# -- disk space ----------------------------------------------------------------------------------------------------
 def allocation_error(path: Path, nbytes: int, err: OSError) -> OutputError:
     reason = OUTPUT_ERRNOS.get(err.errno, err.strerror or str(err))
-    return OutputError(f"cannot allocate {path} ({nbytes:,} bytes) for the teacher cache: {reason}. Free space there "
+    return OutputError(f"cannot write {path} ({nbytes:,} bytes) for the teacher cache: {reason}. Free space there "
                        "or set cache.dir to a folder on a disk with room for the cache")
-
-
-def allocate_npy(path: str | os.PathLike, spec: Mapping[str, Any]) -> None:
-    """Create ``path`` as a .npy file of ``spec``'s shape and dtype whose data has real blocks on disk (not sparse).
-
-    A memory map of a sparse file dies by SIGBUS when a page is first written on a full disk; allocating up front
-    turns that into an :class:`~pand.errors.OutputError` naming the file, here.
-    """
-    path = Path(path)
-    header, nbytes = npy_header(spec), data_bytes(spec)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
-        try:
-            os.write(fd, header)
-            if nbytes:
-                _reserve(fd, len(header), nbytes)
-        finally:
-            os.close(fd)
-    except OSError as err:
-        if err.errno in OUTPUT_ERRNOS:
-            raise allocation_error(path, len(header) + nbytes, err) from err
-        raise
 
 
 def check_free_space(folder: Path, needs: Mapping[str, int]) -> None:
@@ -414,8 +316,3 @@ def check_free_space(folder: Path, needs: Mapping[str, int]) -> None:
                           + (f" (counting {_human(reclaimed)} of old files it replaces)" if reclaimed else "")
                           + ". Free space or set cache.dir to a "
                           "folder on a larger disk")
-
-
-def remove_cache_files(folder: Path) -> None:
-    for name in (*(f"{a}.npy" for a in ARRAYS), "text.safetensors", "meta.json"):
-        (folder / name).unlink(missing_ok=True)

@@ -2,8 +2,9 @@
 
 On top of the official splits of :func:`~pand.data.get_dataset` this assembles what the config asks for: a few-shot
 labelled pool (``data.samples_per_class=K``, val carved from the pool), unlabelled training images
-(``data.unlabelled``: ``rest`` of the training split, a folder, or ``captions:<folder>`` for the training images of a
-captions dataset with their captions; at most ``data.unlabelled_limit``), a label-free run
+(``data.unlabelled``: ``rest`` of the training split, a folder, ``wds:<pattern>`` for tar shards, or
+``captions:<folder>`` for the training images of a captions dataset with their captions; at most
+``data.unlabelled_limit``), a label-free run
 (``data.samples_per_class=0``, :func:`label_free`) and the base-to-novel class split (``data.class_split``); a
 dataset without classes (``data=captions``) assembles its own (``run_splits`` of its module). Every
 choice is seeded by ``data.split_seed`` (``data.class_split_seed``), so the same config gives the same splits, bit
@@ -25,6 +26,7 @@ from pand.data.captions import with_vocabulary
 from pand.data.overlap import check_overlap
 from pand.data.registry import get_dataset_kind
 from pand.data.splits import base_novel_classes, get_dataset, stratified_split
+from pand.data.tar_shards import is_shard_pattern
 from pand.data.unlabelled import (
     UNLABELLED,
     HiddenLabels,
@@ -32,6 +34,7 @@ from pand.data.unlabelled import (
     check_unlabelled_setting,
     choose,
     unlabelled_folder,
+    unlabelled_shards,
 )
 from pand.data.verify import verify_splits
 from pand.data.walk import check_input_root
@@ -122,10 +125,12 @@ def classless(data: Mapping[str, Any]) -> bool:
 CAPTIONS_POOL = "captions:"
 
 
-def _unlabelled_from(source: str, classes: list[str], name: str) -> ClassificationDataset:
+def _unlabelled_from(source: str, classes: list[str], name: str, data: Mapping[str, Any]) -> ClassificationDataset:
     if source.startswith(CAPTIONS_POOL):
-        pool = load_captions(source[len(CAPTIONS_POOL):], "train")
+        pool = load_captions(source[len(CAPTIONS_POOL):], "train", skip_bad=bool(data.get("skip_bad", False)))
         return with_vocabulary(pool, classes, [UNLABELLED] * len(pool), split=UNLABELLED_SPLIT)
+    if is_shard_pattern(source):
+        return unlabelled_shards(source, classes, name, skip_bad=bool(data.get("skip_bad", False)))
     return unlabelled_folder(source, classes, name)
 
 
@@ -152,13 +157,14 @@ def _load_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
 
 
 def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset]:
+    name, root = data["name"], data["root"]
     common = dict(
         download=bool(data.get("download", False)),
         split_seed=int(data.get("split_seed", 0)),
         num_classes=data.get("num_classes"),
         class_names_file=data.get("class_names_file"),
+        options={k: data[k] for k in get_dataset_kind(name).options if k in data},
     )
-    name, root = data["name"], data["root"]
     k = data.get("samples_per_class")
     seed = int(data.get("split_seed", 0))
     source = unlabelled_source(data)
@@ -168,7 +174,7 @@ def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset
         val = get_dataset(name, root, "val", val_fraction=float(data["val_fraction"]), **common)
         splits = {"train": train, "val": val, "test": test}
         if source is not None:  # a folder (rest needs a labelled pool; refused by unlabelled_source)
-            splits[UNLABELLED_SPLIT] = _limit(_unlabelled_from(source, test.classes, name), data)
+            splits[UNLABELLED_SPLIT] = _limit(_unlabelled_from(source, test.classes, name, data), data)
         return splits
     # Few-shot: a labelled pool of k images per class from the official training data; val is carved from the pool
     # so that model selection uses only labels the run is allowed to see.
@@ -186,7 +192,7 @@ def _labelled_splits(data: Mapping[str, Any]) -> dict[str, ClassificationDataset
             rest = [i for i in rest if full.targets[i] in kept]
         extra = HiddenLabels(subset(full, rest))
     elif source is not None:
-        extra = _unlabelled_from(source, full.classes, name)
+        extra = _unlabelled_from(source, full.classes, name, data)
     else:
         extra = None
     if free:

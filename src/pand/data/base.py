@@ -12,6 +12,7 @@ Constructing a dataset never opens an image; images are decoded in :meth:`~Class
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -119,6 +120,10 @@ class ClassificationDataset(torch.utils.data.Dataset):
         )
 
 
+#: What PIL raises on data it cannot decode (a truncated JPEG, a file of another type, a decompression bomb).
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError)
+
+
 def open_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode ``path`` as an 8-bit RGB PIL image, the one way pand reads every image file (see :func:`to_rgb`).
 
@@ -135,8 +140,36 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
             return to_rgb(im)
     except FileNotFoundError as e:
         raise DatasetNotFoundError(f"image file not found: {path}") from e
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+    except DECODE_ERRORS as e:
         raise CorruptImageError(f"cannot decode image {path}: {e}") from e
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """:func:`open_rgb` for an image held in memory (a member of a tar shard); ``name`` says where it comes from.
+
+    Raises:
+        CorruptImageError: the bytes cannot be decoded; the message names ``name``.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return to_rgb(im)
+    except DECODE_ERRORS as e:
+        raise CorruptImageError(f"cannot decode image {name}: {decode_reason(e)}") from e
+
+
+def decode_reason(error: BaseException) -> str:
+    """PIL's message for ``error`` without the in-memory file it names (``<_io.BytesIO object at 0x...>``), which
+    says nothing and differs at every run."""
+    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)).strip() or type(error).__name__
+
+
+def user_cache_dir() -> Path | None:
+    """``$PAND_CACHE_DIR``, else ``~/.cache/pand``: where pand remembers what it learnt about the user's data (images
+    verified, content digests, tar shard indices). None when there is no home folder to put it in."""
+    try:
+        return Path(os.environ.get("PAND_CACHE_DIR") or "~/.cache/pand").expanduser()
+    except RuntimeError:  # no $HOME and no passwd entry
+        return None
 
 
 #: PIL modes of 16-bit greyscale data (16-bit PNG and TIFF greyscale, in either byte order).

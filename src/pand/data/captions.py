@@ -16,7 +16,9 @@ looks like two of them):
   ``--csv-caption-key``). Image paths are relative to the file's folder (or absolute), inside ``root``; an image on
   several rows has several captions.
 * ``img2dataset``: shard folders ``<split>/00000/000000001.jpg`` + ``000000001.txt`` (the caption; the ``.json`` beside
-  them is not read), for ``train/`` and ``test/`` (``val/`` optional).
+  them is not read), for ``train/`` and ``test/`` (``val/`` optional); or img2dataset's WebDataset output, tar shards
+  ``<split>/00000.tar`` holding the same members, read by index (:mod:`pand.data.tar_shards`; a split's shards may
+  also be a pattern, ``split_paths.<split>='wds:<pattern>'``, and ``skip_bad`` applies to them).
 
 An image has one or more captions (COCO about 5). There is no class: every item's label is
 :data:`~pand.data.unlabelled.UNLABELLED`. A caption without its image (an annotation of an unknown image id, a row or a
@@ -49,6 +51,7 @@ from pand.data import base
 from pand.data.base import ClassificationDataset, SubsetDataset, subset
 from pand.data.registry import register_dataset
 from pand.data.splits import stratified_split
+from pand.data.tar_shards import ShardDataset, ShardSamples, is_shard_pattern, read_shards
 from pand.data.unlabelled import UNLABELLED, TrainingPool
 from pand.data.walk import check_input_root, listed, walk
 from pand.errors import ConfigError, DatasetNotFoundError, PandError
@@ -78,6 +81,7 @@ LAYOUT = """\
   data.format=img2dataset (shard folders of <key>.jpg + <key>.txt caption, <key>.json not read):
     <root>/train/00000/000000001.jpg, <root>/train/00000/000000001.txt, <root>/train/00001/...
     <root>/test/00000/...         (val/ optional)
+    or tar shards of the same members: <root>/train/00000.tar, ... (or data.split_paths.train='wds:<pattern>')
   Without a val split (data.split_paths.val, val.jsonl, val/), val is a seeded data.val_fraction of train."""
 
 
@@ -100,13 +104,29 @@ class CaptionDataset(base.FileDataset):
             h.update(json.dumps(self.captions[i], ensure_ascii=False).encode("utf-8"))
 
 
+class ShardCaptionDataset(ShardDataset):
+    """Samples of tar shards with their captions (``captions[i]``: the texts of sample ``i``) and no class."""
+
+    def __init__(self, split: str, samples: ShardSamples, captions: Sequence[Sequence[str]], source: str) -> None:
+        super().__init__(NAME, split, [], samples, [UNLABELLED] * len(samples))
+        if len(captions) != len(samples):
+            raise ValueError(f"{len(samples)} samples but {len(captions)} caption lists")
+        self.captions = [tuple(c) for c in captions]
+        self.source = source  # the pattern or folder the split was read from, for messages
+
+    def _hash_items(self, h: Any, indices: Sequence[int]) -> None:
+        super()._hash_items(h, indices)  # as CaptionDataset: the captions are part of the content
+        for i in indices:
+            h.update(json.dumps(self.captions[i], ensure_ascii=False).encode("utf-8"))
+
+
 def captions_of(dataset: ClassificationDataset) -> list[tuple[str, ...]] | None:
     """The captions of every item of ``dataset`` (``()`` for an item without any), or None when it has none at all.
 
     Sees through subsets (val carved from train, hidden labels), a training pool (labelled images, then unlabelled
     ones) and wrappers that read the same items' pixels from elsewhere (the decoded-image cache keeps the dataset it
     wraps as ``dataset``)."""
-    if isinstance(dataset, CaptionDataset):
+    if isinstance(dataset, (CaptionDataset, ShardCaptionDataset)):
         return list(dataset.captions)
     if isinstance(dataset, SubsetDataset):
         parent = captions_of(dataset.parent)
@@ -339,6 +359,27 @@ def _read_img2dataset(root: Path, folder: Path) -> _Read:
     return _Read(relpaths, captions, {"captions without image": orphans, "images without caption": bare})
 
 
+def _is_shard_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder of tar shards (img2dataset's ``output_format=webdataset``)."""
+    return path.is_dir() and any(p.name.endswith(".tar") and not p.name.startswith(".") for p in path.iterdir())
+
+
+def _read_shard_captions(root: Path, source: str, split: str, incomplete: str, skip_bad: bool) -> ShardCaptionDataset:
+    """The samples of the tar shards ``source`` (a pattern, or a folder of shards) with their ``txt`` captions."""
+    samples = read_shards(source, setting=f"the {split} shards of the captions dataset", skip_bad=skip_bad,
+                          relative_to=root)
+    texts = samples.read_texts()
+    captions = [" ".join(t.split()) if t is not None else "" for t in texts]
+    bare = [f"{samples.describe(i)} ({'empty caption' if t is not None else 'no .txt'})"
+            for i, t in enumerate(texts) if not captions[i]]
+    _settle(_Read([], [], {"captions without image": [], "images without caption": bare}), incomplete, Path(source))
+    keep = [i for i, c in enumerate(captions) if c]
+    if not keep:
+        raise base.not_found(f"the {split} split of the captions dataset at {source} has no captioned image",
+                             Path(source), TITLE, LAYOUT, download=False)
+    return ShardCaptionDataset(split, samples.select(keep), [[captions[i]] for i in keep], source)
+
+
 _ONE = {"captions without image": "caption without image", "images without caption": "image without caption"}
 
 
@@ -420,6 +461,8 @@ def setting_errors(data: Mapping[str, Any]) -> list[str]:
 def detect_format(root: Path, split_paths: Mapping[str, str] | None = None) -> str:
     """The layout under ``root`` (or of the files ``split_paths`` names); refused when none or several match."""
     for given in (split_paths or {}).values():
+        if is_shard_pattern(given):
+            return "img2dataset"
         path = Path(given).expanduser()
         path = path if path.is_absolute() else root / path
         if path.is_dir():
@@ -445,9 +488,12 @@ def detect_format(root: Path, split_paths: Mapping[str, str] | None = None) -> s
     return found[0]
 
 
-def _split_source(root: Path, fmt: str, split: str, split_paths: Mapping[str, str]) -> Path | None:
-    """The file or folder a split is read from (None: the layout has no such split, only val can lack one)."""
+def _split_source(root: Path, fmt: str, split: str, split_paths: Mapping[str, str]) -> Path | str | None:
+    """The file or folder a split is read from, or the ``wds:`` pattern of its shards (None: the layout has no such
+    split, only val can lack one)."""
     given = split_paths.get(split)
+    if is_shard_pattern(given):
+        return given  # read_shards names a missing shard itself
     if given is not None:
         path = Path(given).expanduser()
         path = path if path.is_absolute() else root / path
@@ -506,7 +552,7 @@ def has_official_val(root: str | os.PathLike, format: str = "auto",
 def load(root: str | os.PathLike, split: str, *, download: bool = False, format: str = "auto",
          split_paths: Mapping[str, Any] | None = None, image_dirs: Mapping[str, Any] | None = None,
          image_key: str | None = None, text_key: str | None = None, csv_separator: str | None = None,
-         incomplete: str = "error") -> CaptionDataset:
+         incomplete: str = "error", skip_bad: bool = False) -> CaptionDataset | ShardCaptionDataset:
     """The ``"train"``, ``"test"`` or (when the layout has one) ``"val"`` split, each image with its captions."""
     base.check_split(split, SPLITS)
     if download:
@@ -519,6 +565,8 @@ def load(root: str | os.PathLike, split: str, *, download: bool = False, format:
     if source is None:
         raise ConfigError(f"the captions dataset under {root} has no val split (no val file or folder, nor "
                           "data.split_paths.val); val is carved from train (data.val_fraction)")
+    if fmt == "img2dataset" and (isinstance(source, str) or _is_shard_folder(source)):
+        return _read_shard_captions(root, str(source), split, incomplete, skip_bad)
     if fmt == "coco":
         read = _read_coco(root, source, _coco_image_dir(root, source, split, _paths_option(image_dirs, "image_dirs")))
     elif fmt == "pairs":
@@ -548,7 +596,7 @@ def load(root: str | os.PathLike, split: str, *, download: bool = False, format:
 
 # -- a run on captions ------------------------------------------------------------------------------------------------
 #: The ``data.*`` keys :func:`load` reads, beside ``root``.
-OPTIONS = ("format", "split_paths", "image_dirs", "image_key", "text_key", "csv_separator", "incomplete")
+OPTIONS = ("format", "split_paths", "image_dirs", "image_key", "text_key", "csv_separator", "incomplete", "skip_bad")
 
 
 class RunSplits(NamedTuple):

@@ -1,15 +1,17 @@
 """The same image in two splits, found by content: a test image that is also trained on inflates the test score
 however it got there (a copy, a link, a folder given as unlabelled images that holds the test folder).
 
-Every item gets a content digest: the sha256 of its file's bytes, or for an in-memory array dataset (Fashion-MNIST,
+Every item gets a content digest: the sha256 of its file's bytes (for a sample of tar shards, of its image member's
+bytes, so that a shard's image and the same image as a file match), or for an in-memory array dataset (Fashion-MNIST,
 CIFAR-100) the sha256 of its pixel bytes. :func:`check_overlap` compares the splits of a run pairwise:
 
 * ``train``-``val``, ``train``-``test``, ``val``-``test``, ``unlabelled``-``val`` and ``unlabelled``-``test`` (and
   ``test_novel`` wherever ``test`` is named). Unlabelled and labelled training images may be the same: both are
   trained on.
 * A shared image is an **error** when the two splits come from different sources and at least one of them is the
-  user's own: an image-folder dataset's split folders (``data=imagefolder``) or a ``data.unlabelled`` folder. The
-  message names the first few pairs of files and the count; ``data.allow_overlap=true`` turns it into a warning.
+  user's own: an image-folder dataset's split folders (``data=imagefolder``), tar shards (``data=shards``) or
+  ``data.unlabelled`` images. The message names the first few pairs of files and the count;
+  ``data.allow_overlap=true`` turns it into a warning.
 * A shared image between two official splits of a published dataset (CUB, Aircraft, Pets, Dogs, ImageNet,
   Fashion-MNIST, CIFAR-100), or between two parts of one source (``val`` carved from the training folder,
   ``data.unlabelled=rest``), is logged with its count, not refused: official splits are known to hold a few exact
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from pand.data.base import ArrayDataset, ClassificationDataset, FileDataset, SubsetDataset
+from pand.data.tar_shards import ShardDataset, ShardMember
 from pand.data.verify import default_memo_dir
 from pand.errors import ConfigError, DatasetNotFoundError, PandError
 from pand.io import atomic_write_with, mark_output_folder
@@ -150,7 +153,7 @@ def _source(dataset: ClassificationDataset) -> tuple[str, str, str, str]:
 
 def _users_own(dataset: ClassificationDataset) -> bool:
     base, _ = _unwrap(dataset)
-    return base.split == "unlabelled" or base.name == "imagefolder"
+    return base.split == "unlabelled" or base.name in ("imagefolder", "shards")
 
 
 def _describe(splits: Mapping[str, ClassificationDataset], a: str, b: str, shared: list[tuple[int, int]]) -> str:
@@ -170,6 +173,8 @@ def _item(dataset: ClassificationDataset, i: int) -> str:
     k = indices[i]
     if isinstance(base, FileDataset):
         return str(base.root / base.relpaths[k])
+    if isinstance(base, ShardDataset):
+        return str(base.member(k))
     return f"{base.name} {base.split} image {base.sample_id(k)}"
 
 
@@ -179,8 +184,9 @@ def _item(dataset: ClassificationDataset, i: int) -> str:
 def item_digests(
     dataset: ClassificationDataset, *, memo_dir: str | os.PathLike | None = None, workers: int | None = None
 ) -> tuple[str, list[bytes]] | None:
-    """(kind, digest of every item in order): kind ``file`` (sha256 of the file) or ``pixels`` (sha256 of the uint8
-    pixels and their shape); None for a dataset whose items are neither."""
+    """(kind, digest of every item in order): kind ``file`` (sha256 of the file, or of a tar shard's image member: the
+    bytes the file would hold) or ``pixels`` (sha256 of the uint8 pixels and their shape); None for a dataset whose
+    items are neither."""
     base, indices = _unwrap(dataset)
     if isinstance(base, ArrayDataset):
         shape = str(base.images.shape[1:]).encode()
@@ -190,24 +196,30 @@ def item_digests(
             h.update(np.ascontiguousarray(base.images[k]).tobytes())
             out.append(h.digest())
         return "pixels", out
-    if isinstance(base, FileDataset):
+    if isinstance(base, (FileDataset, ShardDataset)):
         memo = Path(memo_dir).expanduser() if memo_dir is not None else None
         table = _file_digests(base, indices, memo, workers)
         return "file", [table[k].tobytes() for k in indices]
     return None
 
 
-def _file_digests(base: FileDataset, indices: Sequence[int], memo: Path | None, workers: int | None) -> np.ndarray:
-    """The ``(len(base), 32)`` digest table of ``base``, with at least the rows of ``indices`` filled."""
+def _file_digests(base: FileDataset | ShardDataset, indices: Sequence[int], memo: Path | None,
+                  workers: int | None) -> np.ndarray:
+    """The ``(len(base), 32)`` digest table of ``base``, with at least the rows of ``indices`` filled (a shard's
+    samples are remembered with the modification time of their shard)."""
     n = len(base)
     fingerprint = base.fingerprint()  # stats every file: a missing one is a DatasetNotFoundError naming it
     digests, mtimes, done = _read_memo(memo, fingerprint, n)
     need = sorted(set(indices))
-    now = np.array([_mtime(base.root / base.relpaths[k]) for k in need], dtype=np.int64)
     need_arr = np.asarray(need, dtype=np.int64)
+    if isinstance(base, ShardDataset):
+        now = base.shard_mtimes()[need_arr]
+    else:
+        now = np.array([_mtime(base.root / base.relpaths[k]) for k in need], dtype=np.int64)
     stale = need_arr[~done[need_arr] | (mtimes[need_arr] != now)] if need else need_arr
     if len(stale):
-        paths = [base.root / base.relpaths[k] for k in stale.tolist()]
+        paths = [base.member(k) if isinstance(base, ShardDataset) else base.root / base.relpaths[k]
+                 for k in stale.tolist()]
         n_workers = max(1, min(workers or MAX_WORKERS, os.cpu_count() or 1, len(paths)))
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pand-digest") as pool:
             for k, digest in zip(stale.tolist(), pool.map(_sha256, paths)):
@@ -229,7 +241,9 @@ def _mtime(path: Path) -> int:
         raise DatasetNotFoundError(f"image file not found: {path}") from e
 
 
-def _sha256(path: Path) -> bytes:
+def _sha256(path: Path | ShardMember) -> bytes:
+    if isinstance(path, ShardMember):
+        return hashlib.sha256(path.read()).digest()
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:

@@ -32,6 +32,9 @@ class DatasetModule(Protocol):
       (and ``"val"`` when the dataset has one), with ``split`` checked by :func:`pand.data.base.check_split`. A dataset
       that accepts display names for its classes adds the keyword ``class_names_file=None``; the registry reads that
       from the signature, so :func:`~pand.data.get_dataset` refuses ``class_names_file`` for every other dataset.
+      Any other keyword (``shards``, ``skip_bad`` of :mod:`pand.data.shards`) is a ``data.*`` setting of the
+      dataset's own (:attr:`DatasetKind.options`), passed from the run's config by that name; a folder-dependent
+      ``has_official_val`` receives those of them it names too.
       ``load`` carries the ``@register_dataset("<name>")`` decorator, and ``<name>`` is the ``name`` of the datasets
       it returns and of ``configs/data/<name>.yaml``.
 
@@ -64,10 +67,18 @@ class DatasetKind:
     def takes_class_names_file(self) -> bool:
         return "class_names_file" in inspect.signature(self.module.load).parameters
 
-    def has_official_val(self, root: str | os.PathLike) -> bool:
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The ``data.*`` settings of the dataset's own: the keywords of its ``load`` besides ``download`` and
+        ``class_names_file``."""
+        return tuple(name for name, p in inspect.signature(self.module.load).parameters.items()
+                     if p.kind is p.KEYWORD_ONLY and name not in ("download", "class_names_file"))
+
+    def has_official_val(self, root: str | os.PathLike, **options: Any) -> bool:
         folder_dependent = getattr(self.module, "has_official_val", None)
         if folder_dependent is not None:
-            return bool(folder_dependent(root))
+            named = inspect.signature(folder_dependent).parameters
+            return bool(folder_dependent(root, **{k: v for k, v in options.items() if k in named}))
         return bool(self.module.HAS_OFFICIAL_VAL)
 
     def load(self, root: str | os.PathLike, split: str, **options: Any) -> ClassificationDataset:

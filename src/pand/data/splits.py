@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,7 @@ def get_dataset(
     split_seed: int = 0,
     num_classes: int | None = None,
     class_names_file: str | os.PathLike | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> ClassificationDataset:
     """Build split ``split`` of dataset ``name`` stored under ``root``.
 
@@ -93,6 +94,8 @@ def get_dataset(
         num_classes: if given, must equal the number of classes found (ConfigError otherwise).
         class_names_file: display names for ``imagefolder`` or ``imagenet`` classes (see :mod:`pand.data.imagefolder`,
             :mod:`pand.data.imagenet`).
+        options: the dataset's own settings (:attr:`~pand.data.registry.DatasetKind.options`, e.g. the shard patterns
+            of ``shards``), by name.
 
     Raises:
         ConfigError: unknown name or split, bad ``val_fraction``, a class count mismatch.
@@ -105,11 +108,16 @@ def get_dataset(
         takers = " and ".join(sorted(n for n in list_datasets() if get_dataset_kind(n).takes_class_names_file))
         raise ConfigError(f"class_names_file is only supported for {takers} datasets, not {name!r}")
     root = os.path.expanduser(os.fspath(root))
-    opts: dict[str, Any] = {"download": download}
+    own = dict(options or {})
+    unknown = sorted(set(own) - set(kind.options))
+    if unknown:
+        takes = f"its settings are {', '.join(kind.options)}" if kind.options else "it has no setting of its own"
+        raise ConfigError(f"dataset {name!r} has no setting {', '.join(unknown)} ({takes})")
+    opts: dict[str, Any] = {"download": download, **own}
     if kind.takes_class_names_file:
         opts["class_names_file"] = class_names_file
 
-    if split == "test" or kind.has_official_val(root):
+    if split == "test" or kind.has_official_val(root, **own):
         ds = kind.load(root, split, **opts)
     else:
         full = kind.load(root, "train", **opts)

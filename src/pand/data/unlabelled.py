@@ -7,6 +7,8 @@ names its unlabelled images with ``data.unlabelled``:
   hidden, never read);
 * a folder: every image file under it, in any layout (searched recursively; sub-folder names are not read as labels;
   no link may lead out of it, and none of its images may be a val or test image: see :mod:`pand.data.overlap`);
+* ``wds:<pattern>``: the images of WebDataset tar shards, ``wds:/data/{00000..00099}.tar`` (read by index, see
+  :mod:`pand.data.tar_shards`; their ``cls`` labels are not read);
 * ``null``: none.
 
 An unlabelled item has the label :data:`UNLABELLED` (-1). :class:`TrainingPool` indexes the labelled images first
@@ -26,6 +28,7 @@ import torch
 from PIL import Image
 
 from pand.data.base import ClassificationDataset, FileDataset, SubsetDataset
+from pand.data.tar_shards import ShardDataset, expand_braces, is_shard_pattern, read_shards
 from pand.data.walk import check_input_root, listed, reads, walk
 from pand.errors import ConfigError, DatasetNotFoundError
 
@@ -93,6 +96,14 @@ def unlabelled_folder(folder: str | os.PathLike, classes: Sequence[str], name: s
     return FileDataset(name, "unlabelled", classes, root, paths, [UNLABELLED] * len(paths))
 
 
+def unlabelled_shards(pattern: str, classes: Sequence[str], name: str, *, skip_bad: bool = False) -> ShardDataset:
+    """Every sample of the tar shards ``pattern`` names (``wds:...``, relative to the working folder) as unlabelled
+    items of a run with ``classes``; with ``skip_bad``, truncated shards keep their complete samples and images that
+    do not decode are left out (see :mod:`pand.data.tar_shards`)."""
+    samples = read_shards(pattern, setting="data.unlabelled", skip_bad=skip_bad)
+    return ShardDataset(name, "unlabelled", classes, samples, [UNLABELLED] * len(samples))
+
+
 def choose(n: int, limit: int | None, seed: int) -> list[int]:
     """Sorted indices of ``min(limit, n)`` of ``n`` items, a seeded choice (all of them when ``limit`` is None)."""
     if limit is None or int(limit) >= n:
@@ -133,10 +144,16 @@ class TrainingPool(ClassificationDataset):
 
 
 def check_unlabelled_setting(value: Any, samples_per_class: Any) -> str | None:
-    """``rest``, a folder path, or None, from ``data.unlabelled`` (``none``/``null``/empty mean None)."""
+    """``rest``, a folder path, a ``wds:`` shard pattern, or None, from ``data.unlabelled`` (``none``/``null``/empty
+    mean None)."""
     if value is None or str(value).strip().lower() in ("", "none", "null", "false"):
         return None
     value = str(value)
+    if is_shard_pattern(value):
+        try:  # a malformed pattern is refused with the other settings, before anything loads
+            expand_braces(value)
+        except ConfigError as err:
+            raise ConfigError(f"data.unlabelled: {err}") from None
     if value == "rest" and samples_per_class is None:
         raise ConfigError("data.unlabelled=rest means the training images outside the labelled pool; set "
                           "data.samples_per_class=K (K labelled images per class, 0 for none) to have a rest")

@@ -22,8 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from pand.data.base import ArrayDataset, ClassificationDataset, FileDataset, SubsetDataset, open_rgb
+from pand.data.base import ArrayDataset, ClassificationDataset, FileDataset, SubsetDataset, open_rgb, user_cache_dir
+from pand.data.tar_shards import ShardDataset, ShardMember
+from pand.data.tar_shards import decode_error as member_decode_error
 from pand.errors import CorruptImageError, DatasetNotFoundError
 from pand.io import atomic_write_json
 from pand.logs import tracked
@@ -43,20 +46,26 @@ MAX_WORKERS = 8
 _MISSING = "file not found"
 
 
+#: An image to check: a file, or the image member of a sample of a tar shard.
+_Item = Path | ShardMember
+
+
 @dataclass(frozen=True)
 class _Bad:
-    path: Path
+    path: _Item
     reason: str
     where: str  # "<name>/<split>" of the first split that lists the file
 
 
+def _order(item: _Item) -> tuple[int, Any]:
+    # Files first, then shard members, each kind in its own order (a Path and a ShardMember do not compare).
+    return (0, item) if isinstance(item, Path) else (1, item)
+
+
 def default_memo_dir() -> Path | None:
     """``$PAND_CACHE_DIR/verified-images`` or ``~/.cache/pand/verified-images``; None if there is no home folder."""
-    try:
-        base = Path(os.environ.get("PAND_CACHE_DIR") or "~/.cache/pand").expanduser()
-    except RuntimeError:  # no $HOME and no passwd entry: nowhere to remember, but nothing is wrong with the data
-        return None
-    return base / MEMO_SUBDIR
+    base = user_cache_dir()  # None: nowhere to remember, but nothing is wrong with the data
+    return base / MEMO_SUBDIR if base is not None else None
 
 
 def verify_images(
@@ -100,7 +109,7 @@ def verify_splits(
     """
     memo = Path(memo_dir).expanduser() if memo_dir is not None else default_memo_dir()
     seen: set[str] = set()
-    checked: dict[Path, str | None] = {}  # path -> reason it is bad, or None; shared by the splits of this call
+    checked: dict[_Item, str | None] = {}  # item -> reason it is bad, or None; shared by the splits of this call
     bad: list[_Bad] = []
     for dataset in splits.values():
         files = _image_files(dataset)
@@ -129,17 +138,21 @@ def verify_splits(
 # -- finding the files ------------------------------------------------------------------------------------------------
 
 
-def _image_files(dataset: ClassificationDataset) -> list[Path] | None:
-    """Absolute paths of the items of ``dataset`` in item order; None when its images are not files."""
+def _image_files(dataset: ClassificationDataset) -> list[_Item] | None:
+    """Absolute paths (or shard members) of the items of ``dataset`` in item order; None when its images are held
+    decoded in memory."""
     indices: Sequence[int] = range(len(dataset))
     while isinstance(dataset, SubsetDataset):
         indices = [dataset.indices[i] for i in indices]
         dataset = dataset.parent
     if isinstance(dataset, ArrayDataset):
         return None
+    if isinstance(dataset, ShardDataset):
+        return [dataset.member(i) for i in indices]
     if not isinstance(dataset, FileDataset):
         raise TypeError(
-            f"verify_images needs a FileDataset, ArrayDataset or a subset of one, not {type(dataset).__name__}; "
+            f"verify_images needs a FileDataset, ShardDataset, ArrayDataset or a subset of one, not "
+            f"{type(dataset).__name__}; "
             "verify the dataset before wrapping it"
         )
     return [dataset.root / dataset.relpaths[i] for i in indices]
@@ -148,8 +161,13 @@ def _image_files(dataset: ClassificationDataset) -> list[Path] | None:
 # -- decoding ---------------------------------------------------------------------------------------------------------
 
 
-def _decode_error(path: Path) -> str | None:
+def _decode_error(path: _Item) -> str | None:
     """Why ``path`` cannot be decoded the way training decodes it, or None if it can."""
+    if isinstance(path, ShardMember):
+        try:
+            return member_decode_error(path)
+        except DatasetNotFoundError:
+            return _MISSING
     try:
         open_rgb(path)  # the very decode training, caches and predict use, so "verified" means "trainable"
     except DatasetNotFoundError:
@@ -162,8 +180,8 @@ def _decode_error(path: Path) -> str | None:
 
 
 def _decode_all(
-    paths: Sequence[Path], where: str, *, progress: bool, workers: int | None
-) -> list[tuple[Path, str | None]]:
+    paths: Sequence[_Item], where: str, *, progress: bool, workers: int | None
+) -> list[tuple[_Item, str | None]]:
     """(path, reason or None) for every path, in the order given."""
     if not paths:
         return []
@@ -181,7 +199,7 @@ def _decode_all(
 def _raise_if_bad(bad: list[_Bad]) -> None:
     if not bad:
         return
-    missing = sorted((b for b in bad if b.reason == _MISSING), key=lambda b: b.path)
+    missing = sorted((b for b in bad if b.reason == _MISSING), key=lambda b: _order(b.path))
     if missing:
         # A file that vanished after the dataset was listed: the folder is incomplete, not corrupt.
         splits = ", ".join(dict.fromkeys(b.where for b in missing))
@@ -190,11 +208,13 @@ def _raise_if_bad(bad: list[_Bad]) -> None:
             "The image folder is incomplete; re-extract the dataset archive."
         )
     splits = ", ".join(dict.fromkeys(b.where for b in bad))  # in the order the splits were given
-    corrupt = sorted(bad, key=lambda b: b.path)
+    corrupt = sorted(bad, key=lambda b: _order(b.path))
     n = len(corrupt)
+    shards = " (for tar shards: or set data.skip_bad=true to leave their samples out)" \
+        if any(isinstance(b.path, ShardMember) for b in corrupt) else ""
     raise CorruptImageError(
         f"{n} image{'s' if n > 1 else ''} of {splits} cannot be decoded: {_listing(corrupt, with_reason=True)}. "
-        "Replace or remove them (and their lines in the dataset's annotation files), then run again."
+        f"Replace or remove them (and their lines in the dataset's annotation files){shards}, then run again."
     )
 
 

@@ -38,6 +38,8 @@ class TeacherContext:
     prompt_embeds: torch.Tensor | None = None  # C x D learned CoOp text features (teacher.text_features), if given
     identity: dict[str, str] = field(default_factory=dict)
     num_classes: int | None = None
+    # A teacher ensemble's member weights (summing to 1), for methods that read each member (``member_logits``).
+    member_weights: list[float] | None = None
     stage_names: list[str] | None = None
     stage_shapes: list[tuple[int, ...]] | None = None
     teacher: Any = None  # a FrozenTeacher, for needs_teacher_model methods only; never registered as a submodule

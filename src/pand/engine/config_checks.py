@@ -44,7 +44,7 @@ from pand.rules import (
 from pand.stage1.checks import COOP_RULES
 from pand.teachers.outputs import LOGITS, STAGE_FEATURES
 from pand.teachers.precision import PRECISION_RULE, TOLERANCE_RULE
-from pand.teachers.registry import TeacherKind, kind_of
+from pand.teachers.registry import TeacherKind, get_teacher_kind, kind_of, teacher_kind_names
 
 # -- options every training run has ---------------------------------------------------------------------------
 _LIMIT = number(0, low_open=True, optional=True)  # a fraction in (0, 1] or a number of batches
@@ -77,6 +77,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.mean": Rule("floats", length=3),
     "data.std": Rule("floats", low=0, low_open=True, length=3),
     "data.verify_images": BOOL,
+    "data.skip_bad": BOOL,
     "data.augment_on": choice(*AUGMENT_ON),
     "data.augment.min_crop_frac": number(0, 1, low_open=True),
     "data.augment.degrees": number(0, 180),
@@ -113,6 +114,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "cache.batch_size": integer(1),
     "cache.num_workers": integer(0),
     "cache.topk": integer(1, optional=True),
+    "cache.shard_size": integer(1, optional=True),
+    "cache.storage": choice("float16", "int8"),
+    "cache.local_shards": BOOL,
     "cache.rebuild": BOOL,
     "cache.precision": PRECISION_RULE,
     "cache.precision_tolerance": TOLERANCE_RULE,
@@ -128,13 +132,11 @@ TRAIN_RULES: dict[str, Rule] = {
 
 
 def _dataset_errors(config: Mapping[str, Any]) -> list[str]:
-    """Settings that the configured dataset kind itself refuses (today: a captions dataset's)."""
+    """Settings that the configured dataset kind itself refuses (a captions dataset's, tar shards')."""
     data = config.get("data") or {}
-    if data.get("name") != "captions":
-        return []
-    from pand.data import captions  # torch comes with the data package: only this full check imports it
+    from pand.data import captions, shards  # torch comes with the data package: only this full check imports it
 
-    return captions.setting_errors(data)
+    return (captions.setting_errors(data) if data.get("name") == "captions" else []) + shards.setting_errors(data)
 
 
 def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
@@ -149,7 +151,7 @@ def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
     missing = reads - kind.provides
     if missing:
         errors.append(f"method {cls.name!r} reads {sorted(missing)}, which a {kind.name} teacher does not provide "
-                      f"(it provides {sorted(kind.provides)}); use a CLIP teacher or another method")
+                      f"(it provides {sorted(kind.provides)}); {_providers_hint(missing)}")
     reads_text = cls.reads_text_features(config.get("method") or {}) or (LOGITS in reads and kind.has_text)
     text_features = lookup(config, "teacher.text_features")
     if text_features not in (None, MISSING) and not reads_text:
@@ -164,6 +166,9 @@ def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
             lookup(config, "cache.topk") not in (None, MISSING):
         errors.append(f"cache.topk={lookup(config, 'cache.topk')} is set, but a {kind.name} teacher's cache stores "
                       f"{', '.join(sorted(kind.cached))}, not logits; remove it")
+    if cached and lookup(config, "cache.storage") == "int8" and lookup(config, "cache.topk") not in (None, MISSING):
+        errors.append(f"cache.storage=int8 and cache.topk={lookup(config, 'cache.topk')} are both set: top-k logits "
+                      "are stored as float16 values with their classes; choose one")
     precision = lookup(config, "cache.precision")
     if not cached and precision not in (None, MISSING, "fp32"):
         errors.append(f"cache.precision={precision} is set, but no teacher cache is used (cache.dir is unset), and the "
@@ -171,6 +176,13 @@ def _teacher_errors(config: Mapping[str, Any], cls) -> list[str]:
     if uses_teacher:
         errors.extend(kind.setting_errors(config.get("teacher") or {}))
     return errors
+
+
+def _providers_hint(missing: frozenset[str]) -> str:
+    """What to do about outputs the configured teacher kind does not provide: the kinds that do, if any."""
+    kinds = [name for name in teacher_kind_names() if missing <= get_teacher_kind(name).provides]
+    return (f"use a teacher that does ({' or '.join(f'teacher.kind={k}' for k in kinds)}) or another method" if kinds
+            else "use another method")
 
 
 def cache_refusals(cls, reads: frozenset[str], kind: TeacherKind, cache_dir: Any) -> list[str]:

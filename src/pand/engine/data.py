@@ -127,10 +127,14 @@ class EpochSampler(Sampler):
     """
 
     def __init__(
-        self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, drop_last: bool = True
+        self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+        shard_size: int | None = None,
     ) -> None:
         self.size, self.seed, self.shuffle = size, int(seed), shuffle
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        # Local shards (``cache.local_shards``): rank r draws only the images of the teacher cache's shards
+        # s % world_size == r, the ones it built, so a node reads its share of the cache and no other.
+        self.shard_size = int(shard_size) if shard_size and world_size > 1 else None
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
 
@@ -144,9 +148,28 @@ class EpochSampler(Sampler):
         self._resume = (int(epoch), int(items_done))
 
     def __len__(self) -> int:
+        return self._per_rank(self.size)
+
+    def _per_rank(self, size: int, offset: int = 0) -> int:
+        """Items each rank gets of ``size`` (pool indices ``offset ..``): every rank the same number, as DDP needs."""
+        if self.shard_size is not None:
+            counts = [len(self._local(size, offset, r)) for r in range(self.world_size)]
+            return min(counts) if self.drop_last else max(counts)
         if self.drop_last:
-            return self.size // self.world_size
-        return math.ceil(self.size / self.world_size)
+            return size // self.world_size
+        return math.ceil(size / self.world_size)
+
+    def _local(self, size: int, offset: int, rank: int) -> list[int]:
+        """Of items ``0 .. size - 1`` (pool indices ``offset ..``), those in rank ``rank``'s cache shards."""
+        if not size:
+            return []
+        first, last = offset // self.shard_size, (offset + size - 1) // self.shard_size
+        mine: list[int] = []
+        for s in range(first, last + 1):
+            if s % self.world_size == rank:
+                mine += range(max(s * self.shard_size, offset) - offset,
+                              min((s + 1) * self.shard_size, offset + size) - offset)
+        return mine
 
     def _permutation(self, size: int, salt: int = 0) -> list[int]:
         if not self.shuffle:
@@ -160,8 +183,17 @@ class EpochSampler(Sampler):
         order = order[:total] if len(order) >= total else (order + order[: total - len(order)])
         return order[self.rank : total : self.world_size]
 
+    def _share(self, size: int, n: int, offset: int = 0) -> list[int]:
+        """This rank's ``n`` items of ``0 .. size - 1`` for the epoch: of a seeded permutation of all of them, or of
+        its local shards' items only (cut to, or cycled up to, ``n``)."""
+        if self.shard_size is None:
+            return self._shard(self._permutation(size), n)
+        local = self._local(size, offset, self.rank)
+        order = [local[j] for j in self._permutation(len(local))]
+        return (order * (n // max(1, len(order)) + 1))[:n] if order else []
+
     def _keys(self) -> list[int]:
-        return self._shard(self._permutation(self.size), len(self))
+        return self._share(self.size, len(self))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         mine = self._keys()
@@ -182,9 +214,10 @@ class MixedEpochSampler(EpochSampler):
     """
 
     def __init__(self, n_labelled: int, n_unlabelled: int, batch_size: int, labelled_per_batch: int, *, seed: int,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1, drop_last: bool = True) -> None:
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                 shard_size: int | None = None) -> None:
         super().__init__(n_labelled + n_unlabelled, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
-                         drop_last=drop_last)
+                         drop_last=drop_last, shard_size=shard_size)
         self.n_labelled, self.n_unlabelled = int(n_labelled), int(n_unlabelled)
         self.batch_size = int(batch_size)
         self.labelled_per_batch = int(labelled_per_batch) if self.n_labelled else 0
@@ -194,8 +227,7 @@ class MixedEpochSampler(EpochSampler):
 
     def _batches(self) -> tuple[int, int]:
         """(full batches, unlabelled items of a last partial batch) on this rank."""
-        per_rank = self.n_unlabelled // self.world_size if self.drop_last else math.ceil(
-            self.n_unlabelled / self.world_size)
+        per_rank = self._per_rank(self.n_unlabelled, offset=self.n_labelled)
         per_batch = self.batch_size - self.labelled_per_batch
         full, left = divmod(per_rank, per_batch)
         return full, (0 if self.drop_last else left)
@@ -208,7 +240,8 @@ class MixedEpochSampler(EpochSampler):
         full, left = self._batches()
         n_batches = full + (1 if left else 0)
         per_batch = self.batch_size - self.labelled_per_batch
-        unlabelled = self._shard(self._permutation(self.n_unlabelled), full * per_batch + left)
+        # the labelled pool, usually a few shards, is cycled on every rank; local shards split the unlabelled images
+        unlabelled = self._share(self.n_unlabelled, full * per_batch + left, offset=self.n_labelled)
         need = n_batches * self.labelled_per_batch
         labelled: list[int] = []
         cycle = 0
@@ -283,6 +316,7 @@ class PandDataModule(L.LightningDataModule):
         self.cfg = dict(data)
         self.seed = int(seed)
         self.teacher_cache = teacher_cache
+        self.local_shards = False  # cache.local_shards, set with the cache (pand.engine.teacher_side)
         self.augment = ReplayableAugment(augment_config(self.cfg))
         self.augment_on = str(self.cfg.get("augment_on", "cpu"))
         self.batched_augment = BatchedAugment(self.augment)
@@ -375,6 +409,14 @@ class PandDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.splits  # noqa: B018 - build once, before the loaders are asked for
 
+    def teardown(self, stage: str | None = None) -> None:
+        if stage == "fit" and self.teacher_cache is not None:
+            rank, world = self._rank_world()
+            opened = self.teacher_cache.opened_shards
+            # which part of the cache this process read (with cache.local_shards: its own shards only)
+            log.info("teacher cache: process %d of %d read %d of its %d shards: %s", rank, world, len(opened),
+                     int(self.teacher_cache.meta["num_shards"]), ",".join(map(str, opened)) or "none")
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is None:
@@ -408,15 +450,17 @@ class PandDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         pool = self.train_pool
         batch = int(self.cfg["batch_size"])
+        shard_size = self.teacher_cache.meta["shard_size"] if self.local_shards and self.teacher_cache else None
         if isinstance(pool, TrainingPool):
             labelled = self.labelled_per_batch()
             drop_last = bool(self.cfg.get("drop_last", True)) and pool.n_unlabelled // world >= batch - labelled
             sampler: EpochSampler = MixedEpochSampler(
                 pool.n_labelled, pool.n_unlabelled, batch, labelled, seed=self.seed, rank=rank,
-                world_size=world, drop_last=drop_last)
+                world_size=world, drop_last=drop_last, shard_size=shard_size)
         else:
             drop_last = bool(self.cfg.get("drop_last", True)) and len(pool) // world >= batch
-            sampler = EpochSampler(len(pool), seed=self.seed, rank=rank, world_size=world, drop_last=drop_last)
+            sampler = EpochSampler(len(pool), seed=self.seed, rank=rank, world_size=world, drop_last=drop_last,
+                                   shard_size=shard_size)
         # The epoch the loop runs next: Lightning creates the first iterator (where loader workers start prefetching)
         # before it sets the epoch, so a run resumed from an end-of-epoch checkpoint would replay the previous
         # epoch's order. Lightning counts an epoch as processed once its last step is done.

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pand.cache.teacher import TeacherCache
+from pand.cache.teacher.portable import export_cache
 from pand.checkpoint_files import read_checkpoint, stored_config, student_state
 from pand.config import teacher_cache_settings, with_data_overrides
 from pand.data.assembly import UNLABELLED_SPLIT
@@ -37,6 +38,7 @@ from pand.engine.checkpoints import (
 )
 from pand.engine.config_checks import validate_eval_options, validate_train_config
 from pand.engine.data import PandDataModule
+from pand.engine.launch import all_ok, join_launch, launched_ranks
 from pand.engine.module import DistillationModule
 from pand.engine.open_vocab_eval import format_report, open_vocab_report, write_clip_benchmark
 from pand.engine.teacher_side import (
@@ -493,7 +495,8 @@ def _clip_benchmark_beside(out_path: Path) -> Path:
 
 
 def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
-    """``pand cache build``: one process, or each process of a ``torchrun`` launch building its share.
+    """``pand cache build``: one process, or each process of a launch of several (``torchrun``, or one process per
+    node with ``NODE_RANK``: :mod:`pand.engine.launch`) building its share of the shards.
 
     Here, beside ``train`` and ``evaluate``, rather than in :mod:`pand.engine.teacher_side`: an entry point checks its
     config first (:mod:`pand.engine.config_checks`), and those checks import the teacher side.
@@ -503,27 +506,28 @@ def build_cache(config: Mapping[str, Any]) -> TeacherCache | None:
     validate_train_config(config, for_cache_build=True)
     data = PandDataModule(config["data"], seed=int(config["seed"]))
     data.check_outputs_outside({"cache.dir": config["cache"]["dir"]})
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    launch = launched_ranks(config)
+    if launch is None:
         return open_or_build_cache(config, data)
     import torch.distributed as dist
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    join_launch(*launch)
     try:
-        rank = dist.get_rank()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        teacher = load_teacher(config, classes=data.classes)
-        return open_or_build_cache(config, data, teacher, rank=rank, world_size=world, barrier=_all_ok)
+        return open_or_build_cache(config, data, rank=launch[0], world_size=launch[1], barrier=all_ok)
     finally:
         dist.destroy_process_group()
 
 
-def _all_ok(ok: bool = True) -> bool:
-    """A barrier that also tells every process whether all of them got there without an error."""
-    import torch.distributed as dist
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def export_teacher_cache(config: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Any]:
+    """``pand cache export``: the run's complete teacher cache as WebDataset tars, each image named by its key in the
+    run's dataset (:mod:`pand.cache.teacher.portable`)."""
+    if not (config.get("cache") or {}).get("dir"):
+        raise ConfigError("set cache.dir=/path/to/cache (the cache to export) and the run's data settings")
+    data = PandDataModule(config["data"], seed=int(config["seed"]))
+    pool = data.train_pool
+    folder = Path(config["cache"]["dir"])
+    meta = TeacherCache.open(folder).meta
+    if meta["fingerprint"] != pool.fingerprint():
+        raise MismatchError(f"the teacher cache at {folder} was built for other training images than this config's "
+                            "data: give the settings of the run it was built for")
+    return export_cache(folder, out, pool.sample_id, pool.targets)

@@ -34,6 +34,7 @@ from pand.data.captions import CaptionTable
 from pand.distillers import Distiller, TeacherContext
 from pand.engine.config_checks import cache_refusals
 from pand.engine.data import PandDataModule
+from pand.engine.launch import all_ok, join_launch, launched_ranks
 from pand.errors import ConfigError, MismatchError, PandError
 from pand.stage1.store import load_text_features
 from pand.teachers import (
@@ -75,13 +76,15 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
     settings = teacher_cache_settings(config)
     train = data.train_pool
     kind = kind_of(config)
-    templates = list(config["data"]["templates"]) if kind.has_text else None
+    reads_templates = kind.has_text if kind.reads_templates is None else kind.reads_templates
+    templates = list(config["data"]["templates"]) if reads_templates else None
     table = data.caption_table if kind.has_text else None
     expected = cache_record(teacher_spec=teacher_spec(config), dataset=train, augment=data.augment,
                             views=int(settings["views"]), seed=int(settings.get("seed", 0)), templates=templates,
                             outputs=sorted(kind.cached),
                             topk=settings.get("topk") if LOGITS in kind.cached else None,
                             precision=settings.get("precision") or "fp32",
+                            storage=settings.get("storage") or "float16",
                             captions=None if table is None else table.digest())
     try:
         return TeacherCache.open(settings["dir"], expected)
@@ -99,9 +102,19 @@ def open_or_build_cache(config: Mapping[str, Any], data: PandDataModule, teacher
         caption_embeds=captions,
         batch_size=int(settings.get("batch_size", 64)), rank=rank, world_size=world_size,
         rebuild=bool(settings.get("rebuild")), barrier=barrier, augment_on=data.augment_on,
-        num_workers=int(settings.get("num_workers", 0)),
+        num_workers=int(settings.get("num_workers", 0)), shard_size=settings.get("shard_size"),
         precision_tolerance=float(settings.get("precision_tolerance", DEFAULT_TOLERANCE)),
     )
+
+
+def _open_or_build_in_launch(config: Mapping[str, Any], data: PandDataModule) -> TeacherCache:
+    """The run's cache; in a launch whose processes all exist already (:mod:`pand.engine.launch`) each builds its
+    share of the missing shards, joining the launch's process group early, and all of them get the complete cache."""
+    launch = launched_ranks(config)
+    if launch is None:
+        return open_or_build_cache(config, data)
+    join_launch(*launch)
+    return open_or_build_cache(config, data, rank=launch[0], world_size=launch[1], barrier=all_ok)
 
 
 def build_teacher_side(
@@ -131,14 +144,15 @@ def build_teacher_side(
         refusals = cache_refusals(method, reads, kind, cache_settings["dir"])
         if refusals:  # before a cache is opened or built
             raise ConfigError(refusals[0])
-        cache = open_or_build_cache(config, data)
+        cache = _open_or_build_in_launch(config, data)
         data.teacher_cache = cache
+        data.local_shards = bool(cache_settings.get("local_shards"))
         context = TeacherContext(**kind.context_from_cache(cache.meta, config["teacher"]))
         if kind.has_text:
             context.text_embeds = cache.text_embeds()
         if method.reads_captions(options) and data.caption_table is not None:
             context.caption_embeds = cache.caption_embeds()
-        source = CachedTeacherSource(cache)
+        source = kind.from_cache(CachedTeacherSource(cache), config["teacher"])
     else:
         teacher = load_teacher(config, classes=data.classes)
         context = TeacherContext(**kind.context(teacher))

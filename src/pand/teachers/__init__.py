@@ -12,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "ClassifierTeacher": "classifier",
     "load_classifier_teacher": "classifier",
+    "EnsembleTeacher": "ensemble",
     "DEFAULT_LOGIT_SCALE": "clip",
     "RANDOM_WEIGHTS": "clip",
     "ClipTeacher": "clip",
@@ -19,6 +20,7 @@ _EXPORTS = {
     "weights_digest": "clip",
     "IMAGE_EMBEDS": "outputs",
     "LOGITS": "outputs",
+    "MEMBER_LOGITS": "outputs",
     "STAGE_FEATURES": "outputs",
     "FrozenTeacher": "frozen",
     "LiveTeacherSource": "source",

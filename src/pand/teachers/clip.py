@@ -452,6 +452,8 @@ class ClipKind(TeacherKind):
     cached = frozenset({IMAGE_EMBEDS})
     served_from_cache = frozenset({IMAGE_EMBEDS, LOGITS})
     has_text = True
+    # The settings every CLIP teacher config shares; the model and its weights are the presets' (teacher=vit_b16).
+    defaults_option = "_base"
 
     def load(self, teacher: Mapping[str, Any], *, data: Mapping[str, Any], classes: Sequence[str] | None,
              device: str | torch.device) -> ClipTeacher:

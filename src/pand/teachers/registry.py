@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the registry stays light: the config checks read it before 
 
 #: The modules that register a kind, imported when a kind is first asked for (importing them loads torch and
 #: open_clip, which ``pand --help`` must not). Their order is the order kinds are listed in messages.
-KIND_MODULES = ("pand.teachers.clip", "pand.teachers.classifier")
+KIND_MODULES = ("pand.teachers.clip", "pand.teachers.classifier", "pand.teachers.ensemble")
 
 #: ``teacher.kind`` when a config sets none.
 DEFAULT_KIND = "clip"
@@ -41,6 +41,13 @@ class TeacherKind:
     served_from_cache: ClassVar[frozenset[str]]
     #: A text tower: class text embeddings, zero-shot logits from them, learned prompts (``teacher.text_features``).
     has_text: ClassVar[bool] = False
+    #: Its outputs depend on the data's prompt templates (a text tower's, or an ensemble's CLIP members'): a teacher
+    #: cache then records them and is refused for other templates. None: as ``has_text``.
+    reads_templates: ClassVar[bool | None] = None
+    #: The option of the ``teacher`` config group that holds the kind's default settings (None: the option named
+    #: like the kind). A teacher ensemble fills in its members' settings from it, so that a member
+    #: ``{kind: classifier, ckpt: X}`` is exactly ``teacher=classifier teacher.ckpt=X``.
+    defaults_option: ClassVar[str | None] = None
 
     def load(self, teacher: Mapping[str, Any], *, data: Mapping[str, Any], classes: Sequence[str] | None,
              device: str | torch.device) -> FrozenTeacher:
@@ -63,6 +70,11 @@ class TeacherKind:
     def context_from_cache(self, meta: Mapping[str, Any], teacher: Mapping[str, Any]) -> dict[str, Any]:
         """The same fields, from the record of a teacher cache (the teacher is not loaded)."""
         return {"identity": dict(meta["teacher"])}
+
+    def from_cache(self, source: torch.nn.Module, teacher: Mapping[str, Any]) -> torch.nn.Module:
+        """The per-sample source a method reads when ``source`` serves this kind's cached outputs (``cached``): what
+        the kind serves beyond them is computed here (default: nothing, ``source`` itself)."""
+        return source
 
     def cache_contents(self, teacher: FrozenTeacher, classes: Sequence[str],
                        templates: Sequence[str] | None) -> tuple[torch.Tensor | None, dict[str, Any]]:

@@ -1,18 +1,20 @@
 """The teacher cache: K augmented views per training image, their parameters and the teacher's output for each.
 
-Layout of a cache folder (format version 3):
+Layout of a cache folder (format version 4; shards: :mod:`pand.cache.teacher.layout`):
 
     meta.json        provenance (teacher spec and identity, dataset fingerprint, transform, K, seed, classes, ...),
-                     ``outputs`` (what it holds), ``complete``, the shape and dtype of every array ("arrays") and the
-                     checksums of digests.npy (and text.safetensors)
-    params.npy       float32 [N, K, P]  augmentation parameters of every view (replayable with ReplayableAugment)
-    done.npy         bool    [N]        rows written so far (a killed build resumes from here)
-    digests.npy      uint8   [N, A, 16] per image: blake2b-128 of its params row ([:, 0]) and of its row of each output
+                     ``outputs`` (what it holds), ``complete``, ``shard_size`` and ``num_shards``, each array's row
+                     shape and dtype ("arrays"), the checksums of the text files and, once complete, of every shard's
+                     digests.npy ("shards")
+    shards/NNNNN/    rows ``NNNNN * shard_size ..`` (up to 1,024 images and 64 MiB per shard), written whole:
+      params.npy     float32 [n, K, P]  augmentation parameters of every view (replayable with ReplayableAugment)
+      digests.npy    uint8   [n, A, 16] per image: blake2b-128 of its params row ([:, 0]) and of its row of each output
                                         array below, in that order ([:, 1:])
+      shard.json     the shard's rows and the checksum of its digests.npy
 
 and, for a CLIP teacher (``outputs: ["image_embeds"]``):
 
-    embeds.npy       float16 [N, K, D]  L2-normalised teacher image embedding of exactly that view
+    shards/NNNNN/embeds.npy  float16 [n, K, D]  L2-normalised teacher image embedding of exactly that view
     text.safetensors float32 [C, D]     the class text embeddings of the data config's templates
     captions.safetensors float16 [M, D] when the training images have captions (``data=captions``): the teacher's
                                         embedding of each distinct caption, row r for row r of the run's
@@ -22,9 +24,9 @@ and, for a CLIP teacher (``outputs: ["image_embeds"]``):
 or, for a classifier teacher (``outputs: ["logits"]``; no text file, meta.json has ``num_classes`` and
 ``logits_topk``):
 
-    logits.npy       float16 [N, K, C]  the teacher's class logits of that view (``cache.topk`` unset, the default)
-    logits_topk.npy  float16 [N, K, k+1] with ``cache.topk=k``: the k largest logits, then the floor of the others
-    logits_index.npy int16   [N, K, k]  their classes (int32 above 32,767 classes)
+    shards/NNNNN/logits.npy        float16 [n, K, C]  the teacher's class logits of that view (``cache.topk`` unset)
+    shards/NNNNN/logits_topk.npy   float16 [n, K, k+1] with ``cache.topk=k``: the k largest logits, then the floor
+    shards/NNNNN/logits_index.npy  int16   [n, K, k]  their classes (int32 above 32,767 classes)
 
 Top-k rows are rebuilt exactly as :func:`decode_topk` says: the kept classes get their logits, every other class the
 floor ``log(mean(exp(z_j)))`` over the classes not kept, so the softmax at T=1 keeps the kept probabilities and the

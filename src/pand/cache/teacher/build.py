@@ -1,12 +1,14 @@
 """Building (or resuming) a teacher cache: process 0 prepares the folder under its lock, every process runs the
-teacher on its share of the rows (views made by worker processes, written in chunks with their digests), and the
-last process verifies every row before the cache is marked complete. What gets built, and the agreement check of a
-low-precision build: see :mod:`pand.cache.teacher`."""
+teacher on its share of the shards (views made by worker processes; each shard written whole, with its digests, and
+renamed into place), and process 0 verifies every row before the cache is marked complete. What gets built, and the
+agreement check of a low-precision build: see :mod:`pand.cache.teacher`; the layout: :mod:`pand.cache.teacher.layout`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,23 +18,34 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pand.cache.codecs import encode_int8_rows
 from pand.cache.integrity import (
     SLACK_BYTES,
     CacheDamagedError,
-    allocate_npy,
     allocation_error,
-    array_layout,
-    bad_rows,
     check_free_space,
-    data_bytes,
     index_dtype,
-    meta_layout,
-    npy_header,
-    output_names,
     read_meta,
+)
+from pand.cache.teacher.layout import (
+    SHARD_META,
+    check_shard,
+    check_shard_rows,
+    data_arrays,
+    default_shard_size,
+    finished_shards,
+    meta_layout,
+    num_shards,
+    partial_shards,
     remove_cache_files,
-    row_digest,
+    row_layout,
+    shard_bytes,
+    shard_digests_checksum,
+    shard_dir,
+    shard_name,
+    shard_rows,
     verify_cache,
+    write_shard,
 )
 from pand.cache.teacher.record import (
     CAPTIONS_FILE,
@@ -48,12 +61,12 @@ from pand.data.device_augment import DeviceShare, loader_share
 from pand.data.transforms import ReplayableAugment, image_hw, view_generator
 from pand.errors import Interrupted, MismatchError, PandError, PrecisionError
 from pand.interrupts import ignore_stop_signals
-from pand.io import OUTPUT_ERRNOS, atomic_write_json, file_digest, mark_output_folder
+from pand.io import OUTPUT_ERRNOS, atomic_write_json, file_digest, mark_output_folder, read_json
 from pand.locks import FolderLock, remove_if_unused
 from pand.logs import tracked
 from pand.provenance import check_provenance, save_tensors
+from pand.teachers.outputs import IMAGE_EMBEDS, LOGITS, MEMBER_LOGITS
 from pand.teachers.precision import AgreementProbe, teacher_autocast
-from pand.teachers.source import IMAGE_EMBEDS, LOGITS
 
 log = logging.getLogger("pand")
 
@@ -65,7 +78,7 @@ def build_cache(
     teacher_source: nn.Module, text_embeds: torch.Tensor | None, teacher_identity: Mapping, *,
     embed_dim: int | None, learned_logit_scale: float | None, batch_size: int, rank: int, world_size: int,
     rebuild: bool, progress: bool, barrier, precision_tolerance: float, augment_on: str, num_workers: int,
-    caption_embeds: torch.Tensor | None = None,
+    caption_embeds: torch.Tensor | None = None, shard_size: int | None = None, num_members: int | None = None,
 ) -> dict[str, Any] | None:
     """:meth:`TeacherCache.build <pand.cache.teacher.TeacherCache.build>`'s work (its docstring says what it does),
     short of wrapping the result: the meta.json of the complete cache, else None."""
@@ -74,26 +87,35 @@ def build_cache(
                            what=f"the teacher cache at {folder} ({record['outputs'][0]})")
     folder_existed = folder.exists()
     created = False
-    n, k = len(dataset), int(record["views"])
-    if LOGITS in record["outputs"]:
-        extra: dict[str, Any] = {"num_classes": len(record["classes"])}
-        layout = array_layout(n, k, augment.num_params, num_classes=extra["num_classes"],
-                              topk=record["logits_topk"])
+    k = int(record["views"])
+    if MEMBER_LOGITS in record["outputs"]:
+        if not num_members:
+            raise ValueError("a cache of a teacher ensemble's member logits needs num_members")
+        extra: dict[str, Any] = {"num_classes": len(record["classes"]), "num_members": int(num_members)}
+        layout = row_layout(k, augment.num_params, num_classes=extra["num_classes"], members=int(num_members),
+                            storage=record.get("storage"))
+        text = None
+    elif LOGITS in record["outputs"]:
+        extra = {"num_classes": len(record["classes"])}
+        layout = row_layout(k, augment.num_params, num_classes=extra["num_classes"], topk=record["logits_topk"],
+                            storage=record.get("storage"))
         text = None
     else:
         if text_embeds is None or embed_dim is None or learned_logit_scale is None:
             raise ValueError("a cache of image embeddings needs text_embeds, embed_dim and learned_logit_scale")
         extra = {"embed_dim": int(embed_dim), "learned_logit_scale": float(learned_logit_scale)}
-        layout = array_layout(n, k, augment.num_params, int(embed_dim))
+        layout = row_layout(k, augment.num_params, int(embed_dim), storage=record.get("storage"))
         text = text_embeds.float().cpu()
     if (record.get("captions") is None) != (caption_embeds is None):
         raise ValueError("a record with captions goes with their embeddings, and only then")
     captions = None if caption_embeds is None else caption_embeds.half().cpu()
     if captions is not None:
         extra["num_captions"] = int(captions.shape[0])
+    size = int(shard_size) if shard_size else default_shard_size(layout)
+    extra.update(shard_size=size, num_shards=num_shards(len(dataset), size))
     failure: BaseException | None = None
-    # One build writes a cache folder at a time: a second build of it (same settings) waits, then finds the rows
-    # done and opens the cache; without the lock it could rebuild or rewrite rows under the first one. Process 0
+    # One build writes a cache folder at a time: a second build of it (same settings) waits, then finds the shards
+    # done and opens the cache; without the lock it could rebuild or rewrite shards under the first one. Process 0
     # holds it for the whole build, the other processes of the same launch follow it through the barriers.
     lock = FolderLock(folder, "teacher cache") if rank == 0 else None
     try:
@@ -107,14 +129,15 @@ def build_cache(
                     raise
                 failure = err
         _agree(barrier, failure, f"process 0 could not prepare the teacher cache at {folder}; its error says why")
+        meta = read_meta(folder)
         try:
             try:
-                _fill_share(folder, dataset, augment, teacher_source, int(record["seed"]), k, batch_size,
-                            rank, world_size, progress, probe, augment_on, num_workers)
+                _fill_share(folder, meta, dataset, augment, teacher_source, batch_size, rank, world_size, progress,
+                            probe, augment_on, num_workers)
             except Interrupted as stop:
-                done = int(np.count_nonzero(np.load(folder / "done.npy", mmap_mode="r")))
+                done = sum(len(shard_rows(meta, s)) for s in finished_shards(folder, meta))
                 raise stop.with_saved(f"{done} of {len(dataset)} images of the teacher cache at {folder} (every "
-                                      "finished chunk is kept, and the next build continues from there)") from None
+                                      "finished shard is kept, and the next build continues from there)") from None
             except BaseException as err:
                 if barrier is None:
                     raise
@@ -122,12 +145,20 @@ def build_cache(
             _agree(barrier, failure, f"another process failed while building the teacher cache at {folder}; "
                    "its error says why")
         except PrecisionError:
-            if created:  # refused before any row was written: leave no cache behind, as if never started
+            if created:  # refused before any shard was written: leave no cache behind, as if never started
                 _remove_all(folder)
             raise
-        if rank == 0 or barrier is None:
+        if barrier is None:
             return _finish(folder, probe.stats)
-        return None
+        complete = None
+        if rank == 0:
+            try:
+                complete = _finish(folder, probe.stats)
+            except BaseException as err:
+                failure = err
+        _agree(barrier, failure, f"process 0 could not complete the teacher cache at {folder}; its error says why")
+        # process 0 has just verified every row: the others read its verdict instead of verifying again
+        return complete if rank == 0 else read_meta(folder)
     finally:
         if lock is not None:
             lock.release()
@@ -147,6 +178,8 @@ def _prepare(folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any],
     """Process 0: keep, resume, or (re)create the cache folder's files; whether it created them."""
     meta_path = folder / "meta.json"
     folder.mkdir(parents=True, exist_ok=True)
+    for partial in partial_shards(folder):  # shards a killed build was writing: never finished, never read
+        shutil.rmtree(partial, ignore_errors=True)
     if meta_path.is_file():
         try:
             _check_existing(folder, record, layout)
@@ -167,7 +200,9 @@ def _prepare(folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any],
 
 
 def _check_existing(folder: Path, record: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
-    """Raise MismatchError / CacheDamagedError unless the cache in ``folder`` can be kept (complete) or resumed."""
+    """Raise MismatchError / CacheDamagedError unless the cache in ``folder`` can be kept (complete) or resumed.
+
+    A resumed cache keeps its own shard size (``cache.shard_size`` applies to a new cache)."""
     meta = read_meta(folder)
     check_provenance(folder, meta, record, keys=list(CHECKED), hint=precision_hint(meta, record))
     check_version(folder, meta)
@@ -181,17 +216,17 @@ def _check_existing(folder: Path, record: Mapping[str, Any], layout: Mapping[str
 
 def _create(folder: Path, layout: Mapping[str, Any], meta: Mapping[str, Any], text: torch.Tensor | None,
             teacher_identity: Mapping, classes: Sequence[str], captions: torch.Tensor | None = None) -> None:
-    """Allocate every array and write meta.json (and a CLIP cache's text.safetensors, and its captions file when
-    given); ``text`` None: no text."""
-    needs = {f"{name}.npy": len(npy_header(spec)) + data_bytes(spec) for name, spec in layout.items()}
+    """Check the disk has room for every shard, then write meta.json (and a CLIP cache's text.safetensors, and its
+    captions file when given); ``text`` None: no text."""
+    size, n = int(meta["shard_size"]), int(meta["num_samples"])
+    full, last = divmod(n, size)
+    needs = {"shards": full * shard_bytes(layout, size) + (shard_bytes(layout, last) if last else 0)}
     text_bytes = SLACK_BYTES if text is None else text.numel() * text.element_size() + SLACK_BYTES
     needs["meta.json (estimate)" if text is None else "text.safetensors and meta.json (estimate)"] = text_bytes
     if captions is not None:
         needs[CAPTIONS_FILE] = captions.numel() * captions.element_size() + SLACK_BYTES
     check_free_space(folder, needs)
     try:
-        for name, spec in layout.items():
-            allocate_npy(folder / f"{name}.npy", spec)
         checksums = {}
         if text is not None:
             path = folder / "text.safetensors"
@@ -219,83 +254,104 @@ def _create(folder: Path, layout: Mapping[str, Any], meta: Mapping[str, Any], te
         raise
 
 
-def _fill_share(folder: Path, dataset: ClassificationDataset, augment: ReplayableAugment,
-                teacher_source: nn.Module, seed: int, k: int, batch_size: int, rank: int, world_size: int,
-                progress: bool, probe: AgreementProbe, augment_on: str, num_workers: int) -> None:
-    """Compute and write this process's rows that are not written yet (or no longer match their digests).
+def _shards_to_build(folder: Path, meta: Mapping[str, Any], rank: int, world_size: int) -> list[int]:
+    """This process's shards (``s % world_size == rank``) that are not finished, or whose rows no longer match their
+    digests (those are removed, to be built again)."""
+    layout = meta["arrays"]
+    todo = []
+    for s in range(rank, int(meta["num_shards"]), world_size):
+        path = shard_dir(folder, s)
+        if not path.is_dir():
+            todo.append(s)
+            continue
+        if meta.get("complete"):
+            continue  # verified as a whole when the cache was opened or completed
+        try:
+            check_shard(folder, meta, layout, s)
+            record = read_json(path / SHARD_META, f"the shard record {path / SHARD_META}")
+            if record.get("digests") != shard_digests_checksum(folder, s):
+                raise CacheDamagedError(folder, f"shards/{shard_name(s)}/digests.npy does not match its shard.json")
+            check_shard_rows(folder, meta, layout, s, None)
+        except (CacheDamagedError, PandError) as err:
+            log.warning("the teacher cache at %s: finished shard %s is damaged (%s); building it again", folder,
+                        shard_name(s), getattr(err, "reason", err))
+            shutil.rmtree(path, ignore_errors=True)
+            todo.append(s)
+    return todo
+
+
+def _fill_share(folder: Path, meta: Mapping[str, Any], dataset: ClassificationDataset, augment: ReplayableAugment,
+                teacher_source: nn.Module, batch_size: int, rank: int, world_size: int, progress: bool,
+                probe: AgreementProbe, augment_on: str, num_workers: int) -> None:
+    """Compute and write this process's shards that are not finished yet (or were found damaged).
 
     ``probe`` runs the teacher in its precision and checks the first batch against fp32."""
-    n = len(dataset)
-    meta = read_meta(folder)
-    key = LOGITS if LOGITS in (meta.get("outputs") or []) else IMAGE_EMBEDS
-    # params first, then the output arrays: the order of the digest columns
-    columns = {name: np.load(folder / f"{name}.npy", mmap_mode="r+") for name in ("params", *output_names(meta))}
-    done = np.load(folder / "done.npy", mmap_mode="r+")
-    digests = np.load(folder / "digests.npy", mmap_mode="r+")
-    share = range(rank, n, world_size)
-    todo = [i for i in share if not done[i]]
-    written = [i for i in share if done[i]]
-    if written and not meta.get("complete"):
-        # Rows written before an interruption must still match their digests; compute any that do not again.
-        bad = bad_rows(columns, digests, written)
-        redo = sorted(set().union(*bad.values()))
-        if redo:
-            log.warning("the teacher cache at %s: %d written rows no longer match their digests (first: row %d); "
-                        "computing them again", folder, len(redo), redo[0])
-            todo = sorted(set(todo) | set(redo))
-        if todo:
-            log.info("resuming the teacher cache at %s: %d of %d images left", folder, len(todo), n)
+    n, k, seed = len(dataset), int(meta["views"]), int(meta["seed"])
+    key = (meta.get("outputs") or [IMAGE_EMBEDS])[0]
+    layout = meta["arrays"]
+    shards = _shards_to_build(folder, meta, rank, world_size)
+    mine = len(range(rank, int(meta["num_shards"]), world_size))
+    if shards and len(shards) < mine:
+        left = sum(len(shard_rows(meta, s)) for s in shards)
+        log.info("resuming the teacher cache at %s: %d of %d images left (rank %d)", folder, left, n, rank)
+    if world_size > 1:
+        log.info("teacher cache: process %d of %d builds %d of %d shards: %s", rank, world_size, len(shards),
+                 int(meta["num_shards"]), ",".join(map(str, shards)) or "none left")
     device = next(iter(teacher_source.parameters()), torch.zeros(())).device
     finish_views = DeviceShare(augment, augment_on)
-    chunks = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+    # Chunks never cross a shard, so a shard's rows are computed in the same batches whichever process builds it
+    # (the cache is byte-identical with any number of processes).
+    chunks = [(s, list(shard_rows(meta, s))[c : c + batch_size]) for s in shards
+              for c in range(0, len(shard_rows(meta, s)), batch_size)]
     # Worker processes decode the images and make the views (or crop windows) of whole chunks while this process
     # runs the teacher on the previous one; every view is a pure function of (seed, view, index), so the cache is
     # the same with any number of workers. The loader gets its own generator: it would otherwise seed itself from
     # the global one, and a run that builds its cache would then train differently from a run that opens it.
     loader: Iterable = DataLoader(
-        _ChunkViews(dataset, augment, augment_on, seed, k, chunks), batch_size=None, num_workers=num_workers,
-        prefetch_factor=2 if num_workers else None, pin_memory=device.type == "cuda",
+        _ChunkViews(dataset, augment, augment_on, seed, k, [rows for _, rows in chunks]), batch_size=None,
+        num_workers=num_workers, prefetch_factor=2 if num_workers else None, pin_memory=device.type == "cuda",
         generator=torch.Generator(), worker_init_fn=ignore_stop_signals if num_workers else None)
+    buffers: dict[str, np.ndarray] = {}
     with tracked(loader, progress, total=len(chunks), description=f"teacher cache ({k} views, rank {rank})") as steps:
-        for chunk, params, pixels in steps:
+        for c, (chunk, params, pixels) in enumerate(steps):
+            s = chunks[c][0]
+            rows = shard_rows(meta, s)
+            if not buffers:
+                buffers = {name: np.empty((len(rows), *spec["row"]), np.dtype(spec["dtype"]))
+                           for name, spec in layout.items() if name != "digests"}
+            local = [i - rows.start for i in chunk]
             for v in range(k):
                 batch = finish_views(pixels[v], params[v], device)
                 out = probe(lambda p, batch=batch: _teacher_outputs(teacher_source, batch, key, p))
-                columns["params"][chunk, v] = params[v].numpy()
-                for name, rows in _stored_rows(out.float().cpu(), meta, chunk, v).items():
-                    columns[name][chunk, v] = rows
-            for array in columns.values():
-                array.flush()
-            for i in chunk:
-                for column, array in enumerate(columns.values()):
-                    digests[i, column] = np.frombuffer(row_digest(array[i]), np.uint8)
-            digests.flush()
-            done[chunk] = True  # only after the rows and their digests are on disk
-            done.flush()
-    del columns, done, digests
+                buffers["params"][local, v] = params[v].numpy()
+                for name, values in _stored_rows(out.float().cpu(), meta, chunk, v).items():
+                    buffers[name][local, v] = values
+            if chunk[-1] == rows.stop - 1:  # the shard's last chunk: write it whole, then start the next one
+                write_shard(folder, meta, s, {name: buffers[name] for name in data_arrays(meta)})
+                buffers = {}
 
 
 def _finish(folder: Path, agreement: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
-    """Once every row is written: verify them all, then mark the cache complete (with the low-precision probe's
+    """Once every shard is written: verify every row, then mark the cache complete (with the low-precision probe's
     ``agreement`` stats, when there are any); the complete cache's meta.json, else None."""
     meta_path = folder / "meta.json"
-    if bool(np.all(np.load(folder / "done.npy", mmap_mode="r"))):
-        meta = read_meta(folder)
-        if meta.get("complete"):
-            return checked_meta(folder)
-        checksums = {**(meta.get("checksums") or {}), "digests.npy": file_digest(folder / "digests.npy")}
-        meta = {**meta, "checksums": checksums, "complete": True}
-        if agreement is not None:
-            meta["agreement"] = dict(agreement)
-        try:
-            verify_cache(folder, meta, verify="full")
-            check_captions_file(folder, meta)
-        except CacheDamagedError as err:
-            raise CacheDamagedError(folder, f"{err.reason} (found when verifying the cache just built, which "
-                                            "is left incomplete; is the disk failing?)") from None
-        atomic_write_json(meta_path, meta)
-        return meta
-    return None
+    meta = read_meta(folder)
+    if len(finished_shards(folder, meta)) < int(meta["num_shards"]):
+        return None
+    if meta.get("complete"):
+        return checked_meta(folder)
+    sums = {shard_name(s): shard_digests_checksum(folder, s) for s in range(int(meta["num_shards"]))}
+    meta = {**meta, "shards": sums, "complete": True}
+    if agreement is not None:
+        meta["agreement"] = dict(agreement)
+    try:
+        verify_cache(folder, meta, verify="full")
+        check_captions_file(folder, meta)
+    except CacheDamagedError as err:
+        raise CacheDamagedError(folder, f"{err.reason} (found when verifying the cache just built, which "
+                                        "is left incomplete; is the disk failing?)") from None
+    atomic_write_json(meta_path, meta)
+    return meta
 
 
 class _ChunkViews(Dataset):
@@ -322,18 +378,32 @@ class _ChunkViews(Dataset):
 
 
 def _teacher_outputs(teacher_source: nn.Module, images: torch.Tensor, key: str, precision: str) -> torch.Tensor:
-    """The teacher's ``key`` output of a batch of views, under ``precision``'s autocast."""
+    """The teacher's ``key`` output of a batch of views, under ``precision``'s autocast, one row per view (an
+    ensemble's ``[B, M, C]`` member logits flattened to ``[B, M * C]``, as they are stored and compared)."""
     with torch.no_grad(), teacher_autocast(images.device, precision):
-        return teacher_source({"image": images}, {key})[key]
+        return teacher_source({"image": images}, {key})[key].flatten(1)
 
 
 def _stored_rows(out: torch.Tensor, meta: Mapping[str, Any], chunk: Sequence[int], view: int) -> dict[str, np.ndarray]:
     """A batch of teacher outputs (float32 on the CPU) as the rows of the cache's output arrays."""
-    if LOGITS not in (meta.get("outputs") or []):
+    rows = _float16_rows(out, meta, chunk, view)
+    if meta.get("storage") != "int8":
+        return rows
+    (name, values), = rows.items()
+    # encoded from the float16 values, so that an int8 cache decodes to within half a step of the float16 one
+    q, scale = encode_int8_rows(values.astype(np.float32))
+    return {name: q, f"{name}_scale": scale}
+
+
+def _float16_rows(out: torch.Tensor, meta: Mapping[str, Any], chunk: Sequence[int], view: int) -> dict[str, np.ndarray]:
+    outputs = meta.get("outputs") or [IMAGE_EMBEDS]
+    if IMAGE_EMBEDS in outputs:
         return {"embeds": out.numpy().astype(np.float16)}
+    members = int(meta.get("num_members") or 1) if MEMBER_LOGITS in outputs else 1
     num_classes = int(meta["num_classes"])
-    if out.dim() != 2 or out.shape[1] != num_classes:
-        raise PandError(f"the teacher gave logits of shape {list(out.shape)}; the cache holds {num_classes} classes")
+    if out.dim() != 2 or out.shape[1] != members * num_classes:
+        raise PandError(f"the teacher gave logits of shape {list(out.shape)}; the cache holds {num_classes} classes"
+                        + (f" of {members} members" if MEMBER_LOGITS in outputs else ""))
     # float16 turns logits beyond +-65504 into inf (and keeps NaN): refuse here rather than train on them
     bad = ~torch.isfinite(out).all(dim=1) | (out.abs() > _FLOAT16_MAX).any(dim=1)
     if bad.any():
@@ -341,6 +411,8 @@ def _stored_rows(out: torch.Tensor, meta: Mapping[str, Any], chunk: Sequence[int
         raise PandError(f"the teacher's logits of image {chunk[first]} (view {view}) are not finite or beyond "
                         f"float16's range (|z| <= {_FLOAT16_MAX:g}), which the cache stores; check the teacher's "
                         "weights, or run it live (remove cache.dir)")
+    if MEMBER_LOGITS in outputs:
+        return {"member_logits": out.numpy().astype(np.float16)}
     topk = meta.get("logits_topk")
     if topk is None:
         return {"logits": out.numpy().astype(np.float16)}

@@ -11,18 +11,19 @@ from typing import Any
 
 import torch
 
-from pand.cache.integrity import CacheDamagedError, read_meta, verify_cache
+from pand.cache.integrity import CacheDamagedError, read_meta
+from pand.cache.teacher.layout import verify_cache
 from pand.data import ClassificationDataset
 from pand.data.transforms import ReplayableAugment
 from pand.errors import ConfigError, MismatchError, PandError
 from pand.io import file_digest
 from pand.provenance import check_provenance, load_tensors
-from pand.teachers.source import IMAGE_EMBEDS, LOGITS
+from pand.teachers.outputs import IMAGE_EMBEDS, LOGITS, MEMBER_LOGITS
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: rows in shards (pand.cache.teacher.layout); 3: one pre-allocated array of each kind
 # What must agree between a cache and a run for the run to use it.
 CHECKED = ("kind", "version", "teacher_spec", "outputs", "logits_topk", "dataset", "split", "fingerprint",
-           "transform", "views", "seed", "classes", "templates", "precision", "captions")
+           "transform", "views", "seed", "classes", "templates", "precision", "captions", "storage")
 #: The teacher's embeddings of the training images' captions (a cache whose record has ``captions``): float16
 #: ``caption_embeds`` [number of distinct captions, D], row r for row r of the run's CaptionTable.
 CAPTIONS_FILE = "captions.safetensors"
@@ -72,17 +73,20 @@ def logits_topk(setting: int | None, num_classes: int) -> int | None:
 def cache_record(
     *, teacher_spec: Mapping[str, Any], dataset: ClassificationDataset, augment: ReplayableAugment, views: int,
     seed: int, templates: Sequence[str] | None, outputs: Sequence[str] = (IMAGE_EMBEDS,), topk: int | None = None,
-    precision: str = "fp32", captions: str | None = None,
+    precision: str = "fp32", captions: str | None = None, storage: str = "float16",
 ) -> dict[str, Any]:
     """What a cache is made of and for. ``outputs``: ``["image_embeds"]`` (a CLIP teacher; ``templates`` make its
-    class text embeddings) or ``["logits"]`` (a classifier teacher, stored in full or as the ``topk`` largest).
-    ``precision``: of the teacher pass that fills it, recorded only when it is not fp32. ``captions``: the digest of
+    class text embeddings) or ``["logits"]`` (a classifier teacher, stored in full or as the ``topk`` largest) or
+    ``["member_logits"]`` (a teacher ensemble: each member's logits; ``templates`` when its CLIP members read them).
+    ``precision``: of the teacher pass that fills it, recorded only when it is not fp32. ``storage``: of the
+    outputs, ``float16`` (exact to ~1e-4 on every loss) or ``int8`` (half the bytes), recorded only when int8. ``captions``: the digest of
     the training images' captions (:meth:`pand.data.captions.CaptionTable.digest`) when the cache also holds their
     text embeddings (a CLIP teacher on image-caption pairs); recorded only then, so every older cache still matches
     a run without captions."""
     outputs = list(outputs)
-    if outputs not in ([IMAGE_EMBEDS], [LOGITS]):
-        raise ValueError(f"a teacher cache stores ['{IMAGE_EMBEDS}'] or ['{LOGITS}'], not {outputs}")
+    if outputs not in ([IMAGE_EMBEDS], [LOGITS], [MEMBER_LOGITS]):
+        raise ValueError(f"a teacher cache stores ['{IMAGE_EMBEDS}'], ['{LOGITS}'] or ['{MEMBER_LOGITS}'], not "
+                         f"{outputs}")
     record = {
         "kind": "teacher_view_cache",
         "version": FORMAT_VERSION,
@@ -103,6 +107,8 @@ def cache_record(
         record["templates"] = list(templates or [])
     if precision != "fp32":
         record["precision"] = precision
+    if storage != "float16":  # recorded only then, like precision: a float16 run must refuse an int8 cache
+        record["storage"] = storage
     if captions is not None:
         if outputs != [IMAGE_EMBEDS]:
             raise ValueError("caption embeddings go with a cache of image embeddings (a teacher with a text tower)")
@@ -141,7 +147,7 @@ def checked_meta(folder: Path, expected: Mapping[str, Any] | None = None, verify
         )
     if expected is not None:
         # precision is compared even when absent from ``expected``: an fp32 run must refuse a bf16 cache
-        keys = [k for k in CHECKED if k in expected or k == "precision"]
+        keys = [k for k in CHECKED if k in expected or k in ("precision", "storage")]
         hint = precision_hint(meta, expected) or \
             "Build a cache for this run with `pand cache build ...` (or cache.rebuild=true)."
         check_provenance(folder, meta, expected, keys=keys, hint=hint)

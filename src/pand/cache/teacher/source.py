@@ -10,12 +10,13 @@ from torch import nn
 
 from pand.cache.teacher.store import TeacherCache
 from pand.errors import PandError
-from pand.teachers.source import IMAGE_EMBEDS, LOGITS
+from pand.teachers.outputs import IMAGE_EMBEDS, LOGITS, MEMBER_LOGITS
 
 
 class CachedTeacherSource(nn.Module):
     """Teacher outputs read from a :class:`TeacherCache` by the batch's ``index`` and ``view``: a CLIP teacher's
-    ``image_embeds`` or a classifier teacher's ``logits`` (float32 ``[B, C]``), whichever the cache holds."""
+    ``image_embeds``, a classifier teacher's ``logits`` (float32 ``[B, C]``) or a teacher ensemble's
+    ``member_logits`` (``[B, M, C]``), whichever the cache holds."""
 
     def __init__(self, cache: TeacherCache) -> None:
         super().__init__()
@@ -40,4 +41,6 @@ class CachedTeacherSource(nn.Module):
             out[IMAGE_EMBEDS] = F.normalize(emb, dim=-1)
         if LOGITS in keys:
             out[LOGITS] = self.cache.logits(batch["index"], batch["view"]).to(device, non_blocking=True)
+        if MEMBER_LOGITS in keys:
+            out[MEMBER_LOGITS] = self.cache.member_logits(batch["index"], batch["view"]).to(device, non_blocking=True)
         return out
