@@ -1,4 +1,4 @@
-"""Shards at scale: WebDataset shards, the teacher cache and training, at N = 10k, 100k and 1M unlabelled images.
+r"""Shards at scale: WebDataset shards, the teacher cache and training, at N = 10k, 100k and 1M unlabelled images.
 
 For each N the script writes N synthetic 32x32 RGB JPEGs (a shape over a colour gradient, seeded) into WebDataset
 tar shards of 10,000 samples, next to a small labelled ``data=shards`` dataset (4 classes, a ``cls`` key per sample,
@@ -24,10 +24,11 @@ compared byte for byte (every file under ``shards/``, and meta.json without its 
 own runs give every process one thread (``--threads 1``): on 2 shared cores, torch's threads of a 2-thread process
 wait for each other whenever another process holds a core.
 
-    python benchmarks/scale_shards.py --sizes 10000                    # one size, about six minutes
-    python benchmarks/scale_shards.py --sizes 10000,100000,1000000    # the README's table (1M: ~1.6 GB of shards)
-    python benchmarks/scale_shards.py --sizes 100000 --parallel-size 100000 --parallel-configs 2x1,1x1
-    python benchmarks/scale_shards.py --sizes 200 --steps 3 --parallel-size 0 --in-process   # the test's run
+    python benchmarks/scale_shards.py --sizes 10000                    # one size: 2-6 minutes on 2 shared cores
+    python benchmarks/scale_shards.py --sizes 10000,100000,1000000 --parallel-rounds 2   # the README's (~30 min)
+    python benchmarks/scale_shards.py --sizes 100000 --parallel-size 100000 --parallel-configs 2x1,1x1 \
+        --parallel-rounds 2
+    python benchmarks/scale_shards.py --sizes 200 --steps 3 --warmup 1 --parallel-size 0 --in-process  # the test
 
 ``--out DIR`` keeps the data there; by default it goes to a temporary folder under /tmp, removed at the end (each
 size's files as soon as it is measured). Progress goes to stderr; the tables to stdout, or with ``--json`` to stderr
