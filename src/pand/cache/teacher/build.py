@@ -29,7 +29,6 @@ from pand.cache.integrity import (
 )
 from pand.cache.teacher.layout import (
     SHARD_META,
-    check_shard,
     check_shard_rows,
     data_arrays,
     default_shard_size,
@@ -40,7 +39,7 @@ from pand.cache.teacher.layout import (
     remove_cache_files,
     row_layout,
     shard_bytes,
-    shard_digests_checksum,
+    shard_checksums,
     shard_dir,
     shard_name,
     shard_rows,
@@ -267,11 +266,8 @@ def _shards_to_build(folder: Path, meta: Mapping[str, Any], rank: int, world_siz
         if meta.get("complete"):
             continue  # verified as a whole when the cache was opened or completed
         try:
-            check_shard(folder, meta, layout, s)
             record = read_json(path / SHARD_META, f"the shard record {path / SHARD_META}")
-            if record.get("digests") != shard_digests_checksum(folder, s):
-                raise CacheDamagedError(folder, f"shards/{shard_name(s)}/digests.npy does not match its shard.json")
-            check_shard_rows(folder, meta, layout, s, None)
+            check_shard_rows(folder, meta, layout, s, record.get("digests"), recorded_in=SHARD_META)
         except (CacheDamagedError, PandError) as err:
             log.warning("the teacher cache at %s: finished shard %s is damaged (%s); building it again", folder,
                         shard_name(s), getattr(err, "reason", err))
@@ -301,8 +297,8 @@ def _fill_share(folder: Path, meta: Mapping[str, Any], dataset: ClassificationDa
     finish_views = DeviceShare(augment, augment_on)
     # Chunks never cross a shard, so a shard's rows are computed in the same batches whichever process builds it
     # (the cache is byte-identical with any number of processes).
-    chunks = [(s, list(shard_rows(meta, s))[c : c + batch_size]) for s in shards
-              for c in range(0, len(shard_rows(meta, s)), batch_size)]
+    chunks = [(s, list(rows[c : c + batch_size])) for s in shards for rows in [shard_rows(meta, s)]
+              for c in range(0, len(rows), batch_size)]
     # Worker processes decode the images and make the views (or crop windows) of whole chunks while this process
     # runs the teacher on the previous one; every view is a pure function of (seed, view, index), so the cache is
     # the same with any number of workers. The loader gets its own generator: it would otherwise seed itself from
@@ -340,8 +336,7 @@ def _finish(folder: Path, agreement: Mapping[str, Any] | None = None) -> dict[st
         return None
     if meta.get("complete"):
         return checked_meta(folder)
-    sums = {shard_name(s): shard_digests_checksum(folder, s) for s in range(int(meta["num_shards"]))}
-    meta = {**meta, "shards": sums, "complete": True}
+    meta = {**meta, "shards": shard_checksums(folder, meta), "complete": True}
     if agreement is not None:
         meta["agreement"] = dict(agreement)
     try:

@@ -173,14 +173,15 @@ def open_shard(folder: Path, meta: Mapping[str, Any], layout: Mapping[str, Any],
 
 
 def check_shard_rows(folder: Path, meta: Mapping[str, Any], layout: Mapping[str, Any], s: int,
-                     checksum: str | None, rows: np.ndarray | None = None) -> int:
-    """Shard ``s``'s digests against ``checksum`` (when given), then its ``rows`` (local indices; None: all) against
-    their digests; :class:`CacheDamagedError` names the first file that differs. Returns the rows checked."""
+                     checksum: str | None, rows: np.ndarray | None = None, recorded_in: str = "meta.json") -> int:
+    """Shard ``s``'s structure, its digests against ``checksum`` (when given; ``recorded_in`` says where it is kept),
+    then its ``rows`` (local indices; None: all) against their digests; :class:`CacheDamagedError` names the first
+    file that differs. Returns the rows checked."""
     relative = f"{SHARDS}/{shard_name(s)}"
-    if checksum is not None and shard_digests_checksum(folder, s) != checksum:
-        raise CacheDamagedError(folder, f"{relative}/digests.npy does not match its checksum in meta.json (same "
-                                        "size, altered content)")
     arrays = open_shard(folder, meta, layout, s)
+    if checksum is not None and shard_digests_checksum(folder, s) != checksum:
+        raise CacheDamagedError(folder, f"{relative}/digests.npy does not match its checksum in {recorded_in} (same "
+                                        "size, altered content)")
     rows = np.arange(len(arrays["digests"])) if rows is None else rows
     columns = {f"{SHARDS}/{shard_name(s)}/{name}": arrays[name] for name in data_arrays(meta)}
     for name, bad in bad_rows(columns, arrays["digests"], rows).items():
@@ -190,6 +191,11 @@ def check_shard_rows(folder: Path, meta: Mapping[str, Any], layout: Mapping[str,
                                             "checked differ): the file was altered in place (same size, other "
                                             "content)")
     return len(rows)
+
+
+def shard_checksums(folder: Path, meta: Mapping[str, Any]) -> dict[str, str]:
+    """Every shard's name -> the checksum of its digests.npy, as a complete cache's meta.json records them."""
+    return {shard_name(s): shard_digests_checksum(folder, s) for s in range(int(meta["num_shards"]))}
 
 
 def finished_shards(folder: Path, meta: Mapping[str, Any]) -> list[int]:
@@ -305,8 +311,7 @@ def write_cache(folder: Path, meta: Mapping[str, Any], arrays: Mapping[str, np.n
     for s in range(int(meta["num_shards"])):
         rows = shard_rows(meta, s)
         write_shard(folder, meta, s, {name: arrays[name][rows.start:rows.stop] for name in data_arrays(meta)})
-    sums = {shard_name(s): shard_digests_checksum(folder, s) for s in range(int(meta["num_shards"]))}
-    meta = {**meta, "shards": sums, "complete": True}
+    meta = {**meta, "shards": shard_checksums(folder, meta), "complete": True}
     atomic_write_json(folder / "meta.json", meta)
     return meta
 

@@ -33,7 +33,7 @@ from pand.cache.integrity import CacheDamagedError, read_meta
 from pand.cache.teacher.layout import (
     data_arrays,
     open_shard,
-    shard_digests_checksum,
+    shard_checksums,
     shard_name,
     shard_rows,
     verify_cache,
@@ -122,7 +122,7 @@ def import_cache(src: str | os.PathLike, folder: str | os.PathLike) -> dict[str,
             raise PandError(f"{tar_path} does not match its checksum in {src}/meta.json: it was altered or cut short "
                             "since it was exported")
         write_shard(folder, meta, s, _read_tar(tar_path, meta, s, names))
-    sums = {shard_name(s): shard_digests_checksum(folder, s) for s in range(int(meta["num_shards"]))}
+    sums = shard_checksums(folder, meta)
     if sums != exported.get("shards"):
         differ = sorted(k for k in sums if sums[k] != (exported.get("shards") or {}).get(k))
         raise CacheDamagedError(folder, f"the shards imported from {src} differ from the exported cache's (first: "
